@@ -1,0 +1,149 @@
+"""Latent attention as pure functions (the reference math every backend is tested against).
+
+Shapes use the legend in DESIGN.md: ``b`` batch, ``t`` queries, ``s`` keys, ``h`` heads, ``r`` latent
+rank, ``n`` no-RoPE dims per head, ``2p`` shared RoPE-key dims, ``v`` value dims per head.
+
+Both paths compute, per head ``h``::
+
+    score[t, s] = scale * (q_nope[t, h] . (W_uk[h] latent[s]) + q_rope[t, h] . k_rope[s])
+    out[t, h]   = sum_s softmax(score)[t, s] * (W_uv[h] latent[s]) (+ value bias)
+
+*expanded* materialises per-head keys and values from the latent (prefill); *absorbed* folds ``W_uk``
+into the query and ``W_uv`` after the weighted sum, so attention runs over the cached latent itself
+(decode). Rows whose keys are all masked give a zero output (plus the value bias) and ``lse = -inf``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "attention_bias",
+    "latent_attention_expanded",
+    "latent_attention_absorbed",
+    "absorb_query",
+    "masked_softmax_attention",
+]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def attention_bias(
+    mask: torch.Tensor | None, num_queries: int, num_keys: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """Turn any accepted mask into an additive bias broadcastable to ``[b, h, t, s]``.
+
+    ``None``: causal, the ``t`` queries being the last ``t`` of the ``s`` keys. Bool ``[.., t, s]``:
+    True where a query may attend. Float: already additive (large negative = masked). 2-D bool/int
+    ``[b, s]``: a padding mask (1 = real token), combined with causal.
+    """
+    offset = num_keys - num_queries
+    if offset < 0:
+        raise ValueError(f"more queries ({num_queries}) than keys ({num_keys})")
+    if mask is None or mask.dim() == 2:
+        query_pos = torch.arange(num_queries, device=device)[:, None] + offset
+        allowed = torch.arange(num_keys, device=device)[None, :] <= query_pos  # [t, s]
+        if mask is not None:
+            if mask.shape[-1] != num_keys:
+                raise ValueError(f"padding mask covers {mask.shape[-1]} keys, expected {num_keys}")
+            allowed = allowed[None, None] & mask.to(torch.bool)[:, None, None, :]
+    elif mask.dtype == torch.bool:
+        allowed = mask
+    else:
+        if mask.shape[-2:] != (num_queries, num_keys):
+            raise ValueError(f"mask ends in {tuple(mask.shape[-2:])}, expected ({num_queries}, {num_keys})")
+        return mask.to(dtype)
+    if allowed.shape[-2:] != (num_queries, num_keys):
+        raise ValueError(f"mask ends in {tuple(allowed.shape[-2:])}, expected ({num_queries}, {num_keys})")
+    bias = torch.zeros(allowed.shape, device=device, dtype=dtype)
+    return bias.masked_fill(~allowed, float("-inf"))
+
+
+def masked_softmax_attention(
+    scores: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over the last dim of ``scores [b, h, t, s]`` applied to ``values [b, s, h|1, e]``.
+
+    Returns ``out [b, t, h, e]`` and ``lse [b, h, t]``; fully masked rows give 0 and ``-inf``.
+    """
+    if bias is not None:
+        scores = scores + bias
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    weights = torch.exp(scores - row_max)  # [b, h, t, s]
+    row_sum = weights.sum(dim=-1, keepdim=True)
+    probs = weights / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    lse = (row_max + row_sum.log()).squeeze(-1)
+    if values.shape[2] == 1:  # shared values (MQA): one matmul for all heads
+        out = torch.einsum("bhts,bse->bthe", probs, values[:, :, 0])
+    else:
+        out = torch.einsum("bhts,bshe->bthe", probs, values)
+    return out, lse
+
+
+def latent_attention_expanded(
+    q_nope: torch.Tensor,
+    q_rope: torch.Tensor,
+    latent: torch.Tensor,
+    k_rope: torch.Tensor,
+    w_uk: torch.Tensor,
+    w_uv: torch.Tensor,
+    softmax_scale: float,
+    mask: torch.Tensor | None = None,
+    v_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Prefill path: expand per-head keys/values from the latent, then attend.
+
+    q_nope ``[b, t, h, n]``, q_rope ``[b, t, h, 2p]`` (rotated), latent ``[b, s, r]``,
+    k_rope ``[b, s, 2p]`` (rotated), w_uk ``[h, n, r]``, w_uv ``[h, v, r]``, v_bias ``[h, v]``.
+    Returns ``[b, t, h, v]`` in q's dtype.
+    """
+    dtype = _compute_dtype(q_rope.dtype)
+    t, s = q_rope.shape[1], latent.shape[1]
+    latent_c = latent.to(dtype)
+    k_nope = torch.einsum("bsr,hnr->bshn", latent_c, w_uk.to(dtype))
+    values = torch.einsum("bsr,hvr->bshv", latent_c, w_uv.to(dtype))
+    scores = torch.einsum("bthn,bshn->bhts", q_nope.to(dtype), k_nope)
+    scores = scores + torch.einsum("bthp,bsp->bhts", q_rope.to(dtype), k_rope.to(dtype))
+    bias = attention_bias(mask, t, s, latent.device, dtype)
+    out, _ = masked_softmax_attention(scores * softmax_scale, values, bias)
+    if v_bias is not None:
+        out = out + v_bias.to(dtype)
+    return out.to(q_rope.dtype)
+
+
+def absorb_query(q_nope: torch.Tensor, w_uk: torch.Tensor) -> torch.Tensor:
+    """Fold the key up-projection into the query: ``[b, t, h, n] x [h, n, r] -> [b, t, h, r]``."""
+    return torch.einsum("bthn,hnr->bthr", q_nope, w_uk)
+
+
+def latent_attention_absorbed(
+    q_nope: torch.Tensor,
+    q_rope: torch.Tensor,
+    latent: torch.Tensor,
+    k_rope: torch.Tensor,
+    w_uk: torch.Tensor,
+    w_uv: torch.Tensor,
+    softmax_scale: float,
+    mask: torch.Tensor | None = None,
+    v_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode path: attention in latent space (MQA over ``[latent | k_rope]`` with V = latent).
+
+    Same arguments as :func:`latent_attention_expanded`. Returns ``out [b, t, h, v]`` in q's dtype
+    and ``lse [b, h, t]`` (natural log, compute dtype).
+    """
+    dtype = _compute_dtype(q_rope.dtype)
+    t, s = q_rope.shape[1], latent.shape[1]
+    latent_c = latent.to(dtype)
+    q_latent = absorb_query(q_nope.to(dtype), w_uk.to(dtype))  # [b, t, h, r]
+    scores = torch.einsum("bthr,bsr->bhts", q_latent, latent_c)
+    scores = scores + torch.einsum("bthp,bsp->bhts", q_rope.to(dtype), k_rope.to(dtype))
+    bias = attention_bias(mask, t, s, latent.device, dtype)
+    out_latent, lse = masked_softmax_attention(scores * softmax_scale, latent_c[:, :, None], bias)
+    out = torch.einsum("bthr,hvr->bthv", out_latent, w_uv.to(dtype))  # [b, t, h, v]
+    if v_bias is not None:
+        out = out + v_bias.to(dtype)
+    return out.to(q_rope.dtype), lse

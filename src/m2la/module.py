@@ -1,0 +1,163 @@
+"""The M²LA attention layer: holds the weights and calls the functions in ``m2la.attention_math``."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from . import attention_math, rope
+from .config import M2LAConfig
+
+__all__ = ["M2LAttention", "RMSNorm", "LatentCacheProtocol"]
+
+
+class LatentCacheProtocol(Protocol):
+    def append_latent(self, layer_idx: int, rows: torch.Tensor) -> torch.Tensor:
+        """Append ``rows [b, t, r + 2p]`` to layer ``layer_idx`` and return all its rows ``[b, s, r + 2p]``."""
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim, computed in fp32 and cast back (as the source models do)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x if x.dtype == torch.float64 else x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class M2LAttention(nn.Module):
+    """Multi-head latent attention in the InternVideo3 / DeepSeek-V3 layout.
+
+    Only ``[latent | rotated k_rope]`` (``r + 2p`` values per token) is ever cached.
+    """
+
+    def __init__(self, config: M2LAConfig, layer_idx: int = 0) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.layer_idx = layer_idx
+        c = config
+        h = c.num_heads
+        if c.q_rank is not None:
+            self.q_a_proj = nn.Linear(c.hidden_size, c.q_rank, bias=c.q_bias)
+            self.q_a_norm = RMSNorm(c.q_rank, c.norm_eps)
+            self.q_b_proj = nn.Linear(c.q_rank, h * c.q_proj_head_dim, bias=False)
+        else:
+            self.q_proj = nn.Linear(c.hidden_size, h * c.q_proj_head_dim, bias=c.q_bias)
+        self.q_norm = RMSNorm(c.q_in_dim, c.norm_eps) if c.query_norm else None
+        # per-head [out = n + 2p, in = q_in] map, like a Linear weight per head
+        self.q_up = nn.Parameter(torch.zeros(h, c.query_head_dim, c.q_in_dim)) if c.q_in_dim is not None else None
+        kv_a_width = c.kv_in_dim if c.kv_in_dim is not None else c.cache_width
+        self.kv_a_proj = nn.Linear(c.hidden_size, kv_a_width, bias=c.kv_a_bias)
+        self.key_norm = RMSNorm(c.key_norm_dim, c.norm_eps) if c.key_norm_heads else None
+        self.kv_a_mix = nn.Linear(c.kv_in_dim, c.cache_width, bias=False) if c.kv_in_dim is not None else None
+        self.kv_b_proj = nn.Linear(c.kv_rank, h * (c.qk_nope_dim + c.v_head_dim), bias=c.kv_b_bias)
+        self.o_proj = nn.Linear(h * c.v_head_dim, c.hidden_size, bias=c.o_bias)
+        # plain tensors, not buffers: module.to(bfloat16) must not round the frequencies
+        self.rope_inv_freq = torch.tensor(c.rope_inv_freq, dtype=torch.float64)
+        self.rope_axis = torch.tensor(c.rope_axis, dtype=torch.long)
+        self.rope_source_column = torch.tensor(c.rope_source_column, dtype=torch.long)
+
+    # --- pieces -------------------------------------------------------------------------------
+
+    def project_queries(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[b, t, d] -> q_nope [b, t, h, n], q_rope [b, t, h, 2p]`` (RoPE not applied yet)."""
+        c = self.config
+        if c.q_rank is not None:
+            q = self.q_b_proj(self.q_a_norm(self.q_a_proj(hidden)))
+        else:
+            q = self.q_proj(hidden)
+        q = q.unflatten(-1, (c.num_heads, c.q_proj_head_dim))  # [b, t, h, q_in]
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if self.q_up is not None:
+            q = torch.einsum("bthi,hoi->btho", q, self.q_up.to(q.dtype))
+        return q[..., : c.qk_nope_dim], q[..., c.qk_nope_dim :]
+
+    def encode_kv(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[b, t, d] -> latent [b, t, r], k_rope [b, t, 2p]`` (RoPE not applied yet)."""
+        c = self.config
+        kv = self.kv_a_proj(hidden)
+        if self.key_norm is not None:
+            n_key = c.key_norm_heads * c.key_norm_dim
+            keys = self.key_norm(kv[..., :n_key].unflatten(-1, (c.key_norm_heads, c.key_norm_dim)))
+            kv = torch.cat((keys.flatten(-2), kv[..., n_key:]), dim=-1)
+        if self.kv_a_mix is not None:
+            kv = self.kv_a_mix(kv)
+        return kv[..., : c.kv_rank], kv[..., c.kv_rank :]
+
+    def up_projections(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``w_uk [h, n, r]``, ``w_uv [h, v, r]`` and the value bias ``[h, v]`` (key bias cancels in softmax)."""
+        c = self.config
+        w = self.kv_b_proj.weight.unflatten(0, (c.num_heads, c.qk_nope_dim + c.v_head_dim))
+        v_bias = None
+        if self.kv_b_proj.bias is not None:
+            v_bias = self.kv_b_proj.bias.unflatten(0, (c.num_heads, -1))[:, c.qk_nope_dim :]
+        return w[:, : c.qk_nope_dim], w[:, c.qk_nope_dim :], v_bias
+
+    def rope_cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-pair ``cos, sin [b, t, p]`` from positions ``[b, t]`` or M-RoPE ``[3, b, t]``."""
+        angles = rope.rope_angles(positions, self.rope_inv_freq, self.rope_axis)  # fp64
+        cos, sin = rope.cos_sin(angles, self.config.rope_scaling)
+        dtype = torch.float64 if self.kv_a_proj.weight.dtype == torch.float64 else torch.float32
+        return cos.to(dtype), sin.to(dtype)
+
+    def use_absorbed(self, num_queries: int) -> bool:
+        """Absorbed costs ~2r per query and key, expanded ~r(n+v) per key: absorb for short query blocks."""
+        c = self.config
+        return 2 * num_queries <= max(c.qk_nope_dim + c.v_head_dim, 1)
+
+    # --- forward ------------------------------------------------------------------------------
+
+    def attend(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: LatentCacheProtocol | None = None,
+        absorbed: bool | None = None,
+    ) -> torch.Tensor:
+        """hidden ``[b, t, d]``, per-pair cos/sin ``[b|1, t, p]`` -> ``[b, t, d]``.
+
+        ``attention_mask``: see :func:`m2la.attention_math.attention_bias` (None = causal).
+        ``absorbed``: force the decode (True) or prefill (False) path; None picks by query count.
+        """
+        c = self.config
+        q_nope, q_rope = self.project_queries(hidden)
+        latent, k_rope = self.encode_kv(hidden)
+        q_rope = rope.apply_rope_half(q_rope, cos[:, :, None], sin[:, :, None])
+        k_rope = rope.apply_rope_half(k_rope, cos, sin)
+        if cache is not None:
+            rows = cache.append_latent(self.layer_idx, torch.cat((latent, k_rope), dim=-1))
+            latent, k_rope = rows[..., : c.kv_rank], rows[..., c.kv_rank :]
+        w_uk, w_uv, v_bias = self.up_projections()
+        if absorbed is None:
+            absorbed = self.use_absorbed(hidden.shape[1])
+        if absorbed:
+            out, _ = attention_math.latent_attention_absorbed(
+                q_nope, q_rope, latent, k_rope, w_uk, w_uv, c.softmax_scale, attention_mask, v_bias
+            )
+        else:
+            out = attention_math.latent_attention_expanded(
+                q_nope, q_rope, latent, k_rope, w_uk, w_uv, c.softmax_scale, attention_mask, v_bias
+            )
+        return self.o_proj(out.flatten(-2))
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: LatentCacheProtocol | None = None,
+    ) -> torch.Tensor:
+        """hidden ``[b, t, d]``, positions ``[b, t]`` or ``[3, b, t]`` (M-RoPE) -> ``[b, t, d]``."""
+        cos, sin = self.rope_cos_sin(positions)
+        return self.attend(hidden, cos, sin, attention_mask, cache)
