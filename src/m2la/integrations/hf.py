@@ -1,0 +1,537 @@
+"""Hugging Face transformers integration: convert, cache, save and load.
+
+One generic path for every supported family. A family only differs in how its RoPE frequencies map
+to M-RoPE axes (:data:`FAMILIES`); everything else is read off the standard attention module
+(``q_proj/k_proj/v_proj/o_proj``, optional ``q_norm/k_norm``). Nothing is patched on any class:
+attention modules are replaced on the converted instance, and a forward pre-hook on that instance
+hands the model an :class:`M2LACache` whenever it would otherwise build a decompressed K/V cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+from .. import rope
+from ..config import M2LAConfig, M2LAConfigError
+from ..conversion import SourceAttention, lossless_config, lossless_state_dict, source_cache_width
+from ..module import M2LAttention
+
+__all__ = [
+    "FAMILIES",
+    "ConversionReport",
+    "LayerReport",
+    "M2LACache",
+    "M2LACheckpointError",
+    "HFM2LAttention",
+    "UnsupportedModelError",
+    "convert",
+    "from_pretrained",
+    "save_pretrained",
+]
+
+M2LA_CONFIG_KEY = "m2la"
+FORMAT_VERSION = 1
+REPORT_FILE = "m2la_report.json"
+
+# model_type -> how RoPE frequencies map to position axes (None: 1-D RoPE)
+FAMILIES: dict[str, str | None] = {
+    "llama": None,
+    "mistral": None,
+    "qwen2": None,
+    "qwen3": None,
+    "qwen2_vl": "sectioned",
+    "qwen2_5_vl": "sectioned",
+    "qwen3_vl": "interleaved",
+}
+
+
+class UnsupportedModelError(ValueError):
+    """The model cannot be converted by m2la."""
+
+
+class M2LACheckpointError(ValueError):
+    """An m2la checkpoint is missing, corrupt or does not match its config."""
+
+
+# --- cache ----------------------------------------------------------------------------------------
+
+
+class LatentCacheLayer(DynamicLayer):
+    """One layer's latent rows ``[b, s, r + 2p]`` kept in ``keys``; ``values`` is an empty ``[b, s, 0]``.
+
+    Keeping the rows in ``keys`` lets DynamicLayer's crop, beam reorder and batch selection apply as is.
+    """
+
+    @property
+    def nbytes(self) -> int:
+        if not self.is_initialized or self.keys is None:
+            return 0
+        return self.keys.numel() * self.keys.element_size()
+
+
+class M2LACache(DynamicCache):
+    """transformers cache holding, per layer, only the latent and the rotated shared RoPE key."""
+
+    def __init__(self, num_layers: int) -> None:
+        Cache.__init__(self, layers=[LatentCacheLayer() for _ in range(num_layers)])
+
+    def append_latent(self, layer_idx: int, rows: torch.Tensor) -> torch.Tensor:
+        """Append ``rows [b, t, r + 2p]`` to layer ``layer_idx``; return ``[b, s, r + 2p]``."""
+        keys, _ = self.layers[layer_idx].update(rows, rows[..., :0])
+        return keys
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        raise TypeError(
+            "M2LACache stores latent rows, not decompressed keys and values; "
+            "only m2la attention layers (append_latent) can write to it"
+        )
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cache holds right now (all layers)."""
+        return sum(layer.nbytes for layer in self.layers)
+
+
+def _num_decoder_layers(model: nn.Module) -> int:
+    return sum(isinstance(m, HFM2LAttention) for m in model.modules())
+
+
+def _inject_latent_cache(model: nn.Module, args: tuple, kwargs: dict[str, Any]):
+    """Forward pre-hook: give the model an M2LACache where it would build a K/V cache."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if isinstance(cache, M2LACache):
+        return None
+    if cache is None:
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            config = getattr(model, "config", None)
+            use_cache = bool(getattr(config.get_text_config(decoder=True), "use_cache", False)) if config else False
+        if not use_cache:
+            return None
+    elif not isinstance(cache, Cache) or cache.get_seq_length() > 0:
+        raise TypeError(
+            f"an m2la-converted model got a {type(cache).__name__} holding decompressed keys/values; "
+            "pass an m2la.M2LACache (or no cache) instead"
+        )
+    kwargs.pop("past_key_values", None)
+    kwargs["cache"] = M2LACache(_num_decoder_layers(model))
+    return args, kwargs
+
+
+# --- attention module -----------------------------------------------------------------------------
+
+
+class HFM2LAttention(M2LAttention):
+    """M2LAttention with the call signature of transformers' attention modules.
+
+    RoPE angles come from the host's ``position_embeddings`` (cos/sin ``[b, t, head_dim]``, rotate-half
+    layout, M-RoPE already resolved by the host), so every RoPE flavour the host computes is honoured.
+    """
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        cache = cache if cache is not None else past_key_values
+        if position_embeddings is None:
+            raise ValueError("m2la attention needs the host model's position_embeddings (cos, sin)")
+        if cache is not None and not isinstance(cache, M2LACache):
+            raise TypeError(
+                f"m2la attention got a {type(cache).__name__}; converted models cache latents in an M2LACache"
+            )
+        if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(
+                f"unsupported attention mask type {type(attention_mask).__name__}; "
+                "use attn_implementation='sdpa' or 'eager'"
+            )
+        host_cos, host_sin = position_embeddings
+        columns = self.rope_source_column.to(host_cos.device)
+        cos = host_cos.index_select(-1, columns)  # [b, t, p]
+        sin = host_sin.index_select(-1, columns)
+        return self.attend(hidden_states, cos, sin, attention_mask, cache), None
+
+
+# --- conversion -----------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerReport:
+    layer: int
+    kv_rank: int
+    rope_dim: int
+    qk_nope_dim: int
+    bytes_per_token_before: int
+    bytes_per_token_after: int
+    key_error: float | None = None  # relative errors on held-out calibration tokens (compressed conversions)
+    value_error: float | None = None
+    output_error: float | None = None
+
+
+@dataclass
+class ConversionReport:
+    model_type: str
+    dtype: str
+    lossless: bool
+    seconds: float
+    layers: list[LayerReport] = field(default_factory=list)
+
+    @property
+    def bytes_per_token_before(self) -> int:
+        return sum(layer.bytes_per_token_before for layer in self.layers)
+
+    @property
+    def bytes_per_token_after(self) -> int:
+        return sum(layer.bytes_per_token_after for layer in self.layers)
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.bytes_per_token_before / max(self.bytes_per_token_after, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(
+            bytes_per_token_before=self.bytes_per_token_before,
+            bytes_per_token_after=self.bytes_per_token_after,
+            compression_ratio=self.compression_ratio,
+        )
+        return data
+
+    def to_table(self) -> str:
+        def fmt(x: float | None) -> str:
+            return "-" if x is None else f"{x:.4f}"
+
+        head = f"{'layer':>5} {'rank':>5} {'rope':>5} {'nope':>5} {'B/tok before':>12} {'B/tok after':>11} {'key err':>8} {'val err':>8} {'out err':>8}"
+        rows = [head, "-" * len(head)]
+        for r in self.layers:
+            rows.append(
+                f"{r.layer:>5} {r.kv_rank:>5} {r.rope_dim:>5} {r.qk_nope_dim:>5} {r.bytes_per_token_before:>12} "
+                f"{r.bytes_per_token_after:>11} {fmt(r.key_error):>8} {fmt(r.value_error):>8} {fmt(r.output_error):>8}"
+            )
+        rows.append("-" * len(head))
+        rows.append(
+            f"{self.model_type}, {self.dtype}, {'lossless' if self.lossless else 'compressed'}: cache "
+            f"{self.bytes_per_token_before} -> {self.bytes_per_token_after} bytes/token "
+            f"({self.compression_ratio:.2f}x), converted in {self.seconds:.1f} s"
+        )
+        return "\n".join(rows)
+
+    def save_json(self, path: str | os.PathLike) -> None:
+        _atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2))
+
+
+def _family(model: nn.Module) -> tuple[str, str | None]:
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise UnsupportedModelError(
+            f"m2la cannot convert model_type {model_type!r} ({type(model).__name__}); "
+            f"supported: {', '.join(sorted(FAMILIES))}"
+        )
+    return model_type, FAMILIES[model_type]
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    """The module that owns the decoder layers and the rotary embedding."""
+    for candidate in (model, *model.modules()):
+        if isinstance(getattr(candidate, "layers", None), nn.ModuleList) and hasattr(candidate, "rotary_emb"):
+            return candidate
+    raise UnsupportedModelError(f"could not find decoder layers with a rotary embedding in {type(model).__name__}")
+
+
+def _rope_axes(model: nn.Module, rotary: nn.Module, mrope: str | None, num_pairs: int) -> torch.Tensor:
+    """M-RoPE axis of every host frequency, read from the host's rotary module (as it computes them)."""
+    if mrope is None:
+        return torch.zeros(num_pairs, dtype=torch.long)
+    sections = getattr(rotary, "mrope_section", None)
+    if sections is None:
+        params = getattr(model.config.get_text_config(decoder=True), "rope_parameters", None) or {}
+        sections = params.get("mrope_section")
+    if sections is None:
+        raise UnsupportedModelError(f"{model.config.model_type}: cannot find the M-RoPE mrope_section")
+    axes = rope.mrope_axes_sectioned(sections) if mrope == "sectioned" else rope.mrope_axes_interleaved(sections)
+    if axes.numel() != num_pairs:
+        raise UnsupportedModelError(f"mrope_section {sections} covers {axes.numel()} frequencies, RoPE has {num_pairs}")
+    return axes
+
+
+def _source_attention(attn: nn.Module, text_config: Any, inv_freq: torch.Tensor, axes: torch.Tensor,
+                      scaling: float) -> SourceAttention:
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        if not isinstance(getattr(attn, name, None), nn.Linear):
+            raise UnsupportedModelError(f"{type(attn).__name__} has no nn.Linear {name}; not a standard attention")
+    head_dim = attn.head_dim
+    num_pairs = inv_freq.numel()
+    if 2 * num_pairs != head_dim:
+        raise UnsupportedModelError(f"partial rotary ({2 * num_pairs} of {head_dim} dims) is not supported for HF models yet")
+    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+
+    def bias(linear: nn.Linear) -> torch.Tensor | None:
+        return None if linear.bias is None else linear.bias.detach()
+
+    return SourceAttention(
+        hidden_size=attn.q_proj.in_features,
+        num_heads=attn.q_proj.out_features // head_dim,
+        num_kv_heads=attn.k_proj.out_features // head_dim,
+        head_dim=head_dim,
+        q_weight=attn.q_proj.weight.detach(),
+        k_weight=attn.k_proj.weight.detach(),
+        v_weight=attn.v_proj.weight.detach(),
+        o_weight=attn.o_proj.weight.detach(),
+        q_bias=bias(attn.q_proj),
+        k_bias=bias(attn.k_proj),
+        v_bias=bias(attn.v_proj),
+        o_bias=bias(attn.o_proj),
+        softmax_scale=float(attn.scaling),
+        rope_inv_freq=inv_freq.detach().double().cpu(),
+        rope_axis=axes,
+        rope_source_column=torch.arange(num_pairs),
+        rope_scaling=float(scaling),
+        q_norm_weight=None if q_norm is None else q_norm.weight.detach(),
+        k_norm_weight=None if k_norm is None else k_norm.weight.detach(),
+        norm_eps=float(getattr(q_norm, "variance_epsilon", getattr(text_config, "rms_norm_eps", 1e-6))),
+    )
+
+
+def _install(model: nn.Module, layer_configs: list[M2LAConfig]) -> list[HFM2LAttention]:
+    """Replace every decoder layer's self_attn with an (uninitialised) HFM2LAttention; hook the cache."""
+    decoder = _decoder(model)
+    if len(layer_configs) != len(decoder.layers):
+        raise M2LACheckpointError(f"m2la config has {len(layer_configs)} layers, the model {len(decoder.layers)}")
+    modules = []
+    for idx, (layer, config) in enumerate(zip(decoder.layers, layer_configs, strict=True)):
+        old = layer.self_attn
+        weight = old.o_proj.weight if hasattr(old, "o_proj") else next(old.parameters())
+        new = HFM2LAttention(config, layer_idx=getattr(old, "layer_idx", idx)).to(weight.device, weight.dtype)
+        layer.self_attn = new
+        modules.append(new)
+    meta = {"format_version": FORMAT_VERSION, "layers": [c.to_dict() for c in layer_configs]}
+    setattr(model.config, M2LA_CONFIG_KEY, meta)
+    for target in {id(model): model, id(decoder): decoder}.values():
+        target.register_forward_pre_hook(_inject_latent_cache, with_kwargs=True)
+    # per instance, not per class: model.save_pretrained of a converted model writes atomically
+    model.save_pretrained = functools.partial(save_pretrained, model)
+    return modules
+
+
+def convert(
+    model: PreTrainedModel,
+    *,
+    compression: float | None = None,
+    kv_rank: int | None = None,
+    rope_dim: int | None = None,
+    calibration: Iterable[Any] | None = None,
+    progress: bool = False,
+) -> ConversionReport:
+    """Replace, in place, every attention layer of ``model`` with an M²LA layer built from its weights.
+
+    With no compression arguments the conversion is lossless (logits equal the original's to
+    rounding) and the latent cache holds as many bytes as the original K/V cache. ``compression``
+    (target ratio of original to converted cache bytes), ``kv_rank``/``rope_dim`` (manual ranks) and
+    ``calibration`` (iterable of model-input batches) select a compressed conversion.
+    """
+    if compression is not None or kv_rank is not None or rope_dim is not None or calibration is not None:
+        raise NotImplementedError(
+            "compressed conversion (compression=, kv_rank=, rope_dim=, calibration=) is not implemented yet; "
+            "m2la.convert(model) with no compression arguments converts losslessly"
+        )
+    if any(isinstance(m, M2LAttention) for m in model.modules()):
+        raise UnsupportedModelError("this model is already converted to M²LA (it contains M2LAttention layers)")
+    model_type, mrope = _family(model)
+    start = time.perf_counter()
+    decoder = _decoder(model)
+    rotary = decoder.rotary_emb
+    inv_freq = rotary.inv_freq
+    scaling = float(getattr(rotary, "attention_scaling", 1.0))
+    text_config = model.config.get_text_config(decoder=True)
+    axes = _rope_axes(model, rotary, mrope, inv_freq.numel())
+    layers = list(decoder.layers)
+    if progress:
+        from tqdm.auto import tqdm
+
+        layers = tqdm(layers, desc="converting attention layers", unit="layer")
+    sources, configs = [], []
+    for layer in layers:
+        src = _source_attention(layer.self_attn, text_config, inv_freq, axes, scaling)
+        sources.append(src)
+        configs.append(lossless_config(src))
+    dtype = sources[0].q_weight.dtype
+    with torch.no_grad():
+        for module, src, config in zip(_install(model, configs), sources, configs, strict=True):
+            module.load_state_dict(lossless_state_dict(src, config), strict=True)
+    element = torch.empty((), dtype=dtype).element_size()
+    report = ConversionReport(
+        model_type=model_type,
+        dtype=str(dtype).removeprefix("torch."),
+        lossless=True,
+        seconds=time.perf_counter() - start,
+        layers=[
+            LayerReport(
+                layer=i, kv_rank=c.kv_rank, rope_dim=c.rope_dim, qk_nope_dim=c.qk_nope_dim,
+                bytes_per_token_before=source_cache_width(s) * element,
+                bytes_per_token_after=c.cache_bytes_per_token(element),
+                key_error=0.0, value_error=0.0, output_error=0.0,
+            )
+            for i, (s, c) in enumerate(zip(sources, configs, strict=True))
+        ],
+    )
+    return report
+
+
+# --- persistence ----------------------------------------------------------------------------------
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_pretrained(
+    model: PreTrainedModel,
+    save_directory: str | os.PathLike,
+    tokenizer: Any = None,
+    report: ConversionReport | None = None,
+    **kwargs: Any,
+) -> Path:
+    """Write a converted model (safetensors + config.json with the M²LA layer configs) atomically.
+
+    Everything is written into a temporary sibling folder that replaces ``save_directory`` in one
+    rename, so a crash leaves either the old folder or the new one, never a mix.
+    """
+    if getattr(model.config, M2LA_CONFIG_KEY, None) is None:
+        raise M2LACheckpointError("model is not m2la-converted; call m2la.convert(model) first")
+    target = Path(save_directory).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}.partial")
+    try:
+        # module names as in memory (no legacy key renaming), so from_pretrained can load them strictly
+        kwargs.setdefault("save_original_format", False)
+        type(model).save_pretrained(model, staging, **kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if report is not None:
+            report.save_json(staging / REPORT_FILE)
+        if target.exists():
+            retired = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
+            os.replace(target, retired)
+            os.replace(staging, target)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _checkpoint_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as error:
+            raise M2LACheckpointError(f"{index}: corrupt shard index ({error})") from error
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    single = folder / "model.safetensors"
+    if not single.exists():
+        raise M2LACheckpointError(f"{folder} has no model.safetensors (or shard index)")
+    return [single]
+
+
+def _load_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            tensors.update(load_file(str(file)))
+        except Exception as error:  # safetensors raises its own error types for bad headers/truncation
+            raise M2LACheckpointError(f"{file}: corrupt or unreadable safetensors file ({error})") from error
+    return tensors
+
+
+def _resolve(path_or_repo_id: str | os.PathLike) -> Path:
+    path = Path(path_or_repo_id)
+    if path.exists():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(path_or_repo_id)))
+
+
+def from_pretrained(
+    path_or_repo_id: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+) -> PreTrainedModel:
+    """Rebuild a model saved by :func:`save_pretrained` (local folder or Hub repo id)."""
+    import transformers
+
+    folder = _resolve(path_or_repo_id)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as error:
+        raise M2LACheckpointError(f"{folder}: unreadable config.json ({error})") from error
+    meta = getattr(config, M2LA_CONFIG_KEY, None)
+    if not isinstance(meta, dict) or "layers" not in meta:
+        raise M2LACheckpointError(
+            f"{folder} is not an m2la checkpoint (config.json has no '{M2LA_CONFIG_KEY}' entry); "
+            "convert it with m2la.convert(model) and save it first"
+        )
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise M2LACheckpointError(f"m2la checkpoint format {meta.get('format_version')!r}; this m2la reads {FORMAT_VERSION}")
+    try:
+        layer_configs = [M2LAConfig.from_dict(c) for c in meta["layers"]]
+    except (M2LAConfigError, TypeError) as error:
+        raise M2LACheckpointError(f"{folder}: invalid m2la layer config ({error})") from error
+    architectures = getattr(config, "architectures", None) or []
+    model_class = getattr(transformers, architectures[0], None) if architectures else None
+    if model_class is None:
+        raise M2LACheckpointError(f"{folder}: config.json names no known transformers architecture ({architectures})")
+    delattr(config, M2LA_CONFIG_KEY)
+    tensors = _load_tensors(_checkpoint_files(folder))
+    if dtype is None:
+        dtype = next(t.dtype for t in tensors.values() if t.is_floating_point())
+    model = model_class._from_config(config, dtype=dtype)
+    _install(model, layer_configs)
+    expected = model.state_dict()
+    mismatched = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in tensors.items() if k in expected and v.shape != expected[k].shape
+    ]
+    unexpected = sorted(set(tensors) - set(expected))
+    if mismatched or unexpected:
+        raise M2LACheckpointError(
+            f"{folder}: checkpoint does not match its m2la config: "
+            + "; ".join(mismatched[:5] + [f"unexpected {k}" for k in unexpected[:5]])
+        )
+    model.load_state_dict(tensors, strict=False)
+    model.tie_weights()
+    tied = {name for name, p in model.named_parameters(remove_duplicate=False)
+            if any(p is q for n, q in model.named_parameters() if n != name)}
+    missing = sorted(set(expected) - set(tensors) - tied)
+    missing = [k for k in missing if k in dict(model.named_parameters())]
+    if missing:
+        raise M2LACheckpointError(f"{folder}: checkpoint lacks {len(missing)} weights, e.g. {missing[:5]}")
+    model.eval()
+    return model.to(device) if device is not None else model

@@ -1,0 +1,246 @@
+"""Lossless conversion of transformers models: every family, the latent cache, persistence, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+import transformers as tf  # noqa: E402
+
+import m2la  # noqa: E402
+import tiny_hf  # noqa: E402
+from m2la.integrations import hf  # noqa: E402
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+TEXT_FAMILIES = FAMILIES[:4]
+SHAPES = {  # (query heads, KV heads, head_dim): GQA ratios 1, 3 and 7, odd counts, head_dim 48
+    "mha": (3, 3, 16),
+    "gqa3": (9, 3, 12),
+    "gqa7-d48": (7, 1, 48),
+}
+
+
+def _inputs(model, family, batch=2, length=13):
+    if family.endswith("_vl"):
+        return tiny_hf.image_inputs(model, batch=batch)
+    g = torch.Generator().manual_seed(7)
+    return dict(input_ids=torch.randint(10, tiny_hf.VOCAB, (batch, length), generator=g))
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lossless_logits(family, shape):
+    model = tiny_hf.build(family, *SHAPES[shape])
+    inputs = _inputs(model, family)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    report = m2la.convert(model)
+    assert report.lossless and report.compression_ratio == 1.0
+    assert sum(isinstance(m, m2la.M2LAttention) for m in model.modules()) == model.config.get_text_config().num_hidden_layers
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True)
+    torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-5)
+    assert isinstance(out.cache, m2la.M2LACache)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_generate_identical_and_cache_is_latent(family):
+    model = tiny_hf.build(family)
+    inputs = _inputs(model, family, batch=1)
+    expected = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    m2la.convert(model)
+    cache = m2la.M2LACache(model.config.get_text_config().num_hidden_layers)
+    got = model.generate(**inputs, max_new_tokens=12, do_sample=False, cache=cache)
+    assert torch.equal(got, expected)
+    # default generate (no cache passed) also runs on the latent cache and gives the same tokens
+    assert torch.equal(model.generate(**inputs, max_new_tokens=12, do_sample=False), expected)
+    text = model.config.get_text_config()
+    tokens = got.shape[1] - 1  # the last token is never fed back
+    per_layer = [m.config.cache_width for m in model.modules() if isinstance(m, m2la.M2LAttention)]
+    for layer, width in zip(cache.layers, per_layer, strict=True):
+        assert layer.keys.shape == (1, tokens, width)  # only [latent | rope key] rows
+        assert layer.values.numel() == 0
+    assert cache.nbytes == tokens * sum(per_layer) * 4
+    assert sum(per_layer) == text.num_hidden_layers * 2 * text.num_key_value_heads * text.head_dim
+
+
+@pytest.mark.parametrize("family", TEXT_FAMILIES)
+def test_left_padded_batch_generate(family):
+    model = tiny_hf.build(family)
+    g = torch.Generator().manual_seed(11)
+    ids = torch.randint(10, tiny_hf.VOCAB, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    mask[1, :1] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    expected = model.generate(**kwargs)
+    with torch.no_grad():
+        ref_logits = model(input_ids=ids, attention_mask=mask).logits
+    m2la.convert(model)
+    assert torch.equal(model.generate(**kwargs), expected)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(logits[mask.bool()], ref_logits[mask.bool()], rtol=1e-5, atol=1e-5)
+
+
+def test_reusing_cache_across_calls():
+    model = tiny_hf.build("qwen3", 6, 2, 12)
+    ids = torch.randint(10, tiny_hf.VOCAB, (2, 15), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(ids).logits
+        m2la.convert(model)
+        first = model(ids[:, :9], use_cache=True)
+        second = model(ids[:, 9:12], cache=first.cache, use_cache=True)
+        third = model(ids[:, 12:], cache=second.cache, use_cache=True)
+    assert third.cache is first.cache and third.cache.get_seq_length() == 15
+    got = torch.cat([first.logits, second.logits, third.logits], dim=1)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_beam_search_matches_original():
+    model = tiny_hf.build("llama", 6, 2, 12)
+    ids = torch.randint(10, tiny_hf.VOCAB, (2, 7), generator=torch.Generator().manual_seed(5))
+    kwargs = dict(input_ids=ids, max_new_tokens=6, num_beams=3, do_sample=False, early_stopping=True)
+    expected = model.generate(**kwargs)
+    m2la.convert(model)
+    assert torch.equal(model.generate(**kwargs), expected)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_standalone_mrope_matches_host_tables(family):
+    """The per-pair (inv_freq, axis) kept in the config reproduce the host's M-RoPE cos/sin."""
+    model = tiny_hf.build(family, 6, 2, 12)
+    decoder = hf._decoder(model)
+    positions = torch.randint(0, 40, (3, 2, 11))
+    host_cos, host_sin = decoder.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
+    m2la.convert(model)
+    layer = next(m for m in model.modules() if isinstance(m, m2la.M2LAttention))
+    cos, sin = layer.rope_cos_sin(positions)
+    columns = layer.rope_source_column
+    torch.testing.assert_close(cos, host_cos[..., columns], rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(sin, host_sin[..., columns], rtol=1e-5, atol=2e-5)
+    assert set(layer.rope_axis.tolist()) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "qwen2_5_vl"])
+def test_save_load_round_trip(tmp_path, family):
+    model = tiny_hf.build(family)
+    inputs = _inputs(model, family)
+    report = m2la.convert(model)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    m2la.save_pretrained(model, tmp_path / "ckpt", report=report)
+    files = {p.name for p in (tmp_path / "ckpt").iterdir()}
+    assert {"config.json", "model.safetensors", hf.REPORT_FILE} <= files
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging leftovers
+    saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert len(saved["m2la"]["layers"]) == model.config.get_text_config().num_hidden_layers
+    loaded = m2la.from_pretrained(tmp_path / "ckpt")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, expected, rtol=0, atol=0)
+    # the instance's own save_pretrained is the atomic writer too, and overwrites in place
+    loaded.save_pretrained(tmp_path / "ckpt")
+    again = m2la.from_pretrained(tmp_path / "ckpt")
+    with torch.no_grad():
+        torch.testing.assert_close(again(**inputs).logits, expected, rtol=0, atol=0)
+
+
+def test_save_failure_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    model = tiny_hf.build("llama")
+    m2la.convert(model)
+    target = m2la.save_pretrained(model, tmp_path / "ckpt")
+    before = (target / "model.safetensors").read_bytes()
+
+    class Exploding:
+        def save_pretrained(self, folder):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        m2la.save_pretrained(model, target, tokenizer=Exploding())
+    assert (target / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_unsupported_architecture_names_supported_ones():
+    config = tf.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)
+    with pytest.raises(m2la.UnsupportedModelError, match="gpt2.*supported: llama, mistral"):
+        m2la.convert(tf.GPT2LMHeadModel(config))
+
+
+def test_already_converted_raises():
+    model = tiny_hf.build("llama")
+    m2la.convert(model)
+    with pytest.raises(m2la.UnsupportedModelError, match="already converted"):
+        m2la.convert(model)
+
+
+def test_compression_arguments_not_yet_available():
+    model = tiny_hf.build("llama")
+    with pytest.raises(NotImplementedError, match="compressed conversion"):
+        m2la.convert(model, compression=4.0)
+    assert not any(isinstance(m, m2la.M2LAttention) for m in model.modules())
+
+
+def test_foreign_filled_cache_is_refused():
+    model = tiny_hf.build("llama")
+    ids = torch.randint(10, tiny_hf.VOCAB, (1, 5))
+    with torch.no_grad():
+        dense = model(ids, use_cache=True).cache
+    m2la.convert(model)
+    with pytest.raises(TypeError, match="decompressed keys/values"), torch.no_grad():
+        model(ids, cache=dense)
+
+
+def test_corrupt_and_mismatched_checkpoints(tmp_path):
+    model = tiny_hf.build("llama")
+    m2la.convert(model)
+    ckpt = m2la.save_pretrained(model, tmp_path / "ok")
+    weights = ckpt / "model.safetensors"
+
+    truncated = tmp_path / "truncated"
+    m2la.save_pretrained(model, truncated)
+    (truncated / "model.safetensors").write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(m2la.M2LACheckpointError, match="corrupt or unreadable safetensors"):
+        m2la.from_pretrained(truncated)
+
+    mismatched = tmp_path / "mismatched"
+    m2la.save_pretrained(model, mismatched)
+    config = json.loads((mismatched / "config.json").read_text())
+    config["m2la"]["layers"][0]["kv_rank"] += 8
+    (mismatched / "config.json").write_text(json.dumps(config))
+    with pytest.raises(m2la.M2LACheckpointError, match="does not match its m2la config"):
+        m2la.from_pretrained(mismatched)
+
+    plain = tmp_path / "plain"
+    tiny_hf.build("llama").save_pretrained(plain)
+    with pytest.raises(m2la.M2LACheckpointError, match="not an m2la checkpoint"):
+        m2la.from_pretrained(plain)
+
+    bad_field = tmp_path / "bad_field"
+    m2la.save_pretrained(model, bad_field)
+    config = json.loads((bad_field / "config.json").read_text())
+    config["m2la"]["layers"][1]["rope_dim"] = 7
+    (bad_field / "config.json").write_text(json.dumps(config))
+    with pytest.raises(m2la.M2LACheckpointError, match="rope_dim must be even"):
+        m2la.from_pretrained(bad_field)
+
+    missing = tmp_path / "missing"
+    m2la.save_pretrained(model, missing)
+    (missing / "model.safetensors").unlink()
+    with pytest.raises(m2la.M2LACheckpointError, match="no model.safetensors"):
+        m2la.from_pretrained(missing)
+
+
+def test_report_table_and_json(tmp_path):
+    model = tiny_hf.build("qwen3", 9, 3, 12)
+    report = m2la.convert(model)
+    table = report.to_table()
+    assert "lossless" in table and "1.00x" in table
+    report.save_json(tmp_path / "r.json")
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["bytes_per_token_before"] == data["bytes_per_token_after"] == 2 * 2 * 3 * 12 * 4
+    assert [layer["kv_rank"] for layer in data["layers"]] == [36, 36]
