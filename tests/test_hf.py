@@ -244,3 +244,23 @@ def test_report_table_and_json(tmp_path):
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["bytes_per_token_before"] == data["bytes_per_token_after"] == 2 * 2 * 3 * 12 * 4
     assert [layer["kv_rank"] for layer in data["layers"]] == [36, 36]
+
+
+def test_from_pretrained_resolves_hub_ids_through_huggingface_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    model = tiny_hf.build("llama")
+    m2la.convert(model)
+    folder = m2la.save_pretrained(model, tmp_path / "snapshot")
+    asked = []
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        asked.append(repo_id)
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    loaded = m2la.from_pretrained("some-org/some-m2la-model")
+    assert asked == ["some-org/some-m2la-model"]
+    ids = torch.randint(10, tiny_hf.VOCAB, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
