@@ -1,0 +1,265 @@
+"""GPU kernel benchmark: correctness first, then copy bandwidth, decode GB/s, prefill TFLOPS, vs SDPA.
+
+Shapes: Qwen3-VL-8B attention (32 query heads, GQA 8 KV heads x 128) against its M²LA conversions,
+InternVideo3's latent 896 + rope 128 and a 4x-compressed 448 + 64. Writes a markdown report to
+`${OUT:-/tmp/m2la-out}/kernels.md`.
+
+    python benchmarks/gpu_kernels.py            # on a CUDA machine (see gpu_check.sh)
+    TRITON_INTERPRET=1 python benchmarks/gpu_kernels.py --smoke   # CPU dry run of the script's logic
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import pathlib
+import statistics
+import time
+import traceback
+
+import torch
+
+from m2la.kernels import decode_attention, prefill_attention
+
+HEADS, GQA_KV_HEADS, HEAD_DIM = 32, 8, 128
+NOPE_DIM = VALUE_DIM = 128
+LAYOUTS = {"latent 896+128 (InternVideo3)": (896, 128), "latent 448+64 (4x)": (448, 64)}
+BLOCK_SIZE = 64
+
+
+def timed_ms(fn, device: torch.device, repeats: int = 20, warmup: int = 3) -> float:
+    """Median milliseconds per call (CUDA events on GPU, wall clock elsewhere)."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            samples.append(start.elapsed_time(stop))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int) -> float:
+    src = torch.empty(nbytes // 2, dtype=torch.float16, device=device).uniform_(-1, 1)
+    dst = torch.empty_like(src)
+    ms = timed_ms(lambda: dst.copy_(src), device)
+    return 2 * nbytes / ms / 1e6  # read + write
+
+
+def paged_inputs(batch, context, kv_rank, rope_dim, dtype, device, cache):
+    """Queries and a shuffled block table over a preallocated cache `[blocks, BLOCK_SIZE, r+2p]`."""
+    blocks_per_seq = math.ceil(context / BLOCK_SIZE)
+    order = torch.randperm(cache.shape[0], device=device)[: batch * blocks_per_seq]
+    table = order.view(batch, blocks_per_seq).to(torch.int32)
+    lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+    q = torch.randn(batch, HEADS, kv_rank + rope_dim, device=device, dtype=dtype)
+    return q, table, lens
+
+
+def check_correctness(device, dtype) -> list[str]:
+    """Every layout on a small case, Triton vs the fp32 reference; raises on mismatch."""
+    lines = []
+    for name, (kv_rank, rope_dim) in LAYOUTS.items():
+        cache = torch.randn(64, BLOCK_SIZE, kv_rank + rope_dim, device=device, dtype=dtype)
+        q, table, lens = paged_inputs(3, 1000, kv_rank, rope_dim, dtype, device, cache)
+        lens[1] = 1
+        scale = (NOPE_DIM + rope_dim) ** -0.5
+        out, lse = decode_attention(q, cache, lens, scale, kv_rank, table, backend="triton")
+        ref, ref_lse = decode_attention(q.float(), cache.float(), lens, scale, kv_rank, table, backend="reference")
+        err, lse_err = (out.float() - ref).abs().max().item(), (lse - ref_lse).abs().max().item()
+        if not (err < 3e-2 and lse_err < 3e-2):
+            raise AssertionError(f"decode {name}: max err {err:.3g}, lse err {lse_err:.3g}")
+        lines.append(f"| decode {name} | {err:.2e} | {lse_err:.2e} |")
+    return lines
+
+
+def decode_rows(device, dtype, batches, contexts, bandwidth, repeats):
+    rows = []
+    for name, (kv_rank, rope_dim) in LAYOUTS.items():
+        width = kv_rank + rope_dim
+        num_blocks = max(batches) * math.ceil(max(contexts) / BLOCK_SIZE)
+        affordable = int(0.45 * _free_bytes(device) / (BLOCK_SIZE * width * dtype.itemsize))
+        num_blocks = min(num_blocks, affordable)  # combos needing more are reported as n/a
+        cache = torch.empty(num_blocks, BLOCK_SIZE, width, device=device, dtype=dtype).uniform_(-1, 1)
+        for context in contexts:
+            for batch in batches:
+                if batch * math.ceil(context / BLOCK_SIZE) > num_blocks:
+                    rows.append((name, batch, context, None, None, None))
+                    continue
+                q, table, lens = paged_inputs(batch, context, kv_rank, rope_dim, dtype, device, cache)
+                scale = (NOPE_DIM + rope_dim) ** -0.5
+
+                def run(q=q, table=table, lens=lens, scale=scale, kv_rank=kv_rank, cache=cache):
+                    return decode_attention(q, cache, lens, scale, kv_rank, table)
+
+                ms = timed_ms(run, device, repeats)
+                nbytes = batch * context * width * dtype.itemsize + 2 * q.numel() * dtype.itemsize
+                gbs = nbytes / ms / 1e6
+                rows.append((name, batch, context, ms, gbs, 100 * gbs / bandwidth))
+        del cache
+    return rows
+
+
+def _free_bytes(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return 2 * 2**30
+
+
+def gqa_decode_rows(device, dtype, batches, contexts, bandwidth, repeats, use_flash):
+    """Decode over the uncompressed GQA cache with SDPA (and flash_attn's kvcache kernel if present)."""
+    rows = []
+    max_tokens = max(batches) * max(contexts)
+    per_token = 2 * GQA_KV_HEADS * HEAD_DIM * dtype.itemsize
+    budget_tokens = min(max_tokens, int(0.8 * _free_bytes(device) / per_token))
+    k_all = torch.empty(budget_tokens, GQA_KV_HEADS, HEAD_DIM, device=device, dtype=dtype).uniform_(-1, 1)
+    v_all = torch.empty_like(k_all).uniform_(-1, 1)
+    for context in contexts:
+        for batch in batches:
+            if batch * context > budget_tokens:
+                rows.append(("GQA 8x128 SDPA", batch, context, None, None, None))
+                continue
+            k = k_all[: batch * context].view(batch, context, GQA_KV_HEADS, HEAD_DIM)
+            v = v_all[: batch * context].view(batch, context, GQA_KV_HEADS, HEAD_DIM)
+            q = torch.randn(batch, 1, HEADS, HEAD_DIM, device=device, dtype=dtype)
+            nbytes = batch * context * per_token
+            candidates = {"GQA 8x128 SDPA": lambda q=q, k=k, v=v: _sdpa_gqa(q, k, v)}
+            if use_flash:
+                from flash_attn import flash_attn_with_kvcache
+
+                candidates["GQA 8x128 flash_attn"] = lambda q=q, k=k, v=v: flash_attn_with_kvcache(q, k, v, causal=True)
+            for name, fn in candidates.items():
+                try:
+                    ms = timed_ms(fn, device, repeats)
+                except Exception as exc:  # a backend refusing a shape should not sink the report
+                    rows.append((f"{name} ({type(exc).__name__})", batch, context, None, None, None))
+                    continue
+                gbs = nbytes / ms / 1e6
+                rows.append((name, batch, context, ms, gbs, 100 * gbs / bandwidth))
+    del k_all, v_all
+    return rows
+
+
+def _sdpa_gqa(q, k, v):
+    # [b, 1, h, d] -> [b, h, 1, d]; keys stay [b, 8, s, d] strided views, GQA handled by SDPA.
+    return torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True
+    )
+
+
+def prefill_rows(device, dtype, chunk, prefixes, repeats):
+    """Chunked prefill of `chunk` new tokens after a cached prefix, one sequence; TFLOPS of the
+    attention actually computed (causal), and SDPA over the GQA K/V of the same length."""
+    rows = []
+    for prefix in prefixes:
+        total = prefix + chunk
+        visible_pairs = chunk * prefix + chunk * (chunk + 1) / 2
+        for name, (kv_rank, rope_dim) in LAYOUTS.items():
+            cache = torch.empty(
+                math.ceil(total / BLOCK_SIZE), BLOCK_SIZE, kv_rank + rope_dim, device=device, dtype=dtype
+            )
+            cache.uniform_(-1, 1)
+            table = torch.arange(cache.shape[0], device=device, dtype=torch.int32)[None]
+            q_nope = torch.randn(chunk, HEADS, NOPE_DIM, device=device, dtype=dtype)
+            q_rope = torch.randn(chunk, HEADS, rope_dim, device=device, dtype=dtype)
+            w_uk = torch.randn(HEADS, kv_rank, NOPE_DIM, device=device, dtype=dtype) / kv_rank**0.5
+            w_uv = torch.randn(HEADS, kv_rank, VALUE_DIM, device=device, dtype=dtype) / kv_rank**0.5
+            cu = torch.tensor([0, chunk], dtype=torch.int32, device=device)
+            lens = torch.tensor([total], dtype=torch.int32, device=device)
+            for mode in ("expanded", "absorbed"):
+                dims = (NOPE_DIM + rope_dim + VALUE_DIM) if mode == "expanded" else (2 * kv_rank + rope_dim)
+                flops = 2 * HEADS * visible_pairs * dims
+
+                def run(mode=mode, inputs=(q_nope, q_rope, cache, w_uk, w_uv, cu, lens), table=table):
+                    return prefill_attention(*inputs, 0.1, table, max_seqlen_q=chunk, mode=mode)
+
+                ms = timed_ms(run, device, repeats)
+                rows.append((f"{name}, {mode}", prefix, chunk, ms, flops / ms / 1e9))
+            del cache
+        q = torch.randn(1, HEADS, chunk, HEAD_DIM, device=device, dtype=dtype)
+        k = torch.randn(1, GQA_KV_HEADS, total, HEAD_DIM, device=device, dtype=dtype)
+        v = torch.randn_like(k)
+        mask = None if prefix == 0 else _prefix_causal_mask(chunk, total, device)
+        flops = 2 * HEADS * visible_pairs * (2 * HEAD_DIM)
+
+        def sdpa(mask=mask, q=q, k=k, v=v):
+            return torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True
+            )
+
+        ms = timed_ms(sdpa, device, repeats)
+        rows.append(("GQA 8x128 SDPA", prefix, chunk, ms, flops / ms / 1e9))
+    return rows
+
+
+def _prefix_causal_mask(chunk, total, device):
+    pos = total - chunk + torch.arange(chunk, device=device)
+    return torch.arange(total, device=device)[None, :] <= pos[:, None]
+
+
+def fmt(value, spec):
+    return "n/a" if value is None else format(value, spec)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, any device: checks the script")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    out_dir = pathlib.Path(os.environ.get("OUT") or "/tmp/m2la-out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.smoke:
+        batches, contexts, chunk, prefixes, repeats, copy_bytes = [1, 2], [64, 200], 32, [0, 64], 2, 2**20
+    else:
+        batches, contexts = [1, 8, 32, 64], [4096, 16384, 32768, 65536, 131072]
+        chunk, prefixes, repeats, copy_bytes = 4096, [0, 16384], 10, 2**30
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+
+    lines = [f"# m2la kernel benchmark ({device_name}, {dtype}, torch {torch.__version__})", ""]
+    sections = []
+    try:
+        lines += ["## Correctness (Triton vs fp32 reference, b=3, 1000 tokens)", "",
+                  "| case | max abs err | max lse err |", "|---|---|---|", *check_correctness(device, dtype), ""]  # fmt: skip
+        bandwidth = copy_bandwidth_gbs(device, copy_bytes)
+        lines += [f"Measured device copy bandwidth: **{bandwidth:.0f} GB/s** (read + write)", ""]
+        sections.append("decode")
+        decode = decode_rows(device, dtype, batches, contexts, bandwidth, repeats)
+        try:
+            import flash_attn  # noqa: F401
+
+            use_flash = device.type == "cuda"
+        except ImportError:
+            use_flash = False
+        decode += gqa_decode_rows(device, dtype, batches, contexts, bandwidth, repeats, use_flash)
+        lines += ["## Decode (one token per sequence, 32 query heads)", "",
+                  "| layout | batch | context | ms | GB/s | % of copy BW |", "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            f"| {n} | {b} | {s} | {fmt(ms, '.3f')} | {fmt(gbs, '.0f')} | {fmt(pct, '.0f')} |"
+            for n, b, s, ms, gbs, pct in decode
+        ]
+        sections.append("prefill")
+        prefill = prefill_rows(device, dtype, chunk, prefixes, repeats)
+        lines += ["", f"## Chunked prefill ({chunk} new tokens, batch 1)", "",
+                  "| path | cached prefix | chunk | ms | TFLOPS |", "|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {n} | {p} | {c} | {ms:.2f} | {tf:.1f} |" for n, p, c, ms, tf in prefill]
+    except Exception:
+        lines += ["", f"**FAILED** after sections {sections}:", "```", traceback.format_exc(), "```"]
+        raise
+    finally:
+        report = "\n".join(lines) + "\n"
+        (out_dir / "kernels.md").write_text(report)
+        print(report)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,16 @@
+"""Fused latent-attention kernels; triton is imported only when a call runs the Triton backend.
+
+- `decode_attention`: paged / contiguous split-KV absorbed decode over the latent cache
+  (op folder `latent_decode/`).
+- `prefill_attention`: causal varlen chunked prefill over the cached prefix + new chunk
+  (op folder `latent_prefill/`).
+- `write_latent_cache`: fused latent copy + RoPE rotation + paged scatter (op folder `cache_write/`).
+
+Each op folder holds `reference.py` (pure torch, the test oracle) and `triton.py` (the kernel).
+`ops` registers them as torch custom ops and needs only torch, so importing it here keeps the
+package light.
+"""
+
+from m2la.kernels.ops import decode_attention, prefill_attention, write_latent_cache
+
+__all__ = ["decode_attention", "prefill_attention", "write_latent_cache"]

@@ -1,0 +1,38 @@
+"""Reference absorbed decode over the latent cache (pure torch, fp32 internally): the test oracle."""
+
+from __future__ import annotations
+
+import torch
+
+from m2la.kernels._paging import cache_capacity, gather_cache_rows
+
+
+def latent_decode_reference(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    softmax_scale: float,
+    kv_rank: int,
+    block_table: torch.Tensor | None = None,
+    kv_start: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MQA of `q [b, h, r+2p]` over cache rows `[latent r | rope key 2p]` with V = latent.
+
+    Returns `out [b, h, r]` in q's dtype and `lse [b, h]` fp32 (natural log). A sequence with no
+    visible token (length 0, or `kv_start >= cache_seqlens`) gives `out = 0`, `lse = -inf`.
+    Cache rows outside `[kv_start, cache_seqlens)` are never allowed to reach the result, even NaN.
+    """
+    capacity = cache_capacity(kv_cache, block_table)
+    rows = gather_cache_rows(kv_cache, block_table, capacity).float()  # [b, s, r+2p]
+    positions = torch.arange(capacity, device=q.device)  # [s]
+    visible = positions[None, :] < cache_seqlens.long()[:, None]  # [b, s]
+    if kv_start is not None:
+        visible &= positions[None, :] >= kv_start.long()[:, None]
+    # Zero hidden rows: 0 * NaN would otherwise leak through the value product.
+    rows = torch.where(visible[..., None], rows, 0.0)
+    scores = torch.einsum("bhd,bsd->bhs", q.float(), rows) * softmax_scale  # [b, h, s]
+    scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [b, h]
+    probs = torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0.0)[..., None])  # [b, h, s]
+    out = torch.einsum("bhs,bsr->bhr", probs, rows[..., :kv_rank])  # [b, h, r]
+    return out.to(q.dtype), lse

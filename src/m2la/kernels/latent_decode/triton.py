@@ -1,0 +1,235 @@
+"""Fused split-KV absorbed decode over the latent cache (Triton).
+
+Two kernels:
+
+1. `_decode_split_kernel`, grid `(b, head tiles, splits * value tiles)`: each program owns one
+   sequence, `BLOCK_H` query heads (all heads share the one latent KV row, so heads are the M
+   dimension of both matmuls; BLOCK_H = 64 lets sm_90 use wgmma), one contiguous slice of the
+   sequence and one `BLOCK_V`-wide slice of the latent value columns. It streams `BLOCK_N` cache rows
+   at a time (through the block table when paged), computes scores over `[latent | rope]` in
+   `BLOCK_D`-wide chunks (so r need not be a power of two), runs an online softmax in base 2 and
+   writes a normalised partial output plus its log-sum-exp.
+2. `_decode_combine_kernel`, grid `(b * h, value tiles)`: merges the splits by their LSEs.
+
+Splitting the value columns bounds the fp32 accumulator (BLOCK_H x BLOCK_V) for large ranks such
+as 896; the score chunks are recomputed per value tile, served from L2.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from m2la.backends import triton_interpreter_enabled
+from m2la.kernels._paging import cache_capacity
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, kv_ptr, block_table_ptr, seqlens_ptr, kv_start_ptr, part_out_ptr, part_lse_ptr,
+    scale_log2,
+    num_heads, kv_rank, rope_dim, block_size, split_len, num_value_tiles,
+    stride_q_b, stride_q_h,
+    stride_kv_blk, stride_kv_tok,
+    stride_bt_b,
+    stride_po_b, stride_po_h, stride_po_s,
+    stride_pl_b, stride_pl_h,
+    PAGED: tl.constexpr, HAS_KV_START: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_ROPE: tl.constexpr, BLOCK_V: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    seq = tl.program_id(0)
+    head_tile = tl.program_id(1)
+    split = tl.program_id(2) // num_value_tiles
+    value_tile = tl.program_id(2) % num_value_tiles
+
+    offs_h = head_tile * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
+    head_ok = offs_h < num_heads
+    offs_rope = tl.arange(0, BLOCK_ROPE)
+    offs_v = value_tile * BLOCK_V + tl.arange(0, BLOCK_V)
+    value_ok = offs_v < kv_rank
+
+    seqlen = tl.load(seqlens_ptr + seq)
+    first = 0
+    if HAS_KV_START:
+        first = tl.load(kv_start_ptr + seq)
+    lo = tl.maximum(split * split_len, (first // BLOCK_N) * BLOCK_N)
+    hi = tl.minimum((split + 1) * split_len, seqlen)
+
+    q_rows = q_ptr + seq * stride_q_b + offs_h[:, None] * stride_q_h  # [BLOCK_H, 1]
+    q_rope = tl.load(
+        q_rows + kv_rank + offs_rope[None, :],
+        mask=head_ok[:, None] & (offs_rope[None, :] < rope_dim),
+        other=0.0,
+    )  # [BLOCK_H, BLOCK_ROPE]
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)  # running max, base-2 scaled
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_V], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] token positions
+        visible = (offs_n < hi) & (offs_n >= first)
+        if PAGED:
+            block = tl.load(block_table_ptr + seq * stride_bt_b + offs_n // block_size, mask=visible, other=0)
+            row_off = block.to(tl.int64) * stride_kv_blk + (offs_n % block_size) * stride_kv_tok
+        else:
+            row_off = seq.to(tl.int64) * stride_kv_blk + offs_n * stride_kv_tok
+        rows = kv_ptr + row_off[:, None]  # [BLOCK_N, 1]
+
+        scores = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
+        for d0 in range(0, kv_rank, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = offs_d < kv_rank
+            q_chunk = tl.load(q_rows + offs_d[None, :], mask=head_ok[:, None] & d_ok[None, :], other=0.0)
+            k_chunk = tl.load(rows + offs_d[None, :], mask=visible[:, None] & d_ok[None, :], other=0.0)
+            scores += tl.dot(q_chunk, tl.trans(k_chunk), input_precision=DOT_PRECISION)
+        k_rope = tl.load(
+            rows + kv_rank + offs_rope[None, :],
+            mask=visible[:, None] & (offs_rope[None, :] < rope_dim),
+            other=0.0,
+        )  # [BLOCK_N, BLOCK_ROPE]
+        scores += tl.dot(q_rope, tl.trans(k_rope), input_precision=DOT_PRECISION)
+        scores = tl.where(visible[None, :], scores * scale_log2, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all-hidden rows: avoid -inf - -inf
+        probs = tl.exp2(scores - m_safe[:, None])  # [BLOCK_H, BLOCK_N]
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(probs, axis=1)
+        values = tl.load(rows + offs_v[None, :], mask=visible[:, None] & value_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(probs.to(values.dtype), values, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    nonempty = l_i > 0.0
+    out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+    lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    po = part_out_ptr + seq * stride_po_b + offs_h[:, None] * stride_po_h + split * stride_po_s
+    tl.store(po + offs_v[None, :], out, mask=head_ok[:, None] & value_ok[None, :])
+    pl = part_lse_ptr + seq * stride_pl_b + offs_h * stride_pl_h + split
+    if value_tile == 0:  # every value tile computed the same LSE
+        tl.store(pl, lse, mask=head_ok)
+
+
+@triton.jit
+def _decode_combine_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr, lse_ptr,
+    num_heads, num_splits, kv_rank,
+    stride_po_b, stride_po_h, stride_po_s,
+    stride_pl_b, stride_pl_h,
+    stride_o_b, stride_o_h,
+    stride_l_b,
+    BLOCK_S: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    seq = tl.program_id(0) // num_heads
+    head = tl.program_id(0) % num_heads
+    offs_s = tl.arange(0, BLOCK_S)
+    split_ok = offs_s < num_splits
+    offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    value_ok = offs_v < kv_rank
+
+    lse = tl.load(
+        part_lse_ptr + seq * stride_pl_b + head * stride_pl_h + offs_s, mask=split_ok, other=float("-inf")
+    )  # [BLOCK_S]
+    m = tl.max(lse, axis=0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    weights = tl.exp(lse - m_safe)  # empty splits weigh 0
+    total = tl.sum(weights, axis=0)
+    parts = tl.load(
+        part_out_ptr + seq * stride_po_b + head * stride_po_h + offs_s[:, None] * stride_po_s + offs_v[None, :],
+        mask=split_ok[:, None] & value_ok[None, :],
+        other=0.0,
+    )  # [BLOCK_S, BLOCK_V]
+    out = tl.sum(parts * weights[:, None], axis=0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(out_ptr + seq * stride_o_b + head * stride_o_h + offs_v, out, mask=value_ok)
+    final_lse = tl.where(total > 0.0, m_safe + tl.log(tl.where(total > 0.0, total, 1.0)), float("-inf"))
+    if tl.program_id(1) == 0:
+        tl.store(lse_ptr + seq * stride_l_b + head, final_lse)
+
+
+def decode_config(num_heads: int, kv_rank: int, rope_dim: int, interpret: bool) -> dict:
+    """Tile sizes. GPU: 64 heads per tile whenever h > 16 (wgmma needs M >= 64)."""
+    pow2 = triton.next_power_of_2
+    if interpret:  # small tiles so the tests cover multi-tile loops, chunk masks and value tiles
+        return dict(
+            BLOCK_H=max(16, min(64, pow2(num_heads))), BLOCK_N=16, BLOCK_D=32,
+            BLOCK_ROPE=max(16, pow2(rope_dim)), BLOCK_V=max(16, min(64, pow2(kv_rank))),
+            num_warps=4, num_stages=1,
+        )  # fmt: skip
+    return dict(
+        BLOCK_H=64 if num_heads > 16 else 16, BLOCK_N=32, BLOCK_D=64,
+        BLOCK_ROPE=max(16, pow2(rope_dim)), BLOCK_V=max(16, min(256, pow2(kv_rank))),
+        num_warps=4, num_stages=2,
+    )  # fmt: skip
+
+
+def choose_num_splits(batch: int, work_tiles: int, capacity: int, block_n: int, device: torch.device) -> int:
+    """Enough splits to give every SM ~2 programs, never more than the cache has tiles (sync-free)."""
+    if device.type != "cuda":
+        return max(1, min(4, triton.cdiv(capacity, block_n)))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    wanted = triton.cdiv(2 * sms, max(1, batch * work_tiles))
+    return max(1, min(wanted, 64, triton.cdiv(capacity, 4 * block_n)))
+
+
+def latent_decode_triton(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    softmax_scale: float,
+    kv_rank: int,
+    block_table: torch.Tensor | None = None,
+    kv_start: torch.Tensor | None = None,
+    num_splits: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as `latent_decode_reference`; `num_splits=0` picks a split count."""
+    batch, num_heads, width = q.shape
+    rope_dim = width - kv_rank
+    assert kv_cache.shape[-1] == width and kv_cache.stride(-1) == 1 and q.stride(-1) == 1
+    assert cache_seqlens.dtype == torch.int32 and (kv_start is None or kv_start.dtype == torch.int32)
+    paged = block_table is not None
+    if paged:
+        assert block_table.dtype == torch.int32 and block_table.stride(-1) == 1
+    cfg = decode_config(num_heads, kv_rank, rope_dim, triton_interpreter_enabled())
+    capacity = cache_capacity(kv_cache, block_table)
+    head_tiles = triton.cdiv(num_heads, cfg["BLOCK_H"])
+    value_tiles = triton.cdiv(kv_rank, cfg["BLOCK_V"])
+    if num_splits <= 0:
+        num_splits = choose_num_splits(batch, head_tiles * value_tiles, capacity, cfg["BLOCK_N"], q.device)
+    split_len = triton.cdiv(triton.cdiv(capacity, num_splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+
+    part_out = torch.empty(batch, num_heads, num_splits, kv_rank, device=q.device, dtype=torch.float32)
+    part_lse = torch.empty(batch, num_heads, num_splits, device=q.device, dtype=torch.float32)
+    dot_precision = "ieee" if kv_cache.dtype == torch.float32 else "tf32"
+    table = block_table if paged else cache_seqlens  # any tensor: unused when not PAGED
+    start = kv_start if kv_start is not None else cache_seqlens
+    _decode_split_kernel[(batch, head_tiles, num_splits * value_tiles)](
+        q, kv_cache, table, cache_seqlens, start, part_out, part_lse,
+        softmax_scale * _LOG2E,
+        num_heads, kv_rank, rope_dim, kv_cache.shape[1] if paged else 1, split_len, value_tiles,
+        q.stride(0), q.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1),
+        table.stride(0),
+        part_out.stride(0), part_out.stride(1), part_out.stride(2),
+        part_lse.stride(0), part_lse.stride(1),
+        PAGED=paged, HAS_KV_START=kv_start is not None,
+        BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+        BLOCK_ROPE=cfg["BLOCK_ROPE"], BLOCK_V=cfg["BLOCK_V"], DOT_PRECISION=dot_precision,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )  # fmt: skip
+
+    out = torch.empty(batch, num_heads, kv_rank, device=q.device, dtype=q.dtype)
+    lse = torch.empty(batch, num_heads, device=q.device, dtype=torch.float32)
+    combine_v = max(16, min(256, triton.next_power_of_2(kv_rank)))
+    _decode_combine_kernel[(batch * num_heads, triton.cdiv(kv_rank, combine_v))](
+        part_out, part_lse, out, lse,
+        num_heads, num_splits, kv_rank,
+        part_out.stride(0), part_out.stride(1), part_out.stride(2),
+        part_lse.stride(0), part_lse.stride(1),
+        out.stride(0), out.stride(1),
+        lse.stride(0),
+        BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_V=combine_v,
+    )  # fmt: skip
+    return out, lse

@@ -1,0 +1,52 @@
+"""Reference chunked prefill over the latent cache (pure torch, fp32 internally): the test oracle."""
+
+from __future__ import annotations
+
+import torch
+
+from m2la.kernels._paging import gather_cache_rows
+
+
+def latent_prefill_reference(
+    q_nope: torch.Tensor,
+    q_rope: torch.Tensor,
+    kv_cache: torch.Tensor,
+    w_uk: torch.Tensor,
+    w_uv: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    softmax_scale: float,
+    block_table: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal variable-length attention of new query tokens over their sequence's cache.
+
+    Shapes: `q_nope [tq, h, n]`, `q_rope [tq, h, 2p]` (packed sequences, `cu_seqlens_q [b+1]`),
+    cache rows `[latent r | rope key 2p]`, `w_uk [h, r, n]`, `w_uv [h, r, v]`,
+    `cache_seqlens [b]` = tokens in the cache *including* the new chunk (already written), so the
+    i-th of `t_b` new tokens sits at position `cache_seqlens[b] - t_b + i` and sees keys up to it.
+    Returns `out [tq, h, v]` in q's dtype and `lse [tq, h]` fp32. Computed expanded:
+    `k_h = [latent @ w_uk_h | k_rope]`, `v_h = latent @ w_uv_h`.
+    """
+    kv_rank = w_uk.shape[1]
+    outs, lses = [], []
+    starts = cu_seqlens_q.tolist()
+    seqlens = cache_seqlens.tolist()
+    for seq, (q_lo, q_hi) in enumerate(zip(starts[:-1], starts[1:], strict=True)):
+        num_new, num_keys = q_hi - q_lo, seqlens[seq]
+        table = None if block_table is None else block_table[seq : seq + 1]
+        cache = kv_cache[seq : seq + 1] if block_table is None else kv_cache
+        rows = gather_cache_rows(cache, table, num_keys)[0].float()  # [s, r+2p]
+        latent, k_rope = rows[:, :kv_rank], rows[:, kv_rank:]
+        k_nope = torch.einsum("sr,hrn->hsn", latent, w_uk.float())  # [h, s, n]
+        values = torch.einsum("sr,hrv->hsv", latent, w_uv.float())  # [h, s, v]
+        qn = q_nope[q_lo:q_hi].float().transpose(0, 1)  # [h, t, n]
+        qr = q_rope[q_lo:q_hi].float().transpose(0, 1)  # [h, t, 2p]
+        scores = (qn @ k_nope.transpose(1, 2) + qr @ k_rope.T) * softmax_scale  # [h, t, s]
+        query_pos = num_keys - num_new + torch.arange(num_new, device=rows.device)  # [t]
+        causal = torch.arange(num_keys, device=rows.device)[None, :] <= query_pos[:, None]  # [t, s]
+        scores = scores.masked_fill(~causal, float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)  # [h, t]
+        probs = torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0.0)[..., None])
+        outs.append((probs @ values).transpose(0, 1))  # [t, h, v]
+        lses.append(lse.transpose(0, 1))  # [t, h]
+    return torch.cat(outs).to(q_nope.dtype), torch.cat(lses)

@@ -1,0 +1,215 @@
+"""Fused causal variable-length (chunked) prefill over the latent cache (Triton).
+
+One flash-attention kernel, grid `(query tiles, b, h * value tiles)`, reads keys and values from
+three sources that share one token addressing (through the block table when paged, else
+`[b, s, ...]`): a "nope" key part, the shared RoPE key and the values, each with its own head
+stride. The host picks what they point at:
+
+- absorbed: queries `[q_nope @ W_uk_h^T | q_rope]`, nope key = latent, values = latent (head
+  stride 0: every head reads the same cache rows, straight from the paged cache, nothing
+  materialised); the `[tq, h, r]` output is multiplied by `W_uv_h` afterwards.
+- expanded: the cache prefix is gathered and up-projected once per head in torch
+  (`k_nope_h = latent @ W_uk_h`, `v_h = latent @ W_uv_h`), then the same kernel runs standard
+  attention with per-head keys/values and the shared RoPE key.
+
+See `choose_prefill_mode` for the rule between them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from m2la.backends import triton_interpreter_enabled
+from m2la.kernels._paging import gather_cache_rows
+
+_LOG2E = 1.4426950408889634
+
+
+def choose_prefill_mode(num_new_tokens: int, batch: int, kv_rank: int, nope_dim: int, value_dim: int) -> str:
+    """Return "absorbed" or "expanded", whichever needs fewer multiply-adds.
+
+    Per (head, query, key) the absorbed path spends `2r + 2p` MACs and the expanded path
+    `n + 2p + v`; expanding costs `r * (n + v)` MACs per (head, key) once. With `t` new queries per
+    sequence on average, both totals scale with heads and keys, so expanded wins exactly when
+    `t * (2r - n - v) > r * (n + v)`. InternVideo3 (r=896, n=v=128): chunks above ~150 tokens go
+    expanded, decode-like extends (speculative tokens, short turns) stay absorbed. With
+    `n + v >= 2r` absorbed never pays off less, so it is always chosen.
+    """
+    tokens_per_seq = num_new_tokens / max(1, batch)
+    saved_per_key = tokens_per_seq * (2 * kv_rank - nope_dim - value_dim)
+    return "expanded" if saved_per_key > kv_rank * (nope_dim + value_dim) else "absorbed"
+
+
+@triton.jit
+def _prefill_kernel(
+    q_nope_ptr, q_rope_ptr, k_nope_ptr, k_rope_ptr, v_ptr, block_table_ptr, cu_seqlens_q_ptr, seqlens_ptr,
+    out_ptr, lse_ptr,
+    scale_log2,
+    nope_dim, rope_dim, value_dim, block_size, num_value_tiles,
+    stride_qn_t, stride_qn_h, stride_qr_t, stride_qr_h,
+    stride_kn_blk, stride_kn_tok, stride_kn_h,
+    stride_kr_blk, stride_kr_tok, stride_kr_h,
+    stride_v_blk, stride_v_tok, stride_v_h,
+    stride_bt_b, stride_o_t, stride_o_h, stride_l_t,
+    PAGED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_ROPE: tl.constexpr, BLOCK_V: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    m_tile = tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2) // num_value_tiles
+    value_tile = tl.program_id(2) % num_value_tiles
+
+    q_lo = tl.load(cu_seqlens_q_ptr + seq)
+    num_new = tl.load(cu_seqlens_q_ptr + seq + 1) - q_lo
+    seqlen = tl.load(seqlens_ptr + seq)
+    offs_m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] index within the new chunk
+    row_ok = offs_m < num_new
+    query_pos = seqlen - num_new + offs_m  # absolute position of each query in its sequence
+    # Keys up to the tile's last query; tiles past this sequence's chunk run no iterations.
+    hi = tl.where(m_tile * BLOCK_M < num_new, tl.minimum(seqlen, seqlen - num_new + (m_tile + 1) * BLOCK_M), 0)
+
+    offs_rope = tl.arange(0, BLOCK_ROPE)
+    rope_ok = offs_rope < rope_dim
+    offs_v = value_tile * BLOCK_V + tl.arange(0, BLOCK_V)
+    value_ok = offs_v < value_dim
+    tokens = (q_lo + offs_m).to(tl.int64)
+    qn_rows = q_nope_ptr + tokens[:, None] * stride_qn_t + head * stride_qn_h  # [BLOCK_M, 1]
+    q_rope = tl.load(
+        q_rope_ptr + tokens[:, None] * stride_qr_t + head * stride_qr_h + offs_rope[None, :],
+        mask=row_ok[:, None] & rope_ok[None, :],
+        other=0.0,
+    )  # [BLOCK_M, BLOCK_ROPE]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
+    for start in range(0, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        key_ok = offs_n < hi
+        if PAGED:
+            blk = tl.load(block_table_ptr + seq * stride_bt_b + offs_n // block_size, mask=key_ok, other=0)
+            blk = blk.to(tl.int64)
+            tok = offs_n % block_size
+        else:
+            blk = tl.zeros([BLOCK_N], tl.int64) + seq
+            tok = offs_n
+        kn_rows = k_nope_ptr + (blk * stride_kn_blk + tok * stride_kn_tok + head * stride_kn_h)[:, None]
+        kr_rows = k_rope_ptr + (blk * stride_kr_blk + tok * stride_kr_tok + head * stride_kr_h)[:, None]
+        v_rows = v_ptr + (blk * stride_v_blk + tok * stride_v_tok + head * stride_v_h)[:, None]
+
+        k_rope = tl.load(kr_rows + offs_rope[None, :], mask=key_ok[:, None] & rope_ok[None, :], other=0.0)
+        scores = tl.dot(q_rope, tl.trans(k_rope), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        for d0 in range(0, nope_dim, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = offs_d < nope_dim
+            q_chunk = tl.load(qn_rows + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            k_chunk = tl.load(kn_rows + offs_d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+            scores += tl.dot(q_chunk, tl.trans(k_chunk), input_precision=DOT_PRECISION)
+        visible = key_ok[None, :] & (offs_n[None, :] <= query_pos[:, None])
+        scores = tl.where(visible, scores * scale_log2, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        probs = tl.exp2(scores - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(probs, axis=1)
+        values = tl.load(v_rows + offs_v[None, :], mask=key_ok[:, None] & value_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(probs.to(values.dtype), values, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    nonempty = l_i > 0.0
+    out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+    lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    out_rows = out_ptr + tokens[:, None] * stride_o_t + head * stride_o_h
+    tl.store(out_rows + offs_v[None, :], out, mask=row_ok[:, None] & value_ok[None, :])
+    if value_tile == 0:
+        tl.store(lse_ptr + tokens * stride_l_t + head, lse, mask=row_ok)
+
+
+def prefill_config(value_dim: int, interpret: bool) -> dict:
+    if interpret:
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=32, BLOCK_V=max(16, min(64, triton.next_power_of_2(value_dim))),
+                    num_warps=4, num_stages=1)  # fmt: skip
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, BLOCK_V=max(16, min(128, triton.next_power_of_2(value_dim))),
+                num_warps=4, num_stages=2)  # fmt: skip
+
+
+def _launch(q_nope, q_rope, k_nope, k_rope, v, block_table, cu_seqlens_q, cache_seqlens, out, lse,
+            softmax_scale, block_size, head_strides, max_seqlen_q):  # fmt: skip
+    """k_nope/k_rope/v: `[blocks|b, tokens, ...]` views whose dims 0/1 address a token."""
+    num_heads = q_nope.shape[1]
+    nope_dim, rope_dim, value_dim = q_nope.shape[2], q_rope.shape[2], out.shape[2]
+    cfg = prefill_config(value_dim, triton_interpreter_enabled())
+    value_tiles = triton.cdiv(value_dim, cfg["BLOCK_V"])
+    paged = block_table is not None
+    table = block_table if paged else cache_seqlens
+    batch = cu_seqlens_q.shape[0] - 1
+    grid = (triton.cdiv(max(1, max_seqlen_q), cfg["BLOCK_M"]), batch, num_heads * value_tiles)
+    _prefill_kernel[grid](
+        q_nope, q_rope, k_nope, k_rope, v, table, cu_seqlens_q, cache_seqlens, out, lse,
+        softmax_scale * _LOG2E,
+        nope_dim, rope_dim, value_dim, block_size, value_tiles,
+        q_nope.stride(0), q_nope.stride(1), q_rope.stride(0), q_rope.stride(1),
+        k_nope.stride(0), k_nope.stride(1), head_strides[0],
+        k_rope.stride(0), k_rope.stride(1), head_strides[1],
+        v.stride(0), v.stride(1), head_strides[2],
+        table.stride(0), out.stride(0), out.stride(1), lse.stride(0),
+        PAGED=paged,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+        BLOCK_ROPE=max(16, triton.next_power_of_2(rope_dim)), BLOCK_V=cfg["BLOCK_V"],
+        DOT_PRECISION="ieee" if k_rope.dtype == torch.float32 else "tf32",
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )  # fmt: skip
+
+
+def latent_prefill_triton(
+    q_nope: torch.Tensor,
+    q_rope: torch.Tensor,
+    kv_cache: torch.Tensor,
+    w_uk: torch.Tensor,
+    w_uv: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    softmax_scale: float,
+    block_table: torch.Tensor | None = None,
+    max_seqlen_q: int = 0,
+    mode: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as `latent_prefill_reference`. `mode`: "absorbed", "expanded" or "auto"."""
+    num_tokens, num_heads, nope_dim = q_nope.shape
+    kv_rank, value_dim = w_uk.shape[1], w_uv.shape[2]
+    batch = cu_seqlens_q.shape[0] - 1
+    assert cu_seqlens_q.dtype == torch.int32 and cache_seqlens.dtype == torch.int32
+    assert kv_cache.stride(-1) == 1
+    if max_seqlen_q <= 0:  # host sync; pass it to stay sync-free
+        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()) if batch else 0
+    if mode == "auto":
+        mode = choose_prefill_mode(num_tokens, batch, kv_rank, nope_dim, value_dim)
+    dtype = kv_cache.dtype
+    lse = torch.empty(num_tokens, num_heads, device=q_nope.device, dtype=torch.float32)
+    q_rope = q_rope.to(dtype)
+    paged = block_table is not None
+    block_size = kv_cache.shape[1] if paged else 1
+    if mode == "absorbed":
+        q_latent = torch.einsum("thn,hrn->thr", q_nope.float(), w_uk.float()).to(dtype)  # [tq, h, r]
+        out_latent = torch.empty(num_tokens, num_heads, kv_rank, device=q_nope.device, dtype=torch.float32)
+        latent, k_rope = kv_cache[..., :kv_rank], kv_cache[..., kv_rank:]
+        _launch(q_latent, q_rope, latent, k_rope, latent, block_table, cu_seqlens_q, cache_seqlens,
+                out_latent, lse, softmax_scale, block_size, (0, 0, 0), max_seqlen_q)  # fmt: skip
+        out = torch.einsum("thr,hrv->thv", out_latent, w_uv.float())  # [tq, h, v]
+        return out.to(q_nope.dtype), lse
+    if mode != "expanded":
+        raise ValueError(f"mode must be 'auto', 'absorbed' or 'expanded', got {mode!r}")
+    num_keys = int(cache_seqlens.max().item()) if batch else 0
+    cache = kv_cache if paged else kv_cache[:batch]
+    rows = gather_cache_rows(cache, block_table, max(1, num_keys))  # [b, s, r+2p]
+    latent, k_rope = rows[..., :kv_rank], rows[..., kv_rank:]
+    k_nope = torch.einsum("bsr,hrn->bshn", latent.float(), w_uk.float()).to(dtype)  # [b, s, h, n]
+    values = torch.einsum("bsr,hrv->bshv", latent.float(), w_uv.float()).to(dtype)  # [b, s, h, v]
+    out = torch.empty(num_tokens, num_heads, value_dim, device=q_nope.device, dtype=q_nope.dtype)
+    _launch(q_nope.to(dtype), q_rope, k_nope, k_rope, values, None, cu_seqlens_q, cache_seqlens,
+            out, lse, softmax_scale, 1, (k_nope.stride(2), 0, values.stride(2)), max_seqlen_q)  # fmt: skip
+    return out, lse

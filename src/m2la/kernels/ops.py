@@ -1,0 +1,189 @@
+"""Public kernel ops: backend dispatch + torch custom ops (so models using them can torch.compile).
+
+Each op is registered as `torch.ops.m2la.<name>` with a fake (meta) implementation; the resolved
+backend travels as a string argument, so the triton module is imported only when it runs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from m2la.backends import resolve_backend
+from m2la.kernels.cache_write.reference import write_latent_cache_reference
+from m2la.kernels.latent_decode.reference import latent_decode_reference
+from m2la.kernels.latent_prefill.reference import latent_prefill_reference
+
+# ---------------------------------------------------------------- latent decode
+
+
+@torch.library.custom_op("m2la::latent_decode", mutates_args=())
+def _latent_decode_op(
+    q: Tensor,
+    kv_cache: Tensor,
+    cache_seqlens: Tensor,
+    block_table: Tensor | None,
+    kv_start: Tensor | None,
+    softmax_scale: float,
+    kv_rank: int,
+    num_splits: int,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    if backend == "triton":
+        from m2la.kernels.latent_decode.triton import latent_decode_triton
+
+        return latent_decode_triton(
+            q, kv_cache, cache_seqlens, softmax_scale, kv_rank, block_table, kv_start, num_splits
+        )
+    return latent_decode_reference(q, kv_cache, cache_seqlens, softmax_scale, kv_rank, block_table, kv_start)
+
+
+@_latent_decode_op.register_fake
+def _latent_decode_fake(q, kv_cache, cache_seqlens, block_table, kv_start, softmax_scale, kv_rank, num_splits, backend):
+    batch, heads, _ = q.shape
+    return q.new_empty(batch, heads, kv_rank), q.new_empty(batch, heads, dtype=torch.float32)
+
+
+def decode_attention(
+    q: Tensor,
+    kv_cache: Tensor,
+    cache_seqlens: Tensor,
+    softmax_scale: float,
+    kv_rank: int,
+    block_table: Tensor | None = None,
+    kv_start: Tensor | None = None,
+    *,
+    num_splits: int = 0,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Absorbed decode: MQA of `q [b, h, r+2p]` over the latent cache, V = latent.
+
+    `kv_cache [num_blocks, block_size, r+2p]` with `block_table [b, max_blocks]` int32 (paged), or
+    `[b, s_max, r+2p]` with `block_table=None` (contiguous). `cache_seqlens [b]` int32; optional
+    `kv_start [b]` int32 hides tokens before it (left padding). Returns `out [b, h, r]` (q's dtype)
+    and `lse [b, h]` fp32, natural log; an empty sequence gives 0 and -inf. `num_splits=0` lets
+    the Triton backend choose the split-KV factor.
+    """
+    if q.dim() != 3 or kv_cache.dim() != 3 or q.shape[-1] != kv_cache.shape[-1]:
+        raise ValueError(f"expected q [b, h, r+2p] and a 3-d cache, got {tuple(q.shape)}, {tuple(kv_cache.shape)}")
+    if not 0 < kv_rank <= q.shape[-1]:
+        raise ValueError(f"kv_rank={kv_rank} must be in (0, {q.shape[-1]}]")
+    chosen = resolve_backend(backend, q, kv_cache, cache_seqlens, block_table, kv_start)
+    return torch.ops.m2la.latent_decode(
+        q, kv_cache, cache_seqlens, block_table, kv_start, float(softmax_scale), int(kv_rank), int(num_splits), chosen
+    )
+
+
+# ---------------------------------------------------------------- latent prefill
+
+
+@torch.library.custom_op("m2la::latent_prefill", mutates_args=())
+def _latent_prefill_op(
+    q_nope: Tensor,
+    q_rope: Tensor,
+    kv_cache: Tensor,
+    w_uk: Tensor,
+    w_uv: Tensor,
+    cu_seqlens_q: Tensor,
+    cache_seqlens: Tensor,
+    block_table: Tensor | None,
+    softmax_scale: float,
+    max_seqlen_q: int,
+    mode: str,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    if backend == "triton":
+        from m2la.kernels.latent_prefill.triton import latent_prefill_triton
+
+        return latent_prefill_triton(
+            q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, softmax_scale,
+            block_table, max_seqlen_q, mode,
+        )  # fmt: skip
+    return latent_prefill_reference(
+        q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, softmax_scale, block_table
+    )
+
+
+@_latent_prefill_op.register_fake
+def _latent_prefill_fake(q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, block_table,
+                         softmax_scale, max_seqlen_q, mode, backend):  # fmt: skip
+    tokens, heads, _ = q_nope.shape
+    return q_nope.new_empty(tokens, heads, w_uv.shape[-1]), q_nope.new_empty(tokens, heads, dtype=torch.float32)
+
+
+def prefill_attention(
+    q_nope: Tensor,
+    q_rope: Tensor,
+    kv_cache: Tensor,
+    w_uk: Tensor,
+    w_uv: Tensor,
+    cu_seqlens_q: Tensor,
+    cache_seqlens: Tensor,
+    softmax_scale: float,
+    block_table: Tensor | None = None,
+    *,
+    max_seqlen_q: int = 0,
+    mode: str = "auto",
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Causal varlen chunked prefill: new tokens attend to their cached prefix + causal chunk.
+
+    `q_nope [tq, h, n]`, `q_rope [tq, h, 2p]` packed by `cu_seqlens_q [b+1]` int32; the chunk must
+    already be in the cache (`write_latent_cache`), `cache_seqlens [b]` int32 counts it. `w_uk [h, r, n]`
+    (k_nope_h = latent @ w_uk[h]), `w_uv [h, r, v]` (v_h = latent @ w_uv[h]). Returns `out [tq, h, v]`
+    and `lse [tq, h]` fp32. `mode` ("auto" | "absorbed" | "expanded") picks how the Triton kernel
+    runs; "auto" follows `latent_prefill.triton.choose_prefill_mode`: expanded exactly when
+    `t * (2r - n - v) > r * (n + v)` with `t` new tokens per sequence (InternVideo3: t > ~150).
+    `max_seqlen_q=0` makes the Triton path read it from `cu_seqlens_q` (one host sync).
+    """
+    if mode not in ("auto", "absorbed", "expanded"):
+        raise ValueError(f"mode must be 'auto', 'absorbed' or 'expanded', got {mode!r}")
+    kv_rank = w_uk.shape[1]
+    if kv_cache.shape[-1] != kv_rank + q_rope.shape[-1]:
+        raise ValueError(f"cache width {kv_cache.shape[-1]} != r ({kv_rank}) + 2p ({q_rope.shape[-1]})")
+    chosen = resolve_backend(backend, q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, block_table)
+    return torch.ops.m2la.latent_prefill(
+        q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, block_table,
+        float(softmax_scale), int(max_seqlen_q), mode, chosen,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------- cache write
+
+
+@torch.library.custom_op("m2la::write_latent_cache", mutates_args=("kv_cache",))
+def _write_latent_cache_op(
+    kv_cache: Tensor, latent: Tensor, k_rope: Tensor, cos: Tensor, sin: Tensor, slot_mapping: Tensor, backend: str
+) -> None:
+    if backend == "triton":
+        from m2la.kernels.cache_write.triton import write_latent_cache_triton
+
+        write_latent_cache_triton(kv_cache, latent, k_rope, cos, sin, slot_mapping)
+    else:
+        write_latent_cache_reference(kv_cache, latent, k_rope, cos, sin, slot_mapping)
+
+
+@_write_latent_cache_op.register_fake
+def _write_latent_cache_fake(kv_cache, latent, k_rope, cos, sin, slot_mapping, backend):
+    return None
+
+
+def write_latent_cache(
+    kv_cache: Tensor,
+    latent: Tensor,
+    k_rope: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    slot_mapping: Tensor,
+    *,
+    backend: str | None = None,
+) -> None:
+    """Write `[latent [t, r] | RoPE(k_rope [t, 2p])]` rows into the paged cache, in place.
+
+    `cos/sin [t, p]` per pair, half layout (pair j = (x[j], x[p+j])). `slot_mapping [t]` int64 =
+    `block * block_size + offset`; `-1` skips the token.
+    """
+    if kv_cache.shape[-1] != latent.shape[-1] + k_rope.shape[-1] or k_rope.shape[-1] != 2 * cos.shape[-1]:
+        raise ValueError("cache width must be r + 2p and cos/sin must have p = k_rope.shape[-1] // 2 columns")
+    chosen = resolve_backend(backend, kv_cache, latent, k_rope, cos, sin, slot_mapping)
+    torch.ops.m2la.write_latent_cache(kv_cache, latent, k_rope, cos, sin, slot_mapping, chosen)

@@ -1,0 +1,79 @@
+"""Compile the decode/prefill kernels for sm_90 without a GPU; print JSON facts about the result.
+
+Run in a process WITHOUT TRITON_INTERPRET (the interpreter replaces the compiler).
+Usage: python compile_sm90.py  -> {"<case>": {"shared": bytes, "wgmma": count, "spills": ...}, ...}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from m2la.kernels.latent_decode import triton as decode
+from m2la.kernels.latent_prefill import triton as prefill
+
+
+def signature(kernel, pointer_types: dict[str, str], constexprs: dict) -> dict[str, str]:
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = pointer_types.get(name, "*fp16")
+        elif name.startswith("scale"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def compile_sm90(kernel, pointer_types, constexprs, num_warps, num_stages):
+    src = ASTSource(fn=kernel, signature=signature(kernel, pointer_types, constexprs), constexprs=constexprs)
+    compiled = triton.compile(
+        src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages)
+    )
+    ptx = compiled.asm["ptx"]
+    return {
+        "shared": compiled.metadata.shared,
+        "wgmma": len(re.findall(r"wgmma\.mma_async", ptx)),
+        "mma_sync": len(re.findall(r"\bmma\.sync", ptx)),
+        "local_bytes": sum(int(n) for n in re.findall(r"\.local \.align \d+ \.b8 \w+\[(\d+)\]", ptx)),
+    }
+
+
+def decode_case(heads, kv_rank, rope_dim, dtype="fp16"):
+    cfg = decode.decode_config(heads, kv_rank, rope_dim, interpret=False)
+    consts = dict(PAGED=True, HAS_KV_START=False, DOT_PRECISION="tf32")
+    consts.update({k: v for k, v in cfg.items() if k.startswith("BLOCK")})
+    ptrs = {"q_ptr": f"*{dtype}", "kv_ptr": f"*{dtype}", "block_table_ptr": "*i32", "seqlens_ptr": "*i32",
+            "kv_start_ptr": "*i32", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32"}  # fmt: skip
+    return compile_sm90(decode._decode_split_kernel, ptrs, consts, cfg["num_warps"], cfg["num_stages"])
+
+
+def prefill_case(value_dim, rope_dim, dtype="fp16"):
+    cfg = prefill.prefill_config(value_dim, interpret=False)
+    consts = dict(PAGED=True, DOT_PRECISION="tf32", BLOCK_ROPE=max(16, triton.next_power_of_2(rope_dim)))
+    consts.update({k: v for k, v in cfg.items() if k.startswith("BLOCK")})
+    ptrs = {"block_table_ptr": "*i32", "cu_seqlens_q_ptr": "*i32", "seqlens_ptr": "*i32",
+            "out_ptr": "*fp32", "lse_ptr": "*fp32"}  # fmt: skip
+    ptrs.update({n: f"*{dtype}" for n in ("q_nope_ptr", "q_rope_ptr", "k_nope_ptr", "k_rope_ptr", "v_ptr")})
+    return compile_sm90(prefill._prefill_kernel, ptrs, consts, cfg["num_warps"], cfg["num_stages"])
+
+
+def main() -> None:
+    assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without TRITON_INTERPRET"
+    results = {
+        "decode_h32_r896_rope128": decode_case(32, 896, 128),
+        "decode_h32_r448_rope64_bf16": decode_case(32, 448, 64, "bf16"),
+        "prefill_v128_rope128": prefill_case(128, 128),
+    }
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

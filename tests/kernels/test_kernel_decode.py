@@ -1,0 +1,108 @@
+"""decode_attention: reference vs fp64 dense attention, Triton (interpreter) vs reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_cases import (
+    assert_close_with_lse,
+    dense_attention_fp64,
+    random_contiguous_cache,
+    random_paged_cache,
+    rows_of,
+)
+
+from m2la.kernels import decode_attention
+
+TOL = {torch.float32: 2e-5, torch.float16: 1e-2}
+
+
+def decode_fp64(q, cache, table, seqlens, scale, kv_rank, kv_start=None):
+    """Per-sequence gather + fp64 softmax: an oracle independent of the reference's vectorised gather."""
+    outs, lses = [], []
+    for seq, length in enumerate(seqlens):
+        first = 0 if kv_start is None else kv_start[seq]
+        rows = rows_of(cache, table, seq, length)[first:]  # [s, r+2p]
+        visible = torch.ones(1, rows.shape[0], dtype=torch.bool)
+        out, lse = dense_attention_fp64(q[seq][:, None], rows[None], rows[None, :, :kv_rank], scale, visible)
+        outs.append(out[:, 0])
+        lses.append(lse[:, 0])
+    return torch.stack(outs), torch.stack(lses)
+
+
+def make_case(heads, kv_rank, rope_dim, seqlens, block_size, dtype, seed=0):
+    cache, table = random_paged_cache(seqlens, kv_rank + rope_dim, block_size, dtype, seed=seed)
+    q = torch.randn(len(seqlens), heads, kv_rank + rope_dim, generator=torch.Generator().manual_seed(seed + 1))
+    return q.to(dtype), cache, table, torch.tensor(seqlens, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("kv_rank,rope_dim", [(48, 16), (96, 32)])
+@pytest.mark.parametrize("kv_start", [None, [0, 0, 5, 20]])
+def test_reference_matches_fp64_dense(kv_rank, rope_dim, kv_start):
+    seqlens = [0, 1, 63, 37]
+    q, cache, table, lens = make_case(3, kv_rank, rope_dim, seqlens, 16, torch.float32)
+    start = None if kv_start is None else torch.tensor(kv_start, dtype=torch.int32)
+    out, lse = decode_attention(q, cache, lens, 0.125, kv_rank, table, start, backend="reference")
+    ref_out, ref_lse = decode_fp64(q, cache, table, seqlens, 0.125, kv_rank, kv_start)
+    assert_close_with_lse(out, lse, ref_out, ref_lse, atol=1e-5)
+
+
+def test_reference_oracle_can_fail():
+    """A cache row changed inside the visible range must move the result beyond tolerance."""
+    q, cache, table, lens = make_case(3, 48, 16, [5, 9], 16, torch.float32)
+    out, _ = decode_attention(q, cache, lens, 0.5, 48, table, backend="reference")
+    cache[table[1, 0], 3] += 1.0
+    ref_out, _ = decode_fp64(q, cache, table, [5, 9], 0.5, 48)
+    assert not torch.allclose(out[1].double(), ref_out[1], atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("heads", [1, 3, 16, 32, 63])
+def test_triton_paged_heads(heads, dtype):
+    seqlens = [0, 1, 63, 37]  # empty, single token, not a page multiple
+    q, cache, table, lens = make_case(heads, 48, 16, seqlens, 16, dtype, seed=heads)
+    out, lse = decode_attention(q, cache, lens, 0.2, 48, table, backend="triton")
+    ref_out, ref_lse = decode_attention(q, cache, lens, 0.2, 48, table, backend="reference")
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert_close_with_lse(out, lse, ref_out, ref_lse, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize(
+    "kv_rank,rope_dim,block_size,num_splits",
+    [
+        (96, 32, 16, 1),  # two value tiles, one split
+        (96, 32, 8, 3),  # page smaller than the token tile
+        (48, 16, 24, 40),  # more splits than blocks/tiles: empty splits must weigh zero
+        (64, 8, 16, 2),  # rope narrower than the minimum dot width
+    ],
+)
+def test_triton_paged_shapes(kv_rank, rope_dim, block_size, num_splits, dtype):
+    seqlens = [1, 63, 50]
+    q, cache, table, lens = make_case(5, kv_rank, rope_dim, seqlens, block_size, dtype, seed=kv_rank)
+    out, lse = decode_attention(q, cache, lens, 0.15, kv_rank, table, num_splits=num_splits, backend="triton")
+    ref_out, ref_lse = decode_attention(q, cache, lens, 0.15, kv_rank, table, backend="reference")
+    assert_close_with_lse(out, lse, ref_out, ref_lse, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_triton_contiguous_left_padded(dtype):
+    seqlens, kv_start = [40, 17, 3, 0], [7, 0, 3, 0]  # third sequence: everything padded out
+    cache = random_contiguous_cache(seqlens, 48 + 16, 40, dtype, kv_start)
+    q = torch.randn(4, 3, 64, generator=torch.Generator().manual_seed(5)).to(dtype)
+    lens, start = torch.tensor(seqlens, dtype=torch.int32), torch.tensor(kv_start, dtype=torch.int32)
+    out, lse = decode_attention(q, cache, lens, 0.2, 48, None, start, num_splits=2, backend="triton")
+    ref_out, ref_lse = decode_fp64(q, cache, None, seqlens, 0.2, 48, kv_start)
+    assert_close_with_lse(out, lse, ref_out.to(dtype), ref_lse.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_triton_paged_kv_start():
+    seqlens, kv_start = [30, 63], [17, 1]
+    q, cache, table, lens = make_case(4, 48, 16, seqlens, 16, torch.float32)
+    for seq, first in enumerate(kv_start):  # hidden prefix holds NaN too
+        for pos in range(first):
+            cache[table[seq, pos // 16], pos % 16] = float("nan")
+    start = torch.tensor(kv_start, dtype=torch.int32)
+    out, lse = decode_attention(q, cache, lens, 0.2, 48, table, start, num_splits=3, backend="triton")
+    ref_out, ref_lse = decode_fp64(q, cache, table, seqlens, 0.2, 48, kv_start)
+    assert_close_with_lse(out, lse, ref_out.float(), ref_lse.float(), atol=2e-5)

@@ -1,0 +1,129 @@
+"""Backend selection, custom-op registration and torch.compile over the reference ops."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from kernel_cases import random_paged_cache
+
+import m2la.backends as backends
+from m2la.backends import BackendUnavailableError, get_backend, resolve_backend, use_backend
+from m2la.kernels import decode_attention, prefill_attention, write_latent_cache
+
+
+def cpu_tensor():
+    return torch.zeros(2)
+
+
+def test_auto_on_cpu_picks_reference():
+    assert resolve_backend("auto", cpu_tensor()) == "reference"
+    assert resolve_backend(None, cpu_tensor()) == "reference"  # default is auto
+
+
+def test_named_triton_without_interpreter_on_cpu_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailableError, match="CUDA tensors"):
+        resolve_backend("triton", cpu_tensor())
+
+
+def test_named_triton_missing_raises(monkeypatch):
+    monkeypatch.setattr(backends, "_triton_import_error", lambda: "ImportError: No module named 'triton'")
+    with pytest.raises(BackendUnavailableError, match="cannot be imported"):
+        resolve_backend("triton", cpu_tensor())
+    assert resolve_backend("auto", cpu_tensor()) == "reference"
+
+
+def test_interpreter_allows_triton_on_cpu(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_backend("triton", cpu_tensor()) == "triton"
+
+
+def test_unknown_backend_rejected():
+    with pytest.raises(ValueError, match="unknown m2la backend"):
+        resolve_backend("cuda", cpu_tensor())
+    with pytest.raises(ValueError), use_backend("fast"):
+        pass
+
+
+def test_context_manager_nests_and_restores():
+    assert get_backend() == "auto"
+    with use_backend("reference"):
+        assert get_backend() == "reference"
+        with use_backend("triton"):
+            assert get_backend() == "triton"
+            assert resolve_backend("reference", cpu_tensor()) == "reference"  # per-call wins
+        assert get_backend() == "reference"
+    assert get_backend() == "auto"
+
+
+def test_context_manager_reaches_ops(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cache, table = random_paged_cache([3], 32 + 16, 16, torch.float32)
+    q, lens = torch.randn(1, 2, 48), torch.tensor([3], dtype=torch.int32)
+    with use_backend("triton"), pytest.raises(BackendUnavailableError):
+        decode_attention(q, cache, lens, 0.1, 32, table)
+    decode_attention(q, cache, lens, 0.1, 32, table)  # auto again: reference
+
+
+def test_import_does_not_load_triton_or_cuda():
+    code = (
+        "import sys, torch\n"
+        "torch.cuda.is_available = lambda: (_ for _ in ()).throw(AssertionError('queried CUDA'))\n"
+        "import m2la, m2la.backends, m2la.kernels\n"
+        "assert 'triton' not in sys.modules, 'triton imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def decode_inputs():
+    cache, table = random_paged_cache([5, 0, 19], 32 + 16, 8, torch.float32)
+    q = torch.randn(3, 4, 48)
+    return q, cache, torch.tensor([5, 0, 19], dtype=torch.int32), table
+
+
+def test_custom_ops_registered_with_fake_kernels():
+    q, cache, lens, table = decode_inputs()
+    torch.library.opcheck(torch.ops.m2la.latent_decode.default, (q, cache, lens, table, None, 0.2, 32, 0, "reference"))
+    latent, k_rope = torch.randn(4, 32), torch.randn(4, 16)
+    cos, sin, slots = torch.ones(4, 8), torch.zeros(4, 8), torch.tensor([0, -1, 9, 17])
+    torch.library.opcheck(
+        torch.ops.m2la.write_latent_cache.default,
+        (torch.zeros(4, 8, 48), latent, k_rope, cos, sin, slots, "reference"),
+    )
+
+
+def test_torch_compile_over_reference_ops():
+    q, cache, lens, table = decode_inputs()
+
+    def step(q, cache, latent, k_rope, cos, sin, slots):
+        write_latent_cache(cache, latent, k_rope, cos, sin, slots, backend="reference")
+        out, lse = decode_attention(q, cache, lens + 1, 0.2, 32, table, backend="reference")
+        return out * 2, lse
+
+    gen = torch.Generator().manual_seed(3)
+    latent, k_rope = torch.randn(3, 32, generator=gen), torch.randn(3, 16, generator=gen)
+    cos, sin = torch.rand(3, 8, generator=gen), torch.rand(3, 8, generator=gen)
+    slots = torch.tensor([int(table[0, 0]) * 8 + 5, int(table[1, 0]) * 8, int(table[2, 2]) * 8 + 3])
+    eager_cache = cache.clone()
+    expected = step(q, eager_cache, latent, k_rope, cos, sin, slots)
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    got = compiled(q, cache, latent, k_rope, cos, sin, slots)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(cache, eager_cache, equal_nan=True)
+
+
+def test_torch_compile_prefill_reference():
+    gen = torch.Generator().manual_seed(4)
+    cache, table = random_paged_cache([7, 4], 32 + 16, 8, torch.float32)
+    q_nope, q_rope = torch.randn(5, 2, 8, generator=gen), torch.randn(5, 2, 16, generator=gen)
+    w_uk, w_uv = torch.randn(2, 32, 8, generator=gen), torch.randn(2, 32, 12, generator=gen)
+    args = (q_nope, q_rope, cache, w_uk, w_uv, torch.tensor([0, 3, 5], dtype=torch.int32),
+            torch.tensor([7, 4], dtype=torch.int32), 0.3, table)  # fmt: skip
+
+    def run(*a):
+        return prefill_attention(*a, backend="reference")
+
+    torch.testing.assert_close(torch.compile(run, backend="aot_eager")(*args), run(*args))

@@ -1,0 +1,117 @@
+"""GPU-only checks (bf16/fp16 on CUDA, native compiler). Run: benchmarks/gpu_check.sh.
+
+Error budget: the kernel's max error against the fp32 reference must stay within 2x the error of
+the same computation done by torch in the same low precision (plus a hair for ties at zero).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_cases import random_paged_cache
+
+from m2la.backends import triton_interpreter_enabled
+from m2la.kernels import decode_attention, prefill_attention, write_latent_cache
+from m2la.kernels._paging import gather_cache_rows
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(triton_interpreter_enabled(), reason="needs the native compiler (M2LA_TRITON_NATIVE=1)"),
+]
+LOWP = [torch.bfloat16, torch.float16]
+
+
+def decode_lowp_torch(q, cache, table, lens, scale, kv_rank):
+    """The decode math in q's dtype with plain torch ops (the precision yardstick)."""
+    rows = gather_cache_rows(cache, table, table.shape[1] * cache.shape[1])  # [b, s, d]
+    visible = torch.arange(rows.shape[1], device=q.device)[None, :] < lens[:, None]
+    rows = torch.where(visible[..., None], rows, 0)
+    scores = torch.einsum("bhd,bsd->bhs", q, rows) * scale
+    probs = torch.softmax(scores.masked_fill(~visible[:, None], float("-inf")), dim=-1)
+    return torch.einsum("bhs,bsr->bhr", probs, rows[..., :kv_rank])
+
+
+def within_budget(kernel_out, lowp_out, ref_out, name):
+    kernel_err = (kernel_out.float() - ref_out.float()).abs().max().item()
+    torch_err = (lowp_out.float() - ref_out.float()).abs().max().item()
+    assert kernel_err <= 2 * torch_err + 1e-4, f"{name}: kernel err {kernel_err:.3g} vs torch {torch_err:.3g}"
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("heads,kv_rank,rope_dim", [(32, 448, 64), (16, 512, 64), (3, 96, 32), (63, 48, 16)])
+def test_decode_gpu(heads, kv_rank, rope_dim, dtype):
+    seqlens = [0, 1, 63, 1000, 4097]
+    cache, table = random_paged_cache(seqlens, kv_rank + rope_dim, 64, dtype, seed=heads)
+    cache, table = cache.cuda(), table.cuda()
+    q = torch.randn(len(seqlens), heads, kv_rank + rope_dim, device="cuda").to(dtype)
+    lens = torch.tensor(seqlens, dtype=torch.int32, device="cuda")
+    scale = (128 + rope_dim) ** -0.5
+    out, lse = decode_attention(q, cache, lens, scale, kv_rank, table, backend="triton")
+    ref_out, ref_lse = decode_attention(q.float(), cache.float(), lens, scale, kv_rank, table, backend="reference")
+    assert torch.isfinite(out).all()
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[finite], ref_lse[finite], atol=2e-2, rtol=1e-3)
+    within_budget(out, decode_lowp_torch(q, cache, table, lens, scale, kv_rank), ref_out, "decode")
+
+
+def prefill_lowp_torch(q_nope, q_rope, cache, w_uk, w_uv, cu, lens, scale, table):
+    """Expanded prefill in the inputs' dtype through torch SDPA, one sequence at a time."""
+    kv_rank, outs = w_uk.shape[1], []
+    for seq in range(len(lens)):
+        lo, hi, length = int(cu[seq]), int(cu[seq + 1]), int(lens[seq])
+        rows = gather_cache_rows(cache, table[seq : seq + 1], length)[0]  # [s, r+2p]
+        latent, k_rope = rows[:, :kv_rank], rows[:, kv_rank:]
+        heads = w_uk.shape[0]
+        keys = torch.cat([torch.einsum("sr,hrn->hsn", latent, w_uk), k_rope.expand(heads, -1, -1)], dim=-1)
+        values = torch.einsum("sr,hrv->hsv", latent, w_uv)
+        queries = torch.cat([q_nope[lo:hi], q_rope[lo:hi]], dim=-1).transpose(0, 1)  # [h, t, n+2p]
+        pos = length - (hi - lo) + torch.arange(hi - lo, device=rows.device)
+        mask = torch.arange(length, device=rows.device)[None, :] <= pos[:, None]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            queries[None], keys[None], values[None], attn_mask=mask, scale=scale
+        )
+        outs.append(out[0].transpose(0, 1))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("mode", ["absorbed", "expanded"])
+def test_prefill_gpu(mode, dtype):
+    heads, kv_rank, rope_dim, nope_dim, value_dim = 8, 448, 64, 128, 128
+    new_lens, cached = [300, 1, 77], [0, 500, 1000]
+    seqlens = [n + c for n, c in zip(new_lens, cached, strict=True)]
+    cache, table = random_paged_cache(seqlens, kv_rank + rope_dim, 64, dtype)
+    cache, table = cache.cuda(), table.cuda()
+    tokens = sum(new_lens)
+    q_nope = torch.randn(tokens, heads, nope_dim, device="cuda").to(dtype)
+    q_rope = torch.randn(tokens, heads, rope_dim, device="cuda").to(dtype)
+    w_uk = (torch.randn(heads, kv_rank, nope_dim, device="cuda") / kv_rank**0.5).to(dtype)
+    w_uv = (torch.randn(heads, kv_rank, value_dim, device="cuda") / kv_rank**0.5).to(dtype)
+    cu = torch.tensor([0, 300, 301, 378], dtype=torch.int32, device="cuda")
+    lens = torch.tensor(seqlens, dtype=torch.int32, device="cuda")
+    args = (cu, lens, (nope_dim + rope_dim) ** -0.5, table)
+    out, lse = prefill_attention(q_nope, q_rope, cache, w_uk, w_uv, *args, mode=mode, backend="triton")
+    f32 = [t.float() for t in (q_nope, q_rope, cache, w_uk, w_uv)]
+    ref_out, ref_lse = prefill_attention(*f32, *args, backend="reference")
+    lowp_out = prefill_lowp_torch(q_nope, q_rope, cache, w_uk, w_uv, cu, lens, args[2], table)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(lse, ref_lse, atol=5e-2, rtol=1e-3)
+    within_budget(out, lowp_out, ref_out, f"prefill {mode}")
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=["bf16", "fp16"])
+def test_cache_write_gpu(dtype):
+    tokens, kv_rank, pairs = 1000, 448, 32
+    latent = torch.randn(tokens, kv_rank, device="cuda").to(dtype)
+    k_rope = torch.randn(tokens, 2 * pairs, device="cuda").to(dtype)
+    angles = torch.rand(tokens, pairs, device="cuda") * 6.28
+    slots = torch.randperm(64 * 32, device="cuda")[:tokens]
+    slots[::7] = -1
+    cache = torch.full((32, 64, kv_rank + 2 * pairs), float("nan"), device="cuda", dtype=dtype)
+    expected = cache.clone()
+    write_latent_cache(expected, latent, k_rope, angles.cos(), angles.sin(), slots, backend="reference")
+    write_latent_cache(cache, latent, k_rope, angles.cos(), angles.sin(), slots, backend="triton")
+    torch.testing.assert_close(cache, expected, atol=torch.finfo(dtype).eps * 4, rtol=torch.finfo(dtype).eps * 2,
+                               equal_nan=True)  # fmt: skip
