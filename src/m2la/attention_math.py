@@ -23,6 +23,7 @@ __all__ = [
     "latent_attention_absorbed",
     "absorb_query",
     "masked_softmax_attention",
+    "causal_window_starts",
 ]
 
 
@@ -147,3 +148,28 @@ def latent_attention_absorbed(
     if v_bias is not None:
         out = out + v_bias.to(dtype)
     return out.to(q_rope.dtype), lse
+
+
+def causal_window_starts(
+    mask: torch.Tensor | None, batch: int, num_queries: int, num_keys: int, device: torch.device
+) -> torch.Tensor | None:
+    """Per-sequence first visible key ``[b]`` if ``mask`` is "causal, keys before a start hidden".
+
+    That is the only mask form the fused kernels take (left padding); returns None for any other
+    mask (e.g. sliding windows or holes), so callers can refuse rather than compute something else.
+    """
+    bias = attention_bias(mask, num_queries, num_keys, device, torch.float32)
+    bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))  # [b|1, h|1, t, s]
+    allowed = (bias == 0).expand(batch, -1, num_queries, num_keys)[:, 0]  # [b, t, s]
+    if bias.shape[1] > 1 and not (bias == bias[:, :1]).all():
+        return None  # head-dependent masks
+    visible_last = allowed[:, -1]  # [b, s]: the last query sees every key it may see
+    starts = torch.where(visible_last.any(-1), visible_last.float().argmax(-1), num_keys)  # [b]
+    key_idx = torch.arange(num_keys, device=device)
+    query_pos = torch.arange(num_queries, device=device)[:, None] + (num_keys - num_queries)  # [t, 1]
+    expected = (key_idx[None, None, :] <= query_pos[None]) & (key_idx[None, None, :] >= starts[:, None, None])
+    # rows of queries before the start (padding queries) may be anything; compare the rest
+    real_query = query_pos[None, :, 0] >= starts[:, None]  # [b, t]
+    if not torch.equal(allowed[real_query], expected[real_query]):
+        return None
+    return starts.to(torch.int32)
