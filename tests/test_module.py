@@ -168,3 +168,29 @@ def test_source_errors():
     src.k_weight = src.k_weight[:-1]
     with pytest.raises(ConversionError, match="k_weight has shape"):
         lossless_config(src)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "padding", "bool4d", "float4d", "prefix"])
+def test_sdpa_expanded_matches_reference(mask_kind):
+    from m2la import attention_math as am
+
+    torch.manual_seed(3)
+    b, t, h, n, p2, r, v = 2, 7, 3, 5, 6, 11, 4
+    past = 4 if mask_kind == "prefix" else 0
+    s = t + past
+    q_nope, q_rope = torch.randn(b, t, h, n), torch.randn(b, t, h, p2)
+    latent, k_rope = torch.randn(b, s, r), torch.randn(b, s, p2)
+    w_uk, w_uv, v_bias = torch.randn(h, n, r), torch.randn(h, v, r), torch.randn(h, v)
+    pad = torch.ones(b, s, dtype=torch.long)
+    pad[0, :3] = 0
+    causal = torch.ones(t, s, dtype=torch.bool).tril(past)
+    mask = {
+        "none": None, "prefix": None, "padding": pad,
+        "bool4d": causal[None, None] & pad.bool()[:, None, None],
+        "float4d": torch.zeros(b, 1, t, s).masked_fill(~(causal[None, None] & pad.bool()[:, None, None]), -1e30),
+    }[mask_kind]
+    args = (q_nope, q_rope, latent, k_rope, w_uk, w_uv, 0.3, mask, v_bias)
+    expected = am.latent_attention_expanded(*args)
+    got = am.latent_attention_expanded_sdpa(*args)
+    rows = torch.ones(b, t, dtype=torch.bool) if mask_kind in ("none", "prefix") else pad[:, past:].bool()
+    torch.testing.assert_close(got[rows], expected[rows], rtol=1e-5, atol=1e-5)

@@ -20,6 +20,7 @@ import torch
 __all__ = [
     "attention_bias",
     "latent_attention_expanded",
+    "latent_attention_expanded_sdpa",
     "latent_attention_absorbed",
     "absorb_query",
     "masked_softmax_attention",
@@ -113,6 +114,42 @@ def latent_attention_expanded(
     if v_bias is not None:
         out = out + v_bias.to(dtype)
     return out.to(q_rope.dtype)
+
+
+def latent_attention_expanded_sdpa(
+    q_nope: torch.Tensor,
+    q_rope: torch.Tensor,
+    latent: torch.Tensor,
+    k_rope: torch.Tensor,
+    w_uk: torch.Tensor,
+    w_uv: torch.Tensor,
+    softmax_scale: float,
+    mask: torch.Tensor | None = None,
+    v_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`latent_attention_expanded` through torch's fused SDPA (no ``[t, s]`` score matrix in memory
+    for causal prefill); computes in the inputs' dtype. Same arguments and result."""
+    b, t, h, _ = q_rope.shape
+    s = latent.shape[1]
+    dtype = q_rope.dtype
+    k_nope = torch.einsum("bsr,hnr->bhsn", latent.to(dtype), w_uk.to(dtype))
+    keys = torch.cat((k_nope, k_rope.to(dtype)[:, None].expand(b, h, s, -1)), dim=-1)  # [b, h, s, n + 2p]
+    values = torch.einsum("bsr,hvr->bhsv", latent.to(dtype), w_uv.to(dtype))
+    queries = torch.cat((q_nope, q_rope), dim=-1).transpose(1, 2)  # [b, h, t, n + 2p]
+    if mask is None and t == s:
+        attn_mask, is_causal = None, True
+    elif mask is not None and mask.dim() == 4 and mask.dtype == torch.bool:
+        attn_mask, is_causal = mask, False
+    elif mask is not None and mask.dim() == 4:
+        attn_mask, is_causal = mask.to(dtype), False  # additive
+    else:
+        attn_mask, is_causal = attention_bias(mask, t, s, latent.device, torch.float32) == 0, False
+    out = torch.nn.functional.scaled_dot_product_attention(
+        queries, keys, values, attn_mask=attn_mask, is_causal=is_causal, scale=softmax_scale
+    ).transpose(1, 2)  # [b, t, h, v]
+    if v_bias is not None:
+        out = out + v_bias.to(dtype)
+    return out
 
 
 def absorb_query(q_nope: torch.Tensor, w_uk: torch.Tensor) -> torch.Tensor:

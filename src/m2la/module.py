@@ -152,7 +152,7 @@ class M2LAttention(nn.Module):
                 q_nope, q_rope, latent, k_rope, w_uk, w_uv, c.softmax_scale, attention_mask, v_bias
             )
         else:
-            out = attention_math.latent_attention_expanded(
+            out = attention_math.latent_attention_expanded_sdpa(
                 q_nope, q_rope, latent, k_rope, w_uk, w_uv, c.softmax_scale, attention_mask, v_bias
             )
         return self.o_proj(out.flatten(-2))
