@@ -22,6 +22,8 @@ __all__ = [
     "latent_attention_expanded",
     "latent_attention_expanded_sdpa",
     "latent_attention_absorbed",
+    "latent_mqa",
+    "absorbed_from_rows",
     "absorb_query",
     "masked_softmax_attention",
     "causal_window_starts",
@@ -157,6 +159,23 @@ def absorb_query(q_nope: torch.Tensor, w_uk: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bthn,hnr->bthr", q_nope, w_uk)
 
 
+def latent_mqa(
+    query: torch.Tensor, rows: torch.Tensor, kv_rank: int, softmax_scale: float, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absorbed attention as MQA over the cache rows themselves (the fused decode kernel's contract).
+
+    query ``[b, t, h, r + 2p]`` (``[q_nope W_uk | q_rope]``), rows ``[b, s, r + 2p]`` (``[latent | k_rope]``).
+    One pass over the rows for the scores, one over their latent part for the values (V = latent).
+    Returns ``out_latent [b, t, h, r]`` and ``lse [b, h, t]`` in the compute dtype.
+    """
+    dtype = _compute_dtype(query.dtype)
+    t, s = query.shape[1], rows.shape[1]
+    rows_c = rows.to(dtype)
+    scores = torch.einsum("bthc,bsc->bhts", query.to(dtype), rows_c) * softmax_scale
+    bias = attention_bias(mask, t, s, rows.device, dtype)
+    return masked_softmax_attention(scores, rows_c[:, :, None, :kv_rank], bias)
+
+
 def latent_attention_absorbed(
     q_nope: torch.Tensor,
     q_rope: torch.Tensor,
@@ -174,17 +193,26 @@ def latent_attention_absorbed(
     and ``lse [b, h, t]`` (natural log, compute dtype).
     """
     dtype = _compute_dtype(q_rope.dtype)
-    t, s = q_rope.shape[1], latent.shape[1]
-    latent_c = latent.to(dtype)
-    q_latent = absorb_query(q_nope.to(dtype), w_uk.to(dtype))  # [b, t, h, r]
-    scores = torch.einsum("bthr,bsr->bhts", q_latent, latent_c)
-    scores = scores + torch.einsum("bthp,bsp->bhts", q_rope.to(dtype), k_rope.to(dtype))
-    bias = attention_bias(mask, t, s, latent.device, dtype)
-    out_latent, lse = masked_softmax_attention(scores * softmax_scale, latent_c[:, :, None], bias)
-    out = torch.einsum("bthr,hvr->bthv", out_latent, w_uv.to(dtype))  # [b, t, h, v]
-    if v_bias is not None:
-        out = out + v_bias.to(dtype)
+    query = torch.cat((absorb_query(q_nope.to(dtype), w_uk.to(dtype)), q_rope.to(dtype)), dim=-1)
+    out, lse = absorbed_from_rows(query, torch.cat((latent, k_rope), dim=-1), w_uv, softmax_scale, mask, v_bias)
     return out.to(q_rope.dtype), lse
+
+
+def absorbed_from_rows(
+    query: torch.Tensor,
+    rows: torch.Tensor,
+    w_uv: torch.Tensor,
+    softmax_scale: float,
+    mask: torch.Tensor | None = None,
+    v_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`latent_mqa` followed by the value up-projection: ``out [b, t, h, v]`` (compute dtype), ``lse``."""
+    kv_rank = w_uv.shape[-1]
+    out_latent, lse = latent_mqa(query, rows, kv_rank, softmax_scale, mask)
+    out = torch.einsum("bthr,hvr->bthv", out_latent, w_uv.to(out_latent.dtype))  # [b, t, h, v]
+    if v_bias is not None:
+        out = out + v_bias.to(out.dtype)
+    return out, lse
 
 
 def causal_window_starts(

@@ -135,53 +135,49 @@ class M2LAttention(nn.Module):
         q_nope, q_rope = self.project_queries(hidden)
         latent, k_rope = self.encode_kv(hidden)
         q_rope = rope.apply_rope_half(q_rope, cos[:, :, None], sin[:, :, None])
-        k_rope = rope.apply_rope_half(k_rope, cos, sin)
+        rows = torch.cat((latent, rope.apply_rope_half(k_rope, cos, sin)), dim=-1)  # [b, t, r + 2p]
         if cache is not None:
-            rows = cache.append_latent(self.layer_idx, torch.cat((latent, k_rope), dim=-1))
-            latent, k_rope = rows[..., : c.kv_rank], rows[..., c.kv_rank :]
+            rows = cache.append_latent(self.layer_idx, rows)  # [b, s, r + 2p]
         w_uk, w_uv, v_bias = self.up_projections()
         if resolve_backend(None, hidden) == "triton":
-            out = self._attend_fused(q_nope, q_rope, latent, k_rope, w_uk, w_uv, attention_mask)
+            out = self._attend_fused(q_nope, q_rope, rows, w_uk, w_uv, attention_mask)
             if v_bias is not None:
                 out = out + v_bias.to(out.dtype)
-            return self.o_proj(out.flatten(-2))
-        if absorbed is None:
-            absorbed = self.use_absorbed(hidden.shape[1])
-        if absorbed:
-            out, _ = attention_math.latent_attention_absorbed(
-                q_nope, q_rope, latent, k_rope, w_uk, w_uv, c.softmax_scale, attention_mask, v_bias
-            )
+        elif absorbed if absorbed is not None else self.use_absorbed(hidden.shape[1]):
+            query = torch.cat((attention_math.absorb_query(q_nope, w_uk.to(q_nope.dtype)), q_rope), dim=-1)
+            out, _ = attention_math.absorbed_from_rows(query, rows, w_uv, c.softmax_scale, attention_mask, v_bias)
         else:
             out = attention_math.latent_attention_expanded_sdpa(
-                q_nope, q_rope, latent, k_rope, w_uk, w_uv, c.softmax_scale, attention_mask, v_bias
+                q_nope, q_rope, rows[..., : c.kv_rank], rows[..., c.kv_rank :], w_uk, w_uv, c.softmax_scale,
+                attention_mask, v_bias,
             )
-        return self.o_proj(out.flatten(-2))
+        return self.o_proj(out.to(hidden.dtype).flatten(-2))
 
-    def _attend_fused(self, q_nope, q_rope, latent, k_rope, w_uk, w_uv, attention_mask) -> torch.Tensor:
+    def _attend_fused(self, q_nope, q_rope, rows, w_uk, w_uv, attention_mask) -> torch.Tensor:
         """The Triton kernels over the contiguous cache rows: decode for one query, chunked prefill otherwise.
 
-        Shapes as in :meth:`attend`; returns ``[b, t, h, v]`` without the value bias.
+        q_nope ``[b, t, h, n]``, q_rope ``[b, t, h, 2p]``, rows ``[b, s, r + 2p]``; returns ``[b, t, h, v]``
+        without the value bias.
         """
         from . import kernels
 
         c = self.config
         b, t, h = q_rope.shape[:3]
-        s = latent.shape[1]
-        rows = torch.cat((latent, k_rope), dim=-1)  # [b, s, r + 2p]: the cache rows themselves
-        starts = attention_math.causal_window_starts(attention_mask, b, t, s, latent.device)
+        s = rows.shape[1]
+        starts = attention_math.causal_window_starts(attention_mask, b, t, s, rows.device)
         if starts is None:
             raise ValueError(
                 "the triton backend takes causal masks with left padding only; use the reference backend "
                 "for other masks (sliding windows, custom masks)"
             )
-        seqlens = torch.full((b,), s, dtype=torch.int32, device=latent.device)
+        seqlens = torch.full((b,), s, dtype=torch.int32, device=rows.device)
         if t == 1:
             q = torch.cat((attention_math.absorb_query(q_nope, w_uk), q_rope), dim=-1)[:, 0]  # [b, h, r + 2p]
             out_latent, _ = kernels.decode_attention(q, rows, seqlens, c.softmax_scale, c.kv_rank, kv_start=starts)
             return torch.einsum("bhr,hvr->bhv", out_latent, w_uv.to(out_latent.dtype))[:, None]
         w_uk_t, w_uv_t = w_uk.transpose(1, 2), w_uv.transpose(1, 2)  # kernels take [h, r, n], [h, r, v]
         if not bool((starts > 0).any()):
-            cu_seqlens = torch.arange(0, (b + 1) * t, t, dtype=torch.int32, device=latent.device)
+            cu_seqlens = torch.arange(0, (b + 1) * t, t, dtype=torch.int32, device=rows.device)
             out, _ = kernels.prefill_attention(
                 q_nope.flatten(0, 1), q_rope.flatten(0, 1), rows, w_uk_t, w_uv_t, cu_seqlens, seqlens,
                 c.softmax_scale, max_seqlen_q=t,
@@ -196,8 +192,8 @@ class M2LAttention(nn.Module):
                 continue
             seq_out, _ = kernels.prefill_attention(
                 q_nope[i, first_real_query:], q_rope[i, first_real_query:], rows[i : i + 1, start:], w_uk_t, w_uv_t,
-                torch.tensor([0, n_real], dtype=torch.int32, device=latent.device),
-                torch.tensor([s - start], dtype=torch.int32, device=latent.device), c.softmax_scale,
+                torch.tensor([0, n_real], dtype=torch.int32, device=rows.device),
+                torch.tensor([s - start], dtype=torch.int32, device=rows.device), c.softmax_scale,
                 max_seqlen_q=n_real,
             )
             out[i, first_real_query:] = seq_out
