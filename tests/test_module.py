@@ -194,3 +194,23 @@ def test_sdpa_expanded_matches_reference(mask_kind):
     got = am.latent_attention_expanded_sdpa(*args)
     rows = torch.ones(b, t, dtype=torch.bool) if mask_kind in ("none", "prefix") else pad[:, past:].bool()
     torch.testing.assert_close(got[rows], expected[rows], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("t,past", [(1, 0), (1, 9), (5, 0), (4, 6)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_fused_mqa_matches_explicit(t, past, padded):
+    from m2la import attention_math as am
+
+    torch.manual_seed(t + past)
+    b, h, r, c = 2, 3, 10, 16
+    s = t + past
+    query, rows = torch.randn(b, t, h, c), torch.randn(b, s, c)
+    mask = None
+    if padded:
+        mask = torch.ones(b, s, dtype=torch.long)
+        mask[1, :2] = 0
+    expected, lse = am.latent_mqa(query, rows, r, 0.25, mask)
+    got, none = am.latent_mqa(query, rows, r, 0.25, mask, return_lse=False)
+    assert none is None and lse.shape == (b, h, t)
+    real = torch.ones(b, t, dtype=torch.bool) if mask is None else mask[:, past:].bool()
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)

@@ -118,6 +118,17 @@ def latent_attention_expanded(
     return out.to(q_rope.dtype)
 
 
+def _sdpa_mask(
+    mask: torch.Tensor | None, t: int, s: int, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor | None, bool]:
+    """``(attn_mask, is_causal)`` for torch SDPA meaning the same as :func:`attention_bias`."""
+    if mask is None and (t == s or t == 1):
+        return None, t == s and t > 1  # a single last query sees every key
+    if mask is not None and mask.dim() == 4:
+        return (mask if mask.dtype == torch.bool else mask.to(dtype)), False
+    return attention_bias(mask, t, s, device, torch.float32) == 0, False
+
+
 def latent_attention_expanded_sdpa(
     q_nope: torch.Tensor,
     q_rope: torch.Tensor,
@@ -138,14 +149,7 @@ def latent_attention_expanded_sdpa(
     keys = torch.cat((k_nope, k_rope.to(dtype)[:, None].expand(b, h, s, -1)), dim=-1)  # [b, h, s, n + 2p]
     values = torch.einsum("bsr,hvr->bhsv", latent.to(dtype), w_uv.to(dtype))
     queries = torch.cat((q_nope, q_rope), dim=-1).transpose(1, 2)  # [b, h, t, n + 2p]
-    if mask is None and t == s:
-        attn_mask, is_causal = None, True
-    elif mask is not None and mask.dim() == 4 and mask.dtype == torch.bool:
-        attn_mask, is_causal = mask, False
-    elif mask is not None and mask.dim() == 4:
-        attn_mask, is_causal = mask.to(dtype), False  # additive
-    else:
-        attn_mask, is_causal = attention_bias(mask, t, s, latent.device, torch.float32) == 0, False
+    attn_mask, is_causal = _sdpa_mask(mask, t, s, latent.device, dtype)
     out = torch.nn.functional.scaled_dot_product_attention(
         queries, keys, values, attn_mask=attn_mask, is_causal=is_causal, scale=softmax_scale
     ).transpose(1, 2)  # [b, t, h, v]
@@ -160,16 +164,29 @@ def absorb_query(q_nope: torch.Tensor, w_uk: torch.Tensor) -> torch.Tensor:
 
 
 def latent_mqa(
-    query: torch.Tensor, rows: torch.Tensor, kv_rank: int, softmax_scale: float, mask: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+    query: torch.Tensor,
+    rows: torch.Tensor,
+    kv_rank: int,
+    softmax_scale: float,
+    mask: torch.Tensor | None = None,
+    return_lse: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Absorbed attention as MQA over the cache rows themselves (the fused decode kernel's contract).
 
     query ``[b, t, h, r + 2p]`` (``[q_nope W_uk | q_rope]``), rows ``[b, s, r + 2p]`` (``[latent | k_rope]``).
-    One pass over the rows for the scores, one over their latent part for the values (V = latent).
-    Returns ``out_latent [b, t, h, r]`` and ``lse [b, h, t]`` in the compute dtype.
+    Returns ``out_latent [b, t, h, r]`` and ``lse [b, h, t]``. With ``return_lse=False`` (and not fp64)
+    it runs torch's fused SDPA in the inputs' dtype and returns ``lse=None``; otherwise an explicit
+    softmax in fp32/fp64 (the oracle).
     """
-    dtype = _compute_dtype(query.dtype)
     t, s = query.shape[1], rows.shape[1]
+    if not return_lse and query.dtype != torch.float64:
+        attn_mask, is_causal = _sdpa_mask(mask, t, s, rows.device, query.dtype)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query.transpose(1, 2), rows[:, None], rows[:, None, :, :kv_rank], attn_mask=attn_mask,
+            is_causal=is_causal, scale=softmax_scale, enable_gqa=True,
+        )  # [b, h, t, r]: one shared key/value "head" = MQA
+        return out.transpose(1, 2), None
+    dtype = _compute_dtype(query.dtype)
     rows_c = rows.to(dtype)
     scores = torch.einsum("bthc,bsc->bhts", query.to(dtype), rows_c) * softmax_scale
     bias = attention_bias(mask, t, s, rows.device, dtype)
@@ -205,10 +222,11 @@ def absorbed_from_rows(
     softmax_scale: float,
     mask: torch.Tensor | None = None,
     v_bias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`latent_mqa` followed by the value up-projection: ``out [b, t, h, v]`` (compute dtype), ``lse``."""
+    return_lse: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`latent_mqa` followed by the value up-projection: ``out [b, t, h, v]``, ``lse``."""
     kv_rank = w_uv.shape[-1]
-    out_latent, lse = latent_mqa(query, rows, kv_rank, softmax_scale, mask)
+    out_latent, lse = latent_mqa(query, rows, kv_rank, softmax_scale, mask, return_lse)
     out = torch.einsum("bthr,hvr->bthv", out_latent, w_uv.to(out_latent.dtype))  # [b, t, h, v]
     if v_bias is not None:
         out = out + v_bias.to(out.dtype)

@@ -145,7 +145,9 @@ class M2LAttention(nn.Module):
                 out = out + v_bias.to(out.dtype)
         elif absorbed if absorbed is not None else self.use_absorbed(hidden.shape[1]):
             query = torch.cat((attention_math.absorb_query(q_nope, w_uk.to(q_nope.dtype)), q_rope), dim=-1)
-            out, _ = attention_math.absorbed_from_rows(query, rows, w_uv, c.softmax_scale, attention_mask, v_bias)
+            out, _ = attention_math.absorbed_from_rows(
+                query, rows, w_uv, c.softmax_scale, attention_mask, v_bias, return_lse=False
+            )
         else:
             out = attention_math.latent_attention_expanded_sdpa(
                 q_nope, q_rope, rows[..., : c.kv_rank], rows[..., c.kv_rank :], w_uk, w_uv, c.softmax_scale,
