@@ -30,8 +30,15 @@ def _peak_rss_mib() -> float:
 def layout_bytes_per_token(layers: int, kv_rank: int, rope_dim: int, dtype_bytes: int) -> int:
     """Bytes per token of an M²LA cache: layers x (r + d_r) x dtype bytes, via M2LAConfig."""
     config = M2LAConfig(
-        hidden_size=1, num_heads=1, kv_rank=kv_rank, rope_dim=rope_dim, qk_nope_dim=0, v_head_dim=1,
-        softmax_scale=1.0, rope_inv_freq=[1.0] * (rope_dim // 2), rope_axis=[0] * (rope_dim // 2),
+        hidden_size=1,
+        num_heads=1,
+        kv_rank=kv_rank,
+        rope_dim=rope_dim,
+        qk_nope_dim=0,
+        v_head_dim=1,
+        softmax_scale=1.0,
+        rope_inv_freq=[1.0] * (rope_dim // 2),
+        rope_axis=[0] * (rope_dim // 2),
         rope_source_column=list(range(rope_dim // 2)),
     )
     return layers * config.cache_bytes_per_token(dtype_bytes)
@@ -63,8 +70,10 @@ def main() -> None:
         ("Qwen3-VL-8B m2la lossless, bf16 (36 x (1024 + 1024) x 2)", layout_bytes_per_token(36, 1024, 1024, 2)),
         ("InternVideo3 M²LA, bf16 (36 x (896 + 128) x 2)", layout_bytes_per_token(36, 896, 128, 2)),
     ]
-    print(f"date {time.strftime('%Y-%m-%d')}, machine {platform.machine()} {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}")
+    print(
+        f"date {time.strftime('%Y-%m-%d')}, machine {platform.machine()} {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}"
+    )
     print("\n| layout | bytes / token |\n|---|---:|")
     for name, value in rows:
         print(f"| {name} | {value:,.0f} |")
@@ -73,8 +82,10 @@ def main() -> None:
     print(f"| peak RSS after loading the model | {rss_loaded:,.0f} MiB |")
     print(f"| peak RSS after copy + convert | {rss_converted:,.0f} MiB |")
     print(f"| peak RSS added by convert (over the copied model) | {rss_converted - rss_copied:,.0f} MiB |")
-    print(f"| report: {report.bytes_per_token_before} -> {report.bytes_per_token_after} B/token | "
-          f"{report.compression_ratio:.2f}x |")
+    print(
+        f"| report: {report.bytes_per_token_before} -> {report.bytes_per_token_after} B/token | "
+        f"{report.compression_ratio:.2f}x |"
+    )
 
 
 if __name__ == "__main__":

@@ -7,9 +7,8 @@ import torch
 
 pytest.importorskip("triton")
 pytest.importorskip("transformers")
-import tiny_hf  # noqa: E402
-
 import m2la  # noqa: E402
+import tiny_hf  # noqa: E402
 from m2la.attention_math import causal_window_starts  # noqa: E402
 from m2la.backends import use_backend  # noqa: E402
 

