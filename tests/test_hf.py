@@ -178,10 +178,10 @@ def test_already_converted_raises():
         m2la.convert(model)
 
 
-def test_compression_arguments_not_yet_available():
+def test_compression_options_need_a_compression_target():
     model = tiny_hf.build("llama")
-    with pytest.raises(NotImplementedError, match="compressed conversion"):
-        m2la.convert(model, compression=4.0)
+    with pytest.raises(m2la.ConversionError, match="only apply to a compressed conversion"):
+        m2la.convert(model, method="transmla")
     assert not any(isinstance(m, m2la.M2LAttention) for m in model.modules())
 
 

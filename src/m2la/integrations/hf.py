@@ -27,7 +27,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from .. import rope
 from ..config import M2LAConfig, M2LAConfigError
-from ..conversion import SourceAttention, lossless_config, lossless_state_dict, source_cache_width
+from ..conversion import ConversionError, SourceAttention, lossless_config, lossless_state_dict, source_cache_width
 from ..module import M2LAttention
 
 __all__ = [
@@ -193,6 +193,7 @@ class ConversionReport:
     lossless: bool
     seconds: float
     layers: list[LayerReport] = field(default_factory=list)
+    method: str | None = None  # compressed conversions: m2la / mha2mla / transmla / care
 
     @property
     def bytes_per_token_before(self) -> int:
@@ -228,7 +229,7 @@ class ConversionReport:
             )
         rows.append("-" * len(head))
         rows.append(
-            f"{self.model_type}, {self.dtype}, {'lossless' if self.lossless else 'compressed'}: cache "
+            f"{self.model_type}, {self.dtype}, {'lossless' if self.lossless else f'compressed ({self.method})'}: cache "
             f"{self.bytes_per_token_before} -> {self.bytes_per_token_after} bytes/token "
             f"({self.compression_ratio:.2f}x), converted in {self.seconds:.1f} s"
         )
@@ -316,20 +317,41 @@ def _install(model: nn.Module, layer_configs: list[M2LAConfig]) -> list[HFM2LAtt
     decoder = _decoder(model)
     if len(layer_configs) != len(decoder.layers):
         raise M2LACheckpointError(f"m2la config has {len(layer_configs)} layers, the model {len(decoder.layers)}")
-    modules = []
-    for idx, (layer, config) in enumerate(zip(decoder.layers, layer_configs, strict=True)):
-        old = layer.self_attn
-        weight = old.o_proj.weight if hasattr(old, "o_proj") else next(old.parameters())
-        new = HFM2LAttention(config, layer_idx=getattr(old, "layer_idx", idx)).to(weight.device, weight.dtype)
-        layer.self_attn = new
-        modules.append(new)
+    modules = [_replace_attention(layer, config, idx)
+               for idx, (layer, config) in enumerate(zip(decoder.layers, layer_configs, strict=True))]
+    _register_converted(model, decoder, layer_configs)
+    return modules
+
+
+def _replace_attention(layer: nn.Module, config: M2LAConfig, idx: int) -> HFM2LAttention:
+    old = layer.self_attn
+    weight = old.o_proj.weight if hasattr(old, "o_proj") else next(old.parameters())
+    new = HFM2LAttention(config, layer_idx=getattr(old, "layer_idx", idx)).to(weight.device, weight.dtype)
+    layer.self_attn = new
+    return new
+
+
+def _register_converted(model: nn.Module, decoder: nn.Module, layer_configs: list[M2LAConfig]) -> None:
+    """Record the layer configs in the model config, hook the latent cache, make saving atomic."""
     meta = {"format_version": FORMAT_VERSION, "layers": [c.to_dict() for c in layer_configs]}
     setattr(model.config, M2LA_CONFIG_KEY, meta)
     for target in {id(model): model, id(decoder): decoder}.values():
         target.register_forward_pre_hook(_inject_latent_cache, with_kwargs=True)
     # per instance, not per class: model.save_pretrained of a converted model writes atomically
     model.save_pretrained = functools.partial(save_pretrained, model)
-    return modules
+
+
+def _sources(model: nn.Module) -> tuple[str, nn.Module, list[SourceAttention], float, int]:
+    """(model_type, decoder, per-layer sources, RoPE attention scaling, number of rotary pairs)."""
+    model_type, mrope = _family(model)
+    decoder = _decoder(model)
+    rotary = decoder.rotary_emb
+    inv_freq = rotary.inv_freq
+    scaling = float(getattr(rotary, "attention_scaling", 1.0))
+    text_config = model.config.get_text_config(decoder=True)
+    axes = _rope_axes(model, rotary, mrope, inv_freq.numel())
+    sources = [_source_attention(layer.self_attn, text_config, inv_freq, axes, scaling) for layer in decoder.layers]
+    return model_type, decoder, sources, scaling, inv_freq.numel()
 
 
 def convert(
@@ -339,45 +361,51 @@ def convert(
     kv_rank: int | None = None,
     rope_dim: int | None = None,
     calibration: Iterable[Any] | None = None,
+    method: str = "m2la",
+    tokenizer: Any = None,
     progress: bool = False,
+    **options: Any,
 ) -> ConversionReport:
     """Replace, in place, every attention layer of ``model`` with an M²LA layer built from its weights.
 
     With no compression arguments the conversion is lossless (logits equal the original's to
-    rounding) and the latent cache holds as many bytes as the original K/V cache. ``compression``
-    (target ratio of original to converted cache bytes), ``kv_rank``/``rope_dim`` (manual ranks) and
-    ``calibration`` (iterable of model-input batches) select a compressed conversion.
+    rounding) and the latent cache holds as many bytes as the original K/V cache.
+
+    Compressed conversion (zero-shot, calibrated):
+
+    - ``compression``: target ratio of original to converted cache bytes per token; the converter
+      picks every layer's latent rank and RoPE dims so the total is ``<=`` the budget and as close to
+      it as possible (ranks are multiples of 8);
+    - ``kv_rank`` / ``rope_dim``: the same rank and RoPE dims for every layer instead;
+    - ``calibration``: iterable of model-input dicts (token batches, or multimodal batches); default
+      16 x 256 tokens of ``m2la.assets.wiki_split("calibration")``, which needs ``tokenizer=`` (or a
+      tokenizer loadable from ``model.name_or_path``). The last batch is held out for the error report;
+    - ``method``: ``"m2la"`` (default) or the baselines ``"mha2mla"``, ``"transmla"``, ``"care"``;
+    - ``options``: fields of :class:`m2la.compression.CompressionOptions` (``key_weight``,
+      ``uniform_mix``, ``sequential``, ``pair_grid_points``).
     """
-    if compression is not None or kv_rank is not None or rope_dim is not None or calibration is not None:
-        raise NotImplementedError(
-            "compressed conversion (compression=, kv_rank=, rope_dim=, calibration=) is not implemented yet; "
-            "m2la.convert(model) with no compression arguments converts losslessly"
+    compressed = compression is not None or kv_rank is not None or rope_dim is not None
+    if not compressed and (calibration is not None or options or method != "m2la" or tokenizer is not None):
+        raise ConversionError(
+            "calibration=, method=, tokenizer= and compression options only apply to a compressed conversion; "
+            "also pass compression= (or kv_rank=)"
         )
     if any(isinstance(m, M2LAttention) for m in model.modules()):
         raise UnsupportedModelError("this model is already converted to M²LA (it contains M2LAttention layers)")
-    model_type, mrope = _family(model)
     start = time.perf_counter()
-    decoder = _decoder(model)
-    rotary = decoder.rotary_emb
-    inv_freq = rotary.inv_freq
-    scaling = float(getattr(rotary, "attention_scaling", 1.0))
-    text_config = model.config.get_text_config(decoder=True)
-    axes = _rope_axes(model, rotary, mrope, inv_freq.numel())
-    layers = list(decoder.layers)
-    if progress:
-        from tqdm.auto import tqdm
-
-        layers = tqdm(layers, desc="converting attention layers", unit="layer")
-    sources, configs = [], []
-    for layer in layers:
-        src = _source_attention(layer.self_attn, text_config, inv_freq, axes, scaling)
-        sources.append(src)
-        configs.append(lossless_config(src))
+    model_type, decoder, sources, scaling, num_pairs = _sources(model)
     dtype = sources[0].q_weight.dtype
+    element = torch.empty((), dtype=dtype).element_size()
+    if compressed:
+        return _convert_compressed(
+            model, model_type, decoder, sources, scaling, num_pairs, start, compression=compression,
+            kv_rank=kv_rank, rope_dim=rope_dim, calibration=calibration, method=method, tokenizer=tokenizer,
+            progress=progress, options=options,
+        )
+    configs = [lossless_config(src) for src in sources]
     with torch.no_grad():
         for module, src, config in zip(_install(model, configs), sources, configs, strict=True):
             module.load_state_dict(lossless_state_dict(src, config), strict=True)
-    element = torch.empty((), dtype=dtype).element_size()
     report = ConversionReport(
         model_type=model_type,
         dtype=str(dtype).removeprefix("torch."),
@@ -394,6 +422,112 @@ def convert(
         ],
     )
     return report
+
+
+def _default_calibration(model: nn.Module, tokenizer: Any, windows: int = 16, length: int = 256,
+                         batch_size: int = 4) -> list[dict[str, torch.Tensor]]:
+    """16 x 256 tokens of Wikipedia (calibration split), in batches of 4."""
+    if tokenizer is None:
+        name = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        except Exception as error:  # any loader failure means: no tokenizer available
+            raise ConversionError(
+                f"compressed conversion needs calibration data: pass calibration= (model-input batches) or "
+                f"tokenizer= (to use the default Wikipedia calibration); no tokenizer loads from {name!r} ({error})"
+            ) from error
+    from ..assets import wiki_split
+    from ..evaluation import token_windows
+
+    ids = token_windows(tokenizer, wiki_split("calibration"), length, windows)
+    return [{"input_ids": ids[i : i + batch_size]} for i in range(0, windows, batch_size)]
+
+
+def _convert_compressed(model, model_type, decoder, sources, scaling, num_pairs, start, *, compression, kv_rank,
+                        rope_dim, calibration, method, tokenizer, progress, options) -> ConversionReport:
+    from ..compression import AttentionCall, CompressionOptions, compress_layers
+
+    try:
+        opts = CompressionOptions(method=method, **options)
+    except TypeError as error:
+        raise ConversionError(f"unknown compression option: {error}") from error
+    batches = list(calibration) if calibration is not None else _default_calibration(model, tokenizer)
+    device = next(model.parameters()).device
+
+    def to_device(batch: Any) -> dict[str, Any]:
+        if isinstance(batch, torch.Tensor):  # a bare [b, t] tensor of token ids
+            batch = {"input_ids": batch}
+        if not isinstance(batch, dict):
+            raise ConversionError(
+                f"calibration batches must be dicts of model inputs (or [b, t] token ids), got {type(batch).__name__}")
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def forward(batch: Any) -> None:
+        model(**to_device(batch), use_cache=False)
+
+    def extract(module: nn.Module, args: tuple, kwargs: dict) -> AttentionCall:
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        embeddings = kwargs.get("position_embeddings")
+        if hidden is None or embeddings is None:
+            raise UnsupportedModelError(f"{type(module).__name__} was called without hidden_states/position_embeddings")
+        cos, sin = embeddings
+        mask = kwargs.get("attention_mask")
+        if mask is not None and not isinstance(mask, torch.Tensor):
+            raise UnsupportedModelError(
+                f"unsupported attention mask type {type(mask).__name__}; use attn_implementation='sdpa' or 'eager'")
+        return AttentionCall(hidden, cos[..., :num_pairs] / scaling, sin[..., :num_pairs] / scaling, mask)
+
+    def token_weight(batch: Any) -> torch.Tensor | None:
+        mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+        return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    def replace(idx: int, config: M2LAConfig, state: dict[str, torch.Tensor]) -> HFM2LAttention:
+        new = _replace_attention(decoder.layers[idx], config, idx)
+        with torch.no_grad():
+            new.load_state_dict(state, strict=True)
+        return new.eval()
+
+    say = None
+    if progress:
+        def say(message: str) -> None:
+            print(f"[m2la] {message}", flush=True)
+
+    modules = [layer.self_attn for layer in decoder.layers]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            results = compress_layers(
+                forward, batches, modules, sources, extract, replace, opts, compression=compression,
+                kv_rank=kv_rank, rope_dim=rope_dim, token_weight=token_weight, progress=say)
+    except BaseException:
+        for layer, original in zip(decoder.layers, modules, strict=True):  # leave the model as it was
+            layer.self_attn = original
+        raise
+    finally:
+        model.train(was_training)
+    configs = [r.config for r in results]
+    _register_converted(model, decoder, configs)
+    dtype = sources[0].q_weight.dtype
+    element = torch.empty((), dtype=dtype).element_size()
+    return ConversionReport(
+        model_type=model_type,
+        dtype=str(dtype).removeprefix("torch."),
+        lossless=False,
+        seconds=time.perf_counter() - start,
+        method=method,
+        layers=[
+            LayerReport(
+                layer=r.index, kv_rank=r.config.kv_rank, rope_dim=r.config.rope_dim, qk_nope_dim=r.config.qk_nope_dim,
+                bytes_per_token_before=source_cache_width(src) * element,
+                bytes_per_token_after=r.config.cache_bytes_per_token(element),
+                key_error=r.key_error, value_error=r.value_error, output_error=r.output_error,
+            )
+            for r, src in zip(results, sources, strict=True)
+        ],
+    )
 
 
 # --- persistence ----------------------------------------------------------------------------------

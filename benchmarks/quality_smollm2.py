@@ -1,0 +1,126 @@
+"""Zero-shot quality of compressed conversions of SmolLM2-135M: m2la vs TransMLA / MHA2MLA / CARE.
+
+Every method gets the same calibration batches (Wikipedia calibration split) and the same cache budget
+(bytes per token, all layers); quality is measured on the held-out split, never used for calibration:
+
+- perplexity on ``--ppl-windows`` x 512 tokens (ratio to the unconverted model's);
+- greedy agreement: share of ``--new-tokens`` greedy tokens equal to the unconverted model's, over
+  ``--prompts`` held-out prompts of 32 tokens (free-running, so the first divergence usually costs the rest).
+
+Usage::
+
+    python benchmarks/quality_smollm2.py                         # 2x 4x 8x, all methods
+    python benchmarks/quality_smollm2.py --ratios 4 --methods m2la transmla --append benchmarks/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import platform
+import sys
+import time
+
+import torch
+
+import m2la
+from m2la.assets import load_smollm2, wiki_split
+from m2la.evaluation import greedy_generate, perplexity, token_windows
+
+METHODS = ("m2la", "transmla", "mha2mla", "care")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ratios", type=float, nargs="+", default=[2.0, 4.0, 8.0])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--calib-windows", type=int, default=16, help="calibration windows of 256 tokens")
+    parser.add_argument("--ppl-windows", type=int, default=8, help="held-out windows of 512 tokens")
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--append", default=None, help="append the markdown section to this file")
+    parser.add_argument("--json", default=None, help="write raw results as JSON here")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    original, tokenizer = load_smollm2()
+    heldout = wiki_split("heldout")
+    ppl_ids = token_windows(tokenizer, heldout, 512, args.ppl_windows)
+    skip = args.ppl_windows * 512 // 32  # prompts come from held-out text after the perplexity windows
+    prompts = token_windows(tokenizer, heldout, 32, skip + args.prompts)[skip:]
+    calibration = token_windows(tokenizer, wiki_split("calibration"), 256, args.calib_windows)
+    # the last batch is held out by the converter for its per-layer error report
+    batches = [calibration[i : i + 4] for i in range(0, args.calib_windows, 4)] + [calibration[:1, :128]]
+
+    start = time.perf_counter()
+    base_ppl = perplexity(original, ppl_ids)
+    base_tokens = greedy_generate(original, prompts, args.new_tokens)
+    print(f"original: perplexity {base_ppl:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
+
+    rows = []
+    for ratio in args.ratios:
+        for method in args.methods:
+            model = copy.deepcopy(original)
+            t0 = time.perf_counter()
+            report = m2la.convert(model, compression=ratio, calibration=batches, method=method)
+            seconds = time.perf_counter() - t0
+            ppl = perplexity(model, ppl_ids)
+            tokens = greedy_generate(model, prompts, args.new_tokens)
+            agreement = (tokens == base_tokens).float().mean().item()
+            errors = [layer.output_error for layer in report.layers if layer.output_error is not None]
+            row = dict(
+                ratio=ratio, method=method, achieved=report.compression_ratio,
+                bytes_before=report.bytes_per_token_before, bytes_after=report.bytes_per_token_after,
+                perplexity=ppl, relative_perplexity=ppl / base_ppl, greedy_agreement=agreement,
+                mean_layer_output_error=sum(errors) / max(len(errors), 1), convert_seconds=seconds,
+                ranks=[layer.kv_rank for layer in report.layers], rope_dims=[layer.rope_dim for layer in report.layers],
+            )
+            rows.append(row)
+            print(f"{ratio:g}x {method:9s} ppl {ppl:9.3f} ({ppl / base_ppl:6.2f}x)  greedy {agreement:.3f}  "
+                  f"converted in {seconds:.0f} s", flush=True)
+            del model
+
+    table = _table(rows, base_ppl)
+    command = "python benchmarks/quality_smollm2.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    section = "\n".join([
+        f"## Compressed conversion quality, SmolLM2-135M, zero-shot ({datetime.date.today().isoformat()})",
+        "",
+        f"Machine: 2-core CPU, no GPU ({platform.processor() or platform.machine()}, torch {torch.__version__}). "
+        f"Command: `{command.strip()}` ({time.perf_counter() - start:.0f} s in total).",
+        "",
+        f"Calibration: {args.calib_windows} x 256 tokens of the Wikipedia calibration split (the same batches for "
+        f"every method). Perplexity: {args.ppl_windows} x 512 held-out tokens; original {base_ppl:.3f}. Greedy "
+        f"agreement: {args.prompts} held-out prompts x {args.new_tokens} new tokens vs the original model. "
+        "Every method gets the same cache budget (bytes per token, all layers).",
+        "",
+        table,
+        "",
+    ])
+    print(section)
+    if args.append:
+        with open(args.append, "a", encoding="utf-8") as handle:
+            handle.write("\n" + section)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(dict(base_perplexity=base_ppl, rows=rows), handle, indent=2)
+    return 0
+
+
+def _table(rows: list[dict], base_ppl: float) -> str:
+    lines = [
+        "| target | method | achieved | cache B/token | perplexity | vs original | greedy agreement | mean layer out err | convert s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['ratio']:g}x | {r['method']} | {r['achieved']:.2f}x | {r['bytes_before']} -> {r['bytes_after']} | "
+            f"{r['perplexity']:.2f} | {r['relative_perplexity']:.2f}x | {r['greedy_agreement']:.3f} | "
+            f"{r['mean_layer_output_error']:.3f} | {r['convert_seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

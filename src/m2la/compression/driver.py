@@ -1,0 +1,206 @@
+"""Compress every attention layer of a model: plan the budget, calibrate layer by layer, fit, replace.
+
+Framework-neutral: the integration supplies ``forward(batch)``, the attention modules to hook, their
+:class:`~m2la.conversion.SourceAttention` descriptions, ``extract`` (module call -> AttentionCall)
+and ``replace(index, config, state) -> M2LAttention`` (installs the fitted layer in the model).
+
+Order of work:
+
+1. Ranks and RoPE pairs per layer: explicit (``kv_rank``/``rope_dim``), a fixed split (transmla,
+   mha2mla), or allocated under the byte budget from one streamed pass over the original model
+   (m2la: RoPE error + latent spectrum per candidate pair count; care: normalised spectra).
+2. Statistics: by default one streamed pass over the original model (hooks on every layer, only
+   per-layer sums kept). With ``sequential=True`` the statistics of layer ``i`` come instead from
+   forwards that stop right after layer ``i``'s attention input *with layers ``< i`` already
+   converted*, so each layer is fitted to the inputs it will really see. Measured on SmolLM2-135M at
+   4x (uniform 64 + 32), sequential calibration made zero-shot perplexity worse (5.3x vs 4.1x the
+   original's): fitting each layer to its own source function on drifted inputs does not pull the
+   model back towards the original outputs. It stays available, off by default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import M2LAConfig
+from ..conversion import ConversionError, SourceAttention, source_cache_width
+from ..module import M2LAttention
+from . import allocate, fit
+from .calibrate import AttentionCall, collect_statistics, layer_errors
+from .stats import LayerStatistics
+
+__all__ = ["CompressionOptions", "LayerResult", "plan_choices", "compress_layers"]
+
+
+@dataclass
+class CompressionOptions:
+    method: str = "m2la"
+    key_weight: float = 10.0  # m2la: multiplies the modelled score-error term (iid-key model underestimates it)
+    attention_share: float = 1.0  # m2la: weight latent statistics by the attention each token receives
+    uniform_mix: float = 0.25  # share of uniform causal attention in the RoPE distance distribution
+    sequential: bool = False  # calibrate layer i with layers < i already converted (see module docstring)
+    pair_grid_points: int = 16  # candidate RoPE pair counts per layer evaluated by the m2la allocator
+    allocation: str = "layer"  # m2la: "layer" = equal width per layer, modelled rank/RoPE split inside each
+    #                              layer; "global" = widths also moved across layers by the modelled error
+
+    def __post_init__(self) -> None:
+        fit._check_method(self.method)
+        if self.allocation not in ("layer", "global"):
+            raise ConversionError(f"allocation must be 'layer' or 'global', got {self.allocation!r}")
+
+
+@dataclass
+class LayerResult:
+    index: int
+    config: M2LAConfig
+    key_error: float | None = None
+    value_error: float | None = None
+    output_error: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _curve(src: SourceAttention, stats: LayerStatistics, options: CompressionOptions,
+           pairs: list[int]) -> allocate.LayerCurve:
+    plan = fit.rope_plan(src, stats, options.method, options.key_weight)
+    spectra = {}
+    for p in pairs:
+        layout = fit.nope_layout(src, plan, p)
+        spectra[p] = fit.latent_spectrum(src, stats, layout, options.method, options.key_weight, options.attention_share)
+    costs = plan.cost.flatten()[plan.order]
+    if options.method == "m2la":  # errors relative to the layer's attention output energy
+        energy = max(stats.mean_output_energy, 1e-30)
+        costs = costs / energy
+        spectra = {p: spectrum / energy for p, spectrum in spectra.items()}
+    return allocate.LayerCurve(pair_costs=costs, spectra=spectra, value_dims=src.num_kv_heads * src.head_dim)
+
+
+def plan_choices(
+    sources: Sequence[SourceAttention],
+    options: CompressionOptions,
+    compression: float | None = None,
+    kv_rank: int | None = None,
+    rope_dim: int | None = None,
+    stats: Sequence[LayerStatistics] | None = None,
+) -> list[allocate.LayerChoice]:
+    """Per-layer ``(kv_rank, num_pairs)``; ``stats`` (from the original model) are needed by m2la/care budgets."""
+    if rope_dim is not None and (rope_dim < 0 or rope_dim % 2):
+        raise ConversionError(f"rope_dim must be even and >= 0, got {rope_dim}")
+    max_pairs = [s.num_kv_heads * s.rotary_dim // 2 for s in sources]
+    if compression is None:
+        if kv_rank is None:
+            raise ConversionError("rope_dim alone does not set a cache size; also pass kv_rank= or compression=")
+        if kv_rank < 1:
+            raise ConversionError(f"kv_rank must be >= 1, got {kv_rank}")
+        choices = []
+        for src, most in zip(sources, max_pairs, strict=True):
+            pairs = min(src.head_dim, 2 * most) // 2 if rope_dim is None else rope_dim // 2
+            if pairs > most:
+                raise ConversionError(f"rope_dim {2 * pairs} exceeds the {2 * most} rotary key dims of a layer")
+            choices.append(allocate.LayerChoice(kv_rank, pairs))
+        return choices
+    if kv_rank is not None:
+        raise ConversionError("pass either compression= or kv_rank= (with rope_dim=), not both")
+    widths = [source_cache_width(s) for s in sources]
+    budget = allocate.width_budget(widths, compression)
+    per_layer = budget // len(sources)
+    if per_layer < 1:
+        raise ConversionError(f"compression {compression} leaves less than one cached value per layer")
+    if rope_dim is not None and any(rope_dim // 2 > m for m in max_pairs):
+        raise ConversionError(f"rope_dim {rope_dim} exceeds the rotary key dims of a layer")
+    if options.method in ("transmla", "mha2mla"):
+        choices = []
+        for most in max_pairs:
+            split = allocate.uniform_split(per_layer, most)
+            if rope_dim is not None:
+                split = allocate.LayerChoice(per_layer - rope_dim, rope_dim // 2)
+            if split.kv_rank < 1:
+                raise ConversionError(f"rope_dim {rope_dim} leaves no latent rank within {per_layer} values per layer")
+            choices.append(split)
+        return choices
+    if stats is None:
+        raise ConversionError(f"method {options.method!r} allocates ranks from calibration statistics; none given")
+    if options.method == "care":
+        pairs = rope_dim // 2 if rope_dim is not None else min(allocate.uniform_split(per_layer, min(max_pairs)).num_pairs,
+                                                                  min(max_pairs))
+        curves = []
+        for src, st in zip(sources, stats, strict=True):
+            curve = _curve(src, st, options, [pairs])
+            spectrum = curve.spectra[pairs]
+            curve.spectra[pairs] = spectrum / spectrum.sum().clamp_min(1e-30)  # relative energy per layer
+            curves.append(curve)
+        return allocate.allocate_budget(curves, budget, fixed_pairs=pairs)
+    curves = []
+    for src, st, most in zip(sources, stats, max_pairs, strict=True):
+        if rope_dim is not None:
+            grid = [rope_dim // 2]
+        else:
+            step = max(1, most // options.pair_grid_points)
+            grid = sorted(set(range(0, most + 1, step)) | {most})
+        curves.append(_curve(src, st, options, grid))
+    fixed = None if rope_dim is None else rope_dim // 2
+    if options.allocation == "global":
+        return allocate.allocate_budget(curves, budget, fixed_pairs=fixed)
+    widths = [per_layer + (1 if i < budget - per_layer * len(curves) else 0) for i in range(len(curves))]
+    choices = [allocate.allocate_budget([curve], width, fixed_pairs=fixed)[0] for curve, width in zip(curves, widths, strict=True)]
+    return allocate.fill(curves, choices, budget, allow_pairs=fixed is None)
+
+
+def compress_layers(
+    forward: Callable[[Any], Any],
+    batches: Sequence[Any],
+    modules: Sequence[nn.Module],
+    sources: Sequence[SourceAttention],
+    extract: Callable[[nn.Module, tuple, dict], AttentionCall],
+    replace: Callable[[int, M2LAConfig, dict[str, torch.Tensor]], M2LAttention],
+    options: CompressionOptions,
+    compression: float | None = None,
+    kv_rank: int | None = None,
+    rope_dim: int | None = None,
+    token_weight: Callable[[Any], torch.Tensor | None] = lambda batch: None,
+    progress: Callable[[str], None] | None = None,
+) -> list[LayerResult]:
+    """Convert every layer; returns per-layer configs and held-out errors."""
+    for src in sources:
+        fit.check_compressible(src)
+    if not batches:
+        raise ConversionError("calibration is empty; pass an iterable of model-input batches")
+    heldout = len(batches) - 1 if len(batches) >= 2 else None
+    stat_batches = list(batches)  # the held-out batch is skipped by index
+    say = progress or (lambda message: None)
+
+    one_shot: list[LayerStatistics] | None = None
+    one_shot_calls: dict[int, AttentionCall] = {}
+    needs_one_shot = (compression is not None and options.method in ("m2la", "care")) or not options.sequential
+    if needs_one_shot:
+        say("calibration statistics of the original model (all layers, one pass)")
+        targets = dict(enumerate(zip(modules, sources, strict=True)))
+        found, one_shot_calls = collect_statistics(
+            forward, stat_batches, targets, extract, token_weight, heldout=heldout,
+            uniform_mix=options.uniform_mix)
+        one_shot = [found[i] for i in range(len(sources))]
+    choices = plan_choices(sources, options, compression, kv_rank, rope_dim, one_shot)
+
+    results = []
+    for idx, (module, src, choice) in enumerate(zip(modules, sources, choices, strict=True)):
+        if options.sequential:
+            say(f"layer {idx}: streaming statistics")
+            found, calls = collect_statistics(
+                forward, stat_batches, {idx: (module, src)}, extract, token_weight,
+                stop_after=idx, heldout=heldout, uniform_mix=options.uniform_mix)
+            stats, call = found[idx], calls.get(idx)
+        else:
+            stats, call = one_shot[idx], one_shot_calls.get(idx)
+        config, state = fit.fit_layer(src, stats, choice.kv_rank, choice.num_pairs, options.method, options.key_weight,
+                                      options.attention_share)
+        new = replace(idx, config, state)
+        result = LayerResult(index=idx, config=config)
+        if call is not None:
+            result.key_error, result.value_error, result.output_error = layer_errors(src, new, call)
+        say(f"layer {idx}: rank {config.kv_rank}, rope {config.rope_dim}, output error {result.output_error}")
+        results.append(result)
+    return results

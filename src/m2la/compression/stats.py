@@ -1,0 +1,257 @@
+"""Second-moment statistics of one attention layer, accumulated batch by batch (bounded memory).
+
+Everything a compressed conversion needs is a per-layer sum over calibration tokens:
+
+- ``z = [k_hat | v]`` (``[b, t, 2GD]``): the pre-RoPE keys (after the key norm for QK-norm sources)
+  and the values; their sum and uncentered second moment;
+- per-head uncentered second moments of the pre-RoPE (normalised) queries ``[H, D, D]``;
+- per-head, per-frequency mean norms of queries and keys (MHA2MLA's 2-norm RoPE selection);
+- per-head, per-frequency mean relative rotation ``E[cos/sin(angle_s - angle_t)]`` under the source
+  model's attention (mixed with uniform causal attention), used to replace RoPE by its mean rotation
+  on the key dims that lose RoPE;
+- per-head sensitivity of the attention output to score errors: ``sum_s p_ts^2 |u_s - u_bar_t|^2``
+  with ``u_s = W_o,h v_s``, which converts score errors into output errors.
+
+Sums are float64; :func:`accumulate` adds one batch, :meth:`LayerStatistics.merge` adds two partial
+sums, so statistics streamed batch by batch equal a one-shot computation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from .. import attention_math, rope
+from ..conversion import ConversionError, SourceAttention
+
+__all__ = ["LayerStatistics", "accumulate", "source_projections", "host_cos_sin_pairs"]
+
+
+@dataclass
+class LayerStatistics:
+    """Running sums over calibration tokens for one layer (all float64, on CPU)."""
+
+    tokens: torch.Tensor  # [] weighted token count
+    z_sum: torch.Tensor  # [2GD]
+    z_moment: torch.Tensor  # [2GD, 2GD]  sum z z^T
+    q_moment: torch.Tensor  # [H, D, D]   sum q q^T per head
+    q_pair_norm: torch.Tensor  # [H, P]   sum |q_{h,f}|
+    k_pair_norm: torch.Tensor  # [G, P]   sum |k_{g,f}|
+    rotation_cos: torch.Tensor  # [H, P]  sum over queries of E_s[cos(angle_s - angle_t)]
+    rotation_sin: torch.Tensor  # [H, P]  sum over queries of E_s[sin(angle_s - angle_t)]
+    score_sensitivity: torch.Tensor  # [H] sum over queries of sum_s p_ts^2 |u_s - u_bar_t|^2
+    output_energy: torch.Tensor  # [] sum over queries of |attention output (before o_proj bias)|^2
+    attended_tokens: torch.Tensor  # [] sum of attention received (= weighted query count)
+    attended_z_sum: torch.Tensor  # [2GD] sum of z weighted by the attention each token receives
+    attended_z_moment: torch.Tensor  # [2GD, 2GD]
+
+    @classmethod
+    def zeros(cls, src: SourceAttention) -> LayerStatistics:
+        H, G, D = src.num_heads, src.num_kv_heads, src.head_dim
+        P = src.rotary_dim // 2
+        z = torch.zeros
+        f64 = torch.float64
+        return cls(
+            tokens=z((), dtype=f64), z_sum=z(2 * G * D, dtype=f64), z_moment=z(2 * G * D, 2 * G * D, dtype=f64),
+            q_moment=z(H, D, D, dtype=f64), q_pair_norm=z(H, P, dtype=f64), k_pair_norm=z(G, P, dtype=f64),
+            rotation_cos=z(H, P, dtype=f64), rotation_sin=z(H, P, dtype=f64), score_sensitivity=z(H, dtype=f64),
+            output_energy=z((), dtype=f64), attended_tokens=z((), dtype=f64),
+            attended_z_sum=z(2 * G * D, dtype=f64), attended_z_moment=z(2 * G * D, 2 * G * D, dtype=f64),
+        )
+
+    def merge(self, other: LayerStatistics) -> LayerStatistics:
+        return LayerStatistics(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+
+    # --- finalised quantities ------------------------------------------------------------------
+
+    def _count(self) -> float:
+        count = float(self.tokens)
+        if count <= 0:
+            raise ConversionError("no calibration tokens reached this layer (empty calibration or all padding)")
+        return count
+
+    @property
+    def z_mean(self) -> torch.Tensor:  # [2GD]
+        return self.z_sum / self._count()
+
+    @property
+    def z_second_moment(self) -> torch.Tensor:  # [2GD, 2GD], uncentered
+        return self.z_moment / self._count()
+
+    @property
+    def z_covariance(self) -> torch.Tensor:  # [2GD, 2GD], centered
+        mean = self.z_mean
+        return self.z_second_moment - torch.outer(mean, mean)
+
+    def latent_moments(self, attention_share: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean ``[2GD]`` and uncentered second moment ``[2GD, 2GD]`` of ``z`` under a token weighting mixing
+        uniform tokens (``1 - attention_share``) with the attention each token receives (``attention_share``):
+        what attention reads most (e.g. sink tokens) must be reconstructed best."""
+        mean, moment = self.z_mean, self.z_second_moment
+        if attention_share <= 0 or float(self.attended_tokens) <= 0:
+            return mean, moment
+        count = float(self.attended_tokens)
+        a = attention_share
+        return ((1 - a) * mean + a * self.attended_z_sum / count,
+                (1 - a) * moment + a * self.attended_z_moment / count)
+
+    @property
+    def query_second_moment(self) -> torch.Tensor:  # [H, D, D]
+        return self.q_moment / self._count()
+
+    @property
+    def mean_rotation(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``E[cos(angle_s - angle_t)], E[sin(angle_s - angle_t)]``, each ``[H, P]``."""
+        count = self._count()
+        return self.rotation_cos / count, self.rotation_sin / count
+
+    @property
+    def mean_output_energy(self) -> float:
+        return float(self.output_energy) / self._count()
+
+    @property
+    def output_per_score_variance(self) -> torch.Tensor:  # [H]
+        return self.score_sensitivity / self._count()
+
+
+def host_cos_sin_pairs(cos: torch.Tensor, sin: torch.Tensor, num_pairs: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Host tables ``[b, t, 2P]`` (rotate-half layout) -> unscaled per-pair ``cos, sin [b, t, P]``."""
+    return cos[..., :num_pairs] / scaling, sin[..., :num_pairs] / scaling
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def source_projections(src: SourceAttention, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden ``[b, t, d]`` -> pre-RoPE (normalised) ``q [b, t, H, D]``, ``k [b, t, G, D]``, ``v [b, t, G, D]``."""
+    H, G, D = src.num_heads, src.num_kv_heads, src.head_dim
+
+    def linear(w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        out = hidden @ w.to(hidden.dtype).T
+        return out if b is None else out + b.to(hidden.dtype)
+
+    q = linear(src.q_weight, src.q_bias).unflatten(-1, (H, D))
+    k = linear(src.k_weight, src.k_bias).unflatten(-1, (G, D))
+    v = linear(src.v_weight, src.v_bias).unflatten(-1, (G, D))
+    if src.q_norm_weight is not None:
+        q = _rms(q, src.q_norm_weight.to(q.dtype), src.norm_eps)
+        k = _rms(k, src.k_norm_weight.to(k.dtype), src.norm_eps)
+    return q, k, v
+
+
+def _pair_split(x: torch.Tensor, src: SourceAttention) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[..., D]`` -> the x and y components of every rotary pair, each ``[..., P]``."""
+    P = src.rotary_dim // 2
+    if src.rope_interleaved:
+        return x[..., 0 : 2 * P : 2], x[..., 1 : 2 * P : 2]
+    return x[..., :P], x[..., P : 2 * P]
+
+
+@torch.no_grad()
+def accumulate(
+    stats: LayerStatistics,
+    src: SourceAttention,
+    hidden: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    token_weight: torch.Tensor | None = None,
+    uniform_mix: float = 0.25,
+) -> LayerStatistics:
+    """Add one batch to ``stats`` and return the new sums.
+
+    hidden ``[b, t, d]`` (the attention input); per-pair ``cos, sin [b|1, t, P]`` (unscaled angles of
+    every source frequency, M-RoPE already resolved); ``attention_mask`` as the host passes it to
+    attention (None = causal; see :func:`m2la.attention_math.attention_bias`); ``token_weight [b, t]``
+    (0 for padding). ``uniform_mix`` mixes uniform causal attention into the distance distribution.
+    """
+    H, D = src.num_heads, src.head_dim
+    b, t, _ = hidden.shape
+    x = hidden if hidden.dtype == torch.float64 else hidden.float()  # fp64 in, fp64 throughout
+    q, k, v = source_projections(src, x)  # [b, t, H|G, D]
+    weight = torch.ones(b, t) if token_weight is None else token_weight.float().cpu()
+    weight = weight.to(x.device, x.dtype)
+    w64 = weight.double()
+
+    z = torch.cat((k.flatten(-2), v.flatten(-2)), dim=-1).double()  # [b, t, 2GD]
+    zw = z * w64[..., None]
+    q64 = q.double()
+    qx, qy = _pair_split(q, src)
+    kx, ky = _pair_split(k, src)
+    q_norms = (qx.pow(2) + qy.pow(2)).sqrt().double()  # [b, t, H, P]
+    k_norms = (kx.pow(2) + ky.pow(2)).sqrt().double()  # [b, t, G, P]
+
+    # source attention probabilities (RoPE from the host's angles), to weigh distances and score errors
+    cos = cos.to(x.dtype).expand(b, -1, -1)
+    sin = sin.to(x.dtype).expand(b, -1, -1)
+    rot_q = _rotate(qx, qy, cos[:, :, None], sin[:, :, None], src)
+    rot_k = _rotate(kx, ky, cos[:, :, None], sin[:, :, None], src)
+    rot_k = rot_k.repeat_interleave(src.group_size, dim=2)  # [b, t, H, D]
+    scores = torch.einsum("bthd,bshd->bhts", rot_q, rot_k) * src.softmax_scale * src.rope_scaling**2
+    mask = attention_mask
+    if mask is not None and mask.dim() == 4 and mask.shape[1] not in (1, H):
+        mask = mask[:, :1]
+    if mask is not None and mask.dim() == 4:
+        mask = mask[..., -t:, -t:]
+    bias = attention_math.attention_bias(mask, t, t, x.device, x.dtype)
+    probs = torch.softmax(scores + bias, dim=-1).nan_to_num(0.0)  # [b, H, t, s]
+    allowed = torch.isfinite(bias).to(x.dtype).expand_as(probs)
+    uniform = allowed / allowed.sum(-1, keepdim=True).clamp_min(1.0)
+    mixed = (1 - uniform_mix) * probs + uniform_mix * uniform
+
+    # mean relative rotation per head and frequency: E_s[cos(a_s - a_t)], E_s[sin(a_s - a_t)]
+    p_cos = torch.einsum("bhts,bsf->bhtf", mixed, cos)
+    p_sin = torch.einsum("bhts,bsf->bhtf", mixed, sin)
+    cos_t, sin_t = cos[:, None], sin[:, None]  # [b, 1, t, P]
+    rel_cos = cos_t * p_cos + sin_t * p_sin
+    rel_sin = cos_t * p_sin - sin_t * p_cos
+    wq = weight[:, None, :, None].double()
+
+    # output change per unit score-error variance: sum_s p^2 |u_s - u_bar_t|^2 with u = W_o,h v, computed in
+    # head space through the Gram matrix O_h = W_o,h^T W_o,h  [H, D, D]
+    o_heads = src.o_weight.to(x.device, x.dtype).unflatten(1, (H, D))  # [d, H, D]
+    gram = torch.einsum("dhi,dhj->hij", o_heads, o_heads)
+    v_heads = v.repeat_interleave(src.group_size, dim=2)  # [b, s, H, D]
+    v_gram = torch.einsum("bshi,hij->bshj", v_heads, gram)
+    p2 = probs.pow(2)
+    v_bar = torch.einsum("bhts,bshd->bhtd", probs, v_heads)  # [b, H, t, D]
+    term = torch.einsum("bhts,bsh->bht", p2, (v_gram * v_heads).sum(-1))
+    term = term - 2 * (torch.einsum("bhtd,bhts,bshd->bht", v_bar, p2, v_gram))
+    term = term + torch.einsum("bhti,hij,bhtj->bht", v_bar, gram, v_bar) * p2.sum(-1)  # [b, H, t]
+    out = v_bar.permute(0, 2, 1, 3).flatten(-2) @ src.o_weight.to(x.device, x.dtype).T  # [b, t, d]
+    out_energy = out.pow(2).sum(-1).double()  # [b, t]
+    received = (probs * weight[:, None, :, None]).sum((1, 2)).double() / H  # [b, s] attention each key receives
+    zr = z * received[..., None]
+
+    return LayerStatistics(
+        tokens=stats.tokens + w64.sum().cpu(),
+        z_sum=stats.z_sum + zw.sum((0, 1)).cpu(),
+        z_moment=stats.z_moment + torch.einsum("bti,btj->ij", zw, z).cpu(),
+        q_moment=stats.q_moment + torch.einsum("bthi,bthj->hij", q64 * w64[..., None, None], q64).cpu(),
+        q_pair_norm=stats.q_pair_norm + (q_norms * w64[..., None, None]).sum((0, 1)).cpu(),
+        k_pair_norm=stats.k_pair_norm + (k_norms * w64[..., None, None]).sum((0, 1)).cpu(),
+        rotation_cos=stats.rotation_cos + (rel_cos.double() * wq).sum((0, 2)).cpu(),
+        rotation_sin=stats.rotation_sin + (rel_sin.double() * wq).sum((0, 2)).cpu(),
+        score_sensitivity=stats.score_sensitivity + (term.double() * w64[:, None]).sum((0, 2)).cpu(),
+        output_energy=stats.output_energy + (out_energy * w64).sum().cpu(),
+        attended_tokens=stats.attended_tokens + received.sum().cpu(),
+        attended_z_sum=stats.attended_z_sum + zr.sum((0, 1)).cpu(),
+        attended_z_moment=stats.attended_z_moment + torch.einsum("bti,btj->ij", zr, z).cpu(),
+    )
+
+
+def _rotate(x1: torch.Tensor, x2: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, src: SourceAttention) -> torch.Tensor:
+    """Rotate pair components ``[..., P]`` and return the full ``[..., D]`` vector (pass dims dropped)."""
+    r1 = x1 * cos - x2 * sin
+    r2 = x2 * cos + x1 * sin
+    if src.rope_interleaved:
+        return torch.stack((r1, r2), dim=-1).flatten(-2)
+    return torch.cat((r1, r2), dim=-1)
+
+
+def angles_cos_sin(positions: torch.Tensor, src: SourceAttention) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair unscaled ``cos, sin [b, t, P]`` from positions ``[b, t]`` or ``[3, b, t]``."""
+    angles = rope.rope_angles(positions, src.rope_inv_freq.double(), src.rope_axis)
+    return angles.cos().float(), angles.sin().float()
