@@ -96,13 +96,14 @@ def test_nope_mean_rotation_sign():
     """The NoPE query map applies E[R(angle_s - angle_t)]: exact when every key sits at one angle offset."""
     src = random_source(num_heads=2, num_kv_heads=1, head_dim=4)
     stats = LayerStatistics.zeros(src)
-    angle_t, angle_s = torch.tensor([0.9, 2.3]), torch.tensor([0.2, -1.1])
+    angle_t = torch.tensor([0.9, 2.3], dtype=torch.float64)  # fp64 throughout: the identity is exact
+    angle_s = torch.tensor([0.2, -1.1], dtype=torch.float64)
     stats.tokens = torch.tensor(1.0, dtype=torch.float64)
     stats.rotation_cos = torch.cos(angle_s - angle_t).double().expand(2, 2).clone()
     stats.rotation_sin = torch.sin(angle_s - angle_t).double().expand(2, 2).clone()
-    q, k = torch.randn(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
-    source = rope.apply_rope_half(q, angle_t.cos().double(), angle_t.sin().double()) @ rope.apply_rope_half(
-        k, angle_s.cos().double(), angle_s.sin().double())
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(4, dtype=torch.float64, generator=g), torch.randn(4, dtype=torch.float64, generator=g)
+    source = rope.apply_rope_half(q, angle_t.cos(), angle_t.sin()) @ rope.apply_rope_half(k, angle_s.cos(), angle_s.sin())
     q_nope = fit.nope_query_map(src, stats, "m2la")[0] @ q
     torch.testing.assert_close(q_nope @ k, source)
 
