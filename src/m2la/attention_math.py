@@ -175,17 +175,24 @@ def latent_mqa(
 
     query ``[b, t, h, r + 2p]`` (``[q_nope W_uk | q_rope]``), rows ``[b, s, r + 2p]`` (``[latent | k_rope]``).
     Returns ``out_latent [b, t, h, r]`` and ``lse [b, h, t]``. With ``return_lse=False`` (and not fp64)
-    it runs torch's fused SDPA in the inputs' dtype and returns ``lse=None``; otherwise an explicit
-    softmax in fp32/fp64 (the oracle).
+    it computes in the inputs' dtype with two batched GEMMs and returns ``lse=None``; otherwise an
+    explicit softmax in fp32/fp64 (the oracle).
     """
     t, s = query.shape[1], rows.shape[1]
     if not return_lse and query.dtype != torch.float64:
-        attn_mask, is_causal = _sdpa_mask(mask, t, s, rows.device, query.dtype)
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query.transpose(1, 2), rows[:, None], rows[:, None, :, :kv_rank], attn_mask=attn_mask,
-            is_causal=is_causal, scale=softmax_scale, enable_gqa=True,
-        )  # [b, h, t, r]: one shared key/value "head" = MQA
-        return out.transpose(1, 2), None
+        # two GEMMs with M = t*h against the shared rows; torch's SDPA with enable_gqa was ~50x slower
+        # here on CPU (it expands the single key "head" to every query head)
+        b, _, h, c = query.shape
+        scores = torch.bmm(query.reshape(b, t * h, c), rows.transpose(1, 2).to(query.dtype)) * softmax_scale
+        if mask is not None or t > 1:
+            bias = attention_bias(mask, t, s, rows.device, scores.dtype)
+            bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape)).transpose(1, 2)  # [b|1, t, h|1, s]
+            scores = (scores.view(b, t, h, s) + bias).view(b, t * h, s)
+        probs = torch.softmax(scores, dim=-1)
+        if mask is not None:
+            probs = probs.nan_to_num(0.0)  # queries with no visible key (padding) output 0
+        out = torch.bmm(probs, rows[..., :kv_rank].to(query.dtype))  # [b, t*h, r]
+        return out.view(b, t, h, kv_rank), None
     dtype = _compute_dtype(query.dtype)
     rows_c = rows.to(dtype)
     scores = torch.einsum("bthc,bsc->bhts", query.to(dtype), rows_c) * softmax_scale
