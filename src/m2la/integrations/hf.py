@@ -661,10 +661,11 @@ def from_pretrained(
         )
     model.load_state_dict(tensors, strict=False)
     model.tie_weights()
-    tied = {name for name, p in model.named_parameters(remove_duplicate=False)
-            if any(p is q for n, q in model.named_parameters() if n != name)}
-    missing = sorted(set(expected) - set(tensors) - tied)
-    missing = [k for k in missing if k in dict(model.named_parameters())]
+    # a parameter may be absent from the file only if a weight tied to it (same tensor) was loaded
+    names_by_tensor: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_by_tensor.setdefault(id(param), []).append(name)
+    missing = sorted(n for names in names_by_tensor.values() if not set(names) & set(tensors) for n in names)
     if missing:
         raise M2LACheckpointError(f"{folder}: checkpoint lacks {len(missing)} weights, e.g. {missing[:5]}")
     model.eval()
