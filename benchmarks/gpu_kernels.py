@@ -29,7 +29,12 @@ BLOCK_SIZE = 64
 
 
 def timed_ms(fn, device: torch.device, repeats: int = 20, warmup: int = 3) -> float:
-    """Median milliseconds per call (CUDA events on GPU, wall clock elsewhere)."""
+    """Milliseconds per call. CUDA: `triton.testing.do_bench` (L2 flushed before every call, so
+    short contexts are not served from the 50 MB L2; mean over ~`repeats * 10` ms). Else: median wall."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=25, rep=max(50, 10 * repeats))
     for _ in range(warmup):
         fn()
     samples = []
@@ -46,6 +51,33 @@ def timed_ms(fn, device: torch.device, repeats: int = 20, warmup: int = 3) -> fl
             fn()
             samples.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(samples)
+
+
+def graph_ms(fn, device: torch.device, repeats: int) -> float | None:
+    """Milliseconds per call replayed from a CUDA graph (no Python/launch overhead); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return timed_ms(graph.replay, device, repeats)
+
+
+def _measure(fn, device, repeats, nbytes, bandwidth) -> tuple:
+    """(ms, GB/s, % of copy BW, graph ms, graph % of copy BW) for one decode case."""
+    ms = timed_ms(fn, device, repeats)
+    try:
+        gms = graph_ms(fn, device, repeats)
+    except Exception:  # not capturable: report eager only
+        gms = None
+    gbs = nbytes / ms / 1e6
+    gpct = None if gms is None else 100 * nbytes / gms / 1e6 / bandwidth
+    return ms, gbs, 100 * gbs / bandwidth, gms, gpct
 
 
 def copy_bandwidth_gbs(device: torch.device, nbytes: int) -> float:
@@ -84,6 +116,8 @@ def check_correctness(device, dtype) -> list[str]:
 
 def decode_rows(device, dtype, batches, contexts, bandwidth, repeats):
     rows = []
+    if not contexts:
+        return rows
     for name, (kv_rank, rope_dim) in LAYOUTS.items():
         width = kv_rank + rope_dim
         num_blocks = max(batches) * math.ceil(max(contexts) / BLOCK_SIZE)
@@ -92,8 +126,8 @@ def decode_rows(device, dtype, batches, contexts, bandwidth, repeats):
         cache = torch.empty(num_blocks, BLOCK_SIZE, width, device=device, dtype=dtype).uniform_(-1, 1)
         for context in contexts:
             for batch in batches:
-                if batch * math.ceil(context / BLOCK_SIZE) > num_blocks:
-                    rows.append((name, batch, context, None, None, None))
+                if batch * math.ceil(context / BLOCK_SIZE) > num_blocks or _out_of_time():
+                    rows.append((name, batch, context, None, None, None, None, None))
                     continue
                 q, table, lens = paged_inputs(batch, context, kv_rank, rope_dim, dtype, device, cache)
                 scale = (NOPE_DIM + rope_dim) ** -0.5
@@ -101,12 +135,100 @@ def decode_rows(device, dtype, batches, contexts, bandwidth, repeats):
                 def run(q=q, table=table, lens=lens, scale=scale, kv_rank=kv_rank, cache=cache):
                     return decode_attention(q, cache, lens, scale, kv_rank, table)
 
-                ms = timed_ms(run, device, repeats)
                 nbytes = batch * context * width * dtype.itemsize + 2 * q.numel() * dtype.itemsize
-                gbs = nbytes / ms / 1e6
-                rows.append((name, batch, context, ms, gbs, 100 * gbs / bandwidth))
+                rows.append((name, batch, context, *_measure(run, device, repeats, nbytes, bandwidth)))
         del cache
     return rows
+
+
+def torch_absorbed_rows(device, dtype, batches, contexts, bandwidth, repeats):
+    """Plain-torch absorbed decode over a contiguous latent cache `[b, s, r+2p]` (two batched GEMMs
+    and a softmax, what a torch-only MLA decode does): the same bytes as our kernel, no paging."""
+    rows = []
+    for name, (kv_rank, rope_dim) in LAYOUTS.items():
+        width = kv_rank + rope_dim
+        for context in contexts:
+            for batch in batches:
+                nbytes = batch * context * width * dtype.itemsize
+                if nbytes > 0.2 * _free_bytes(device) or _out_of_time():
+                    rows.append((f"torch bmm {name}", batch, context, None, None, None, None, None))
+                    continue
+                cache = torch.empty(batch, context, width, device=device, dtype=dtype).uniform_(-1, 1)
+                q = torch.randn(batch, HEADS, width, device=device, dtype=dtype)
+                scale = (NOPE_DIM + rope_dim) ** -0.5
+
+                def run(q=q, cache=cache, scale=scale, kv_rank=kv_rank):
+                    scores = torch.bmm(q, cache.transpose(1, 2)).float() * scale  # [b, h, s]
+                    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+                    return torch.bmm(probs, cache[..., :kv_rank])  # [b, h, r]
+
+                rows.append((f"torch bmm {name}", batch, context, *_measure(run, device, repeats, nbytes, bandwidth)))
+                del cache
+    return rows
+
+
+# Decode tile configs tried by the sweep (overrides of `decode_config`), most promising first;
+# "R" stands for next_power_of_2(kv_rank): BLOCK_D = R keeps the latent query in registers for the
+# whole token loop, and BLOCK_V = BLOCK_D = R also reuses the key tile as the value tile.
+SWEEP = [
+    {},
+    dict(BLOCK_N=64),
+    dict(BLOCK_N=32),
+    dict(BLOCK_N=16),
+    dict(num_warps=4),
+    dict(BLOCK_N=32, num_warps=4),
+    dict(BLOCK_H=16),
+    dict(BLOCK_H=64, BLOCK_N=32),
+    # the chunked-score path (BLOCK_D 64, value tiles of 256): the default of earlier runs
+    dict(BLOCK_H=64, BLOCK_N=64, BLOCK_D=64, BLOCK_V=256, num_warps=4, num_stages=3),
+]
+
+
+def _resolve(config: dict, kv_rank: int) -> dict:
+    import triton
+
+    return {k: triton.next_power_of_2(kv_rank) if v == "R" else v for k, v in config.items()}
+
+
+def sweep_rows(device, dtype, batch, context, bandwidth, repeats, seconds):
+    """Time decode tile configs on one shape per layout until `seconds` run out; failures are rows too."""
+    from m2la.kernels.latent_decode.triton import latent_decode_triton
+
+    rows = []
+    stop_at = time.monotonic() + seconds
+    for name, (kv_rank, rope_dim) in LAYOUTS.items():
+        width = kv_rank + rope_dim
+        cache = torch.empty(batch * math.ceil(context / BLOCK_SIZE), BLOCK_SIZE, width, device=device, dtype=dtype)
+        cache.uniform_(-1, 1)
+        q, table, lens = paged_inputs(batch, context, kv_rank, rope_dim, dtype, device, cache)
+        scale = (NOPE_DIM + rope_dim) ** -0.5
+        nbytes = batch * context * width * dtype.itemsize
+        ref, _ = latent_decode_triton(q, cache, lens, scale, kv_rank, table)
+        for config in SWEEP:
+            if time.monotonic() > stop_at or _out_of_time():
+                rows.append((name, str(config or "default"), "skipped (time)", None, None))
+                continue
+            try:
+                config = _resolve(config, kv_rank)
+                out, _ = latent_decode_triton(q, cache, lens, scale, kv_rank, table, config=config)
+                err = (out.float() - ref.float()).abs().max().item()
+                args = (q, cache, lens, scale, kv_rank, table)
+                ms = timed_ms(
+                    lambda args=args, config=config: latent_decode_triton(*args, config=config), device, repeats
+                )
+                gbs = nbytes / ms / 1e6
+                rows.append((name, str(config or "default"), f"{err:.1e}", ms, 100 * gbs / bandwidth))
+            except Exception as exc:  # out of resources etc.: record and go on
+                rows.append((name, str(config or "default"), f"{type(exc).__name__}", None, None))
+        del cache
+    return rows
+
+
+DEADLINE = [float("inf")]
+
+
+def _out_of_time() -> bool:
+    return time.monotonic() > DEADLINE[0]
 
 
 def _free_bytes(device) -> int:
@@ -118,6 +240,8 @@ def _free_bytes(device) -> int:
 def gqa_decode_rows(device, dtype, batches, contexts, bandwidth, repeats, use_flash):
     """Decode over the uncompressed GQA cache with SDPA (and flash_attn's kvcache kernel if present)."""
     rows = []
+    if not contexts:
+        return rows
     max_tokens = max(batches) * max(contexts)
     per_token = 2 * GQA_KV_HEADS * HEAD_DIM * dtype.itemsize
     budget_tokens = min(max_tokens, int(0.8 * _free_bytes(device) / per_token))
@@ -125,8 +249,8 @@ def gqa_decode_rows(device, dtype, batches, contexts, bandwidth, repeats, use_fl
     v_all = torch.empty_like(k_all).uniform_(-1, 1)
     for context in contexts:
         for batch in batches:
-            if batch * context > budget_tokens:
-                rows.append(("GQA 8x128 SDPA", batch, context, None, None, None))
+            if batch * context > budget_tokens or _out_of_time():
+                rows.append(("GQA 8x128 SDPA", batch, context, None, None, None, None, None))
                 continue
             k = k_all[: batch * context].view(batch, context, GQA_KV_HEADS, HEAD_DIM)
             v = v_all[: batch * context].view(batch, context, GQA_KV_HEADS, HEAD_DIM)
@@ -139,12 +263,9 @@ def gqa_decode_rows(device, dtype, batches, contexts, bandwidth, repeats, use_fl
                 candidates["GQA 8x128 flash_attn"] = lambda q=q, k=k, v=v: flash_attn_with_kvcache(q, k, v, causal=True)
             for name, fn in candidates.items():
                 try:
-                    ms = timed_ms(fn, device, repeats)
+                    rows.append((name, batch, context, *_measure(fn, device, repeats, nbytes, bandwidth)))
                 except Exception as exc:  # a backend refusing a shape should not sink the report
-                    rows.append((f"{name} ({type(exc).__name__})", batch, context, None, None, None))
-                    continue
-                gbs = nbytes / ms / 1e6
-                rows.append((name, batch, context, ms, gbs, 100 * gbs / bandwidth))
+                    rows.append((f"{name} ({type(exc).__name__})", batch, context, None, None, None, None, None))
     del k_all, v_all
     return rows
 
@@ -161,6 +282,8 @@ def prefill_rows(device, dtype, chunk, prefixes, repeats):
     attention actually computed (causal), and SDPA over the GQA K/V of the same length."""
     rows = []
     for prefix in prefixes:
+        if _out_of_time():
+            break
         total = prefix + chunk
         visible_pairs = chunk * prefix + chunk * (chunk + 1) / 2
         for name, (kv_rank, rope_dim) in LAYOUTS.items():
@@ -213,26 +336,56 @@ def fmt(value, spec):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, any device: checks the script")
+    parser.add_argument("--seconds", type=float, default=270, help="time box; later cases are reported n/a")
+    parser.add_argument("--sweep-seconds", type=float, default=70, help="time box of the decode tile sweep")
+    parser.add_argument("--sections", default="sweep,decode,prefill", help="comma-separated subset to run")
+    parser.add_argument("--contexts", type=int, nargs="+", default=None, help="decode contexts (default 4K..128K)")
     args = parser.parse_args()
+    DEADLINE[0] = time.monotonic() + args.seconds
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     out_dir = pathlib.Path(os.environ.get("OUT") or "/tmp/m2la-out")
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.smoke:
         batches, contexts, chunk, prefixes, repeats, copy_bytes = [1, 2], [64, 200], 32, [0, 64], 2, 2**20
+        sweep_shape = (2, 200)
     else:
         batches, contexts = [1, 8, 32, 64], [4096, 16384, 32768, 65536, 131072]
         chunk, prefixes, repeats, copy_bytes = 4096, [0, 16384], 10, 2**30
+        sweep_shape = (32, 16384)
+    contexts = args.contexts or contexts
+    wanted = set(args.sections.split(","))
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    import triton
 
-    lines = [f"# m2la kernel benchmark ({device_name}, {dtype}, torch {torch.__version__})", ""]
+    lines = [f"# m2la kernel benchmark ({device_name}, {dtype}, torch {torch.__version__}, triton {triton.__version__})",
+             "", f"Command: `python benchmarks/gpu_kernels.py{' --smoke' if args.smoke else ''}`; "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. n/a = skipped (memory or time box).", ""]  # fmt: skip
+    report_path = out_dir / "kernels.md"
+
+    def flush() -> None:  # rewritten after every section, so a timeout still returns what was measured
+        report_path.write_text("\n".join(lines) + "\n")
+
     sections = []
     try:
         lines += ["## Correctness (Triton vs fp32 reference, b=3, 1000 tokens)", "",
                   "| case | max abs err | max lse err |", "|---|---|---|", *check_correctness(device, dtype), ""]  # fmt: skip
         bandwidth = copy_bandwidth_gbs(device, copy_bytes)
         lines += [f"Measured device copy bandwidth: **{bandwidth:.0f} GB/s** (read + write)", ""]
+        flush()
+        sections.append("sweep")
+        batch, context = sweep_shape
+        if "sweep" not in wanted:
+            batch, context = 0, 0
+        sweep = sweep_rows(device, dtype, batch, context, bandwidth, repeats, args.sweep_seconds) if batch else []
+        lines += [f"## Decode tile sweep (b={batch}, context {context}; overrides of `decode_config`)", "",
+                  "| layout | config | max diff vs default | ms | % of copy BW |", "|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {n} | {c} | {e} | {fmt(ms, '.3f')} | {fmt(p, '.0f')} |" for n, c, e, ms, p in sweep]
+        lines.append("")
+        flush()
         sections.append("decode")
+        if "decode" not in wanted:
+            contexts = []
         decode = decode_rows(device, dtype, batches, contexts, bandwidth, repeats)
         try:
             import flash_attn  # noqa: F401
@@ -241,13 +394,20 @@ def main() -> None:
         except ImportError:
             use_flash = False
         decode += gqa_decode_rows(device, dtype, batches, contexts, bandwidth, repeats, use_flash)
-        lines += ["## Decode (one token per sequence, 32 query heads)", "",
-                  "| layout | batch | context | ms | GB/s | % of copy BW |", "|---|---|---|---|---|---|"]  # fmt: skip
+        decode += torch_absorbed_rows(device, dtype, batches, contexts[:3], bandwidth, repeats)
+        lines += ["## Decode (one token per sequence, 32 query heads; bytes = cache rows read)", "",
+                  "Eager = one Python call per step (launch overhead included); graph = replayed CUDA graph.", "",
+                  "| layout | batch | context | eager ms | GB/s | % of copy BW | graph ms | graph % of copy BW |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         lines += [
-            f"| {n} | {b} | {s} | {fmt(ms, '.3f')} | {fmt(gbs, '.0f')} | {fmt(pct, '.0f')} |"
-            for n, b, s, ms, gbs, pct in decode
+            f"| {n} | {b} | {s} | {fmt(ms, '.3f')} | {fmt(gbs, '.0f')} | {fmt(pct, '.0f')} | {fmt(gms, '.3f')} "
+            f"| {fmt(gpct, '.0f')} |"
+            for n, b, s, ms, gbs, pct, gms, gpct in decode
         ]
+        flush()
         sections.append("prefill")
+        if "prefill" not in wanted:
+            prefixes = []
         prefill = prefill_rows(device, dtype, chunk, prefixes, repeats)
         lines += ["", f"## Chunked prefill ({chunk} new tokens, batch 1)", "",
                   "| path | cached prefix | chunk | ms | TFLOPS |", "|---|---|---|---|---|"]  # fmt: skip
@@ -256,9 +416,8 @@ def main() -> None:
         lines += ["", f"**FAILED** after sections {sections}:", "```", traceback.format_exc(), "```"]
         raise
     finally:
-        report = "\n".join(lines) + "\n"
-        (out_dir / "kernels.md").write_text(report)
-        print(report)
+        flush()
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -150,9 +150,19 @@ def latent_attention_expanded_sdpa(
     values = torch.einsum("bsr,hvr->bhsv", latent.to(dtype), w_uv.to(dtype))
     queries = torch.cat((q_nope, q_rope), dim=-1).transpose(1, 2)  # [b, h, t, n + 2p]
     attn_mask, is_causal = _sdpa_mask(mask, t, s, latent.device, dtype)
+    dead = None
+    if attn_mask is not None:
+        # Queries that see no key (left padding): CUDA's fused SDPA kernels return NaN there, which
+        # then leaks into later layers through 0 * NaN. Let them see every key, then zero them.
+        visible = attn_mask if attn_mask.dtype == torch.bool else attn_mask > float("-inf")
+        dead = ~visible.any(dim=-1, keepdim=True)  # [b|1, h|1, t, 1]
+        attn_mask = attn_mask | dead if attn_mask.dtype == torch.bool else attn_mask.masked_fill(dead, 0.0)
     out = torch.nn.functional.scaled_dot_product_attention(
         queries, keys, values, attn_mask=attn_mask, is_causal=is_causal, scale=softmax_scale
-    ).transpose(1, 2)  # [b, t, h, v]
+    )  # [b, h, t, v]
+    if dead is not None:
+        out = out.masked_fill(dead, 0.0)
+    out = out.transpose(1, 2)  # [b, t, h, v]
     if v_bias is not None:
         out = out + v_bias.to(dtype)
     return out

@@ -55,13 +55,19 @@ def use_backend(name: str) -> Iterator[str]:
 
 
 @functools.cache
-def _triton_import_error() -> str | None:
-    """None when triton imports, else the reason. Called only when triton may be used."""
+def _triton_import_error() -> str:
+    """"" when triton imports, else the reason. Called only when triton may be used."""
     try:
         importlib.import_module("triton")
     except Exception as exc:  # ImportError, or a broken install raising something else
         return f"{type(exc).__name__}: {exc}"
-    return None
+    return ""
+
+
+def _triton_unavailable() -> str:
+    if torch.compiler.is_compiling():  # dynamo cannot trace the import machinery; inductor needs triton anyway
+        return ""
+    return _triton_import_error()
 
 
 def triton_interpreter_enabled() -> bool:
@@ -72,14 +78,14 @@ def resolve_backend(backend: str | None, *tensors: torch.Tensor | None) -> str:
     """Turn a requested backend into the one to run: "reference" or "triton"."""
     name = _check_name(get_backend() if backend is None else backend)
     present = [t for t in tensors if t is not None]
-    all_cuda = bool(present) and all(t.is_cuda for t in present)
+    all_cuda = len(present) > 0 and all(t.is_cuda for t in present)  # len(): dynamo cannot trace bool(list)
     if name == "reference":
         return "reference"
     if name == "auto":
         # Look at devices first so CPU calls never import triton.
-        return "triton" if all_cuda and _triton_import_error() is None else "reference"
-    error = _triton_import_error()
-    if error is not None:
+        return "triton" if all_cuda and not _triton_unavailable() else "reference"
+    error = _triton_unavailable()
+    if error:
         raise BackendUnavailableError(f"backend='triton' requested but triton cannot be imported ({error})")
     if not all_cuda and not triton_interpreter_enabled():
         devices = sorted({str(t.device) for t in present})

@@ -32,6 +32,9 @@ def signature(kernel, pointer_types: dict[str, str], constexprs: dict) -> dict[s
     return sig
 
 
+H100_MAX_SHARED_BYTES = 227 * 1024  # opt-in dynamic shared memory per block on sm_90
+
+
 def compile_sm90(kernel, pointer_types, constexprs, num_warps, num_stages):
     src = ASTSource(fn=kernel, signature=signature(kernel, pointer_types, constexprs), constexprs=constexprs)
     compiled = triton.compile(
@@ -48,16 +51,23 @@ def compile_sm90(kernel, pointer_types, constexprs, num_warps, num_stages):
 
 def decode_case(heads, kv_rank, rope_dim, dtype="fp16"):
     cfg = decode.decode_config(heads, kv_rank, rope_dim, interpret=False)
-    consts = dict(PAGED=True, HAS_KV_START=False, DOT_PRECISION="tf32")
+    single_d = cfg["BLOCK_D"] >= kv_rank
+    one_value_tile = cfg["BLOCK_V"] >= kv_rank and cfg["BLOCK_V"] == cfg["BLOCK_D"]
+    consts = dict(PAGED=True, HAS_KV_START=False, DOT_PRECISION="tf32", SINGLE_D=single_d,
+                  VALUES_FROM_KEYS=single_d and one_value_tile)  # fmt: skip
     consts.update({k: v for k, v in cfg.items() if k.startswith("BLOCK")})
     ptrs = {"q_ptr": f"*{dtype}", "kv_ptr": f"*{dtype}", "block_table_ptr": "*i32", "seqlens_ptr": "*i32",
             "kv_start_ptr": "*i32", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32"}  # fmt: skip
-    return compile_sm90(decode._decode_split_kernel, ptrs, consts, cfg["num_warps"], cfg["num_stages"])
+    while True:  # like the launcher: halve BLOCK_N until the tile fits sm_90's shared memory
+        facts = compile_sm90(decode._decode_split_kernel, ptrs, consts, cfg["num_warps"], cfg["num_stages"])
+        if facts["shared"] <= H100_MAX_SHARED_BYTES or consts["BLOCK_N"] <= 16:
+            return {**facts, "BLOCK_N": consts["BLOCK_N"]}
+        consts["BLOCK_N"] //= 2
 
 
 def prefill_case(value_dim, rope_dim, dtype="fp16"):
     cfg = prefill.prefill_config(value_dim, interpret=False)
-    consts = dict(PAGED=True, DOT_PRECISION="tf32", BLOCK_ROPE=max(16, triton.next_power_of_2(rope_dim)))
+    consts = dict(PAGED=True, HAS_NOPE=True, DOT_PRECISION="tf32", BLOCK_ROPE=max(16, triton.next_power_of_2(rope_dim)))
     consts.update({k: v for k, v in cfg.items() if k.startswith("BLOCK")})
     ptrs = {"block_table_ptr": "*i32", "cu_seqlens_q_ptr": "*i32", "seqlens_ptr": "*i32",
             "out_ptr": "*fp32", "lse_ptr": "*fp32"}  # fmt: skip
@@ -70,6 +80,8 @@ def main() -> None:
     results = {
         "decode_h32_r896_rope128": decode_case(32, 896, 128),
         "decode_h32_r448_rope64_bf16": decode_case(32, 448, 64, "bf16"),
+        "decode_h64_r512_rope64_bf16": decode_case(64, 512, 64, "bf16"),
+        "decode_h128_r896_rope128": decode_case(128, 896, 128),
         "prefill_v128_rope128": prefill_case(128, 128),
     }
     print(json.dumps(results))

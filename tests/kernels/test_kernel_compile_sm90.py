@@ -1,4 +1,7 @@
-"""Compile-only check for sm_90 on CPU: the decode kernel must use wgmma and fit shared memory."""
+"""Compile-only checks for sm_90 on CPU: every default decode/prefill config fits shared memory; the
+64-head-tile decode (h > 32) and the prefill kernel use wgmma. (For h <= 32 the default decode tile is
+32 heads with the latent query resident, which runs on mma.sync: measured 2.2x faster on an H100
+than the 64-head wgmma tile with chunked scores, see benchmarks/RESULTS.md.)"""
 
 from __future__ import annotations
 
@@ -27,8 +30,17 @@ def compiled() -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("case", ["decode_h32_r896_rope128", "decode_h32_r448_rope64_bf16", "prefill_v128_rope128"])
-def test_sm90_uses_wgmma_and_fits_shared_memory(compiled, case):
+WGMMA_CASES = ["decode_h64_r512_rope64_bf16", "decode_h128_r896_rope128", "prefill_v128_rope128"]
+ALL_CASES = ["decode_h32_r896_rope128", "decode_h32_r448_rope64_bf16", *WGMMA_CASES]
+
+
+@pytest.mark.parametrize("case", ALL_CASES)
+def test_sm90_fits_shared_memory(compiled, case):
     facts = compiled[case]
-    assert facts["wgmma"] > 0, f"{case}: no wgmma in PTX ({facts})"
+    assert facts["wgmma"] + facts["mma_sync"] > 0, f"{case}: no tensor-core MMA in PTX ({facts})"
     assert facts["shared"] <= H100_MAX_SHARED_BYTES, f"{case}: {facts['shared']} B shared memory"
+
+
+@pytest.mark.parametrize("case", WGMMA_CASES)
+def test_sm90_uses_wgmma(compiled, case):
+    assert compiled[case]["wgmma"] > 0, f"{case}: no wgmma in PTX ({compiled[case]})"

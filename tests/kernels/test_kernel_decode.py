@@ -106,3 +106,61 @@ def test_triton_paged_kv_start():
     out, lse = decode_attention(q, cache, lens, 0.2, 48, table, start, num_splits=3, backend="triton")
     ref_out, ref_lse = decode_fp64(q, cache, table, seqlens, 0.2, 48, kv_start)
     assert_close_with_lse(out, lse, ref_out.float(), ref_lse.float(), atol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(BLOCK_D=64, BLOCK_V=64),  # q resident for the whole loop, values reuse the key tile
+        dict(BLOCK_D=64, BLOCK_V=32),  # q resident, two value tiles loaded separately
+        dict(BLOCK_D=64, BLOCK_V=64, BLOCK_H=16, BLOCK_N=32),
+    ],
+    ids=["values-from-keys", "resident-q", "small-h"],
+)
+@pytest.mark.parametrize("kv_start", [None, [0, 3, 40, 0]])
+def test_triton_single_d_variants(config, kv_start):
+    """The `BLOCK_D >= r` variants of the split kernel (picked by tuning) against the fp64 oracle."""
+    from m2la.kernels.latent_decode.triton import latent_decode_triton
+
+    seqlens = [0, 5, 63, 100]
+    q, cache, table, lens = make_case(7, 60, 16, seqlens, 16, torch.float32, seed=5)
+    start = None if kv_start is None else torch.tensor(kv_start, dtype=torch.int32)
+    out, lse = latent_decode_triton(q, cache, lens, 0.2, 60, table, start, num_splits=3, config=config)
+    ref_out, ref_lse = decode_fp64(q, cache, table, seqlens, 0.2, 60, kv_start)
+    assert_close_with_lse(out, lse, ref_out, ref_lse, atol=2e-5)
+
+
+def test_launcher_halves_block_n_when_shared_memory_runs_out(monkeypatch):
+    """A default tile that does not fit shared memory is retried with half the BLOCK_N (and the
+    choice is remembered); an explicit BLOCK_N in `config` is never changed."""
+    from triton.runtime.errors import OutOfResources
+
+    from m2la.kernels.latent_decode import triton as decode
+
+    tried = []
+    real_kernel = decode._decode_split_kernel
+
+    class TooBigAbove32:
+        def __getitem__(self, grid):
+            def launch(*args, BLOCK_N, **kwargs):
+                tried.append(BLOCK_N)
+                if BLOCK_N > 32:
+                    raise OutOfResources(237568, 232448, "shared memory")
+                return real_kernel[grid](*args, BLOCK_N=BLOCK_N, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(decode, "_decode_split_kernel", TooBigAbove32())
+    monkeypatch.setattr(decode, "_BLOCK_N_THAT_FITS", {})
+    default_config = decode.decode_config
+    monkeypatch.setattr(decode, "decode_config", lambda *a: {**default_config(*a), "BLOCK_N": 128})
+    seqlens = [3, 70]
+    q, cache, table, lens = make_case(3, 48, 16, seqlens, 16, torch.float32, seed=2)
+    out, lse = decode.latent_decode_triton(q, cache, lens, 0.3, 48, table)
+    ref_out, ref_lse = decode_fp64(q, cache, table, seqlens, 0.3, 48)
+    assert_close_with_lse(out, lse, ref_out, ref_lse, atol=2e-5)
+    assert tried == [128, 64, 32]
+    decode.latent_decode_triton(q, cache, lens, 0.3, 48, table)
+    assert tried[3:] == [32]  # remembered
+    with pytest.raises(OutOfResources):
+        decode.latent_decode_triton(q, cache, lens, 0.3, 48, table, config=dict(BLOCK_N=64))

@@ -40,7 +40,10 @@ def _decode_split_kernel(
     PAGED: tl.constexpr, HAS_KV_START: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_ROPE: tl.constexpr, BLOCK_V: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SINGLE_D: tl.constexpr, VALUES_FROM_KEYS: tl.constexpr,
 ):  # fmt: skip
+    # SINGLE_D: BLOCK_D >= r, so the latent query is loaded once, before the token loop.
+    # VALUES_FROM_KEYS: SINGLE_D and one value tile of width BLOCK_D: the values are the key tile.
     seq = tl.program_id(0)
     head_tile = tl.program_id(1)
     split = tl.program_id(2) // num_value_tiles
@@ -66,6 +69,12 @@ def _decode_split_kernel(
         other=0.0,
     )  # [BLOCK_H, BLOCK_ROPE]
 
+    offs_d0 = tl.arange(0, BLOCK_D)
+    if SINGLE_D:
+        q_latent = tl.load(
+            q_rows + offs_d0[None, :], mask=head_ok[:, None] & (offs_d0[None, :] < kv_rank), other=0.0
+        )  # [BLOCK_H, BLOCK_D]
+
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)  # running max, base-2 scaled
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_V], tl.float32)
@@ -79,13 +88,19 @@ def _decode_split_kernel(
             row_off = seq.to(tl.int64) * stride_kv_blk + offs_n * stride_kv_tok
         rows = kv_ptr + row_off[:, None]  # [BLOCK_N, 1]
 
-        scores = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
-        for d0 in range(0, kv_rank, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            d_ok = offs_d < kv_rank
-            q_chunk = tl.load(q_rows + offs_d[None, :], mask=head_ok[:, None] & d_ok[None, :], other=0.0)
-            k_chunk = tl.load(rows + offs_d[None, :], mask=visible[:, None] & d_ok[None, :], other=0.0)
-            scores += tl.dot(q_chunk, tl.trans(k_chunk), input_precision=DOT_PRECISION)
+        if SINGLE_D:
+            k_latent = tl.load(
+                rows + offs_d0[None, :], mask=visible[:, None] & (offs_d0[None, :] < kv_rank), other=0.0
+            )  # [BLOCK_N, BLOCK_D]
+            scores = tl.dot(q_latent, tl.trans(k_latent), input_precision=DOT_PRECISION)
+        else:
+            scores = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
+            for d0 in range(0, kv_rank, BLOCK_D):
+                offs_d = d0 + offs_d0
+                d_ok = offs_d < kv_rank
+                q_chunk = tl.load(q_rows + offs_d[None, :], mask=head_ok[:, None] & d_ok[None, :], other=0.0)
+                k_chunk = tl.load(rows + offs_d[None, :], mask=visible[:, None] & d_ok[None, :], other=0.0)
+                scores += tl.dot(q_chunk, tl.trans(k_chunk), input_precision=DOT_PRECISION)
         k_rope = tl.load(
             rows + kv_rank + offs_rope[None, :],
             mask=visible[:, None] & (offs_rope[None, :] < rope_dim),
@@ -99,7 +114,10 @@ def _decode_split_kernel(
         probs = tl.exp2(scores - m_safe[:, None])  # [BLOCK_H, BLOCK_N]
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(probs, axis=1)
-        values = tl.load(rows + offs_v[None, :], mask=visible[:, None] & value_ok[None, :], other=0.0)
+        if VALUES_FROM_KEYS:
+            values = k_latent
+        else:
+            values = tl.load(rows + offs_v[None, :], mask=visible[:, None] & value_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(probs.to(values.dtype), values, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -150,7 +168,7 @@ def _decode_combine_kernel(
 
 
 def decode_config(num_heads: int, kv_rank: int, rope_dim: int, interpret: bool) -> dict:
-    """Tile sizes. GPU: 64 heads per tile whenever h > 16 (wgmma needs M >= 64)."""
+    """Tile sizes for the split kernel (interpreter: small tiles that exercise every loop)."""
     pow2 = triton.next_power_of_2
     if interpret:  # small tiles so the tests cover multi-tile loops, chunk masks and value tiles
         return dict(
@@ -158,10 +176,23 @@ def decode_config(num_heads: int, kv_rank: int, rope_dim: int, interpret: bool) 
             BLOCK_ROPE=max(16, pow2(rope_dim)), BLOCK_V=max(16, min(64, pow2(kv_rank))),
             num_warps=4, num_stages=1,
         )  # fmt: skip
+    if num_heads <= 32 and pow2(kv_rank) <= 1024:
+        # The whole latent query stays in registers and the key tile doubles as the value tile (one
+        # pass over each row); 32 heads per tile (mma.sync) with 8 warps. Fastest of the configs
+        # swept on an H100 for r = 448 and 896 (benchmarks/RESULTS.md): 2.2x the chunked default.
+        # At r = 896 some triton versions need more than sm_90's 227 KiB of shared memory for
+        # BLOCK_N 64 (3.9 does, 3.6 does not); the launcher then halves BLOCK_N (see `_launch_split`).
+        return dict(
+            BLOCK_H=max(16, pow2(num_heads)), BLOCK_N=64, BLOCK_D=pow2(kv_rank),
+            BLOCK_ROPE=max(16, pow2(rope_dim)), BLOCK_V=pow2(kv_rank),
+            num_warps=8, num_stages=2,
+        )  # fmt: skip
+    # More heads or wider latents: chunked scores over r, value tiles of 256 (BLOCK_N 64 with 3 stages
+    # was the best chunked config on an H100).
     return dict(
-        BLOCK_H=64 if num_heads > 16 else 16, BLOCK_N=32, BLOCK_D=64,
+        BLOCK_H=64 if num_heads > 16 else 16, BLOCK_N=64, BLOCK_D=64,
         BLOCK_ROPE=max(16, pow2(rope_dim)), BLOCK_V=max(16, min(256, pow2(kv_rank))),
-        num_warps=4, num_stages=2,
+        num_warps=4, num_stages=3,
     )  # fmt: skip
 
 
@@ -174,6 +205,28 @@ def choose_num_splits(batch: int, work_tiles: int, capacity: int, block_n: int, 
     return max(1, min(wanted, 64, triton.cdiv(capacity, 4 * block_n)))
 
 
+_BLOCK_N_THAT_FITS: dict[tuple, int] = {}  # launch key -> BLOCK_N that compiled within shared memory
+
+
+def _launch_split(grid, args, constexprs, block_n: int, key: tuple, may_shrink: bool) -> None:
+    """Launch the split kernel; when a default tile needs more shared memory than the GPU has, halve
+    BLOCK_N (down to 16) and remember what fit. An explicit `config` BLOCK_N is never changed.
+    split_len stays a multiple of every smaller BLOCK_N, so the result is unchanged."""
+    from triton.runtime.errors import OutOfResources
+
+    if may_shrink:
+        block_n = min(block_n, _BLOCK_N_THAT_FITS.get(key, block_n))
+    while True:
+        try:
+            _decode_split_kernel[grid](*args, BLOCK_N=block_n, **constexprs)
+            return
+        except OutOfResources:
+            if not may_shrink or block_n <= 16:
+                raise
+            block_n //= 2
+            _BLOCK_N_THAT_FITS[key] = block_n
+
+
 def latent_decode_triton(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -183,8 +236,12 @@ def latent_decode_triton(
     block_table: torch.Tensor | None = None,
     kv_start: torch.Tensor | None = None,
     num_splits: int = 0,
+    config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as `latent_decode_reference`; `num_splits=0` picks a split count."""
+    """Same contract as `latent_decode_reference`; `num_splits=0` picks a split count.
+
+    `config` overrides entries of `decode_config` (tile sizes, warps, stages) for tuning sweeps.
+    """
     batch, num_heads, width = q.shape
     rope_dim = width - kv_rank
     assert kv_cache.shape[-1] == width and kv_cache.stride(-1) == 1 and q.stride(-1) == 1
@@ -192,10 +249,11 @@ def latent_decode_triton(
     paged = block_table is not None
     if paged:
         assert block_table.dtype == torch.int32 and block_table.stride(-1) == 1
-    cfg = decode_config(num_heads, kv_rank, rope_dim, triton_interpreter_enabled())
+    cfg = {**decode_config(num_heads, kv_rank, rope_dim, triton_interpreter_enabled()), **(config or {})}
     capacity = cache_capacity(kv_cache, block_table)
     head_tiles = triton.cdiv(num_heads, cfg["BLOCK_H"])
     value_tiles = triton.cdiv(kv_rank, cfg["BLOCK_V"])
+    single_d = cfg["BLOCK_D"] >= kv_rank
     if num_splits <= 0:
         num_splits = choose_num_splits(batch, head_tiles * value_tiles, capacity, cfg["BLOCK_N"], q.device)
     split_len = triton.cdiv(triton.cdiv(capacity, num_splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
@@ -205,7 +263,7 @@ def latent_decode_triton(
     dot_precision = "ieee" if kv_cache.dtype == torch.float32 else "tf32"
     table = block_table if paged else cache_seqlens  # any tensor: unused when not PAGED
     start = kv_start if kv_start is not None else cache_seqlens
-    _decode_split_kernel[(batch, head_tiles, num_splits * value_tiles)](
+    args = (
         q, kv_cache, table, cache_seqlens, start, part_out, part_lse,
         softmax_scale * _LOG2E,
         num_heads, kv_rank, rope_dim, kv_cache.shape[1] if paged else 1, split_len, value_tiles,
@@ -214,11 +272,16 @@ def latent_decode_triton(
         table.stride(0),
         part_out.stride(0), part_out.stride(1), part_out.stride(2),
         part_lse.stride(0), part_lse.stride(1),
-        PAGED=paged, HAS_KV_START=kv_start is not None,
-        BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+    )  # fmt: skip
+    constexprs = dict(
+        PAGED=paged, HAS_KV_START=kv_start is not None, BLOCK_H=cfg["BLOCK_H"], BLOCK_D=cfg["BLOCK_D"],
         BLOCK_ROPE=cfg["BLOCK_ROPE"], BLOCK_V=cfg["BLOCK_V"], DOT_PRECISION=dot_precision,
+        SINGLE_D=single_d, VALUES_FROM_KEYS=single_d and value_tiles == 1 and cfg["BLOCK_V"] == cfg["BLOCK_D"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
+    grid = (batch, head_tiles, num_splits * value_tiles)
+    key = (num_heads, kv_rank, rope_dim, q.dtype, kv_cache.dtype, paged, kv_start is not None)
+    _launch_split(grid, args, constexprs, cfg["BLOCK_N"], key, may_shrink=config is None or "BLOCK_N" not in config)
 
     out = torch.empty(batch, num_heads, kv_rank, device=q.device, dtype=q.dtype)
     lse = torch.empty(batch, num_heads, device=q.device, dtype=torch.float32)

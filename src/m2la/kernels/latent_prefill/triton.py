@@ -53,7 +53,7 @@ def _prefill_kernel(
     stride_kr_blk, stride_kr_tok, stride_kr_h,
     stride_v_blk, stride_v_tok, stride_v_h,
     stride_bt_b, stride_o_t, stride_o_h, stride_l_t,
-    PAGED: tl.constexpr,
+    PAGED: tl.constexpr, HAS_NOPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_ROPE: tl.constexpr, BLOCK_V: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -102,12 +102,13 @@ def _prefill_kernel(
 
         k_rope = tl.load(kr_rows + offs_rope[None, :], mask=key_ok[:, None] & rope_ok[None, :], other=0.0)
         scores = tl.dot(q_rope, tl.trans(k_rope), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-        for d0 in range(0, nope_dim, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            d_ok = offs_d < nope_dim
-            q_chunk = tl.load(qn_rows + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            k_chunk = tl.load(kn_rows + offs_d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-            scores += tl.dot(q_chunk, tl.trans(k_chunk), input_precision=DOT_PRECISION)
+        if HAS_NOPE:  # compiled out when n = 0: a zero-trip pipelined loop still loaded on sm_90
+            for d0 in range(0, nope_dim, BLOCK_D):
+                offs_d = d0 + tl.arange(0, BLOCK_D)
+                d_ok = offs_d < nope_dim
+                q_chunk = tl.load(qn_rows + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                k_chunk = tl.load(kn_rows + offs_d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+                scores += tl.dot(q_chunk, tl.trans(k_chunk), input_precision=DOT_PRECISION)
         visible = key_ok[None, :] & (offs_n[None, :] <= query_pos[:, None])
         scores = tl.where(visible, scores * scale_log2, float("-inf"))
 
@@ -157,7 +158,7 @@ def _launch(q_nope, q_rope, k_nope, k_rope, v, block_table, cu_seqlens_q, cache_
         k_rope.stride(0), k_rope.stride(1), head_strides[1],
         v.stride(0), v.stride(1), head_strides[2],
         table.stride(0), out.stride(0), out.stride(1), lse.stride(0),
-        PAGED=paged,
+        PAGED=paged, HAS_NOPE=nope_dim > 0,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
         BLOCK_ROPE=max(16, triton.next_power_of_2(rope_dim)), BLOCK_V=cfg["BLOCK_V"],
         DOT_PRECISION="ieee" if k_rope.dtype == torch.float32 else "tf32",
