@@ -4,15 +4,20 @@ Two kernels:
 
 1. `_decode_split_kernel`, grid `(b, head tiles, splits * value tiles)`: each program owns one
    sequence, `BLOCK_H` query heads (all heads share the one latent KV row, so heads are the M
-   dimension of both matmuls; BLOCK_H = 64 lets sm_90 use wgmma), one contiguous slice of the
-   sequence and one `BLOCK_V`-wide slice of the latent value columns. It streams `BLOCK_N` cache rows
-   at a time (through the block table when paged), computes scores over `[latent | rope]` in
-   `BLOCK_D`-wide chunks (so r need not be a power of two), runs an online softmax in base 2 and
-   writes a normalised partial output plus its log-sum-exp.
+   dimension of both matmuls), one contiguous slice of the sequence and one `BLOCK_V`-wide slice of
+   the latent value columns. It streams `BLOCK_N` cache rows at a time (through the block table when
+   paged), computes scores over `[latent | rope]`, runs an online softmax in base 2 and writes a
+   normalised partial output plus its log-sum-exp.
 2. `_decode_combine_kernel`, grid `(b * h, value tiles)`: merges the splits by their LSEs.
 
-Splitting the value columns bounds the fp32 accumulator (BLOCK_H x BLOCK_V) for large ranks such
-as 896; the score chunks are recomputed per value tile, served from L2.
+Two tilings (see `decode_config`):
+
+- resident (h <= 32, r <= 1024): the whole latent query row block `[BLOCK_H, next_pow2(r)]` is
+  loaded once; each cache tile is read once and serves as both keys and values (one value tile).
+  Measured fastest on an H100 (benchmarks/RESULTS.md).
+- chunked (more heads or wider latents): scores in `BLOCK_D`-wide chunks, 64-head tiles so sm_90
+  uses wgmma, value columns split into tiles of 256 to bound the fp32 accumulator
+  (BLOCK_H x BLOCK_V); the score chunks are recomputed per value tile, served from L2.
 """
 
 from __future__ import annotations
