@@ -178,28 +178,13 @@ class M2LAttention(nn.Module):
             out_latent, _ = kernels.decode_attention(q, rows, seqlens, c.softmax_scale, c.kv_rank, kv_start=starts)
             return torch.einsum("bhr,hvr->bhv", out_latent, w_uv.to(out_latent.dtype))[:, None]
         w_uk_t, w_uv_t = w_uk.transpose(1, 2), w_uv.transpose(1, 2)  # kernels take [h, r, n], [h, r, v]
-        if not bool((starts > 0).any()):
-            cu_seqlens = torch.arange(0, (b + 1) * t, t, dtype=torch.int32, device=rows.device)
-            out, _ = kernels.prefill_attention(
-                q_nope.flatten(0, 1), q_rope.flatten(0, 1), rows, w_uk_t, w_uv_t, cu_seqlens, seqlens,
-                c.softmax_scale, max_seqlen_q=t,
-            )
-            return out.unflatten(0, (b, t))
-        # left padding: each sequence attends from its first real key; padding queries output 0
-        out = q_rope.new_zeros(b, t, h, c.v_head_dim)
-        for i, start in enumerate(starts.tolist()):
-            first_real_query = max(0, start - (s - t))
-            n_real = t - first_real_query
-            if n_real == 0:
-                continue
-            seq_out, _ = kernels.prefill_attention(
-                q_nope[i, first_real_query:], q_rope[i, first_real_query:], rows[i : i + 1, start:], w_uk_t, w_uv_t,
-                torch.tensor([0, n_real], dtype=torch.int32, device=rows.device),
-                torch.tensor([s - start], dtype=torch.int32, device=rows.device), c.softmax_scale,
-                max_seqlen_q=n_real,
-            )
-            out[i, first_real_query:] = seq_out
-        return out
+        # Left padding: kv_start hides each sequence's padding keys; padding queries see no key -> 0.
+        cu_seqlens = torch.arange(0, (b + 1) * t, t, dtype=torch.int32, device=rows.device)
+        out, _ = kernels.prefill_attention(
+            q_nope.flatten(0, 1), q_rope.flatten(0, 1), rows, w_uk_t, w_uv_t, cu_seqlens, seqlens,
+            c.softmax_scale, None, starts, max_seqlen_q=t,
+        )  # fmt: skip
+        return out.unflatten(0, (b, t))
 
     def forward(
         self,

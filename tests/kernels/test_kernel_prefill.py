@@ -25,7 +25,7 @@ def make_case(heads, kv_rank, rope_dim, nope_dim, value_dim, new_lens, cached_le
     return q_nope, q_rope, cache, w_uk, w_uv, cu, torch.tensor(seqlens, dtype=torch.int32), table
 
 
-def prefill_fp64_absorbed(q_nope, q_rope, cache, w_uk, w_uv, cu, seqlens, scale, table):
+def prefill_fp64_absorbed(q_nope, q_rope, cache, w_uk, w_uv, cu, seqlens, scale, table, kv_start=None):
     """Absorbed route in fp64 (q_lat = q_nope W_uk^T, MQA over the latent, then W_uv): a different
     computation from the reference's expanded one, so the two checking each other means something."""
     kv_rank = w_uk.shape[1]
@@ -36,7 +36,10 @@ def prefill_fp64_absorbed(q_nope, q_rope, cache, w_uk, w_uv, cu, seqlens, scale,
         q_lat = torch.einsum("thn,hrn->htr", q_nope[lo:hi].double(), w_uk.double())
         q = torch.cat([q_lat, q_rope[lo:hi].double().transpose(0, 1)], dim=-1)  # [h, t, r+2p]
         pos = length - (hi - lo) + torch.arange(hi - lo)
-        visible = torch.arange(length)[None, :] <= pos[:, None]  # [t, s]
+        first = 0 if kv_start is None else kv_start[seq]
+        rows = rows.clone()
+        rows[:first] = 0.0  # hidden (possibly NaN) rows: masked below, zeroed so 0 * NaN cannot leak
+        visible = (torch.arange(length)[None, :] <= pos[:, None]) & (torch.arange(length)[None, :] >= first)  # [t, s]
         out_lat, lse = dense_attention_fp64(q, rows[None], rows[None, :, :kv_rank], scale, visible)
         outs.append(torch.einsum("htr,hrv->thv", out_lat, w_uv.double()))
         lses.append(lse.T)
@@ -87,3 +90,35 @@ def test_mode_rule():
     assert choose_prefill_mode(4096, 1, 896, 128, 128) == "expanded"
     assert choose_prefill_mode(100 * 64, 64, 896, 128, 128) == "absorbed"  # 100 tokens per sequence
     assert choose_prefill_mode(10**6, 1, 64, 128, 128) == "absorbed"  # n + v >= 2r: never expand
+
+
+KV_START = [3, 0, 50]  # hides padding keys; in the third sequence the first 7 new queries see nothing
+
+
+@pytest.mark.parametrize("shape", ["r48", "lossless-n0"])
+def test_reference_kv_start_matches_fp64(shape):
+    case = make_case(3, *SHAPES[shape], [17, 0, 20], [0, 30, 43], 16, torch.float32, seed=7)
+    start = torch.tensor(KV_START, dtype=torch.int32)
+    cache, table = case[2], case[7]
+    for seq, first in enumerate(KV_START):  # hidden rows hold NaN: they must never reach the result
+        for pos in range(first):
+            cache[table[seq, pos // 16], pos % 16] = float("nan")
+    out, lse = prefill_attention(*case[:7], 0.15, table, start, backend="reference")
+    ref_out, ref_lse = prefill_fp64_absorbed(*case[:7], 0.15, table, KV_START)
+    assert_close_with_lse(out, lse, ref_out, ref_lse, atol=1e-5)
+    assert torch.isinf(lse[17 + 0 : 17 + 7]).all() and (out[17:24] == 0).all()  # queries at 43..49 see nothing
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("mode", ["absorbed", "expanded"])
+def test_triton_kv_start_matches_reference(mode, dtype):
+    case = make_case(3, *SHAPES["r48"], [17, 0, 20], [0, 30, 43], 16, dtype, seed=9)
+    start = torch.tensor(KV_START, dtype=torch.int32)
+    cache, table = case[2], case[7]
+    for seq, first in enumerate(KV_START):
+        for pos in range(first):
+            cache[table[seq, pos // 16], pos % 16] = float("nan")
+    out, lse = prefill_attention(*case[:7], 0.15, table, start, mode=mode, backend="triton")
+    ref_out, ref_lse = prefill_attention(*case[:7], 0.15, table, start, backend="reference")
+    assert torch.isfinite(out).all()
+    assert_close_with_lse(out, lse, ref_out, ref_lse, atol=TOL[dtype], rtol=TOL[dtype])

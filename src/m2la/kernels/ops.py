@@ -87,6 +87,7 @@ def _latent_prefill_op(
     cu_seqlens_q: Tensor,
     cache_seqlens: Tensor,
     block_table: Tensor | None,
+    kv_start: Tensor | None,
     softmax_scale: float,
     max_seqlen_q: int,
     mode: str,
@@ -97,15 +98,15 @@ def _latent_prefill_op(
 
         return latent_prefill_triton(
             q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, softmax_scale,
-            block_table, max_seqlen_q, mode,
+            block_table, max_seqlen_q, mode, kv_start,
         )  # fmt: skip
     return latent_prefill_reference(
-        q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, softmax_scale, block_table
+        q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, softmax_scale, block_table, kv_start
     )
 
 
 @_latent_prefill_op.register_fake
-def _latent_prefill_fake(q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, block_table,
+def _latent_prefill_fake(q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, block_table, kv_start,
                          softmax_scale, max_seqlen_q, mode, backend):  # fmt: skip
     tokens, heads, _ = q_nope.shape
     return q_nope.new_empty(tokens, heads, w_uv.shape[-1]), q_nope.new_empty(tokens, heads, dtype=torch.float32)
@@ -121,6 +122,7 @@ def prefill_attention(
     cache_seqlens: Tensor,
     softmax_scale: float,
     block_table: Tensor | None = None,
+    kv_start: Tensor | None = None,
     *,
     max_seqlen_q: int = 0,
     mode: str = "auto",
@@ -131,7 +133,8 @@ def prefill_attention(
     `q_nope [tq, h, n]`, `q_rope [tq, h, 2p]` packed by `cu_seqlens_q [b+1]` int32; the chunk must
     already be in the cache (`write_latent_cache`), `cache_seqlens [b]` int32 counts it. `w_uk [h, r, n]`
     (k_nope_h = latent @ w_uk[h]), `w_uv [h, r, v]` (v_h = latent @ w_uv[h]). Returns `out [tq, h, v]`
-    and `lse [tq, h]` fp32. `mode` ("auto" | "absorbed" | "expanded") picks how the Triton kernel
+    and `lse [tq, h]` fp32. Optional `kv_start [b]` int32 hides cache positions before it (left
+    padding); a query that sees no key gives 0 and -inf. `mode` ("auto" | "absorbed" | "expanded") picks how the Triton kernel
     runs; "auto" follows `latent_prefill.triton.choose_prefill_mode`: expanded exactly when
     `t * (2r - n - v) > r * (n + v)` with `t` new tokens per sequence (InternVideo3: t > ~150).
     `max_seqlen_q=0` makes the Triton path read it from `cu_seqlens_q` (one host sync).
@@ -141,9 +144,11 @@ def prefill_attention(
     kv_rank = w_uk.shape[1]
     if kv_cache.shape[-1] != kv_rank + q_rope.shape[-1]:
         raise ValueError(f"cache width {kv_cache.shape[-1]} != r ({kv_rank}) + 2p ({q_rope.shape[-1]})")
-    chosen = resolve_backend(backend, q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, block_table)
+    chosen = resolve_backend(
+        backend, q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, block_table, kv_start
+    )
     return torch.ops.m2la.latent_prefill(
-        q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, block_table,
+        q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, block_table, kv_start,
         float(softmax_scale), int(max_seqlen_q), mode, chosen,
     )  # fmt: skip
 

@@ -17,6 +17,7 @@ def latent_prefill_reference(
     cache_seqlens: torch.Tensor,
     softmax_scale: float,
     block_table: torch.Tensor | None = None,
+    kv_start: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal variable-length attention of new query tokens over their sequence's cache.
 
@@ -24,6 +25,8 @@ def latent_prefill_reference(
     cache rows `[latent r | rope key 2p]`, `w_uk [h, r, n]`, `w_uv [h, r, v]`,
     `cache_seqlens [b]` = tokens in the cache *including* the new chunk (already written), so the
     i-th of `t_b` new tokens sits at position `cache_seqlens[b] - t_b + i` and sees keys up to it.
+    Optional `kv_start [b]` int32 hides cache positions before it (left padding): those rows never
+    reach the result, even NaN, and a query that sees no key gives `out = 0`, `lse = -inf`.
     Returns `out [tq, h, v]` in q's dtype and `lse [tq, h]` fp32. Computed expanded:
     `k_h = [latent @ w_uk_h | k_rope]`, `v_h = latent @ w_uv_h`.
     """
@@ -31,11 +34,14 @@ def latent_prefill_reference(
     outs, lses = [], []
     starts = cu_seqlens_q.tolist()
     seqlens = cache_seqlens.tolist()
+    firsts = [0] * len(seqlens) if kv_start is None else kv_start.tolist()
     for seq, (q_lo, q_hi) in enumerate(zip(starts[:-1], starts[1:], strict=True)):
         num_new, num_keys = q_hi - q_lo, seqlens[seq]
         table = None if block_table is None else block_table[seq : seq + 1]
         cache = kv_cache[seq : seq + 1] if block_table is None else kv_cache
         rows = gather_cache_rows(cache, table, num_keys)[0].float()  # [s, r+2p]
+        key_pos = torch.arange(num_keys, device=rows.device)  # [s]
+        rows = torch.where((key_pos >= firsts[seq])[:, None], rows, 0.0)  # hidden rows: keep NaN out
         latent, k_rope = rows[:, :kv_rank], rows[:, kv_rank:]
         k_nope = torch.einsum("sr,hrn->hsn", latent, w_uk.float())  # [h, s, n]
         values = torch.einsum("sr,hrv->hsv", latent, w_uv.float())  # [h, s, v]
@@ -43,7 +49,7 @@ def latent_prefill_reference(
         qr = q_rope[q_lo:q_hi].float().transpose(0, 1)  # [h, t, 2p]
         scores = (qn @ k_nope.transpose(1, 2) + qr @ k_rope.T) * softmax_scale  # [h, t, s]
         query_pos = num_keys - num_new + torch.arange(num_new, device=rows.device)  # [t]
-        causal = torch.arange(num_keys, device=rows.device)[None, :] <= query_pos[:, None]  # [t, s]
+        causal = (key_pos[None, :] <= query_pos[:, None]) & (key_pos[None, :] >= firsts[seq])  # [t, s]
         scores = scores.masked_fill(~causal, float("-inf"))
         lse = torch.logsumexp(scores, dim=-1)  # [h, t]
         probs = torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0.0)[..., None])

@@ -45,7 +45,7 @@ def choose_prefill_mode(num_new_tokens: int, batch: int, kv_rank: int, nope_dim:
 @triton.jit
 def _prefill_kernel(
     q_nope_ptr, q_rope_ptr, k_nope_ptr, k_rope_ptr, v_ptr, block_table_ptr, cu_seqlens_q_ptr, seqlens_ptr,
-    out_ptr, lse_ptr,
+    kv_start_ptr, out_ptr, lse_ptr,
     scale_log2,
     nope_dim, rope_dim, value_dim, block_size, num_value_tiles,
     stride_qn_t, stride_qn_h, stride_qr_t, stride_qr_h,
@@ -53,7 +53,7 @@ def _prefill_kernel(
     stride_kr_blk, stride_kr_tok, stride_kr_h,
     stride_v_blk, stride_v_tok, stride_v_h,
     stride_bt_b, stride_o_t, stride_o_h, stride_l_t,
-    PAGED: tl.constexpr, HAS_NOPE: tl.constexpr,
+    PAGED: tl.constexpr, HAS_NOPE: tl.constexpr, HAS_KV_START: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_ROPE: tl.constexpr, BLOCK_V: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -65,6 +65,9 @@ def _prefill_kernel(
     q_lo = tl.load(cu_seqlens_q_ptr + seq)
     num_new = tl.load(cu_seqlens_q_ptr + seq + 1) - q_lo
     seqlen = tl.load(seqlens_ptr + seq)
+    first = 0  # keys before it are hidden (left padding)
+    if HAS_KV_START:
+        first = tl.load(kv_start_ptr + seq)
     offs_m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] index within the new chunk
     row_ok = offs_m < num_new
     query_pos = seqlen - num_new + offs_m  # absolute position of each query in its sequence
@@ -86,9 +89,9 @@ def _prefill_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
-    for start in range(0, hi, BLOCK_N):
+    for start in range((first // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        key_ok = offs_n < hi
+        key_ok = (offs_n < hi) & (offs_n >= first)
         if PAGED:
             blk = tl.load(block_table_ptr + seq * stride_bt_b + offs_n // block_size, mask=key_ok, other=0)
             blk = blk.to(tl.int64)
@@ -138,7 +141,7 @@ def prefill_config(value_dim: int, interpret: bool) -> dict:
                 num_warps=4, num_stages=2)  # fmt: skip
 
 
-def _launch(q_nope, q_rope, k_nope, k_rope, v, block_table, cu_seqlens_q, cache_seqlens, out, lse,
+def _launch(q_nope, q_rope, k_nope, k_rope, v, block_table, cu_seqlens_q, cache_seqlens, kv_start, out, lse,
             softmax_scale, block_size, head_strides, max_seqlen_q):  # fmt: skip
     """k_nope/k_rope/v: `[blocks|b, tokens, ...]` views whose dims 0/1 address a token."""
     num_heads = q_nope.shape[1]
@@ -150,7 +153,8 @@ def _launch(q_nope, q_rope, k_nope, k_rope, v, block_table, cu_seqlens_q, cache_
     batch = cu_seqlens_q.shape[0] - 1
     grid = (triton.cdiv(max(1, max_seqlen_q), cfg["BLOCK_M"]), batch, num_heads * value_tiles)
     _prefill_kernel[grid](
-        q_nope, q_rope, k_nope, k_rope, v, table, cu_seqlens_q, cache_seqlens, out, lse,
+        q_nope, q_rope, k_nope, k_rope, v, table, cu_seqlens_q, cache_seqlens,
+        kv_start if kv_start is not None else cache_seqlens, out, lse,
         softmax_scale * _LOG2E,
         nope_dim, rope_dim, value_dim, block_size, value_tiles,
         q_nope.stride(0), q_nope.stride(1), q_rope.stride(0), q_rope.stride(1),
@@ -158,7 +162,7 @@ def _launch(q_nope, q_rope, k_nope, k_rope, v, block_table, cu_seqlens_q, cache_
         k_rope.stride(0), k_rope.stride(1), head_strides[1],
         v.stride(0), v.stride(1), head_strides[2],
         table.stride(0), out.stride(0), out.stride(1), lse.stride(0),
-        PAGED=paged, HAS_NOPE=nope_dim > 0,
+        PAGED=paged, HAS_NOPE=nope_dim > 0, HAS_KV_START=kv_start is not None,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
         BLOCK_ROPE=max(16, triton.next_power_of_2(rope_dim)), BLOCK_V=cfg["BLOCK_V"],
         DOT_PRECISION="ieee" if k_rope.dtype == torch.float32 else "tf32",
@@ -178,12 +182,14 @@ def latent_prefill_triton(
     block_table: torch.Tensor | None = None,
     max_seqlen_q: int = 0,
     mode: str = "auto",
+    kv_start: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `latent_prefill_reference`. `mode`: "absorbed", "expanded" or "auto"."""
     num_tokens, num_heads, nope_dim = q_nope.shape
     kv_rank, value_dim = w_uk.shape[1], w_uv.shape[2]
     batch = cu_seqlens_q.shape[0] - 1
     assert cu_seqlens_q.dtype == torch.int32 and cache_seqlens.dtype == torch.int32
+    assert kv_start is None or kv_start.dtype == torch.int32
     assert kv_cache.stride(-1) == 1
     if max_seqlen_q <= 0:  # host sync; pass it to stay sync-free
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()) if batch else 0
@@ -198,7 +204,7 @@ def latent_prefill_triton(
         q_latent = torch.einsum("thn,hrn->thr", q_nope.float(), w_uk.float()).to(dtype)  # [tq, h, r]
         out_latent = torch.empty(num_tokens, num_heads, kv_rank, device=q_nope.device, dtype=torch.float32)
         latent, k_rope = kv_cache[..., :kv_rank], kv_cache[..., kv_rank:]
-        _launch(q_latent, q_rope, latent, k_rope, latent, block_table, cu_seqlens_q, cache_seqlens,
+        _launch(q_latent, q_rope, latent, k_rope, latent, block_table, cu_seqlens_q, cache_seqlens, kv_start,
                 out_latent, lse, softmax_scale, block_size, (0, 0, 0), max_seqlen_q)  # fmt: skip
         out = torch.einsum("thr,hrv->thv", out_latent, w_uv.float())  # [tq, h, v]
         return out.to(q_nope.dtype), lse
@@ -211,6 +217,6 @@ def latent_prefill_triton(
     k_nope = torch.einsum("bsr,hrn->bshn", latent.float(), w_uk.float()).to(dtype)  # [b, s, h, n]
     values = torch.einsum("bsr,hrv->bshv", latent.float(), w_uv.float()).to(dtype)  # [b, s, h, v]
     out = torch.empty(num_tokens, num_heads, value_dim, device=q_nope.device, dtype=q_nope.dtype)
-    _launch(q_nope.to(dtype), q_rope, k_nope, k_rope, values, None, cu_seqlens_q, cache_seqlens,
+    _launch(q_nope.to(dtype), q_rope, k_nope, k_rope, values, None, cu_seqlens_q, cache_seqlens, kv_start,
             out, lse, softmax_scale, 1, (k_nope.stride(2), 0, values.stride(2)), max_seqlen_q)  # fmt: skip
     return out, lse
