@@ -67,9 +67,9 @@ def decode_case(heads, kv_rank, rope_dim, dtype="fp16"):
 
 def prefill_case(value_dim, rope_dim, dtype="fp16"):
     cfg = prefill.prefill_config(value_dim, interpret=False)
-    consts = dict(PAGED=True, HAS_NOPE=True, DOT_PRECISION="tf32", BLOCK_ROPE=max(16, triton.next_power_of_2(rope_dim)))
+    consts = dict(PAGED=True, HAS_NOPE=True, HAS_KV_START=True, DOT_PRECISION="tf32", BLOCK_ROPE=max(16, triton.next_power_of_2(rope_dim)))
     consts.update({k: v for k, v in cfg.items() if k.startswith("BLOCK")})
-    ptrs = {"block_table_ptr": "*i32", "cu_seqlens_q_ptr": "*i32", "seqlens_ptr": "*i32",
+    ptrs = {"block_table_ptr": "*i32", "cu_seqlens_q_ptr": "*i32", "seqlens_ptr": "*i32", "kv_start_ptr": "*i32",
             "out_ptr": "*fp32", "lse_ptr": "*fp32"}  # fmt: skip
     ptrs.update({n: f"*{dtype}" for n in ("q_nope_ptr", "q_rope_ptr", "k_nope_ptr", "k_rope_ptr", "v_ptr")})
     return compile_sm90(prefill._prefill_kernel, ptrs, consts, cfg["num_warps"], cfg["num_stages"])
