@@ -345,3 +345,158 @@ def test_compressed_save_load_round_trip(tmp_path):
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
     assert [m.config.cache_width for m in loaded.modules() if isinstance(m, m2la.M2LAttention)] == [
         layer.kv_rank + layer.rope_dim for layer in report.layers]
+
+
+# --- errors split into text and vision tokens (VLMs) -----------------------------------------------------
+
+SPLIT = ("key_error_text", "key_error_vision", "value_error_text", "value_error_vision", "output_error_text",
+         "output_error_vision")
+
+
+def _vl_batches(model):
+    """Three image batches of different layouts; the last one is held out for the error report."""
+    return [tiny_hf.image_inputs(model, batch=2), tiny_hf.image_inputs(model, batch=2, text_before=5),
+            tiny_hf.image_inputs(model, batch=2, grid_h=4, grid_w=4, text_before=2, text_after=6)]
+
+
+@pytest.mark.parametrize("family,sequential", [("qwen2_vl", False), ("qwen3_vl", False), ("qwen3_vl", True)])
+def test_vlm_report_splits_errors_into_text_and_vision_tokens(family, sequential, tmp_path):
+    import json
+
+    model = tiny_hf.build(family, 6, 2, 16)
+    report = m2la.convert(model, compression=2.0, calibration=_vl_batches(model), pair_grid_points=4,
+                          sequential=sequential)
+    assert report.has_token_split
+    for layer in report.layers:
+        for kind in ("key", "value", "output"):
+            overall, text, vision = (getattr(layer, f"{kind}_error{suffix}") for suffix in ("", "_text", "_vision"))
+            assert all(x is not None and math.isfinite(x) and x > 0 for x in (overall, text, vision)), (kind, layer)
+            # the overall error is an energy-weighted mean of the two (squared): it lies between them
+            assert min(text, vision) * (1 - 1e-6) <= overall <= max(text, vision) * (1 + 1e-6), (kind, layer)
+    table = report.to_table()
+    assert "key vis" in table and "out txt" in table
+    report.save_json(tmp_path / "report.json")
+    saved = json.loads((tmp_path / "report.json").read_text())["layers"]
+    for layer, data in zip(report.layers, saved, strict=True):
+        assert {name: data[name] for name in SPLIT} == {name: getattr(layer, name) for name in SPLIT}
+
+
+def test_text_only_report_has_no_token_split():
+    model = tiny_hf.build("qwen3", 6, 2, 16)
+    batches = [_family_inputs(model, "qwen3", seed) for seed in range(2)]
+    report = m2la.convert(model, compression=2.0, calibration=batches, pair_grid_points=4)
+    assert not report.has_token_split
+    assert all(getattr(layer, name) is None for layer in report.layers for name in SPLIT)
+    assert all(layer.output_error is not None for layer in report.layers)
+    assert "vis" not in report.to_table()
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_vlm_split_errors_match_an_independent_computation(family):
+    """Recompute the held-out errors from the transformers attention modules themselves.
+
+    The held-out call is captured on an unconverted copy (first sequence of the last batch, as the
+    report uses); vision tokens are the fixture's image placeholder ids. Output errors are compared
+    directly (original HF attention vs the converted layer on the same inputs). For keys and values the
+    reference energies of text and vision tokens, computed here from q/k/v projections, RoPE and QK-norm,
+    must combine the reported split errors into the reported overall error.
+    """
+    base = tiny_hf.build(family, 6, 2, 16)
+    model = copy.deepcopy(base)
+    batches = _vl_batches(base)
+    report = m2la.convert(model, kv_rank=8, rope_dim=8, calibration=batches)
+
+    captured = {}
+    decoder = hf._decoder(base)
+
+    def capture(idx):
+        def hook(module, args, kwargs):
+            captured[idx] = kwargs
+        return hook
+
+    handles = [layer.self_attn.register_forward_pre_hook(capture(i), with_kwargs=True)
+               for i, layer in enumerate(decoder.layers)]
+    with torch.no_grad():
+        base(**batches[-1], use_cache=False)
+    for handle in handles:
+        handle.remove()
+    ids = batches[-1]["input_ids"][0]
+    vision = ids == tiny_hf.IMAGE_TOKEN
+    assert 0 < int(vision.sum()) < ids.numel()
+    converted = hf._decoder(model).layers
+
+    def relative(error, reference, select):
+        return float(error[select].norm() / reference[select].norm())
+
+    for i, layer in enumerate(decoder.layers):
+        kwargs = captured[i]
+        hidden = kwargs["hidden_states"][:1]
+        cos, sin = (x[:1] for x in kwargs["position_embeddings"])
+        mask = kwargs.get("attention_mask")
+        mask = mask[:1] if isinstance(mask, torch.Tensor) else mask
+        call = dict(hidden_states=hidden, position_embeddings=(cos, sin), attention_mask=mask)
+        attn = layer.self_attn
+        with torch.no_grad():
+            reference = attn(**call)[0][0]  # [t, d]
+            got = converted[i].self_attn(**call)[0][0]
+        r = report.layers[i]
+        error = got - reference
+        assert r.output_error_vision == pytest.approx(relative(error, reference, vision), rel=1e-3)
+        assert r.output_error_text == pytest.approx(relative(error, reference, ~vision), rel=1e-3)
+        assert r.output_error == pytest.approx(float(error.norm() / reference.norm()), rel=1e-3)
+
+        # reference energies of values and of causal attention logits, by token type (of the key)
+        with torch.no_grad():
+            t, D = hidden.shape[1], attn.head_dim
+            q = attn.q_proj(hidden[0]).unflatten(-1, (-1, D))  # [t, H, D]
+            k = attn.k_proj(hidden[0]).unflatten(-1, (-1, D))  # [t, G, D]
+            v = attn.v_proj(hidden[0]).unflatten(-1, (-1, D))
+            if getattr(attn, "q_norm", None) is not None:
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            c, s = cos[0][:, None], sin[0][:, None]
+            q, k = q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            scores = torch.einsum("thd,shd->hts", q, k)
+            causal = torch.ones(t, t, dtype=torch.bool).tril()
+        score_energy = [float(scores[:, causal & keys[None, :]].pow(2).sum()) for keys in (~vision, vision)]
+        value_energy = [float(v[keys].pow(2).sum()) for keys in (~vision, vision)]
+        for kind, energy in (("key", score_energy), ("value", value_energy)):
+            text, vis, overall = (getattr(r, f"{kind}_error{suffix}") for suffix in ("_text", "_vision", ""))
+            combined = math.sqrt((text**2 * energy[0] + vis**2 * energy[1]) / sum(energy))
+            assert overall == pytest.approx(combined, rel=1e-3), (kind, i)
+            assert abs(text - vis) > 1e-3 * overall  # the identity would hold trivially for equal splits
+
+
+def test_layer_error_split_by_token_selection():
+    """Per-token value errors: the vision split equals the overall error on a call of only vision tokens."""
+    src = random_source(dtype=torch.float32)
+    positions = _positions(1, 12, False)
+    hidden = _hidden(src, 1, 12)
+    stats = _stats(src, hidden, positions)
+    config, state = fit.fit_layer(src, stats, kv_rank=8, num_pairs=4)
+    module = m2la.M2LAttention(config)
+    module.load_state_dict(state)
+    cos, sin = angles_cos_sin(positions, src)
+    vision = torch.zeros(1, 12, dtype=torch.bool)
+    vision[0, 3:8] = True
+    from m2la.compression import measure_layer_errors
+
+    split = measure_layer_errors(src, module, AttentionCall(hidden, cos, sin, vision=vision))
+    plain = measure_layer_errors(src, module, AttentionCall(hidden, cos, sin))
+    assert (split.key, split.value, split.output) == (plain.key, plain.value, plain.output)
+    assert plain.key_text is plain.value_vision is plain.output_text is None
+    for select, got in ((vision[0], split.value_vision), (~vision[0], split.value_text)):
+        sub = measure_layer_errors(src, module, AttentionCall(hidden[:, select], cos[:, select], sin[:, select]))
+        assert got == pytest.approx(sub.value, rel=1e-5)
+    # causal: the output of the first text tokens (before any vision token) depends only on them
+    prefix = measure_layer_errors(src, module, AttentionCall(hidden[:, :3], cos[:, :3], sin[:, :3]))
+    head = measure_layer_errors(src, module, AttentionCall(hidden, cos, sin, vision=~torch.arange(12).lt(3)[None]))
+    assert head.output_text == pytest.approx(prefix.output, rel=1e-5)
+    assert head.key_text != pytest.approx(prefix.key, rel=1e-3)  # keys of text tokens are also scored by later queries
+    everything = measure_layer_errors(src, module, AttentionCall(hidden, cos, sin, vision=torch.ones(1, 12, dtype=torch.bool)))
+    assert everything.output_vision == everything.output and everything.output_text is None

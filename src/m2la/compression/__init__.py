@@ -13,7 +13,7 @@ and ``fit._latent_problem``).
 from __future__ import annotations
 
 from .allocate import LayerChoice, allocate_budget, width_budget
-from .calibrate import AttentionCall, collect_statistics, layer_errors
+from .calibrate import AttentionCall, LayerErrors, collect_statistics, layer_errors, measure_layer_errors
 from .driver import CompressionOptions, LayerResult, compress_layers, plan_choices
 from .fit import METHODS, fit_layer, rope_plan
 from .stats import LayerStatistics, accumulate
@@ -23,6 +23,7 @@ __all__ = [
     "AttentionCall",
     "CompressionOptions",
     "LayerChoice",
+    "LayerErrors",
     "LayerResult",
     "LayerStatistics",
     "accumulate",
@@ -31,6 +32,7 @@ __all__ = [
     "compress_layers",
     "fit_layer",
     "layer_errors",
+    "measure_layer_errors",
     "plan_choices",
     "rope_plan",
     "width_budget",

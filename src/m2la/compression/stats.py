@@ -11,6 +11,11 @@ Everything a compressed conversion needs is a per-layer sum over calibration tok
   on the key dims that lose RoPE;
 - per-head sensitivity of the attention output to score errors: ``sum_s p_ts^2 |u_s - u_bar_t|^2``
   with ``u_s = W_o,h v_s``, which converts score errors into output errors.
+- for m2la's least-squares refit of the up-projections, per head: second moments of ``[z | 1]`` weighted
+  by the attention each token receives from that head, of the attention-averaged ``[z | 1]``, and the
+  cross moment of ``[z | 1]`` with the pre-RoPE key pairs rotated by the relative rotation each key is
+  scored with (``sum_t p_ts e^{i(angle_s - angle_t)}``). These are ``O(H (2GD)^2)`` per layer, the
+  largest sums kept (about 32 MB per SmolLM2-135M layer in fp64).
 
 Sums are float64; :func:`accumulate` adds one batch, :meth:`LayerStatistics.merge` adds two partial
 sums, so statistics streamed batch by batch equal a one-shot computation.
@@ -45,6 +50,12 @@ class LayerStatistics:
     attended_tokens: torch.Tensor  # [] sum of attention received (= weighted query count)
     attended_z_sum: torch.Tensor  # [2GD] sum of z weighted by the attention each token receives
     attended_z_moment: torch.Tensor  # [2GD, 2GD]
+    # refit statistics (m2la's least-squares refit of the up-projections, see fit.refit_up_projections);
+    # z1 = [z | 1] [2GD + 1], a_hs = attention key s receives from head h, zbar_ht = sum_s p_hts z1_s
+    head_z_moment: torch.Tensor  # [H, 2GD + 1, 2GD + 1]  sum_s a_hs z1_s z1_s^T
+    mixed_z_moment: torch.Tensor  # [H, 2GD + 1, 2GD + 1]  sum_t zbar_ht zbar_ht^T
+    key_rotation: torch.Tensor  # [2, H, P, G, 2, 2GD + 1]  sum_s (C|S)_hsf k_{s,g,f,x|y} z1_s
+    #   with C_hsf + i S_hsf = sum_t p_hts e^{i(angle_s - angle_t)} (the rotation key s is scored with)
 
     @classmethod
     def zeros(cls, src: SourceAttention) -> LayerStatistics:
@@ -58,6 +69,9 @@ class LayerStatistics:
             rotation_cos=z(H, P, dtype=f64), rotation_sin=z(H, P, dtype=f64), score_sensitivity=z(H, dtype=f64),
             output_energy=z((), dtype=f64), attended_tokens=z((), dtype=f64),
             attended_z_sum=z(2 * G * D, dtype=f64), attended_z_moment=z(2 * G * D, 2 * G * D, dtype=f64),
+            head_z_moment=z(H, 2 * G * D + 1, 2 * G * D + 1, dtype=f64),
+            mixed_z_moment=z(H, 2 * G * D + 1, 2 * G * D + 1, dtype=f64),
+            key_rotation=z(2, H, P, G, 2, 2 * G * D + 1, dtype=f64),
         )
 
     def merge(self, other: LayerStatistics) -> LayerStatistics:
@@ -224,6 +238,7 @@ def accumulate(
     out_energy = out.pow(2).sum(-1).double()  # [b, t]
     received = (probs * weight[:, None, :, None]).sum((1, 2)).double() / H  # [b, s] attention each key receives
     zr = z * received[..., None]
+    refit = _refit_moments(probs, weight, z, cos, sin, kx, ky)
 
     return LayerStatistics(
         tokens=stats.tokens + w64.sum().cpu(),
@@ -239,7 +254,34 @@ def accumulate(
         attended_tokens=stats.attended_tokens + received.sum().cpu(),
         attended_z_sum=stats.attended_z_sum + zr.sum((0, 1)).cpu(),
         attended_z_moment=stats.attended_z_moment + torch.einsum("bti,btj->ij", zr, z).cpu(),
+        head_z_moment=stats.head_z_moment + refit[0],
+        mixed_z_moment=stats.mixed_z_moment + refit[1],
+        key_rotation=stats.key_rotation + refit[2],
     )
+
+
+def _refit_moments(probs: torch.Tensor, weight: torch.Tensor, z: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   kx: torch.Tensor, ky: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One batch's ``head_z_moment``, ``mixed_z_moment`` and ``key_rotation`` (see :class:`LayerStatistics`).
+
+    ``probs [b, H, t, s]`` source attention, ``weight [b, t]`` query weights, ``z [b, s, 2GD]`` (fp64),
+    per-pair ``cos, sin [b, t, P]``, pre-RoPE key pairs ``kx, ky [b, s, G, P]``.
+    """
+    p = (probs * weight[:, None, :, None]).double()  # [b, H, t, s]
+    z1 = torch.cat((z, z.new_ones(z.shape[:-1] + (1,))), dim=-1)  # [b, s, 2GD + 1]
+    a = p.sum(2)  # [b, H, s]
+    head = torch.einsum("bhs,bsi,bsj->hij", a, z1, z1)
+    zbar = torch.einsum("bhts,bsi->bhti", probs.double(), z1)  # rows of padded queries carry weight 0 below
+    mixed = torch.einsum("bhti,bt,bhtj->hij", zbar, weight.double(), zbar)
+    c, s = cos.double(), sin.double()  # [b, t, P]
+    pc = torch.einsum("bhts,btf->bhsf", p, c)
+    ps = torch.einsum("bhts,btf->bhsf", p, s)
+    c_rot = c[:, None] * pc + s[:, None] * ps  # sum_t p cos(angle_s - angle_t)  [b, H, s, P]
+    s_rot = s[:, None] * pc - c[:, None] * ps  # sum_t p sin(angle_s - angle_t)
+    keys = torch.stack((kx, ky), dim=-1).double()  # [b, s, G, P, 2]
+    rot = torch.stack((torch.einsum("bhsf,bsgfc,bsi->hfgci", c_rot, keys, z1),
+                       torch.einsum("bhsf,bsgfc,bsi->hfgci", s_rot, keys, z1)))
+    return head.cpu(), mixed.cpu(), rot.cpu()
 
 
 def _rotate(x1: torch.Tensor, x2: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, src: SourceAttention) -> torch.Tensor:

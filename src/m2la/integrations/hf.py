@@ -58,6 +58,13 @@ FAMILIES: dict[str, str | None] = {
     "qwen3_vl": "interleaved",
 }
 
+# vision-language families: config attributes naming the placeholder ids that vision features replace
+VISION_TOKEN_ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "qwen2_vl": ("image_token_id", "video_token_id"),
+    "qwen2_5_vl": ("image_token_id", "video_token_id"),
+    "qwen3_vl": ("image_token_id", "video_token_id"),
+}
+
 
 class UnsupportedModelError(ValueError):
     """The model cannot be converted by m2la."""
@@ -184,6 +191,17 @@ class LayerReport:
     key_error: float | None = None  # relative errors on held-out calibration tokens (compressed conversions)
     value_error: float | None = None
     output_error: float | None = None
+    # the same errors over text / vision tokens only (VLMs; None when the held-out tokens hold no such token)
+    key_error_text: float | None = None
+    key_error_vision: float | None = None
+    value_error_text: float | None = None
+    value_error_vision: float | None = None
+    output_error_text: float | None = None
+    output_error_vision: float | None = None
+
+
+SPLIT_ERROR_FIELDS = ("key_error_text", "key_error_vision", "value_error_text", "value_error_vision",
+                      "output_error_text", "output_error_vision")
 
 
 @dataclass
@@ -207,6 +225,11 @@ class ConversionReport:
     def compression_ratio(self) -> float:
         return self.bytes_per_token_before / max(self.bytes_per_token_after, 1)
 
+    @property
+    def has_token_split(self) -> bool:
+        """Whether any layer reports errors split into text and vision tokens (VLM conversions)."""
+        return any(getattr(layer, name) is not None for layer in self.layers for name in SPLIT_ERROR_FIELDS)
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.update(
@@ -220,19 +243,27 @@ class ConversionReport:
         def fmt(x: float | None) -> str:
             return "-" if x is None else f"{x:.4f}"
 
+        split = self.has_token_split
         head = f"{'layer':>5} {'rank':>5} {'rope':>5} {'nope':>5} {'B/tok before':>12} {'B/tok after':>11} {'key err':>8} {'val err':>8} {'out err':>8}"
+        if split:
+            head += "".join(f" {name:>8}" for name in ("key txt", "key vis", "val txt", "val vis", "out txt", "out vis"))
         rows = [head, "-" * len(head)]
         for r in self.layers:
-            rows.append(
+            row = (
                 f"{r.layer:>5} {r.kv_rank:>5} {r.rope_dim:>5} {r.qk_nope_dim:>5} {r.bytes_per_token_before:>12} "
                 f"{r.bytes_per_token_after:>11} {fmt(r.key_error):>8} {fmt(r.value_error):>8} {fmt(r.output_error):>8}"
             )
+            if split:
+                row += "".join(f" {fmt(getattr(r, name)):>8}" for name in SPLIT_ERROR_FIELDS)
+            rows.append(row)
         rows.append("-" * len(head))
         rows.append(
             f"{self.model_type}, {self.dtype}, {'lossless' if self.lossless else f'compressed ({self.method})'}: cache "
             f"{self.bytes_per_token_before} -> {self.bytes_per_token_after} bytes/token "
             f"({self.compression_ratio:.2f}x), converted in {self.seconds:.1f} s"
         )
+        if split:
+            rows.append("errors: relative, on held-out calibration tokens; txt / vis: over text / vision tokens only")
         return "\n".join(rows)
 
     def save_json(self, path: str | os.PathLike) -> None:
@@ -379,7 +410,9 @@ def convert(
     - ``kv_rank`` / ``rope_dim``: the same rank and RoPE dims for every layer instead;
     - ``calibration``: iterable of model-input dicts (token batches, or multimodal batches); default
       16 x 256 tokens of ``m2la.assets.wiki_split("calibration")``, which needs ``tokenizer=`` (or a
-      tokenizer loadable from ``model.name_or_path``). The last batch is held out for the error report;
+      tokenizer loadable from ``model.name_or_path``). The last batch is held out for the error report
+      (its first sequence; for VLMs the errors are also split into text and vision tokens, vision being
+      the config's ``image_token_id`` / ``video_token_id`` placeholders);
     - ``method``: ``"m2la"`` (default) or the baselines ``"mha2mla"``, ``"transmla"``, ``"care"``;
     - ``options``: fields of :class:`m2la.compression.CompressionOptions` (``key_weight``,
       ``uniform_mix``, ``sequential``, ``pair_grid_points``).
@@ -445,6 +478,19 @@ def _default_calibration(model: nn.Module, tokenizer: Any, windows: int = 16, le
     return [{"input_ids": ids[i : i + batch_size]} for i in range(0, windows, batch_size)]
 
 
+def _vision_token_ids(model: nn.Module, model_type: str) -> list[int]:
+    """Input ids of vision placeholder tokens (image, video) of a VLM; empty for text-only families."""
+    config = model.config
+    ids = []
+    for name in VISION_TOKEN_ATTRIBUTES.get(model_type, ()):
+        value = getattr(config, name, None)
+        if value is None:
+            value = getattr(config.get_text_config(decoder=True), name, None)
+        if isinstance(value, int):
+            ids.append(value)
+    return ids
+
+
 def _convert_compressed(model, model_type, decoder, sources, scaling, num_pairs, start, *, compression, kv_rank,
                         rope_dim, calibration, method, tokenizer, progress, options) -> ConversionReport:
     from ..compression import AttentionCall, CompressionOptions, compress_layers
@@ -483,6 +529,15 @@ def _convert_compressed(model, model_type, decoder, sources, scaling, num_pairs,
         mask = batch.get("attention_mask") if isinstance(batch, dict) else None
         return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
+    vision_ids = _vision_token_ids(model, model_type)
+
+    def vision_mask(batch: Any) -> torch.Tensor | None:
+        """VLMs: True where the input id is an image/video placeholder (their features replace it)."""
+        ids = batch.get("input_ids") if isinstance(batch, dict) else batch
+        if not vision_ids or not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+            return None
+        return torch.isin(ids, torch.tensor(vision_ids, device=ids.device))
+
     def replace(idx: int, config: M2LAConfig, state: dict[str, torch.Tensor]) -> HFM2LAttention:
         new = _replace_attention(decoder.layers[idx], config, idx)
         with torch.no_grad():
@@ -501,7 +556,7 @@ def _convert_compressed(model, model_type, decoder, sources, scaling, num_pairs,
         with torch.no_grad():
             results = compress_layers(
                 forward, batches, modules, sources, extract, replace, opts, compression=compression,
-                kv_rank=kv_rank, rope_dim=rope_dim, token_weight=token_weight, progress=say)
+                kv_rank=kv_rank, rope_dim=rope_dim, token_weight=token_weight, progress=say, vision_mask=vision_mask)
     except BaseException:
         for layer, original in zip(decoder.layers, modules, strict=True):  # leave the model as it was
             layer.self_attn = original
@@ -524,6 +579,7 @@ def _convert_compressed(model, model_type, decoder, sources, scaling, num_pairs,
                 bytes_per_token_before=source_cache_width(src) * element,
                 bytes_per_token_after=r.config.cache_bytes_per_token(element),
                 key_error=r.key_error, value_error=r.value_error, output_error=r.output_error,
+                **{name: getattr(r, name) for name in SPLIT_ERROR_FIELDS},
             )
             for r, src in zip(results, sources, strict=True)
         ],
