@@ -4,6 +4,8 @@ Every method gets the same calibration batches (Wikipedia calibration split) and
 (bytes per token, all layers); quality is measured on the held-out split, never used for calibration:
 
 - perplexity on ``--ppl-windows`` x 512 tokens (ratio to the unconverted model's);
+- teacher-forced top-1 agreement on the same windows: share of positions whose most likely next token
+  equals the unconverted model's, both reading the same true prefix (so one miss costs one token);
 - greedy agreement: share of ``--new-tokens`` greedy tokens equal to the unconverted model's, over
   ``--prompts`` held-out prompts of 32 tokens (free-running, so the first divergence usually costs the rest).
 
@@ -19,15 +21,17 @@ import argparse
 import copy
 import datetime
 import json
+import math
 import platform
 import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 import m2la
 from m2la.assets import load_smollm2, wiki_split
-from m2la.evaluation import greedy_generate, perplexity, token_windows
+from m2la.evaluation import greedy_generate, token_windows
 
 METHODS = ("m2la", "transmla", "mha2mla", "care")
 
@@ -55,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = [calibration[i : i + 4] for i in range(0, args.calib_windows, 4)] + [calibration[:1, :128]]
 
     start = time.perf_counter()
-    base_ppl = perplexity(original, ppl_ids)
+    base_ppl, base_top1 = perplexity_and_top1(original, ppl_ids)
     base_tokens = greedy_generate(original, prompts, args.new_tokens)
     print(f"original: perplexity {base_ppl:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
 
@@ -66,19 +70,21 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             report = m2la.convert(model, compression=ratio, calibration=batches, method=method)
             seconds = time.perf_counter() - t0
-            ppl = perplexity(model, ppl_ids)
+            ppl, top1 = perplexity_and_top1(model, ppl_ids)
+            top1_agreement = (top1 == base_top1).float().mean().item()
             tokens = greedy_generate(model, prompts, args.new_tokens)
             agreement = (tokens == base_tokens).float().mean().item()
             errors = [layer.output_error for layer in report.layers if layer.output_error is not None]
             row = dict(
                 ratio=ratio, method=method, achieved=report.compression_ratio,
                 bytes_before=report.bytes_per_token_before, bytes_after=report.bytes_per_token_after,
-                perplexity=ppl, relative_perplexity=ppl / base_ppl, greedy_agreement=agreement,
+                perplexity=ppl, relative_perplexity=ppl / base_ppl, top1_agreement=top1_agreement,
+                greedy_agreement=agreement,
                 mean_layer_output_error=sum(errors) / max(len(errors), 1), convert_seconds=seconds,
                 ranks=[layer.kv_rank for layer in report.layers], rope_dims=[layer.rope_dim for layer in report.layers],
             )
             rows.append(row)
-            print(f"{ratio:g}x {method:9s} ppl {ppl:9.3f} ({ppl / base_ppl:6.2f}x)  greedy {agreement:.3f}  "
+            print(f"{ratio:g}x {method:9s} ppl {ppl:9.3f} ({ppl / base_ppl:6.2f}x)  top-1 {top1_agreement:.3f}  greedy {agreement:.3f}  "
                   f"converted in {seconds:.0f} s", flush=True)
             del model
 
@@ -91,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `{command.strip()}` ({time.perf_counter() - start:.0f} s in total).",
         "",
         f"Calibration: {args.calib_windows} x 256 tokens of the Wikipedia calibration split (the same batches for "
-        f"every method). Perplexity: {args.ppl_windows} x 512 held-out tokens; original {base_ppl:.3f}. Greedy "
-        f"agreement: {args.prompts} held-out prompts x {args.new_tokens} new tokens vs the original model. "
+        f"every method). Perplexity: {args.ppl_windows} x 512 held-out tokens; original {base_ppl:.3f}. Top-1 "
+        "agreement: teacher-forced, over the same tokens (the most likely next token equals the original's). Greedy "
+        f"agreement (free-running): {args.prompts} held-out prompts x {args.new_tokens} new tokens vs the original model. "
         "Every method gets the same cache budget (bytes per token, all layers).",
         "",
         table,
@@ -108,15 +115,35 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+@torch.no_grad()
+def perplexity_and_top1(model, windows: torch.Tensor, batch_size: int = 4) -> tuple[float, torch.Tensor]:
+    """exp(mean next-token NLL) over every predicted token (as ``m2la.evaluation.perplexity``) and the
+    teacher-forced most likely next token at every position ``[n, window - 1]``, from one forward pass."""
+    total_nll, total_tokens, top1 = 0.0, 0, []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, windows.shape[0], batch_size):
+            ids = windows[start : start + batch_size]
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            total_nll += F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
+            total_tokens += ids[:, 1:].numel()
+            top1.append(logits.argmax(-1))
+    finally:
+        model.train(was_training)
+    return math.exp(total_nll / total_tokens), torch.cat(top1)
+
+
 def _table(rows: list[dict], base_ppl: float) -> str:
     lines = [
-        "| target | method | achieved | cache B/token | perplexity | vs original | greedy agreement | mean layer out err | convert s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| target | method | achieved | cache B/token | perplexity | vs original | top-1 agreement | greedy agreement "
+        "| mean layer out err | convert s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['ratio']:g}x | {r['method']} | {r['achieved']:.2f}x | {r['bytes_before']} -> {r['bytes_after']} | "
-            f"{r['perplexity']:.2f} | {r['relative_perplexity']:.2f}x | {r['greedy_agreement']:.3f} | "
+            f"{r['perplexity']:.2f} | {r['relative_perplexity']:.2f}x | {r['top1_agreement']:.3f} | {r['greedy_agreement']:.3f} | "
             f"{r['mean_layer_output_error']:.3f} | {r['convert_seconds']:.0f} |"
         )
     return "\n".join(lines)
