@@ -95,14 +95,19 @@ def test_mode_rule():
 KV_START = [3, 0, 50]  # hides padding keys; in the third sequence the first 7 new queries see nothing
 
 
+def poison_hidden_rows(cache, table, block_size=16):
+    """NaN in every cache row before its sequence's kv_start: such rows must never reach the result."""
+    for seq, first in enumerate(KV_START):
+        for pos in range(first):
+            cache[table[seq, pos // block_size], pos % block_size] = float("nan")
+
+
 @pytest.mark.parametrize("shape", ["r48", "lossless-n0"])
 def test_reference_kv_start_matches_fp64(shape):
     case = make_case(3, *SHAPES[shape], [17, 0, 20], [0, 30, 43], 16, torch.float32, seed=7)
     start = torch.tensor(KV_START, dtype=torch.int32)
-    cache, table = case[2], case[7]
-    for seq, first in enumerate(KV_START):  # hidden rows hold NaN: they must never reach the result
-        for pos in range(first):
-            cache[table[seq, pos // 16], pos % 16] = float("nan")
+    table = case[7]
+    poison_hidden_rows(case[2], table)
     out, lse = prefill_attention(*case[:7], 0.15, table, start, backend="reference")
     ref_out, ref_lse = prefill_fp64_absorbed(*case[:7], 0.15, table, KV_START)
     assert_close_with_lse(out, lse, ref_out, ref_lse, atol=1e-5)
@@ -114,10 +119,8 @@ def test_reference_kv_start_matches_fp64(shape):
 def test_triton_kv_start_matches_reference(mode, dtype):
     case = make_case(3, *SHAPES["r48"], [17, 0, 20], [0, 30, 43], 16, dtype, seed=9)
     start = torch.tensor(KV_START, dtype=torch.int32)
-    cache, table = case[2], case[7]
-    for seq, first in enumerate(KV_START):
-        for pos in range(first):
-            cache[table[seq, pos // 16], pos % 16] = float("nan")
+    table = case[7]
+    poison_hidden_rows(case[2], table)
     out, lse = prefill_attention(*case[:7], 0.15, table, start, mode=mode, backend="triton")
     ref_out, ref_lse = prefill_attention(*case[:7], 0.15, table, start, backend="reference")
     assert torch.isfinite(out).all()

@@ -31,7 +31,7 @@ from ..config import M2LAConfig
 from ..conversion import ConversionError, SourceAttention, source_cache_width
 from ..module import M2LAttention
 from . import allocate, fit
-from .calibrate import AttentionCall, collect_statistics, measure_layer_errors
+from .calibrate import AttentionCall, LayerErrors, collect_statistics, measure_layer_errors
 from .stats import LayerStatistics
 
 __all__ = ["CompressionOptions", "LayerResult", "plan_choices", "compress_layers"]
@@ -63,16 +63,7 @@ class CompressionOptions:
 class LayerResult:
     index: int
     config: M2LAConfig
-    key_error: float | None = None
-    value_error: float | None = None
-    output_error: float | None = None
-    # the same errors over text / vision tokens only (None without a vision mask or without such tokens)
-    key_error_text: float | None = None
-    key_error_vision: float | None = None
-    value_error_text: float | None = None
-    value_error_vision: float | None = None
-    output_error_text: float | None = None
-    output_error_vision: float | None = None
+    errors: LayerErrors | None = None  # on the held-out calibration batch; None without one
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -215,13 +206,9 @@ def compress_layers(
         config, state = fit.fit_layer(src, stats, choice.kv_rank, choice.num_pairs, options.method, options.key_weight,
                                       options.attention_share, options.key_refit, options.value_refit)
         new = replace(idx, config, state)
-        result = LayerResult(index=idx, config=config)
-        if call is not None:
-            errors = measure_layer_errors(src, new, call)
-            result.key_error, result.value_error, result.output_error = errors.key, errors.value, errors.output
-            result.key_error_text, result.key_error_vision = errors.key_text, errors.key_vision
-            result.value_error_text, result.value_error_vision = errors.value_text, errors.value_vision
-            result.output_error_text, result.output_error_vision = errors.output_text, errors.output_vision
-        say(f"layer {idx}: rank {config.kv_rank}, rope {config.rope_dim}, output error {result.output_error}")
+        errors = measure_layer_errors(src, new, call) if call is not None else None
+        result = LayerResult(index=idx, config=config, errors=errors)
+        say(f"layer {idx}: rank {config.kv_rank}, rope {config.rope_dim}, "
+            f"output error {errors.output if errors is not None else None}")
         results.append(result)
     return results

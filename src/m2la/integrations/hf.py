@@ -204,6 +204,17 @@ SPLIT_ERROR_FIELDS = ("key_error_text", "key_error_vision", "value_error_text", 
                       "output_error_text", "output_error_vision")
 
 
+def _report_errors(errors) -> dict[str, float | None]:
+    """`LayerErrors` (key, key_text, ...) -> LayerReport keywords (key_error, key_error_text, ...)."""
+    if errors is None:
+        return {}
+    keywords = {}
+    for name, value in errors.as_dict().items():
+        kind, _, tokens = name.partition("_")  # "key_text" -> ("key", "text")
+        keywords[f"{kind}_error_{tokens}" if tokens else f"{kind}_error"] = value
+    return keywords
+
+
 @dataclass
 class ConversionReport:
     model_type: str
@@ -578,8 +589,7 @@ def _convert_compressed(model, model_type, decoder, sources, scaling, num_pairs,
                 layer=r.index, kv_rank=r.config.kv_rank, rope_dim=r.config.rope_dim, qk_nope_dim=r.config.qk_nope_dim,
                 bytes_per_token_before=source_cache_width(src) * element,
                 bytes_per_token_after=r.config.cache_bytes_per_token(element),
-                key_error=r.key_error, value_error=r.value_error, output_error=r.output_error,
-                **{name: getattr(r, name) for name in SPLIT_ERROR_FIELDS},
+                **_report_errors(r.errors),
             )
             for r, src in zip(results, sources, strict=True)
         ],
