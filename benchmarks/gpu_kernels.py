@@ -114,7 +114,11 @@ def check_correctness(device, dtype) -> list[str]:
     return lines
 
 
-def decode_rows(device, dtype, batches, contexts, bandwidth, repeats):
+def decode_rows(device, dtype, batches, contexts, bandwidth, repeats, configs=None):
+    """Decode through `decode_attention` (the library path), or through `latent_decode_triton` with
+    a layout's tile override from `configs` (the sweep's winner), labelled with it."""
+    from m2la.kernels.latent_decode.triton import latent_decode_triton
+
     rows = []
     if not contexts:
         return rows
@@ -132,11 +136,16 @@ def decode_rows(device, dtype, batches, contexts, bandwidth, repeats):
                 q, table, lens = paged_inputs(batch, context, kv_rank, rope_dim, dtype, device, cache)
                 scale = (NOPE_DIM + rope_dim) ** -0.5
 
-                def run(q=q, table=table, lens=lens, scale=scale, kv_rank=kv_rank, cache=cache):
+                override = (configs or {}).get(name)
+
+                def run(q=q, table=table, lens=lens, scale=scale, kv_rank=kv_rank, cache=cache, override=override):
+                    if override:
+                        return latent_decode_triton(q, cache, lens, scale, kv_rank, table, config=override)
                     return decode_attention(q, cache, lens, scale, kv_rank, table)
 
                 nbytes = batch * context * width * dtype.itemsize + 2 * q.numel() * dtype.itemsize
-                rows.append((name, batch, context, *_measure(run, device, repeats, nbytes, bandwidth)))
+                label = f"{name} {override}" if override else name
+                rows.append((label, batch, context, *_measure(run, device, repeats, nbytes, bandwidth)))
         del cache
     return rows
 
@@ -167,21 +176,25 @@ def torch_absorbed_rows(device, dtype, batches, contexts, bandwidth, repeats):
     return rows
 
 
-# Decode tile configs tried by the sweep (overrides of `decode_config`), most promising first;
-# "R" stands for next_power_of_2(kv_rank): BLOCK_D = R keeps the latent query in registers for the
-# whole token loop, and BLOCK_V = BLOCK_D = R also reuses the key tile as the value tile.
+# Decode configs tried by the sweep (overrides of `decode_config`). Keys the kernel does not take:
+# "splits": an explicit split count, "legacy" (the earlier rule: ~2 programs per SM, capped at 64
+# and at capacity / (4 BLOCK_N)) or "x2" (twice the wave model's choice); "contiguous": the same
+# rows in an unpaged `[b, s, r+d_r]` cache (the cost of paging). "R" = next_power_of_2(kv_rank).
 SWEEP = [
     {},
-    dict(BLOCK_N=64),
-    dict(BLOCK_N=32),
-    dict(BLOCK_N=16),
-    dict(num_warps=4),
-    dict(BLOCK_N=32, num_warps=4),
-    dict(BLOCK_H=16),
-    dict(BLOCK_H=64, BLOCK_N=32),
-    # the chunked-score path (BLOCK_D 64, value tiles of 256): the default of earlier runs
-    dict(BLOCK_H=64, BLOCK_N=64, BLOCK_D=64, BLOCK_V=256, num_warps=4, num_stages=3),
+    dict(HEADS_ON_N=True),
+    dict(HEADS_ON_N=True, num_warps=4),
+    dict(HEADS_ON_N=True, num_stages=1),
+    dict(HEADS_ON_N=True, num_warps=4, num_stages=1),
+    dict(HEADS_ON_N=True, num_stages=3),
+    dict(splits="legacy"),
+    dict(splits="x2"),
+    dict(PAGE_TILE=False),
+    dict(contiguous=True),
+    dict(num_warps=16),
+    dict(BLOCK_H=64),
 ]
+SWEEP_SHAPES = [(32, 16384), (1, 131072), (8, 32768)]
 
 
 def _resolve(config: dict, kv_rank: int) -> dict:
@@ -190,38 +203,131 @@ def _resolve(config: dict, kv_rank: int) -> dict:
     return {k: triton.next_power_of_2(kv_rank) if v == "R" else v for k, v in config.items()}
 
 
-def sweep_rows(device, dtype, batch, context, bandwidth, repeats, seconds):
-    """Time decode tile configs on one shape per layout until `seconds` run out; failures are rows too."""
-    from m2la.kernels.latent_decode.triton import latent_decode_triton
+def _legacy_splits(batch, context, block_n, device) -> int:
+    import triton
 
-    rows = []
-    stop_at = time.monotonic() + seconds
-    for name, (kv_rank, rope_dim) in LAYOUTS.items():
-        width = kv_rank + rope_dim
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return max(1, min(triton.cdiv(2 * sms, batch), 64, triton.cdiv(context, 4 * block_n)))
+
+
+def sweep_case(device, dtype, batch, context, kv_rank, rope_dim, config):
+    """(callable, bytes) for one sweep row: the split kernel + combine with `config`'s overrides."""
+    from m2la.kernels.latent_decode.triton import decode_config, decode_plan, latent_decode_triton
+
+    config = _resolve(config, kv_rank)
+    splits = config.pop("splits", 0)
+    contiguous = config.pop("contiguous", False)
+    width = kv_rank + rope_dim
+    torch.manual_seed(1234)  # the same cache, table and queries for every paged config
+    if contiguous:
+        cache = torch.empty(batch, context, width, device=device, dtype=dtype).uniform_(-1, 1)
+        table = None
+        q = torch.randn(batch, HEADS, width, device=device, dtype=dtype)
+        lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+    else:
         cache = torch.empty(batch * math.ceil(context / BLOCK_SIZE), BLOCK_SIZE, width, device=device, dtype=dtype)
         cache.uniform_(-1, 1)
         q, table, lens = paged_inputs(batch, context, kv_rank, rope_dim, dtype, device, cache)
-        scale = (NOPE_DIM + rope_dim) ** -0.5
-        nbytes = batch * context * width * dtype.itemsize
-        ref, _ = latent_decode_triton(q, cache, lens, scale, kv_rank, table)
-        for config in SWEEP:
-            if time.monotonic() > stop_at or _out_of_time():
-                rows.append((name, str(config or "default"), "skipped (time)", None, None))
-                continue
-            try:
-                config = _resolve(config, kv_rank)
-                out, _ = latent_decode_triton(q, cache, lens, scale, kv_rank, table, config=config)
-                err = (out.float() - ref.float()).abs().max().item()
-                args = (q, cache, lens, scale, kv_rank, table)
-                ms = timed_ms(
-                    lambda args=args, config=config: latent_decode_triton(*args, config=config), device, repeats
-                )
-                gbs = nbytes / ms / 1e6
-                rows.append((name, str(config or "default"), f"{err:.1e}", ms, 100 * gbs / bandwidth))
-            except Exception as exc:  # out of resources etc.: record and go on
-                rows.append((name, str(config or "default"), f"{type(exc).__name__}", None, None))
-        del cache
+    block_n = {**decode_config(HEADS, kv_rank, rope_dim, False), **config}["BLOCK_N"]
+    if splits == "legacy":
+        splits = _legacy_splits(batch, context, block_n, device)
+    elif splits == "x2":
+        splits = 2 * decode_plan(q, cache, kv_rank, table, 0, config)[1]
+    scale = (NOPE_DIM + rope_dim) ** -0.5
+    args = (q, cache, lens, scale, kv_rank, table)
+
+    def run():
+        return latent_decode_triton(*args, num_splits=splits, config=config or None)
+
+    return run, batch * context * width * dtype.itemsize
+
+
+def sweep_rows(device, dtype, shapes, bandwidth, repeats, seconds):
+    """Time decode configs per layout and shape until `seconds` run out; failures are rows too.
+    Each row's error is against the default config on the same shape."""
+    rows = []
+    stop_at = time.monotonic() + seconds
+    for batch, context in shapes:
+        for name, (kv_rank, rope_dim) in LAYOUTS.items():
+            ref = None
+            for config in SWEEP:
+                label = f"b={batch}, {context}: {config or 'default'}"
+                if time.monotonic() > stop_at or _out_of_time():
+                    rows.append((name, label, "skipped (time)", None, None))
+                    continue
+                try:
+                    run, nbytes = sweep_case(device, dtype, batch, context, kv_rank, rope_dim, dict(config))
+                    out, _ = run()
+                    if ref is None:
+                        ref = out.float()
+                    # the contiguous case draws its own random cache: no error to compare
+                    err = "n/a (other data)" if config.get("contiguous") else f"{(out.float() - ref).abs().max().item():.1e}"
+                    ms = timed_ms(run, device, repeats)
+                    rows.append((name, label, err, ms, 100 * nbytes / ms / 1e6 / bandwidth))
+                    del run, out
+                except Exception as exc:  # out of resources etc.: record and go on
+                    rows.append((name, label, f"{type(exc).__name__}", None, None))
     return rows
+
+
+def best_configs(rows) -> dict[str, dict]:
+    """Per layout, the tile config (a kernel override, not a split policy or the contiguous
+    control) with the lowest geometric-mean time relative to the default over every sweep shape
+    where both ran and agreed with the default within 5e-2; {} when the default is best."""
+    import ast
+
+    timed: dict[str, dict[str, dict[str, float]]] = {}
+    for name, label, err, ms, _ in rows:
+        shape, _, config = label.partition(": ")
+        if ms is None or not err[:1].isdigit() or float(err) > 5e-2:
+            continue
+        timed.setdefault(name, {}).setdefault(config, {})[shape] = ms
+    best = {}
+    for name, by_config in timed.items():
+        default = by_config.get("default", {})
+        score, choice = 1.0, {}
+        for config, by_shape in by_config.items():
+            if config == "default" or set(by_shape) != set(default) or not default:
+                continue
+            overrides = ast.literal_eval(config)
+            if "splits" in overrides or "contiguous" in overrides:
+                continue
+            ratio = math.exp(statistics.fmean(math.log(by_shape[s] / default[s]) for s in default))
+            if ratio < score * 0.97:  # 3% better at least, so noise does not pick a config
+                score, choice = ratio, overrides
+        best[name] = choice
+    return best
+
+
+def warm_compile(device_index, jobs) -> int:
+    """Compile (and run once) every sweep case in `jobs` so that the timed pass hits triton's disk
+    cache; runs in worker processes, so the compiles proceed in parallel on the host's cores."""
+    device = torch.device("cuda", device_index)
+    torch.cuda.set_device(device)
+    done = 0
+    for batch, context, kv_rank, rope_dim, config in jobs:
+        try:
+            run, _ = sweep_case(device, torch.bfloat16, batch, context, kv_rank, rope_dim, dict(config))
+            run()
+            torch.cuda.synchronize()
+            done += 1
+        except Exception:  # the timed pass records the failure
+            pass
+        torch.cuda.empty_cache()
+    return done
+
+
+def warm_all(device, shapes, workers: int) -> str:
+    import concurrent.futures
+    import multiprocessing
+
+    jobs = [(b, s, r, p, c) for b, s in shapes for r, p in LAYOUTS.values() for c in SWEEP]
+    chunks = [jobs[i::workers] for i in range(workers)]
+    start = time.monotonic()
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        done = sum(pool.map(warm_compile, [device.index or 0] * workers, chunks))
+    return f"warm compile: {done}/{len(jobs)} sweep cases in {time.monotonic() - start:.0f} s on {workers} processes"
 
 
 DEADLINE = [float("inf")]
@@ -340,21 +446,29 @@ def main() -> None:
     parser.add_argument("--sweep-seconds", type=float, default=70, help="time box of the decode tile sweep")
     parser.add_argument("--sections", default="sweep,decode,prefill", help="comma-separated subset to run")
     parser.add_argument("--contexts", type=int, nargs="+", default=None, help="decode contexts (default 4K..128K)")
+    parser.add_argument("--warm-workers", type=int, default=12, help="processes compiling the sweep first (0: off)")
+    parser.add_argument("--warm-only", action="store_true", help="only compile the sweep cases (fills triton's cache)")
+    parser.add_argument("--use-best", action="store_true", help="decode table with the sweep's best tile per layout")
     args = parser.parse_args()
     DEADLINE[0] = time.monotonic() + args.seconds
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     out_dir = pathlib.Path(os.environ.get("OUT") or "/tmp/m2la-out")
     out_dir.mkdir(parents=True, exist_ok=True)
-    if args.smoke:
+    if args.smoke:  # one narrow layout: the interpreter is slow
+        LAYOUTS.clear()
+        LAYOUTS["latent 60+16 (smoke)"] = (60, 16)
         batches, contexts, chunk, prefixes, repeats, copy_bytes = [1, 2], [64, 200], 32, [0, 64], 2, 2**20
-        sweep_shape = (2, 200)
+        sweep_shapes = [(2, 200)]
     else:
         batches, contexts = [1, 8, 32, 64], [4096, 16384, 32768, 65536, 131072]
         chunk, prefixes, repeats, copy_bytes = 4096, [0, 16384], 10, 2**30
-        sweep_shape = (32, 16384)
+        sweep_shapes = SWEEP_SHAPES
     contexts = args.contexts or contexts
     wanted = set(args.sections.split(","))
+    if args.warm_only:
+        print(warm_all(device, sweep_shapes, max(1, args.warm_workers)) if device.type == "cuda" else "no CUDA")
+        return
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     import triton
 
@@ -374,19 +488,21 @@ def main() -> None:
         lines += [f"Measured device copy bandwidth: **{bandwidth:.0f} GB/s** (read + write)", ""]
         flush()
         sections.append("sweep")
-        batch, context = sweep_shape
         if "sweep" not in wanted:
-            batch, context = 0, 0
-        sweep = sweep_rows(device, dtype, batch, context, bandwidth, repeats, args.sweep_seconds) if batch else []
-        lines += [f"## Decode tile sweep (b={batch}, context {context}; overrides of `decode_config`)", "",
-                  "| layout | config | max diff vs default | ms | % of copy BW |", "|---|---|---|---|---|"]  # fmt: skip
+            sweep_shapes = []
+        if sweep_shapes and device.type == "cuda" and args.warm_workers > 0:
+            lines += [warm_all(device, sweep_shapes, args.warm_workers), ""]
+        sweep = sweep_rows(device, dtype, sweep_shapes, bandwidth, repeats, args.sweep_seconds)
+        winners = best_configs(sweep) if args.use_best else {}
+        lines += ["## Decode config sweep (overrides of `decode_config`; see SWEEP in this script)", "",
+                  "| layout | shape: config | max diff vs default | ms | % of copy BW |", "|---|---|---|---|---|"]  # fmt: skip
         lines += [f"| {n} | {c} | {e} | {fmt(ms, '.3f')} | {fmt(p, '.0f')} |" for n, c, e, ms, p in sweep]
-        lines.append("")
+        lines += ["", f"Best tile config per layout (geometric mean over the sweep shapes; used below): {winners}", ""]
         flush()
         sections.append("decode")
         if "decode" not in wanted:
             contexts = []
-        decode = decode_rows(device, dtype, batches, contexts, bandwidth, repeats)
+        decode = decode_rows(device, dtype, batches, contexts, bandwidth, repeats, winners)
         try:
             import flash_attn  # noqa: F401
 

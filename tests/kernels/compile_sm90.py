@@ -35,8 +35,23 @@ def signature(kernel, pointer_types: dict[str, str], constexprs: dict) -> dict[s
 H100_MAX_SHARED_BYTES = 227 * 1024  # opt-in dynamic shared memory per block on sm_90
 
 
+# Integer arguments whose runtime values are not multiples of 16 for the cases below (a split count,
+# a count of value tiles, query length sums); every other pointer and integer argument is, and the
+# launcher's JIT specialises those as 16-divisible, which is what lets loads vectorise.
+NOT_DIVISIBLE = {"num_value_tiles", "stride_pl_h", "num_splits", "max_seqlen_q"}
+
+
+def divisibility_attrs(kernel, sig: dict[str, str]) -> dict:
+    return {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(kernel.arg_names)
+        if sig[name] != "constexpr" and sig[name] != "fp32" and name not in NOT_DIVISIBLE
+    }
+
+
 def compile_sm90(kernel, pointer_types, constexprs, num_warps, num_stages):
-    src = ASTSource(fn=kernel, signature=signature(kernel, pointer_types, constexprs), constexprs=constexprs)
+    sig = signature(kernel, pointer_types, constexprs)
+    src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=divisibility_attrs(kernel, sig))
     compiled = triton.compile(
         src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages)
     )
@@ -45,21 +60,28 @@ def compile_sm90(kernel, pointer_types, constexprs, num_warps, num_stages):
         "shared": compiled.metadata.shared,
         "wgmma": len(re.findall(r"wgmma\.mma_async", ptx)),
         "mma_sync": len(re.findall(r"\bmma\.sync", ptx)),
+        "cp_async": len(re.findall(r"\bcp\.async\.(?:ca|cg)", ptx)),  # pipelined global -> shared copies
+        "ld_global": len(re.findall(r"\bld\.global", ptx)),
         "local_bytes": sum(int(n) for n in re.findall(r"\.local \.align \d+ \.b8 \w+\[(\d+)\]", ptx)),
     }
 
 
-def decode_case(heads, kv_rank, rope_dim, dtype="fp16"):
-    cfg = decode.decode_config(heads, kv_rank, rope_dim, interpret=False)
+def decode_case(heads, kv_rank, rope_dim, dtype="fp16", **overrides):
+    cfg = {**decode.decode_config(heads, kv_rank, rope_dim, interpret=False), **overrides}
     single_d = cfg["BLOCK_D"] >= kv_rank
     one_value_tile = cfg["BLOCK_V"] >= kv_rank and cfg["BLOCK_V"] == cfg["BLOCK_D"]
-    consts = dict(PAGED=True, HAS_KV_START=False, DOT_PRECISION="tf32", SINGLE_D=single_d,
-                  VALUES_FROM_KEYS=single_d and one_value_tile)  # fmt: skip
+    consts = dict(PAGED=True, PAGE_TILE=cfg["PAGE_TILE"], HAS_KV_START=False, DOT_PRECISION="tf32")
     consts.update({k: v for k, v in cfg.items() if k.startswith("BLOCK")})
+    kernel = decode._decode_split_kernel
+    if cfg["HEADS_ON_N"]:
+        kernel = decode._decode_split_kernel_heads_on_n
+        del consts["BLOCK_V"]
+    else:
+        consts.update(SINGLE_D=single_d, VALUES_FROM_KEYS=single_d and one_value_tile)
     ptrs = {"q_ptr": f"*{dtype}", "kv_ptr": f"*{dtype}", "block_table_ptr": "*i32", "seqlens_ptr": "*i32",
             "kv_start_ptr": "*i32", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32"}  # fmt: skip
     while True:  # like the launcher: halve BLOCK_N until the tile fits sm_90's shared memory
-        facts = compile_sm90(decode._decode_split_kernel, ptrs, consts, cfg["num_warps"], cfg["num_stages"])
+        facts = compile_sm90(kernel, ptrs, consts, cfg["num_warps"], cfg["num_stages"])
         if facts["shared"] <= H100_MAX_SHARED_BYTES or consts["BLOCK_N"] <= 16:
             return {**facts, "BLOCK_N": consts["BLOCK_N"]}
         consts["BLOCK_N"] //= 2
@@ -81,6 +103,7 @@ def main() -> None:
         "decode_h32_r896_rope128": decode_case(32, 896, 128),
         "decode_h32_r448_rope64_bf16": decode_case(32, 448, 64, "bf16"),
         "decode_h64_r512_rope64_bf16": decode_case(64, 512, 64, "bf16"),
+        "decode_h32_r448_rope64_bf16_heads_on_n": decode_case(32, 448, 64, "bf16", HEADS_ON_N=True),
         "decode_h128_r896_rope128": decode_case(128, 896, 128),
         "prefill_v128_rope128": prefill_case(128, 128),
     }

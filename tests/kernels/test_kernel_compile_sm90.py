@@ -1,4 +1,5 @@
-"""Compile-only checks for sm_90 on CPU: every default decode/prefill config fits shared memory; the
+"""Compile-only checks for sm_90 on CPU: every default decode/prefill config fits shared memory and
+streams the cache through cp.async; the
 64-head-tile decode (h > 32) and the prefill kernel use wgmma. (For h <= 32 the default decode tile is
 32 heads with the latent query resident, which runs on mma.sync: measured 2.2x faster on an H100
 than the 64-head wgmma tile with chunked scores, see benchmarks/RESULTS.md.)"""
@@ -30,7 +31,12 @@ def compiled() -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-WGMMA_CASES = ["decode_h64_r512_rope64_bf16", "decode_h128_r896_rope128", "prefill_v128_rope128"]
+WGMMA_CASES = [
+    "decode_h64_r512_rope64_bf16",
+    "decode_h128_r896_rope128",
+    "decode_h32_r448_rope64_bf16_heads_on_n",  # heads on the MMA N dimension: 64-token M tiles
+    "prefill_v128_rope128",
+]
 ALL_CASES = ["decode_h32_r896_rope128", "decode_h32_r448_rope64_bf16", *WGMMA_CASES]
 
 
@@ -44,3 +50,10 @@ def test_sm90_fits_shared_memory(compiled, case):
 @pytest.mark.parametrize("case", WGMMA_CASES)
 def test_sm90_uses_wgmma(compiled, case):
     assert compiled[case]["wgmma"] > 0, f"{case}: no wgmma in PTX ({compiled[case]})"
+
+
+@pytest.mark.parametrize("case", ALL_CASES)
+def test_sm90_cache_loads_are_pipelined(compiled, case):
+    """Cache tiles stream through cp.async into shared memory (software pipelining), not through
+    scalar or register loads; with 16-divisible strides, as the launcher's JIT specialises them."""
+    assert compiled[case]["cp_async"] > 0, f"{case}: no cp.async in PTX ({compiled[case]})"

@@ -114,8 +114,10 @@ def test_triton_paged_kv_start():
         dict(BLOCK_D=64, BLOCK_V=64),  # q resident for the whole loop, values reuse the key tile
         dict(BLOCK_D=64, BLOCK_V=32),  # q resident, two value tiles loaded separately
         dict(BLOCK_D=64, BLOCK_V=64, BLOCK_H=16, BLOCK_N=32),
+        dict(BLOCK_D=64, BLOCK_V=64, HEADS_ON_N=True),  # transposed: heads on the MMA N dimension
+        dict(BLOCK_D=64, BLOCK_V=64, HEADS_ON_N=True, BLOCK_H=16, BLOCK_N=32, PAGE_TILE=False),
     ],
-    ids=["values-from-keys", "resident-q", "small-h"],
+    ids=["values-from-keys", "resident-q", "small-h", "heads-on-n", "heads-on-n-gather"],
 )
 @pytest.mark.parametrize("kv_start", [None, [0, 3, 40, 0]])
 def test_triton_single_d_variants(config, kv_start):
@@ -164,3 +166,64 @@ def test_launcher_halves_block_n_when_shared_memory_runs_out(monkeypatch):
     assert tried[3:] == [32]  # remembered
     with pytest.raises(OutOfResources):
         decode.latent_decode_triton(q, cache, lens, 0.3, 48, table, config=dict(BLOCK_N=64))
+
+
+@pytest.mark.parametrize("heads_on_n", [False, True], ids=["heads-on-m", "heads-on-n"])
+@pytest.mark.parametrize("page_tile", [True, False], ids=["page-tile", "row-gather"])
+@pytest.mark.parametrize("block_size,block_n", [(16, 16), (32, 16), (48, 16), (16, 32)])
+def test_triton_page_tile_addressing(page_tile, block_size, block_n, heads_on_n):
+    """Tiles inside one page read one table entry per tile (PAGE_TILE); tiles that span pages, or
+    PAGE_TILE=False, gather per row. Both against the fp64 oracle, NaN in every unused slot."""
+    from m2la.kernels.latent_decode.triton import latent_decode_triton
+
+    seqlens, kv_start = [0, 1, 63, 113], [0, 0, 17, 50]
+    q, cache, table, lens = make_case(3, 48, 16, seqlens, block_size, torch.float32, seed=block_size + block_n)
+    start = torch.tensor(kv_start, dtype=torch.int32)
+    config = dict(PAGE_TILE=page_tile, BLOCK_N=block_n)
+    if heads_on_n:
+        config.update(HEADS_ON_N=True, BLOCK_D=64, BLOCK_V=64)
+    out, lse = latent_decode_triton(q, cache, lens, 0.2, 48, table, start, num_splits=3, config=config)
+    ref_out, ref_lse = decode_fp64(q, cache, table, seqlens, 0.2, 48, kv_start)
+    assert_close_with_lse(out, lse, ref_out, ref_lse, atol=2e-5)
+
+
+def test_split_count_fills_whole_waves():
+    """The wave model spreads one long sequence over every SM, avoids a nearly empty last wave,
+    and never gives a split fewer than one tile."""
+    from m2la.kernels.latent_decode.triton import choose_num_splits
+
+    row, partial = 1024, 32 * 448 * 4
+    # batch 1, 128K tokens, 132 SMs: one wave of ~132 programs (the old rule stopped at 64)
+    one = choose_num_splits(1, 1, 131072, 64, row, partial, 132)
+    assert 120 <= one <= 132
+    # batch 32: 4 splits fill 128 of 132 slots in one wave; 9 splits would need 3 waves (288 programs)
+    assert choose_num_splits(32, 1, 16384, 64, row, partial, 132) == 4
+    # more slots than the cache has tiles: at most one split per tile
+    assert choose_num_splits(1, 1, 200, 64, row, partial, 132) <= 4
+    # the chosen count never costs more than any other under the model, whole waves or not
+    for batch in (1, 3, 8, 33, 64):
+        splits = choose_num_splits(batch, 1, 32768, 64, row, partial, 264)
+        waves = -(-batch * splits // 264)
+        assert waves * 264 - batch * splits < 264 * 0.5 or splits == 1, (batch, splits)
+
+
+def test_heads_on_n_needs_one_resident_value_tile():
+    from m2la.kernels.latent_decode.triton import latent_decode_triton
+
+    q, cache, table, lens = make_case(3, 48, 16, [5], 16, torch.float32)
+    with pytest.raises(ValueError, match="HEADS_ON_N"):
+        latent_decode_triton(q, cache, lens, 0.2, 48, table, config=dict(HEADS_ON_N=True, BLOCK_D=32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("heads", [1, 7, 32])
+def test_heads_on_n_against_reference(heads, dtype):
+    """The transposed kernel over the awkward decode cases: empty, single-token and odd lengths."""
+    from m2la.kernels.latent_decode.triton import latent_decode_triton
+
+    seqlens = [0, 1, 63, 37]
+    q, cache, table, lens = make_case(heads, 48, 16, seqlens, 16, dtype, seed=heads + 11)
+    config = dict(HEADS_ON_N=True, BLOCK_D=64, BLOCK_V=64)
+    out, lse = latent_decode_triton(q, cache, lens, 0.2, 48, table, num_splits=3, config=config)
+    ref_out, ref_lse = decode_attention(q, cache, lens, 0.2, 48, table, backend="reference")
+    assert_close_with_lse(out, lse, ref_out, ref_lse, atol=TOL[dtype], rtol=TOL[dtype])

@@ -57,6 +57,31 @@ def test_decode_gpu(heads, kv_rank, rope_dim, dtype):
     within_budget(out, decode_lowp_torch(q, cache, table, lens, scale, kv_rank), ref_out, "decode")
 
 
+@pytest.mark.parametrize(
+    "config",
+    [dict(HEADS_ON_N=True), dict(HEADS_ON_N=True, num_warps=4, num_stages=1), dict(PAGE_TILE=False)],
+    ids=["heads-on-n", "heads-on-n-4warps-1stage", "row-gather"],
+)
+@pytest.mark.parametrize("kv_rank,rope_dim", [(448, 64), (896, 128)])
+def test_decode_variants_gpu(kv_rank, rope_dim, config):
+    """The tile variants the benchmark sweeps (and may make default), bf16, within the same budget."""
+    from m2la.kernels.latent_decode.triton import latent_decode_triton
+
+    seqlens = [0, 1, 63, 1000, 4097]
+    cache, table = random_paged_cache(seqlens, kv_rank + rope_dim, 64, torch.bfloat16, seed=kv_rank)
+    cache, table = cache.cuda(), table.cuda()
+    q = torch.randn(len(seqlens), 32, kv_rank + rope_dim, device="cuda").to(torch.bfloat16)
+    lens = torch.tensor(seqlens, dtype=torch.int32, device="cuda")
+    scale = (128 + rope_dim) ** -0.5
+    out, lse = latent_decode_triton(q, cache, lens, scale, kv_rank, table, config=config)
+    ref_out, ref_lse = decode_attention(q.float(), cache.float(), lens, scale, kv_rank, table, backend="reference")
+    assert torch.isfinite(out).all()
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[finite], ref_lse[finite], atol=2e-2, rtol=1e-3)
+    within_budget(out, decode_lowp_torch(q, cache, table, lens, scale, kv_rank), ref_out, f"decode {config}")
+
+
 def prefill_lowp_torch(q_nope, q_rope, cache, w_uk, w_uv, cu, lens, scale, table):
     """Expanded prefill in the inputs' dtype through torch SDPA, one sequence at a time."""
     kv_rank, outs = w_uk.shape[1], []

@@ -22,6 +22,8 @@ Two tilings (see `decode_config`):
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -30,6 +32,27 @@ from m2la.backends import triton_interpreter_enabled
 from m2la.kernels._paging import cache_capacity
 
 _LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _tile_row_offsets(
+    block_table_ptr, seq, start, first, hi, block_size, stride_bt_b, stride_kv_blk, stride_kv_tok,
+    PAGED: tl.constexpr, PAGE_TILE: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Token positions `[BLOCK_N]` of the tile at `start`, which of them are visible, and their row
+    offsets into the cache (element units). PAGE_TILE: PAGED and block_size % BLOCK_N == 0, so the
+    tile never crosses a page: one scalar block-table read, contiguous rows; else a per-row gather."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    visible = (offs_n < hi) & (offs_n >= first)
+    if PAGE_TILE:  # start is a multiple of BLOCK_N, so the tile lies in page start // block_size
+        block = tl.load(block_table_ptr + seq * stride_bt_b + start // block_size)
+        row_off = block.to(tl.int64) * stride_kv_blk + (start % block_size + tl.arange(0, BLOCK_N)) * stride_kv_tok
+    elif PAGED:
+        block = tl.load(block_table_ptr + seq * stride_bt_b + offs_n // block_size, mask=visible, other=0)
+        row_off = block.to(tl.int64) * stride_kv_blk + (offs_n % block_size) * stride_kv_tok
+    else:
+        row_off = seq.to(tl.int64) * stride_kv_blk + offs_n * stride_kv_tok
+    return offs_n, visible, row_off
 
 
 @triton.jit
@@ -42,7 +65,7 @@ def _decode_split_kernel(
     stride_bt_b,
     stride_po_b, stride_po_h, stride_po_s,
     stride_pl_b, stride_pl_h,
-    PAGED: tl.constexpr, HAS_KV_START: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_TILE: tl.constexpr, HAS_KV_START: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_ROPE: tl.constexpr, BLOCK_V: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SINGLE_D: tl.constexpr, VALUES_FROM_KEYS: tl.constexpr,
@@ -84,13 +107,10 @@ def _decode_split_kernel(
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_V], tl.float32)
     for start in range(lo, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] token positions
-        visible = (offs_n < hi) & (offs_n >= first)
-        if PAGED:
-            block = tl.load(block_table_ptr + seq * stride_bt_b + offs_n // block_size, mask=visible, other=0)
-            row_off = block.to(tl.int64) * stride_kv_blk + (offs_n % block_size) * stride_kv_tok
-        else:
-            row_off = seq.to(tl.int64) * stride_kv_blk + offs_n * stride_kv_tok
+        offs_n, visible, row_off = _tile_row_offsets(
+            block_table_ptr, seq, start, first, hi, block_size, stride_bt_b, stride_kv_blk, stride_kv_tok,
+            PAGED, PAGE_TILE, BLOCK_N,
+        )  # fmt: skip
         rows = kv_ptr + row_off[:, None]  # [BLOCK_N, 1]
 
         if SINGLE_D:
@@ -137,6 +157,82 @@ def _decode_split_kernel(
 
 
 @triton.jit
+def _decode_split_kernel_heads_on_n(
+    q_ptr, kv_ptr, block_table_ptr, seqlens_ptr, kv_start_ptr, part_out_ptr, part_lse_ptr,
+    scale_log2,
+    num_heads, kv_rank, rope_dim, block_size, split_len, num_value_tiles,
+    stride_q_b, stride_q_h,
+    stride_kv_blk, stride_kv_tok,
+    stride_bt_b,
+    stride_po_b, stride_po_h, stride_po_s,
+    stride_pl_b, stride_pl_h,
+    PAGED: tl.constexpr, PAGE_TILE: tl.constexpr, HAS_KV_START: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_ROPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """The resident tiling transposed: tokens and latent columns are the M dimension of the two
+    matmuls and heads the N dimension (scores^T = K q^T, out^T = K^T p^T), so 32 heads fill whole
+    64-row MMA tiles (wgmma on sm_90) instead of padding heads to the M tile. One value tile
+    (BLOCK_D >= r), same arguments and outputs as `_decode_split_kernel`."""
+    seq = tl.program_id(0)
+    head_tile = tl.program_id(1)
+    split = tl.program_id(2)
+
+    offs_h = head_tile * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
+    head_ok = offs_h < num_heads
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < kv_rank
+    offs_rope = tl.arange(0, BLOCK_ROPE)
+
+    seqlen = tl.load(seqlens_ptr + seq)
+    first = 0
+    if HAS_KV_START:
+        first = tl.load(kv_start_ptr + seq)
+    lo = tl.maximum(split * split_len, (first // BLOCK_N) * BLOCK_N)
+    hi = tl.minimum((split + 1) * split_len, seqlen)
+
+    q_cols = q_ptr + seq * stride_q_b + offs_h[None, :] * stride_q_h  # [1, BLOCK_H]
+    q_latent_t = tl.load(q_cols + offs_d[:, None], mask=d_ok[:, None] & head_ok[None, :], other=0.0)  # [BLOCK_D, BLOCK_H]
+    q_rope_t = tl.load(
+        q_cols + kv_rank + offs_rope[:, None], mask=(offs_rope[:, None] < rope_dim) & head_ok[None, :], other=0.0
+    )  # [BLOCK_ROPE, BLOCK_H]
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)  # running max per head, base-2 scaled
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc_t = tl.zeros([BLOCK_D, BLOCK_H], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n, visible, row_off = _tile_row_offsets(
+            block_table_ptr, seq, start, first, hi, block_size, stride_bt_b, stride_kv_blk, stride_kv_tok,
+            PAGED, PAGE_TILE, BLOCK_N,
+        )  # fmt: skip
+        rows = kv_ptr + row_off[:, None]  # [BLOCK_N, 1]
+        k_latent = tl.load(rows + offs_d[None, :], mask=visible[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        k_rope = tl.load(
+            rows + kv_rank + offs_rope[None, :], mask=visible[:, None] & (offs_rope[None, :] < rope_dim), other=0.0
+        )  # [BLOCK_N, BLOCK_ROPE]
+        scores_t = tl.dot(k_latent, q_latent_t, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_H]
+        scores_t += tl.dot(k_rope, q_rope_t, input_precision=DOT_PRECISION)
+        scores_t = tl.where(visible[:, None], scores_t * scale_log2, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(scores_t, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all-hidden heads: avoid -inf - -inf
+        probs_t = tl.exp2(scores_t - m_safe[None, :])  # [BLOCK_N, BLOCK_H]
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(probs_t, axis=0)
+        acc_t = acc_t * alpha[None, :] + tl.dot(
+            tl.trans(k_latent), probs_t.to(k_latent.dtype), input_precision=DOT_PRECISION
+        )  # [BLOCK_D, BLOCK_H]
+        m_i = m_new
+
+    nonempty = l_i > 0.0
+    out_t = acc_t / tl.where(nonempty, l_i, 1.0)[None, :]
+    lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    po = part_out_ptr + seq * stride_po_b + offs_h[None, :] * stride_po_h + split * stride_po_s
+    tl.store(po + offs_d[:, None], out_t, mask=d_ok[:, None] & head_ok[None, :])
+    tl.store(part_lse_ptr + seq * stride_pl_b + offs_h * stride_pl_h + split, lse, mask=head_ok)
+
+
+@triton.jit
 def _decode_combine_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, lse_ptr,
     num_heads, num_splits, kv_rank,
@@ -179,7 +275,7 @@ def decode_config(num_heads: int, kv_rank: int, rope_dim: int, interpret: bool) 
         return dict(
             BLOCK_H=max(16, min(64, pow2(num_heads))), BLOCK_N=16, BLOCK_D=32,
             BLOCK_ROPE=max(16, pow2(rope_dim)), BLOCK_V=max(16, min(64, pow2(kv_rank))),
-            num_warps=4, num_stages=1,
+            num_warps=4, num_stages=1, PAGE_TILE=True, HEADS_ON_N=False,
         )  # fmt: skip
     if num_heads <= 32 and pow2(kv_rank) <= 1024:
         # The whole latent query stays in registers and the key tile doubles as the value tile (one
@@ -190,30 +286,63 @@ def decode_config(num_heads: int, kv_rank: int, rope_dim: int, interpret: bool) 
         return dict(
             BLOCK_H=max(16, pow2(num_heads)), BLOCK_N=64, BLOCK_D=pow2(kv_rank),
             BLOCK_ROPE=max(16, pow2(rope_dim)), BLOCK_V=pow2(kv_rank),
-            num_warps=8, num_stages=2,
+            num_warps=8, num_stages=2, PAGE_TILE=True, HEADS_ON_N=False,
         )  # fmt: skip
     # More heads or wider latents: chunked scores over r, value tiles of 256 (BLOCK_N 64 with 3 stages
     # was the best chunked config on an H100).
     return dict(
         BLOCK_H=64 if num_heads > 16 else 16, BLOCK_N=64, BLOCK_D=64,
         BLOCK_ROPE=max(16, pow2(rope_dim)), BLOCK_V=max(16, min(256, pow2(kv_rank))),
-        num_warps=4, num_stages=3,
+        num_warps=4, num_stages=3, PAGE_TILE=True, HEADS_ON_N=False,
     )  # fmt: skip
 
 
-def choose_num_splits(batch: int, work_tiles: int, capacity: int, block_n: int, device: torch.device) -> int:
-    """Enough splits to give every SM ~2 programs, never more than the cache has tiles (sync-free)."""
-    if device.type != "cuda":
-        return max(1, min(4, triton.cdiv(capacity, block_n)))
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    wanted = triton.cdiv(2 * sms, max(1, batch * work_tiles))
-    return max(1, min(wanted, 64, triton.cdiv(capacity, 4 * block_n)))
+def programs_per_sm(cfg: dict, itemsize: int, device: torch.device) -> int:
+    """Split-kernel programs one SM can hold at once, estimated from the tile config (shared memory
+    for the pipelined cache tiles, threads, and 1 for the resident tiling, whose fp32 accumulator of
+    BLOCK_H x BLOCK_V takes most of the register file)."""
+    props = torch.cuda.get_device_properties(device)
+    smem = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+    threads = getattr(props, "max_threads_per_multi_processor", 2048)
+    loaded = cfg["BLOCK_D"] + cfg["BLOCK_ROPE"] + (0 if cfg["BLOCK_D"] >= cfg["BLOCK_V"] else cfg["BLOCK_V"])
+    tile_bytes = max(1, cfg["num_stages"]) * cfg["BLOCK_N"] * loaded * itemsize
+    by_registers = 1 if cfg["BLOCK_H"] * cfg["BLOCK_V"] >= 32 * 512 else 4
+    return max(1, min(smem // tile_bytes, threads // (32 * cfg["num_warps"]), by_registers))
+
+
+@functools.lru_cache(maxsize=4096)  # called every decode step with the same shapes
+def choose_num_splits(
+    batch: int, work_tiles: int, capacity: int, block_n: int, row_bytes: int, partial_bytes: int,
+    slots: int,
+) -> int:  # fmt: skip
+    """Split count minimising a wave model of the split kernel plus the combine.
+
+    `slots` programs run at once (SMs x programs per SM), so `batch * work_tiles * splits` programs
+    take ceil(programs / slots) waves; a wave costs its longest program: `ceil(tiles / splits)` cache
+    tiles plus the fp32 partial it writes and a fixed start-up (both in bytes). The combine reads all
+    partials, spread over every slot. Fewer splits win ties (less combine traffic, same bytes).
+    Depends only on shapes, never on sequence lengths, so it needs no device sync.
+    """
+    tiles = triton.cdiv(capacity, block_n)
+    tile_bytes = block_n * row_bytes
+    fixed_bytes = 32 * 1024  # launch, query load and epilogue latency, in bytes of cache streamed
+    programs_per_split = max(1, batch * work_tiles)
+    best, best_cost = 1, float("inf")
+    for splits in range(1, min(tiles, 4 * slots) + 1):
+        programs = programs_per_split * splits
+        waves = triton.cdiv(programs, slots)
+        longest = triton.cdiv(tiles, splits) * tile_bytes + partial_bytes + fixed_bytes
+        combine = programs * partial_bytes / slots
+        cost = waves * longest + combine
+        if cost < best_cost * 0.999:
+            best, best_cost = splits, cost
+    return best
 
 
 _BLOCK_N_THAT_FITS: dict[tuple, int] = {}  # launch key -> BLOCK_N that compiled within shared memory
 
 
-def _launch_split(grid, args, constexprs, block_n: int, key: tuple, may_shrink: bool) -> None:
+def _launch_split(kernel, grid, args, constexprs, block_n: int, key: tuple, may_shrink: bool, page_tile_for) -> None:
     """Launch the split kernel; when a default tile needs more shared memory than the GPU has, halve
     BLOCK_N (down to 16) and remember what fit. An explicit `config` BLOCK_N is never changed.
     split_len stays a multiple of every smaller BLOCK_N, so the result is unchanged."""
@@ -223,13 +352,33 @@ def _launch_split(grid, args, constexprs, block_n: int, key: tuple, may_shrink: 
         block_n = min(block_n, _BLOCK_N_THAT_FITS.get(key, block_n))
     while True:
         try:
-            _decode_split_kernel[grid](*args, BLOCK_N=block_n, **constexprs)
+            kernel[grid](*args, BLOCK_N=block_n, PAGE_TILE=page_tile_for(block_n), **constexprs)
             return
         except OutOfResources:
             if not may_shrink or block_n <= 16:
                 raise
             block_n //= 2
             _BLOCK_N_THAT_FITS[key] = block_n
+
+
+def decode_plan(
+    q: torch.Tensor, kv_cache: torch.Tensor, kv_rank: int, block_table: torch.Tensor | None,
+    num_splits: int = 0, config: dict | None = None,
+) -> tuple[dict, int]:  # fmt: skip
+    """The tile config (`decode_config` with `config`'s overrides) and split count a call will use."""
+    batch, num_heads, width = q.shape
+    cfg = {**decode_config(num_heads, kv_rank, width - kv_rank, triton_interpreter_enabled()), **(config or {})}
+    if num_splits > 0:
+        return cfg, num_splits
+    capacity = cache_capacity(kv_cache, block_table)
+    if q.device.type != "cuda":  # interpreter: a few splits, so tests cover the combine
+        return cfg, max(1, min(4, triton.cdiv(capacity, cfg["BLOCK_N"])))
+    work_tiles = triton.cdiv(num_heads, cfg["BLOCK_H"]) * triton.cdiv(kv_rank, cfg["BLOCK_V"])
+    slots = torch.cuda.get_device_properties(q.device).multi_processor_count
+    slots *= programs_per_sm(cfg, kv_cache.element_size(), q.device)
+    partial_bytes = cfg["BLOCK_H"] * min(cfg["BLOCK_V"], kv_rank) * 4
+    row_bytes = width * kv_cache.element_size()
+    return cfg, choose_num_splits(batch, work_tiles, capacity, cfg["BLOCK_N"], row_bytes, partial_bytes, slots)
 
 
 def latent_decode_triton(
@@ -254,13 +403,11 @@ def latent_decode_triton(
     paged = block_table is not None
     if paged:
         assert block_table.dtype == torch.int32 and block_table.stride(-1) == 1
-    cfg = {**decode_config(num_heads, kv_rank, rope_dim, triton_interpreter_enabled()), **(config or {})}
+    cfg, num_splits = decode_plan(q, kv_cache, kv_rank, block_table, num_splits, config)
     capacity = cache_capacity(kv_cache, block_table)
     head_tiles = triton.cdiv(num_heads, cfg["BLOCK_H"])
     value_tiles = triton.cdiv(kv_rank, cfg["BLOCK_V"])
     single_d = cfg["BLOCK_D"] >= kv_rank
-    if num_splits <= 0:
-        num_splits = choose_num_splits(batch, head_tiles * value_tiles, capacity, cfg["BLOCK_N"], q.device)
     split_len = triton.cdiv(triton.cdiv(capacity, num_splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
 
     part_out = torch.empty(batch, num_heads, num_splits, kv_rank, device=q.device, dtype=torch.float32)
@@ -278,15 +425,28 @@ def latent_decode_triton(
         part_out.stride(0), part_out.stride(1), part_out.stride(2),
         part_lse.stride(0), part_lse.stride(1),
     )  # fmt: skip
+    values_from_keys = single_d and value_tiles == 1 and cfg["BLOCK_V"] == cfg["BLOCK_D"]
     constexprs = dict(
         PAGED=paged, HAS_KV_START=kv_start is not None, BLOCK_H=cfg["BLOCK_H"], BLOCK_D=cfg["BLOCK_D"],
-        BLOCK_ROPE=cfg["BLOCK_ROPE"], BLOCK_V=cfg["BLOCK_V"], DOT_PRECISION=dot_precision,
-        SINGLE_D=single_d, VALUES_FROM_KEYS=single_d and value_tiles == 1 and cfg["BLOCK_V"] == cfg["BLOCK_D"],
+        BLOCK_ROPE=cfg["BLOCK_ROPE"], DOT_PRECISION=dot_precision,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
+    kernel = _decode_split_kernel
+    if cfg["HEADS_ON_N"]:
+        if not values_from_keys:
+            raise ValueError(f"HEADS_ON_N needs BLOCK_D = BLOCK_V >= kv_rank ({kv_rank}); got {cfg}")
+        kernel = _decode_split_kernel_heads_on_n
+    else:
+        constexprs.update(BLOCK_V=cfg["BLOCK_V"], SINGLE_D=single_d, VALUES_FROM_KEYS=values_from_keys)
     grid = (batch, head_tiles, num_splits * value_tiles)
     key = (num_heads, kv_rank, rope_dim, q.dtype, kv_cache.dtype, paged, kv_start is not None)
-    _launch_split(grid, args, constexprs, cfg["BLOCK_N"], key, may_shrink=config is None or "BLOCK_N" not in config)
+    block_size = kv_cache.shape[1] if paged else 1
+
+    def page_tile_for(block_n: int) -> bool:
+        return paged and cfg["PAGE_TILE"] and block_size % block_n == 0
+
+    may_shrink = config is None or "BLOCK_N" not in config
+    _launch_split(kernel, grid, args, constexprs, cfg["BLOCK_N"], key + (kernel,), may_shrink, page_tile_for)
 
     out = torch.empty(batch, num_heads, kv_rank, device=q.device, dtype=q.dtype)
     lse = torch.empty(batch, num_heads, device=q.device, dtype=torch.float32)
