@@ -59,8 +59,8 @@ def test_decode_gpu(heads, kv_rank, rope_dim, dtype):
 
 @pytest.mark.parametrize(
     "config",
-    [dict(HEADS_ON_N=True), dict(HEADS_ON_N=True, num_warps=4, num_stages=1), dict(PAGE_TILE=False)],
-    ids=["heads-on-n", "heads-on-n-4warps-1stage", "row-gather"],
+    [dict(HEADS_ON_N=True), dict(HEADS_ON_N=True, num_warps=4), dict(PAGE_TILE=False)],
+    ids=["heads-on-n", "heads-on-n-4warps", "row-gather"],
 )
 @pytest.mark.parametrize("kv_rank,rope_dim", [(448, 64), (896, 128)])
 def test_decode_variants_gpu(kv_rank, rope_dim, config):
