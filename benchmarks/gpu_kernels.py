@@ -88,8 +88,8 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int) -> float:
 
 
 def paged_inputs(batch, context, kv_rank, rope_dim, dtype, device, cache):
-    """Queries and a shuffled block table over a preallocated cache `[blocks, BLOCK_SIZE, r+2p]`."""
-    blocks_per_seq = math.ceil(context / BLOCK_SIZE)
+    """Queries and a shuffled block table over a preallocated cache `[blocks, page size, r+2p]`."""
+    blocks_per_seq = math.ceil(context / cache.shape[1])
     order = torch.randperm(cache.shape[0], device=device)[: batch * blocks_per_seq]
     table = order.view(batch, blocks_per_seq).to(torch.int32)
     lens = torch.full((batch,), context, dtype=torch.int32, device=device)
@@ -179,19 +179,20 @@ def torch_absorbed_rows(device, dtype, batches, contexts, bandwidth, repeats):
 # Decode configs tried by the sweep (overrides of `decode_config`). Keys the kernel does not take:
 # "splits": an explicit split count, "legacy" (the earlier rule: ~2 programs per SM, capped at 64
 # and at capacity / (4 BLOCK_N)) or "x2" (twice the wave model's choice); "contiguous": the same
-# rows in an unpaged `[b, s, r+d_r]` cache (the cost of paging). "R" = next_power_of_2(kv_rank).
+# rows in an unpaged `[b, s, r+d_r]` cache (the cost of paging); "pages": "sorted" (block table in
+# allocation order instead of a random permutation); "page_size" (tokens per page, default 64).
+# "R" = next_power_of_2(kv_rank).
 SWEEP = [
     {},
-    dict(HEADS_ON_N=True),
-    dict(HEADS_ON_N=True, num_warps=4),
-    dict(HEADS_ON_N=True, num_warps=4, BLOCK_N=32),
-    dict(HEADS_ON_N=True, num_stages=3),
-    dict(splits="legacy"),
-    dict(splits="x2"),
-    dict(PAGE_TILE=False),
+    dict(pages="sorted"),
+    dict(page_size=256),
     dict(contiguous=True),
-    dict(num_warps=16),
-    dict(BLOCK_H=64),
+    dict(HEADS_ON_N=True, num_warps=4),
+    dict(HEADS_ON_N=True, num_warps=8),
+    dict(HEADS_ON_N=False, num_warps=8),
+    dict(BLOCK_N=32),
+    dict(BLOCK_N=32, num_stages=3),
+    dict(HEADS_ON_N=True, num_warps=4, num_stages=3),
 ]
 SWEEP_SHAPES = [(32, 16384), (1, 131072), (8, 32768)]
 
@@ -216,6 +217,8 @@ def sweep_case(device, dtype, batch, context, kv_rank, rope_dim, config):
     config = _resolve(config, kv_rank)
     splits = config.pop("splits", 0)
     contiguous = config.pop("contiguous", False)
+    sorted_pages = config.pop("pages", "random") == "sorted"
+    page_size = config.pop("page_size", BLOCK_SIZE)
     width = kv_rank + rope_dim
     torch.manual_seed(1234)  # the same cache, table and queries for every paged config
     if contiguous:
@@ -224,9 +227,11 @@ def sweep_case(device, dtype, batch, context, kv_rank, rope_dim, config):
         q = torch.randn(batch, HEADS, width, device=device, dtype=dtype)
         lens = torch.full((batch,), context, dtype=torch.int32, device=device)
     else:
-        cache = torch.empty(batch * math.ceil(context / BLOCK_SIZE), BLOCK_SIZE, width, device=device, dtype=dtype)
+        cache = torch.empty(batch * math.ceil(context / page_size), page_size, width, device=device, dtype=dtype)
         cache.uniform_(-1, 1)
         q, table, lens = paged_inputs(batch, context, kv_rank, rope_dim, dtype, device, cache)
+        if sorted_pages:
+            table = torch.arange(table.numel(), device=device, dtype=torch.int32).view_as(table)
     block_n = {**decode_config(HEADS, kv_rank, rope_dim, False), **config}["BLOCK_N"]
     if splits == "legacy":
         splits = _legacy_splits(batch, context, block_n, device)
@@ -259,8 +264,9 @@ def sweep_rows(device, dtype, shapes, bandwidth, repeats, seconds):
                     out, _ = run()
                     if ref is None:
                         ref = out.float()
-                    # the contiguous case draws its own random cache: no error to compare
-                    err = "n/a (other data)" if config.get("contiguous") else f"{(out.float() - ref).abs().max().item():.1e}"
+                    # other cache layouts read other rows: no error to compare
+                    other = any(k in config for k in ("contiguous", "pages", "page_size"))
+                    err = "n/a (other data)" if other else f"{(out.float() - ref).abs().max().item():.1e}"
                     ms = timed_ms(run, device, repeats)
                     rows.append((name, label, err, ms, 100 * nbytes / ms / 1e6 / bandwidth))
                     del run, out

@@ -14,7 +14,8 @@ Two tilings (see `decode_config`):
 
 - resident (h <= 32, r <= 1024): the whole latent query row block `[BLOCK_H, next_pow2(r)]` is
   loaded once; each cache tile is read once and serves as both keys and values (one value tile).
-  Measured fastest on an H100 (benchmarks/RESULTS.md).
+  Measured fastest on an H100 (benchmarks/RESULTS.md). For r <= 512 the default is its transposed
+  form, `_decode_split_kernel_heads_on_n` (heads on the MMA N dimension, so sm_90 runs wgmma).
 - chunked (more heads or wider latents): scores in `BLOCK_D`-wide chunks, 64-head tiles so sm_90
   uses wgmma, value columns split into tiles of 256 to bound the fp32 accumulator
   (BLOCK_H x BLOCK_V); the score chunks are recomputed per value tile, served from L2.
@@ -277,17 +278,19 @@ def decode_config(num_heads: int, kv_rank: int, rope_dim: int, interpret: bool) 
             BLOCK_ROPE=max(16, pow2(rope_dim)), BLOCK_V=max(16, min(64, pow2(kv_rank))),
             num_warps=4, num_stages=1, PAGE_TILE=True, HEADS_ON_N=False,
         )  # fmt: skip
+    resident = dict(
+        BLOCK_H=max(16, pow2(num_heads)), BLOCK_N=64, BLOCK_D=pow2(kv_rank), BLOCK_ROPE=max(16, pow2(rope_dim)),
+        BLOCK_V=pow2(kv_rank), num_stages=2, PAGE_TILE=True,
+    )  # fmt: skip
+    if num_heads <= 32 and pow2(kv_rank) <= 512:
+        # Resident latent query, the key tile doubles as the value tile, and heads on the MMA N
+        # dimension (64-token and 512-column M tiles: wgmma on sm_90) with one warpgroup. Best of the
+        # H100 sweep at r = 448 on all three sweep shapes (benchmarks/RESULTS.md).
+        return dict(resident, num_warps=4, HEADS_ON_N=True)
     if num_heads <= 32 and pow2(kv_rank) <= 1024:
-        # The whole latent query stays in registers and the key tile doubles as the value tile (one
-        # pass over each row); 32 heads per tile (mma.sync) with 8 warps. Fastest of the configs
-        # swept on an H100 for r = 448 and 896 (benchmarks/RESULTS.md): 2.2x the chunked default.
-        # At r = 896 some triton versions need more than sm_90's 227 KiB of shared memory for
-        # BLOCK_N 64 (3.9 does, 3.6 does not); the launcher then halves BLOCK_N (see `_launch_split`).
-        return dict(
-            BLOCK_H=max(16, pow2(num_heads)), BLOCK_N=64, BLOCK_D=pow2(kv_rank),
-            BLOCK_ROPE=max(16, pow2(rope_dim)), BLOCK_V=pow2(kv_rank),
-            num_warps=8, num_stages=2, PAGE_TILE=True, HEADS_ON_N=False,
-        )  # fmt: skip
+        # At r = 896 the transposed tile needs BLOCK_N 32 to fit shared memory and lost at b=32 on the
+        # H100 sweep (0.86 vs 0.52 ms); heads on M with 8 warps (mma.sync) stays the default here.
+        return dict(resident, num_warps=8, HEADS_ON_N=False)
     # More heads or wider latents: chunked scores over r, value tiles of 256 (BLOCK_N 64 with 3 stages
     # was the best chunked config on an H100).
     return dict(
