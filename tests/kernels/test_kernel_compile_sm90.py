@@ -1,8 +1,10 @@
 """Compile-only checks for sm_90 on CPU: every default decode/prefill config fits shared memory and
-streams the cache through cp.async; the
-64-head-tile decode (h > 32) and the prefill kernel use wgmma. (For h <= 32 the default decode tile is
-32 heads with the latent query resident, which runs on mma.sync: measured 2.2x faster on an H100
-than the 64-head wgmma tile with chunked scores, see benchmarks/RESULTS.md.)"""
+streams the cache through cp.async; the 64-head-tile decode (h > 32), the heads-on-N decode tile
+(the default for h <= 32, r <= 512) and the prefill kernel use wgmma. At r = 896 the h <= 32 default
+keeps heads on M (mma.sync), which won the H100 sweep at b=32 (benchmarks/RESULTS.md).
+
+The compile passes the 16-divisibility hints the launcher's JIT gives (strides, pointers): without
+them triton emits scalar 2-byte loads and no cp.async, which is not what runs on the GPU."""
 
 from __future__ import annotations
 
