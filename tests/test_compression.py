@@ -500,3 +500,27 @@ def test_layer_error_split_by_token_selection():
     assert head.key_text != pytest.approx(prefix.key, rel=1e-3)  # keys of text tokens are also scored by later queries
     everything = measure_layer_errors(src, module, AttentionCall(hidden, cos, sin, vision=torch.ones(1, 12, dtype=torch.bool)))
     assert everything.output_vision == everything.output and everything.output_text is None
+
+
+def test_default_key_weight_schedule():
+    from m2la.compression import default_key_weight
+
+    assert default_key_weight(2.0) == default_key_weight(4.0) == 5.0
+    assert default_key_weight(8.0) == default_key_weight(16.0) == 3.0
+    assert default_key_weight(4.0) > default_key_weight(5.6) > default_key_weight(8.0)
+
+
+@pytest.mark.parametrize("ratio,expected", [(2.0, 5.0), (8.0, 3.0)])
+def test_convert_resolves_key_weight_from_the_ratio(ratio, expected):
+    """key_weight=None converts exactly like the scheduled value, and differently from another one."""
+    batches = [torch.randint(10, tiny_hf.VOCAB, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+
+    def weights(**options):
+        torch.manual_seed(0)
+        model = tiny_hf.build("llama", 6, 2, 16)
+        m2la.convert(model, compression=ratio, calibration=batches, pair_grid_points=4, **options)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    scheduled = weights()
+    assert torch.equal(scheduled, weights(key_weight=expected))
+    assert not torch.equal(scheduled, weights(key_weight=expected + 4.0))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from .allocate import LayerChoice, allocate_budget, width_budget
 from .calibrate import AttentionCall, LayerErrors, collect_statistics, layer_errors, measure_layer_errors
-from .driver import CompressionOptions, LayerResult, compress_layers, plan_choices
+from .driver import CompressionOptions, LayerResult, compress_layers, default_key_weight, plan_choices
 from .fit import METHODS, fit_layer, rope_plan
 from .stats import LayerStatistics, accumulate
 
@@ -28,6 +28,7 @@ __all__ = [
     "LayerStatistics",
     "accumulate",
     "allocate_budget",
+    "default_key_weight",
     "collect_statistics",
     "compress_layers",
     "fit_layer",
