@@ -435,6 +435,58 @@ def prefill_rows(device, dtype, chunk, prefixes, repeats):
     return rows
 
 
+# Prefill tile configs (overrides of `prefill_config`), timed in expanded mode; all fit sm_90's shared
+# memory and run wgmma in the compile-only check (triton 3.9).
+PREFILL_SWEEP = [
+    {},
+    dict(BLOCK_D=128),
+    dict(BLOCK_M=128, num_warps=8),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_D=128, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=128, num_warps=8, num_stages=2),
+]
+
+
+def prefill_sweep_rows(device, dtype, chunk, prefixes, repeats):
+    """Expanded chunked prefill (one sequence) per PREFILL_SWEEP config: ms and TFLOPS."""
+    from m2la.kernels.latent_prefill.triton import latent_prefill_triton
+
+    rows = []
+    for prefix in prefixes:
+        total = prefix + chunk
+        visible_pairs = chunk * prefix + chunk * (chunk + 1) / 2
+        for name, (kv_rank, rope_dim) in LAYOUTS.items():
+            cache = torch.empty(math.ceil(total / BLOCK_SIZE), BLOCK_SIZE, kv_rank + rope_dim, device=device, dtype=dtype)
+            cache.uniform_(-1, 1)
+            table = torch.arange(cache.shape[0], device=device, dtype=torch.int32)[None]
+            q_nope = torch.randn(chunk, HEADS, NOPE_DIM, device=device, dtype=dtype)
+            q_rope = torch.randn(chunk, HEADS, rope_dim, device=device, dtype=dtype)
+            w_uk = torch.randn(HEADS, kv_rank, NOPE_DIM, device=device, dtype=dtype) / kv_rank**0.5
+            w_uv = torch.randn(HEADS, kv_rank, VALUE_DIM, device=device, dtype=dtype) / kv_rank**0.5
+            cu = torch.tensor([0, chunk], dtype=torch.int32, device=device)
+            lens = torch.tensor([total], dtype=torch.int32, device=device)
+            flops = 2 * HEADS * visible_pairs * (NOPE_DIM + rope_dim + VALUE_DIM)
+            inputs = (q_nope, q_rope, cache, w_uk, w_uv, cu, lens, 0.1, table)
+            ref = None
+            for config in PREFILL_SWEEP:
+                if _out_of_time():
+                    rows.append((name, prefix, str(config or "default"), "skipped (time)", None, None))
+                    continue
+                try:
+                    def run(config=config, inputs=inputs):
+                        return latent_prefill_triton(*inputs, max_seqlen_q=chunk, mode="expanded", config=config)
+
+                    out, _ = run()
+                    ref = out.float() if ref is None else ref
+                    err = f"{(out.float() - ref).abs().max().item():.1e}"
+                    ms = timed_ms(run, device, repeats)
+                    rows.append((name, prefix, str(config or "default"), err, ms, flops / ms / 1e9))
+                except Exception as exc:
+                    rows.append((name, prefix, str(config or "default"), type(exc).__name__, None, None))
+            del cache
+    return rows
+
+
 def _prefix_causal_mask(chunk, total, device):
     pos = total - chunk + torch.arange(chunk, device=device)
     return torch.arange(total, device=device)[None, :] <= pos[:, None]
@@ -449,7 +501,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, any device: checks the script")
     parser.add_argument("--seconds", type=float, default=270, help="time box; later cases are reported n/a")
     parser.add_argument("--sweep-seconds", type=float, default=70, help="time box of the decode tile sweep")
-    parser.add_argument("--sections", default="sweep,decode,prefill", help="comma-separated subset to run")
+    parser.add_argument("--sections", default="sweep,decode,prefill,prefill_sweep", help="comma-separated subset to run")
     parser.add_argument("--contexts", type=int, nargs="+", default=None, help="decode contexts (default 4K..128K)")
     parser.add_argument("--warm-workers", type=int, default=12, help="processes compiling the sweep first (0: off)")
     parser.add_argument("--warm-only", action="store_true", help="only compile the sweep cases (fills triton's cache)")
@@ -533,6 +585,13 @@ def main() -> None:
         lines += ["", f"## Chunked prefill ({chunk} new tokens, batch 1)", "",
                   "| path | cached prefix | chunk | ms | TFLOPS |", "|---|---|---|---|---|"]  # fmt: skip
         lines += [f"| {n} | {p} | {c} | {ms:.2f} | {tf:.1f} |" for n, p, c, ms, tf in prefill]
+        flush()
+        sections.append("prefill_sweep")
+        if "prefill_sweep" in wanted:
+            sweep_p = prefill_sweep_rows(device, dtype, chunk, prefixes or [0], repeats)
+            lines += ["", f"## Prefill tile sweep (expanded, {chunk} new tokens; overrides of `prefill_config`)", "",
+                      "| layout | prefix | config | max diff vs default | ms | TFLOPS |", "|---|---|---|---|---|---|"]  # fmt: skip
+            lines += [f"| {n} | {p} | {c} | {e} | {fmt(ms, '.2f')} | {fmt(tf, '.1f')} |" for n, p, c, e, ms, tf in sweep_p]
     except Exception:
         lines += ["", f"**FAILED** after sections {sections}:", "```", traceback.format_exc(), "```"]
         raise

@@ -125,3 +125,17 @@ def test_triton_kv_start_matches_reference(mode, dtype):
     ref_out, ref_lse = prefill_attention(*case[:7], 0.15, table, start, backend="reference")
     assert torch.isfinite(out).all()
     assert_close_with_lse(out, lse, ref_out, ref_lse, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("mode", ["absorbed", "expanded"])
+@pytest.mark.parametrize(
+    "config", [dict(BLOCK_M=32, BLOCK_N=32), dict(BLOCK_M=32, BLOCK_N=16, BLOCK_D=16, num_warps=8)], ids=["m32", "d16"]
+)
+def test_triton_config_override_matches_fp64(config, mode):
+    """`config=` (the tuning sweep's tile overrides) changes tiling only, never the result."""
+    from m2la.kernels.latent_prefill.triton import latent_prefill_triton
+
+    case = make_case(3, *SHAPES["r96"], [17, 0, 45], [0, 30, 43], 16, torch.float32, seed=9)
+    out, lse = latent_prefill_triton(*case[:7], 0.15, case[7], mode=mode, config=config)
+    ref_out, ref_lse = prefill_fp64_absorbed(*case[:7], 0.15, case[7])
+    assert_close_with_lse(out, lse, ref_out, ref_lse, atol=TOL[torch.float32])

@@ -142,11 +142,11 @@ def prefill_config(value_dim: int, interpret: bool) -> dict:
 
 
 def _launch(q_nope, q_rope, k_nope, k_rope, v, block_table, cu_seqlens_q, cache_seqlens, kv_start, out, lse,
-            softmax_scale, block_size, head_strides, max_seqlen_q):  # fmt: skip
+            softmax_scale, block_size, head_strides, max_seqlen_q, config=None):  # fmt: skip
     """k_nope/k_rope/v: `[blocks|b, tokens, ...]` views whose dims 0/1 address a token."""
     num_heads = q_nope.shape[1]
     nope_dim, rope_dim, value_dim = q_nope.shape[2], q_rope.shape[2], out.shape[2]
-    cfg = prefill_config(value_dim, triton_interpreter_enabled())
+    cfg = {**prefill_config(value_dim, triton_interpreter_enabled()), **(config or {})}
     value_tiles = triton.cdiv(value_dim, cfg["BLOCK_V"])
     paged = block_table is not None
     table = block_table if paged else cache_seqlens
@@ -183,8 +183,12 @@ def latent_prefill_triton(
     max_seqlen_q: int = 0,
     mode: str = "auto",
     kv_start: torch.Tensor | None = None,
+    config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as `latent_prefill_reference`. `mode`: "absorbed", "expanded" or "auto"."""
+    """Same contract as `latent_prefill_reference`. `mode`: "absorbed", "expanded" or "auto".
+
+    `config` overrides entries of `prefill_config` (tile sizes, warps, stages) for tuning sweeps.
+    """
     num_tokens, num_heads, nope_dim = q_nope.shape
     kv_rank, value_dim = w_uk.shape[1], w_uv.shape[2]
     batch = cu_seqlens_q.shape[0] - 1
@@ -205,7 +209,7 @@ def latent_prefill_triton(
         out_latent = torch.empty(num_tokens, num_heads, kv_rank, device=q_nope.device, dtype=torch.float32)
         latent, k_rope = kv_cache[..., :kv_rank], kv_cache[..., kv_rank:]
         _launch(q_latent, q_rope, latent, k_rope, latent, block_table, cu_seqlens_q, cache_seqlens, kv_start,
-                out_latent, lse, softmax_scale, block_size, (0, 0, 0), max_seqlen_q)  # fmt: skip
+                out_latent, lse, softmax_scale, block_size, (0, 0, 0), max_seqlen_q, config)  # fmt: skip
         out = torch.einsum("thr,hrv->thv", out_latent, w_uv.float())  # [tq, h, v]
         return out.to(q_nope.dtype), lse
     if mode != "expanded":
@@ -214,9 +218,11 @@ def latent_prefill_triton(
     cache = kv_cache if paged else kv_cache[:batch]
     rows = gather_cache_rows(cache, block_table, max(1, num_keys))  # [b, s, r+2p]
     latent, k_rope = rows[..., :kv_rank], rows[..., kv_rank:]
-    k_nope = torch.einsum("bsr,hrn->bshn", latent.float(), w_uk.float()).to(dtype)  # [b, s, h, n]
-    values = torch.einsum("bsr,hrv->bshv", latent.float(), w_uv.float()).to(dtype)  # [b, s, h, v]
+    # expansion GEMMs in the cache dtype (fp32 accumulation inside the GEMM; the result is stored in
+    # that dtype anyway): fp32 inputs would run them off the tensor cores
+    k_nope = torch.einsum("bsr,hrn->bshn", latent, w_uk.to(dtype))  # [b, s, h, n]
+    values = torch.einsum("bsr,hrv->bshv", latent, w_uv.to(dtype))  # [b, s, h, v]
     out = torch.empty(num_tokens, num_heads, value_dim, device=q_nope.device, dtype=q_nope.dtype)
     _launch(q_nope.to(dtype), q_rope, k_nope, k_rope, values, None, cu_seqlens_q, cache_seqlens, kv_start,
-            out, lse, softmax_scale, 1, (k_nope.stride(2), 0, values.stride(2)), max_seqlen_q)  # fmt: skip
+            out, lse, softmax_scale, 1, (k_nope.stride(2), 0, values.stride(2)), max_seqlen_q, config)  # fmt: skip
     return out, lse
