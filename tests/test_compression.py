@@ -524,3 +524,16 @@ def test_convert_resolves_key_weight_from_the_ratio(ratio, expected):
     scheduled = weights()
     assert torch.equal(scheduled, weights(key_weight=expected))
     assert not torch.equal(scheduled, weights(key_weight=expected + 4.0))
+
+
+def test_explicit_ranks_schedule_key_weight_from_the_ratio_they_give():
+    batches = [torch.randint(10, tiny_hf.VOCAB, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+
+    def weights(**options):
+        torch.manual_seed(0)
+        model = tiny_hf.build("llama", 6, 2, 16)  # 2 x 2 KV heads x 16 = 64 values per token
+        m2la.convert(model, kv_rank=8, rope_dim=0, calibration=batches, **options)  # 8x
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    assert torch.equal(weights(), weights(key_weight=3.0))
+    assert not torch.equal(weights(), weights(key_weight=5.0))

@@ -210,7 +210,7 @@ def compress_layers(
     if options.key_weight is None:  # resolved before planning: the m2la allocator uses it too
         if compression is None:  # explicit ranks: the ratio they give
             choices = plan_choices(sources, options, None, kv_rank, rope_dim, one_shot)
-            ratio = sum(source_cache_width(s) for s in sources) / sum(c.kv_rank + 2 * c.num_pairs for c in choices)
+            ratio = sum(source_cache_width(s) for s in sources) / sum(c.width for c in choices)
         else:
             ratio = compression
         options = dataclasses.replace(options, key_weight=default_key_weight(ratio))
