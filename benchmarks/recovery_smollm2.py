@@ -4,7 +4,7 @@
 
 Perplexity on held-out Wikipedia (8 x 512 tokens, never used for calibration or training) before and
 after training. From the calibration split: windows 0-15 (256 tokens) calibrate the conversion,
-windows 16-79 (first 128 tokens of each) are the distillation data.
+windows 16-79 (first 128 tokens of each; `--distill-windows` sets how many) are the distillation data.
 """
 
 from __future__ import annotations
@@ -30,11 +30,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--trainable", choices=["attention", "all"], default="attention")
+    parser.add_argument("--distill-windows", type=int, default=64,
+                        help="distinct calibration-split windows to distil on (after the 16 calibration windows)")
     args = parser.parse_args()
     torch.manual_seed(0)
     teacher, tokenizer = load_smollm2()
     heldout = token_windows(tokenizer, wiki_split("heldout"), 512, 8)
-    windows = token_windows(tokenizer, wiki_split("calibration"), 256, 80)  # [80, 256]
+    windows = token_windows(tokenizer, wiki_split("calibration"), 256, 16 + args.distill_windows)  # [16 + n, 256]
     calibration = list(windows[:16].split(4)) + [windows[:1, :128]]  # the last batch is the report's held-out
     batches = list(windows[16:, : args.seq_len].split(args.batch))
 
