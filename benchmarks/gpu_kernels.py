@@ -388,6 +388,21 @@ def _sdpa_gqa(q, k, v):
     )
 
 
+def prefill_inputs(device, dtype, chunk, total, kv_rank, rope_dim):
+    """One sequence: `chunk` new queries after `total - chunk` cached rows in a paged latent cache,
+    random up-projections -> (q_nope, q_rope, cache, w_uk, w_uv, cu_seqlens_q, seqlens, block_table)."""
+    cache = torch.empty(math.ceil(total / BLOCK_SIZE), BLOCK_SIZE, kv_rank + rope_dim, device=device, dtype=dtype)
+    cache.uniform_(-1, 1)
+    table = torch.arange(cache.shape[0], device=device, dtype=torch.int32)[None]
+    q_nope = torch.randn(chunk, HEADS, NOPE_DIM, device=device, dtype=dtype)
+    q_rope = torch.randn(chunk, HEADS, rope_dim, device=device, dtype=dtype)
+    w_uk = torch.randn(HEADS, kv_rank, NOPE_DIM, device=device, dtype=dtype) / kv_rank**0.5
+    w_uv = torch.randn(HEADS, kv_rank, VALUE_DIM, device=device, dtype=dtype) / kv_rank**0.5
+    cu = torch.tensor([0, chunk], dtype=torch.int32, device=device)
+    lens = torch.tensor([total], dtype=torch.int32, device=device)
+    return q_nope, q_rope, cache, w_uk, w_uv, cu, lens, table
+
+
 def prefill_rows(device, dtype, chunk, prefixes, repeats):
     """Chunked prefill of `chunk` new tokens after a cached prefix, one sequence; TFLOPS of the
     attention actually computed (causal), and SDPA over the GQA K/V of the same length."""
@@ -398,17 +413,9 @@ def prefill_rows(device, dtype, chunk, prefixes, repeats):
         total = prefix + chunk
         visible_pairs = chunk * prefix + chunk * (chunk + 1) / 2
         for name, (kv_rank, rope_dim) in LAYOUTS.items():
-            cache = torch.empty(
-                math.ceil(total / BLOCK_SIZE), BLOCK_SIZE, kv_rank + rope_dim, device=device, dtype=dtype
+            q_nope, q_rope, cache, w_uk, w_uv, cu, lens, table = prefill_inputs(
+                device, dtype, chunk, total, kv_rank, rope_dim
             )
-            cache.uniform_(-1, 1)
-            table = torch.arange(cache.shape[0], device=device, dtype=torch.int32)[None]
-            q_nope = torch.randn(chunk, HEADS, NOPE_DIM, device=device, dtype=dtype)
-            q_rope = torch.randn(chunk, HEADS, rope_dim, device=device, dtype=dtype)
-            w_uk = torch.randn(HEADS, kv_rank, NOPE_DIM, device=device, dtype=dtype) / kv_rank**0.5
-            w_uv = torch.randn(HEADS, kv_rank, VALUE_DIM, device=device, dtype=dtype) / kv_rank**0.5
-            cu = torch.tensor([0, chunk], dtype=torch.int32, device=device)
-            lens = torch.tensor([total], dtype=torch.int32, device=device)
             for mode in ("expanded", "absorbed"):
                 dims = (NOPE_DIM + rope_dim + VALUE_DIM) if mode == "expanded" else (2 * kv_rank + rope_dim)
                 flops = 2 * HEADS * visible_pairs * dims
@@ -456,15 +463,9 @@ def prefill_sweep_rows(device, dtype, chunk, prefixes, repeats):
         total = prefix + chunk
         visible_pairs = chunk * prefix + chunk * (chunk + 1) / 2
         for name, (kv_rank, rope_dim) in LAYOUTS.items():
-            cache = torch.empty(math.ceil(total / BLOCK_SIZE), BLOCK_SIZE, kv_rank + rope_dim, device=device, dtype=dtype)
-            cache.uniform_(-1, 1)
-            table = torch.arange(cache.shape[0], device=device, dtype=torch.int32)[None]
-            q_nope = torch.randn(chunk, HEADS, NOPE_DIM, device=device, dtype=dtype)
-            q_rope = torch.randn(chunk, HEADS, rope_dim, device=device, dtype=dtype)
-            w_uk = torch.randn(HEADS, kv_rank, NOPE_DIM, device=device, dtype=dtype) / kv_rank**0.5
-            w_uv = torch.randn(HEADS, kv_rank, VALUE_DIM, device=device, dtype=dtype) / kv_rank**0.5
-            cu = torch.tensor([0, chunk], dtype=torch.int32, device=device)
-            lens = torch.tensor([total], dtype=torch.int32, device=device)
+            q_nope, q_rope, cache, w_uk, w_uv, cu, lens, table = prefill_inputs(
+                device, dtype, chunk, total, kv_rank, rope_dim
+            )
             flops = 2 * HEADS * visible_pairs * (NOPE_DIM + rope_dim + VALUE_DIM)
             inputs = (q_nope, q_rope, cache, w_uk, w_uv, cu, lens, 0.1, table)
             ref = None

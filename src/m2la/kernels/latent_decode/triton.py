@@ -36,6 +36,29 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _split_token_range(seqlens_ptr, kv_start_ptr, seq, split, split_len, HAS_KV_START: tl.constexpr,
+                       BLOCK_N: tl.constexpr):  # fmt: skip
+    """First visible position and the `[lo, hi)` token range of this split (lo a multiple of BLOCK_N)."""
+    seqlen = tl.load(seqlens_ptr + seq)
+    first = 0
+    if HAS_KV_START:
+        first = tl.load(kv_start_ptr + seq)
+    lo = tl.maximum(split * split_len, (first // BLOCK_N) * BLOCK_N)
+    hi = tl.minimum((split + 1) * split_len, seqlen)
+    return first, lo, hi
+
+
+@triton.jit
+def _softmax_norm_and_lse(m_i, l_i):
+    """Divisor for the accumulator (1 where nothing was visible, so the output is 0) and the natural
+    log-sum-exp (-inf there), from the base-2 running max `m_i` and sum `l_i`."""
+    nonempty = l_i > 0.0
+    norm = tl.where(nonempty, l_i, 1.0)
+    lse = tl.where(nonempty, (m_i + tl.log2(norm)) * 0.6931471805599453, float("-inf"))
+    return norm, lse
+
+
+@triton.jit
 def _tile_row_offsets(
     block_table_ptr, seq, start, first, hi, block_size, stride_bt_b, stride_kv_blk, stride_kv_tok,
     PAGED: tl.constexpr, PAGE_TILE: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -84,12 +107,7 @@ def _decode_split_kernel(
     offs_v = value_tile * BLOCK_V + tl.arange(0, BLOCK_V)
     value_ok = offs_v < kv_rank
 
-    seqlen = tl.load(seqlens_ptr + seq)
-    first = 0
-    if HAS_KV_START:
-        first = tl.load(kv_start_ptr + seq)
-    lo = tl.maximum(split * split_len, (first // BLOCK_N) * BLOCK_N)
-    hi = tl.minimum((split + 1) * split_len, seqlen)
+    first, lo, hi = _split_token_range(seqlens_ptr, kv_start_ptr, seq, split, split_len, HAS_KV_START, BLOCK_N)
 
     q_rows = q_ptr + seq * stride_q_b + offs_h[:, None] * stride_q_h  # [BLOCK_H, 1]
     q_rope = tl.load(
@@ -147,9 +165,8 @@ def _decode_split_kernel(
         acc = acc * alpha[:, None] + tl.dot(probs.to(values.dtype), values, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    nonempty = l_i > 0.0
-    out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
-    lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    norm, lse = _softmax_norm_and_lse(m_i, l_i)
+    out = acc / norm[:, None]
     po = part_out_ptr + seq * stride_po_b + offs_h[:, None] * stride_po_h + split * stride_po_s
     tl.store(po + offs_v[None, :], out, mask=head_ok[:, None] & value_ok[None, :])
     pl = part_lse_ptr + seq * stride_pl_b + offs_h * stride_pl_h + split
@@ -185,12 +202,7 @@ def _decode_split_kernel_heads_on_n(
     d_ok = offs_d < kv_rank
     offs_rope = tl.arange(0, BLOCK_ROPE)
 
-    seqlen = tl.load(seqlens_ptr + seq)
-    first = 0
-    if HAS_KV_START:
-        first = tl.load(kv_start_ptr + seq)
-    lo = tl.maximum(split * split_len, (first // BLOCK_N) * BLOCK_N)
-    hi = tl.minimum((split + 1) * split_len, seqlen)
+    first, lo, hi = _split_token_range(seqlens_ptr, kv_start_ptr, seq, split, split_len, HAS_KV_START, BLOCK_N)
 
     q_cols = q_ptr + seq * stride_q_b + offs_h[None, :] * stride_q_h  # [1, BLOCK_H]
     q_latent_t = tl.load(q_cols + offs_d[:, None], mask=d_ok[:, None] & head_ok[None, :], other=0.0)  # [BLOCK_D, BLOCK_H]
@@ -225,9 +237,8 @@ def _decode_split_kernel_heads_on_n(
         )  # [BLOCK_D, BLOCK_H]
         m_i = m_new
 
-    nonempty = l_i > 0.0
-    out_t = acc_t / tl.where(nonempty, l_i, 1.0)[None, :]
-    lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    norm, lse = _softmax_norm_and_lse(m_i, l_i)
+    out_t = acc_t / norm[None, :]
     po = part_out_ptr + seq * stride_po_b + offs_h[None, :] * stride_po_h + split * stride_po_s
     tl.store(po + offs_d[:, None], out_t, mask=d_ok[:, None] & head_ok[None, :])
     tl.store(part_lse_ptr + seq * stride_pl_b + offs_h * stride_pl_h + split, lse, mask=head_ok)
