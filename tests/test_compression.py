@@ -271,15 +271,20 @@ def test_compressed_decode_matches_prefill():
     torch.testing.assert_close(last, full, rtol=1e-4, atol=1e-4)
 
 
-def test_layer_errors_zero_for_exact_layer():
+def _fitted_layer(length: int, kv_rank: int, num_pairs: int):
+    """A random fp32 source layer fitted on one sequence -> (src, module, hidden, cos, sin)."""
     src = random_source(dtype=torch.float32)
-    positions = _positions(1, 10, False)
-    hidden = _hidden(src, 1, 10)
-    stats = _stats(src, hidden, positions)
-    config, state = fit.fit_layer(src, stats, kv_rank=24, num_pairs=12)
+    positions = _positions(1, length, False)
+    hidden = _hidden(src, 1, length)
+    config, state = fit.fit_layer(src, _stats(src, hidden, positions), kv_rank=kv_rank, num_pairs=num_pairs)
     module = m2la.M2LAttention(config)
     module.load_state_dict(state)
     cos, sin = angles_cos_sin(positions, src)
+    return src, module, hidden, cos, sin
+
+
+def test_layer_errors_zero_for_exact_layer():
+    src, module, hidden, cos, sin = _fitted_layer(10, kv_rank=24, num_pairs=12)
     errors = layer_errors(src, module, AttentionCall(hidden, cos, sin))
     assert max(errors) < 1e-5
 
@@ -474,14 +479,7 @@ def test_vlm_split_errors_match_an_independent_computation(family):
 
 def test_layer_error_split_by_token_selection():
     """Per-token value errors: the vision split equals the overall error on a call of only vision tokens."""
-    src = random_source(dtype=torch.float32)
-    positions = _positions(1, 12, False)
-    hidden = _hidden(src, 1, 12)
-    stats = _stats(src, hidden, positions)
-    config, state = fit.fit_layer(src, stats, kv_rank=8, num_pairs=4)
-    module = m2la.M2LAttention(config)
-    module.load_state_dict(state)
-    cos, sin = angles_cos_sin(positions, src)
+    src, module, hidden, cos, sin = _fitted_layer(12, kv_rank=8, num_pairs=4)
     vision = torch.zeros(1, 12, dtype=torch.bool)
     vision[0, 3:8] = True
     from m2la.compression import measure_layer_errors
