@@ -2,6 +2,7 @@
 
     python benchmarks/conversion_memory.py                      # 8, 16 and 32 windows of 256 tokens
     python benchmarks/conversion_memory.py --windows 8 32 --compression 4.0
+    python benchmarks/conversion_memory.py --windows 16 --refit-memory-gib 100   # all refit sums at once
 
 Every measurement runs in a fresh Python process, so allocations made earlier cannot hide (or be
 reused by) the one measured. In that process: load SmolLM2-135M (fp32) and tokenize the calibration
@@ -83,19 +84,22 @@ def child(args: argparse.Namespace) -> dict:
             model(**batches[0], use_cache=False)
 
     def convert():
-        report = m2la.convert(model, compression=args.compression, calibration=batches)
+        report = m2la.convert(model, compression=args.compression, calibration=batches,
+                              refit_memory_gib=args.refit_memory_gib)
         return dict(ratio=report.compression_ratio, bytes_after=report.bytes_per_token_after,
                     bytes_before=report.bytes_per_token_before)
 
     measured = _measure(forward if args.step == "forward" else convert, reset=True)
     return dict(windows=args.child, length=args.length, batch=args.batch, batches=len(batches),
+                refit_memory_gib=args.refit_memory_gib,
                 compression=args.compression, loaded_peak_mib=loaded_hwm, step=args.step, measured=measured,
                 threads=torch.get_num_threads(), torch=torch.__version__)
 
 
 def _run_child(args: argparse.Namespace, windows: int, step: str) -> dict:
     command = [sys.executable, __file__, "--child", str(windows), "--step", step, "--length", str(args.length),
-               "--batch", str(args.batch), "--compression", str(args.compression)]
+               "--batch", str(args.batch), "--compression", str(args.compression),
+               "--refit-memory-gib", str(args.refit_memory_gib)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
@@ -112,6 +116,8 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=256, help="tokens per window")
     parser.add_argument("--batch", type=int, default=4, help="windows per calibration batch")
     parser.add_argument("--compression", type=float, default=4.0)
+    parser.add_argument("--refit-memory-gib", type=float, default=0.25,
+                        help="CompressionOptions.refit_memory_gib (refit sums held at once; 100 = all layers)")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--step", choices=("convert", "forward"), default="convert", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -125,7 +131,7 @@ def main() -> None:
     threshold = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     print(f"date {time.strftime('%Y-%m-%d')}, machine {platform.machine()}, {forward['threads']} threads, "
           f"torch {forward['torch']}; SmolLM2-135M fp32, compression {args.compression}, windows of {args.length} "
-          f"tokens in batches of {args.batch}; one fresh process per row"
+          f"tokens in batches of {args.batch}, refit_memory_gib {args.refit_memory_gib}; one fresh process per row"
           + (f"; MALLOC_MMAP_THRESHOLD_={threshold}" if threshold else "; glibc malloc defaults"))
     print("\n| step | RSS before | peak during | added (peak - before) | RSS after | seconds | peak from |")
     print("|---|---:|---:|---:|---:|---:|---|")

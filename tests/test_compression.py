@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -15,7 +16,8 @@ import tiny_hf  # noqa: E402
 from m2la import rope  # noqa: E402
 from m2la.compression import allocate, fit  # noqa: E402
 from m2la.compression.calibrate import AttentionCall, collect_statistics, layer_errors  # noqa: E402
-from m2la.compression.stats import LayerStatistics, accumulate, angles_cos_sin  # noqa: E402
+from m2la.compression.driver import refit_groups  # noqa: E402
+from m2la.compression.stats import LayerStatistics, RefitStatistics, accumulate, accumulate_refit, angles_cos_sin  # noqa: E402
 from m2la.conversion import ConversionError  # noqa: E402
 from m2la.evaluation import cache_bytes_per_token  # noqa: E402
 from m2la.integrations import hf  # noqa: E402
@@ -135,8 +137,69 @@ def test_batchwise_statistics_equal_one_shot():
     streamed = LayerStatistics.zeros(src)
     for rows in (slice(0, 1), slice(1, 3), slice(3, 4)):
         streamed = accumulate(streamed, src, hidden[rows], cos[rows], sin[rows])
-    for name in LayerStatistics.__dataclass_fields__:
-        torch.testing.assert_close(getattr(streamed, name), getattr(whole, name), rtol=1e-9, atol=1e-9)
+    _assert_stats_close(streamed, whole, rtol=1e-9, atol=1e-9)
+
+
+def _assert_stats_close(got, expected, **tolerance):
+    """Every sum of two LayerStatistics (refit sums included) or RefitStatistics."""
+    for name in type(expected).__dataclass_fields__:
+        a, b = getattr(got, name), getattr(expected, name)
+        if name == "refit":
+            assert (a is None) == (b is None)
+            if b is not None:
+                _assert_stats_close(a, b, **tolerance)
+        else:
+            torch.testing.assert_close(a, b, **tolerance)
+
+
+def test_refit_only_accumulation_equals_full_and_is_required():
+    """accumulate_refit gives accumulate's refit sums exactly; fits that need them say when they are missing."""
+    src = random_source(dtype=torch.float64)
+    positions = _positions(2, 16, False)
+    hidden = _hidden(src, 2, 16)
+    cos, sin = angles_cos_sin(positions, src)
+    weight = torch.ones(2, 16)
+    weight[1, :5] = 0.0  # padding
+    whole = accumulate(LayerStatistics.zeros(src), src, hidden, cos, sin, token_weight=weight)
+    alone = accumulate_refit(RefitStatistics.zeros(src), src, hidden, cos, sin, token_weight=weight)
+    _assert_stats_close(alone, whole.refit, rtol=0, atol=0)
+    base = accumulate(LayerStatistics.zeros(src, refit=False), src, hidden, cos, sin, token_weight=weight)
+    assert base.refit is None
+    _assert_stats_close(base, dataclasses.replace(whole, refit=None), rtol=0, atol=0)
+    assert sum(t.numel() * 8 for t in vars(whole.refit).values()) == RefitStatistics.layer_bytes(src)
+    with pytest.raises(ConversionError, match="refit statistics"):
+        fit.fit_layer(src, base, 8, 2, "m2la", key_refit=True)
+    fit.fit_layer(src, base, 8, 2, "m2la", key_refit=False, value_refit="none")  # needs no refit sums
+
+
+def test_refit_groups_are_consecutive_and_within_budget():
+    sources = [random_source(head_dim=hd) for hd in (8, 16, 8, 8, 16)]
+    sizes = [RefitStatistics.layer_bytes(s) for s in sources]
+    for budget in (1e-12, sizes[0] / 2**30, (sizes[0] + sizes[2]) / 2**30, sum(sizes) / 2**30):
+        groups = refit_groups(sources, budget)
+        assert [i for g in groups for i in g] == list(range(5))
+        for g in groups:
+            assert len(g) == 1 or sum(sizes[i] for i in g) <= budget * 2**30
+    assert refit_groups(sources, sum(sizes) / 2**30) == [list(range(5))]
+    assert refit_groups(sources, 1e-12) == [[i] for i in range(5)]
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_grouped_refit_passes_equal_one_pass_conversion(family):
+    """Refit sums gathered layer by layer (forwards stopped early, original model) convert exactly as one pass."""
+    base = tiny_hf.build(family, 6, 2, 16, layers=3)
+    batches = [_family_inputs(base, family, seed)["input_ids"] for seed in range(3)]
+    models, reports = [], []
+    for memory in (1.0, 1e-12):  # all layers at once; one layer per group
+        model = copy.deepcopy(base)
+        reports.append(m2la.convert(model, compression=2.0, calibration=batches, pair_grid_points=4,
+                                    refit_memory_gib=memory))
+        models.append(model)
+    one, grouped = (dict(m.state_dict()) for m in models)
+    assert one.keys() == grouped.keys()
+    for name in one:
+        torch.testing.assert_close(grouped[name], one[name], rtol=0, atol=0, msg=name)
+    assert [layer.output_error for layer in reports[1].layers] == [layer.output_error for layer in reports[0].layers]
 
 
 def _hf_harness(model):
@@ -162,8 +225,7 @@ def test_layer_streaming_statistics_equal_one_shot_pass():
         for i in targets:
             streamed, _ = collect_statistics(lambda ids: model(ids, use_cache=False), batches, {i: targets[i]},
                                              extract, stop_after=i)
-            for name in LayerStatistics.__dataclass_fields__:
-                torch.testing.assert_close(getattr(streamed[i], name), getattr(one_shot[i], name))
+            _assert_stats_close(streamed[i], one_shot[i])
 
 
 # --- budget -------------------------------------------------------------------------------------------

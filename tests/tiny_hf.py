@@ -8,27 +8,30 @@ IMAGE_TOKEN, VISION_START, VISION_END, VIDEO_TOKEN = 5, 4, 7, 6
 VOCAB = 97
 
 
-def _text(heads: int, kv_heads: int, head_dim: int, **extra):
+def _text(heads: int, kv_heads: int, head_dim: int, layers: int = 2, **extra):
     return dict(
-        vocab_size=VOCAB, hidden_size=heads * head_dim, intermediate_size=56, num_hidden_layers=2, num_attention_heads=heads,
+        vocab_size=VOCAB, hidden_size=heads * head_dim, intermediate_size=56, num_hidden_layers=layers, num_attention_heads=heads,
         num_key_value_heads=kv_heads, head_dim=head_dim, max_position_embeddings=256, tie_word_embeddings=False,
         **extra,
     )
 
 
-def build(family: str, heads: int = 6, kv_heads: int = 2, head_dim: int = 12, seed: int = 0):
-    """Returns an eval-mode fp32 model with random weights (biases and norms randomised too)."""
+def build(family: str, heads: int = 6, kv_heads: int = 2, head_dim: int = 12, seed: int = 0, layers: int = 2):
+    """Returns an eval-mode fp32 model with random weights (biases and norms randomised too).
+
+    ``layers`` applies to the text families; the VL models always have 2 decoder layers.
+    """
     import transformers as tf
 
     torch.manual_seed(seed)
     if family == "llama":
-        model = tf.LlamaForCausalLM(tf.LlamaConfig(**_text(heads, kv_heads, head_dim, attention_bias=True)))
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**_text(heads, kv_heads, head_dim, layers, attention_bias=True)))
     elif family == "mistral":
-        model = tf.MistralForCausalLM(tf.MistralConfig(**_text(heads, kv_heads, head_dim, sliding_window=5)))
+        model = tf.MistralForCausalLM(tf.MistralConfig(**_text(heads, kv_heads, head_dim, layers, sliding_window=5)))
     elif family == "qwen2":
-        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**_text(heads, kv_heads, head_dim)))
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**_text(heads, kv_heads, head_dim, layers)))
     elif family == "qwen3":
-        model = tf.Qwen3ForCausalLM(tf.Qwen3Config(**_text(heads, kv_heads, head_dim)))
+        model = tf.Qwen3ForCausalLM(tf.Qwen3Config(**_text(heads, kv_heads, head_dim, layers)))
     elif family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         model = _build_vl(family, heads, kv_heads, head_dim)
     else:

@@ -29,7 +29,7 @@ from torch import nn
 from .. import attention_math, rope
 from ..conversion import SourceAttention
 from ..module import M2LAttention
-from .stats import LayerStatistics, _rotate, accumulate, source_projections
+from .stats import LayerStatistics, RefitStatistics, _rotate, accumulate, accumulate_refit, source_projections
 
 __all__ = [
     "AttentionCall",
@@ -94,15 +94,23 @@ def collect_statistics(
     heldout: int | None = None,
     uniform_mix: float = 0.25,
     vision_mask: Callable[[Any], torch.Tensor | None] = lambda batch: None,
-) -> tuple[dict[int, LayerStatistics], dict[int, AttentionCall]]:
+    parts: str = "all",
+) -> tuple[dict[int, Any], dict[int, AttentionCall]]:
     """Statistics of every target layer over ``batches`` (except batch ``heldout``, whose calls are returned).
 
     ``targets``: layer index -> (attention module to hook, its source description). ``forward(batch)``
     runs the model. ``stop_after``: a layer index whose hook ends every forward (layer-wise streaming).
     ``vision_mask(batch)``: bool ``[b, t]`` marking vision tokens (or None); attached to the held-out
-    calls when its shape matches the attention input's ``[b, t]``.
+    calls when its shape matches the attention input's ``[b, t]``. ``parts``: ``"all"`` gives
+    :class:`LayerStatistics` with refit sums, ``"base"`` without them, ``"refit"`` only the
+    :class:`RefitStatistics` (the large sums, so a caller can gather them a few layers at a time).
     """
-    stats = {idx: LayerStatistics.zeros(src) for idx, (_, src) in targets.items()}
+    if parts not in ("all", "base", "refit"):
+        raise ValueError(f"parts must be 'all', 'base' or 'refit', got {parts!r}")
+    stats: dict[int, Any] = {
+        idx: RefitStatistics.zeros(src) if parts == "refit" else LayerStatistics.zeros(src, refit=parts == "all")
+        for idx, (_, src) in targets.items()
+    }
     calls: dict[int, AttentionCall] = {}
     state: dict[str, Any] = {}
 
@@ -122,8 +130,12 @@ def collect_statistics(
                 weight = state["weight"]
                 if weight is not None and tuple(weight.shape) != tuple(call.hidden.shape[:2]):
                     weight = None
-                stats[idx] = accumulate(stats[idx], src, call.hidden, call.cos, call.sin, call.attention_mask,
-                                        weight, uniform_mix)
+                if parts == "refit":
+                    stats[idx] = accumulate_refit(stats[idx], src, call.hidden, call.cos, call.sin,
+                                                  call.attention_mask, weight)
+                else:
+                    stats[idx] = accumulate(stats[idx], src, call.hidden, call.cos, call.sin, call.attention_mask,
+                                            weight, uniform_mix)
             if stop_after == idx:
                 raise _StopForward
             return None

@@ -16,6 +16,13 @@ Order of work:
    4x (uniform 64 + 32), sequential calibration made zero-shot perplexity worse (5.3x vs 4.1x the
    original's): fitting each layer to its own source function on drifted inputs does not pull the
    model back towards the original outputs. It stays available, off by default.
+3. m2la's refit sums (:class:`~m2la.compression.stats.RefitStatistics`, ``O(H (2GD)^2)`` per layer:
+   32 MB for a SmolLM2-135M layer, 2.7 GB for a Llama-3-8B one) are the largest. When every layer's
+   would not fit in ``refit_memory_gib``, the first pass leaves them out and further passes over the
+   *original* model gather them for a group of consecutive layers at a time (each forward stops after
+   the group's last layer); the group is fitted and its sums dropped before the next. Layers are
+   replaced only once every group is fitted, so every pass sees the original model and the result
+   equals the one-pass conversion.
 """
 
 from __future__ import annotations
@@ -34,9 +41,9 @@ from ..conversion import ConversionError, SourceAttention, source_cache_width
 from ..module import M2LAttention
 from . import allocate, fit
 from .calibrate import AttentionCall, LayerErrors, collect_statistics, measure_layer_errors
-from .stats import LayerStatistics
+from .stats import LayerStatistics, RefitStatistics
 
-__all__ = ["CompressionOptions", "LayerResult", "default_key_weight", "plan_choices", "compress_layers"]
+__all__ = ["CompressionOptions", "LayerResult", "compress_layers", "default_key_weight", "plan_choices", "refit_groups"]
 
 
 @dataclass
@@ -52,6 +59,7 @@ class CompressionOptions:
     #                              layer; "global" = widths also moved across layers by the modelled error
     key_refit: bool = True  # m2la: least-squares refit of the NoPE score map with true rotations (fit.key_refit_map)
     value_refit: str = "output"  # m2la: value map refit: "output" | "attended" | "none" (fit.value_refit_map)
+    refit_memory_gib: float = 0.25  # m2la: most refit sums held at once; more layers -> grouped passes
 
     def __post_init__(self) -> None:
         fit._check_method(self.method)
@@ -59,6 +67,12 @@ class CompressionOptions:
             raise ConversionError(f"allocation must be 'layer' or 'global', got {self.allocation!r}")
         if self.value_refit not in fit.VALUE_REFITS:
             raise ConversionError(f"value_refit must be one of {', '.join(fit.VALUE_REFITS)}, got {self.value_refit!r}")
+        if not self.refit_memory_gib > 0:
+            raise ConversionError(f"refit_memory_gib must be > 0, got {self.refit_memory_gib}")
+
+    @property
+    def uses_refit(self) -> bool:
+        return self.method == "m2la" and (self.key_refit or self.value_refit != "none")
 
 
 def default_key_weight(ratio: float) -> float:
@@ -169,6 +183,22 @@ def plan_choices(
     return allocate.fill(curves, choices, budget, allow_pairs=fixed is None)
 
 
+def refit_groups(sources: Sequence[SourceAttention], memory_gib: float) -> list[list[int]]:
+    """Consecutive layer indices whose refit sums fit ``memory_gib`` together (one layer at least per group)."""
+    budget = memory_gib * 2**30
+    groups: list[list[int]] = []
+    held = 0
+    for idx, src in enumerate(sources):
+        size = RefitStatistics.layer_bytes(src)
+        if groups and held + size <= budget:
+            groups[-1].append(idx)
+            held += size
+        else:
+            groups.append([idx])
+            held = size
+    return groups
+
+
 def compress_layers(
     forward: Callable[[Any], Any],
     batches: Sequence[Any],
@@ -197,15 +227,20 @@ def compress_layers(
     stat_batches = list(batches)  # the held-out batch is skipped by index
     say = progress or (lambda message: None)
 
+    groups = refit_groups(sources, options.refit_memory_gib) if options.uses_refit else [list(range(len(sources)))]
+    grouped = not options.sequential and len(groups) > 1  # refit sums gathered group by group
+
     one_shot: list[LayerStatistics] | None = None
     one_shot_calls: dict[int, AttentionCall] = {}
     needs_one_shot = (compression is not None and options.method in ("m2la", "care")) or not options.sequential
     if needs_one_shot:
-        say("calibration statistics of the original model (all layers, one pass)")
+        parts = "all" if options.uses_refit and not (grouped or options.sequential) else "base"
+        say("calibration statistics of the original model (all layers, one pass"
+            + (", refit sums in later passes)" if grouped else ")"))
         targets = dict(enumerate(zip(modules, sources, strict=True)))
         found, one_shot_calls = collect_statistics(
             forward, stat_batches, targets, extract, token_weight, heldout=heldout,
-            uniform_mix=options.uniform_mix, vision_mask=vision_mask)
+            uniform_mix=options.uniform_mix, vision_mask=vision_mask, parts=parts)
         one_shot = [found[i] for i in range(len(sources))]
     if options.key_weight is None:  # resolved before planning: the m2la allocator uses it too
         if compression is None:  # explicit ranks: the ratio they give
@@ -216,22 +251,39 @@ def compress_layers(
         options = dataclasses.replace(options, key_weight=default_key_weight(ratio))
     choices = plan_choices(sources, options, compression, kv_rank, rope_dim, one_shot)
 
-    results = []
-    for idx, (module, src, choice) in enumerate(zip(modules, sources, choices, strict=True)):
-        if options.sequential:
+    def fit_one(idx: int, stats: LayerStatistics) -> tuple[M2LAConfig, dict[str, torch.Tensor]]:
+        choice = choices[idx]
+        return fit.fit_layer(sources[idx], stats, choice.kv_rank, choice.num_pairs, options.method,
+                             options.key_weight, options.attention_share, options.key_refit, options.value_refit)
+
+    def install(idx: int, config: M2LAConfig, state: dict[str, torch.Tensor], call: AttentionCall | None) -> LayerResult:
+        new = replace(idx, config, state)
+        errors = measure_layer_errors(sources[idx], new, call) if call is not None else None
+        say(f"layer {idx}: rank {config.kv_rank}, rope {config.rope_dim}, "
+            f"output error {errors.output if errors is not None else None}")
+        return LayerResult(index=idx, config=config, errors=errors)
+
+    if options.sequential:
+        results = []
+        for idx, (module, src) in enumerate(zip(modules, sources, strict=True)):
             say(f"layer {idx}: streaming statistics")
             found, calls = collect_statistics(
                 forward, stat_batches, {idx: (module, src)}, extract, token_weight,
-                stop_after=idx, heldout=heldout, uniform_mix=options.uniform_mix, vision_mask=vision_mask)
-            stats, call = found[idx], calls.get(idx)
-        else:
-            stats, call = one_shot[idx], one_shot_calls.get(idx)
-        config, state = fit.fit_layer(src, stats, choice.kv_rank, choice.num_pairs, options.method, options.key_weight,
-                                      options.attention_share, options.key_refit, options.value_refit)
-        new = replace(idx, config, state)
-        errors = measure_layer_errors(src, new, call) if call is not None else None
-        result = LayerResult(index=idx, config=config, errors=errors)
-        say(f"layer {idx}: rank {config.kv_rank}, rope {config.rope_dim}, "
-            f"output error {errors.output if errors is not None else None}")
-        results.append(result)
-    return results
+                stop_after=idx, heldout=heldout, uniform_mix=options.uniform_mix, vision_mask=vision_mask,
+                parts="all" if options.uses_refit else "base")
+            config, state = fit_one(idx, found[idx])
+            results.append(install(idx, config, state, calls.get(idx)))
+        return results
+    if not grouped:
+        return [install(idx, *fit_one(idx, one_shot[idx]), one_shot_calls.get(idx)) for idx in range(len(sources))]
+    # grouped refit passes run on the original model, so layers are installed only after every fit
+    fit_batches = [batch for number, batch in enumerate(stat_batches) if number != heldout]
+    fitted: list[tuple[M2LAConfig, dict[str, torch.Tensor]]] = []
+    for group in groups:
+        say(f"layers {group[0]}-{group[-1]}: refit statistics")
+        found, _ = collect_statistics(
+            forward, fit_batches, {i: (modules[i], sources[i]) for i in group}, extract, token_weight,
+            stop_after=group[-1], parts="refit")
+        for idx in group:
+            fitted.append(fit_one(idx, dataclasses.replace(one_shot[idx], refit=found.pop(idx))))
+    return [install(idx, config, state, one_shot_calls.get(idx)) for idx, (config, state) in enumerate(fitted)]

@@ -366,7 +366,8 @@ def _key_target(src: SourceAttention, stats: LayerStatistics, plan: RopePlan, nu
     group = torch.arange(H) // src.group_size
     x_cols, y_cols = _pair_columns(src)
     proj = dropped_projector(plan, num_pairs)[:, group]  # [P, H, G]
-    xc, xs = stats.key_rotation[0], stats.key_rotation[1]  # [H, P, G, 2, 2GD + 1]
+    rotation = stats.require_refit().key_rotation
+    xc, xs = rotation[0], rotation[1]  # [H, P, G, 2, 2GD + 1]
     # R(angle) (x, y) = (cos x - sin y, sin x + cos y), summed over queries with C + iS = sum_t p e^{i angle}
     rows_x = torch.einsum("fhg,hfgi->hfi", proj, xc[:, :, :, 0] - xs[:, :, :, 1])
     rows_y = torch.einsum("fhg,hfgi->hfi", proj, xs[:, :, :, 0] + xc[:, :, :, 1])
@@ -396,7 +397,7 @@ def key_refit_map(src: SourceAttention, stats: LayerStatistics, plan: RopePlan, 
     the mean-rotation query map and the key half of the least-squares decoder.
     """
     target = _key_target(src, stats, plan, num_pairs) @ enc.T  # [H, D, r + 1]
-    gram = enc @ stats.head_z_moment @ enc.T  # [H, r + 1, r + 1]
+    gram = enc @ stats.require_refit().head_z_moment @ enc.T  # [H, r + 1, r + 1]
     return _solve_rows(target, gram)
 
 
@@ -413,7 +414,8 @@ def value_refit_map(src: SourceAttention, stats: LayerStatistics, enc: torch.Ten
         raise ConversionError(f"value refit must be one of {', '.join(VALUE_REFITS[:2])}, got {mode!r}")
     H, G, D = src.num_heads, src.num_kv_heads, src.head_dim
     group = torch.arange(H) // src.group_size
-    moment = stats.head_z_moment if mode == "attended" else stats.mixed_z_moment  # [H, n, n]
+    refit = stats.require_refit()
+    moment = refit.head_z_moment if mode == "attended" else refit.mixed_z_moment  # [H, n, n]
     rows = G * D + group[:, None] * D + torch.arange(D)[None]  # [H, D] value rows of each head's group
     target = torch.gather(moment, 1, rows[:, :, None].expand(H, D, moment.shape[-1])) @ enc.T
     gram = enc @ moment @ enc.T

@@ -15,7 +15,9 @@ Everything a compressed conversion needs is a per-layer sum over calibration tok
   by the attention each token receives from that head, of the attention-averaged ``[z | 1]``, and the
   cross moment of ``[z | 1]`` with the pre-RoPE key pairs rotated by the relative rotation each key is
   scored with (``sum_t p_ts e^{i(angle_s - angle_t)}``). These are ``O(H (2GD)^2)`` per layer, the
-  largest sums kept (about 32 MB per SmolLM2-135M layer in fp64).
+  largest sums kept (about 32 MB per SmolLM2-135M layer, 2.7 GB per Llama-3-8B layer, in fp64), so they
+  live apart in :class:`RefitStatistics` and can be gathered a few layers at a time
+  (:func:`accumulate_refit`, :func:`RefitStatistics.layer_bytes`).
 
 Sums are float64; :func:`accumulate` adds one batch, :meth:`LayerStatistics.merge` adds two partial
 sums, so statistics streamed batch by batch equal a one-shot computation.
@@ -23,6 +25,7 @@ sums, so statistics streamed batch by batch equal a one-shot computation.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -30,7 +33,40 @@ import torch
 from .. import attention_math, rope
 from ..conversion import ConversionError, SourceAttention
 
-__all__ = ["LayerStatistics", "accumulate", "source_projections", "host_cos_sin_pairs"]
+__all__ = ["LayerStatistics", "RefitStatistics", "accumulate", "accumulate_refit", "source_projections",
+           "host_cos_sin_pairs"]
+
+
+@dataclass
+class RefitStatistics:
+    """Sums for m2la's least-squares refit of the up-projections (fit.key_refit_map, fit.value_refit_map).
+
+    ``z1 = [z | 1]`` ``[2GD + 1]``, ``a_hs`` the attention key ``s`` receives from head ``h``,
+    ``zbar_ht = sum_s p_hts z1_s``; all float64 on CPU.
+    """
+
+    head_z_moment: torch.Tensor  # [H, 2GD + 1, 2GD + 1]  sum_s a_hs z1_s z1_s^T
+    mixed_z_moment: torch.Tensor  # [H, 2GD + 1, 2GD + 1]  sum_t zbar_ht zbar_ht^T
+    key_rotation: torch.Tensor  # [2, H, P, G, 2, 2GD + 1]  sum_s (C|S)_hsf k_{s,g,f,x|y} z1_s
+    #   with C_hsf + i S_hsf = sum_t p_hts e^{i(angle_s - angle_t)} (the rotation key s is scored with)
+
+    @staticmethod
+    def _shapes(src: SourceAttention) -> tuple[tuple[int, ...], ...]:
+        H, G, D, P = src.num_heads, src.num_kv_heads, src.head_dim, src.rotary_dim // 2
+        n = 2 * G * D + 1
+        return (H, n, n), (H, n, n), (2, H, P, G, 2, n)
+
+    @classmethod
+    def zeros(cls, src: SourceAttention) -> RefitStatistics:
+        return cls(*(torch.zeros(shape, dtype=torch.float64) for shape in cls._shapes(src)))
+
+    @classmethod
+    def layer_bytes(cls, src: SourceAttention) -> int:
+        """Bytes one layer's sums take (what gathering them for one more layer at once costs)."""
+        return sum(8 * math.prod(shape) for shape in cls._shapes(src))
+
+    def merge(self, other: RefitStatistics) -> RefitStatistics:
+        return RefitStatistics(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
 
 
 @dataclass
@@ -50,15 +86,11 @@ class LayerStatistics:
     attended_tokens: torch.Tensor  # [] sum of attention received (= weighted query count)
     attended_z_sum: torch.Tensor  # [2GD] sum of z weighted by the attention each token receives
     attended_z_moment: torch.Tensor  # [2GD, 2GD]
-    # refit statistics (m2la's least-squares refit of the up-projections, see fit.refit_up_projections);
-    # z1 = [z | 1] [2GD + 1], a_hs = attention key s receives from head h, zbar_ht = sum_s p_hts z1_s
-    head_z_moment: torch.Tensor  # [H, 2GD + 1, 2GD + 1]  sum_s a_hs z1_s z1_s^T
-    mixed_z_moment: torch.Tensor  # [H, 2GD + 1, 2GD + 1]  sum_t zbar_ht zbar_ht^T
-    key_rotation: torch.Tensor  # [2, H, P, G, 2, 2GD + 1]  sum_s (C|S)_hsf k_{s,g,f,x|y} z1_s
-    #   with C_hsf + i S_hsf = sum_t p_hts e^{i(angle_s - angle_t)} (the rotation key s is scored with)
+    refit: RefitStatistics | None = None  # m2la's up-projection refit sums; None when not gathered
 
     @classmethod
-    def zeros(cls, src: SourceAttention) -> LayerStatistics:
+    def zeros(cls, src: SourceAttention, refit: bool = True) -> LayerStatistics:
+        """Empty sums; ``refit=False`` leaves out the (large) refit sums, for passes that do not need them."""
         H, G, D = src.num_heads, src.num_kv_heads, src.head_dim
         P = src.rotary_dim // 2
         z = torch.zeros
@@ -69,13 +101,19 @@ class LayerStatistics:
             rotation_cos=z(H, P, dtype=f64), rotation_sin=z(H, P, dtype=f64), score_sensitivity=z(H, dtype=f64),
             output_energy=z((), dtype=f64), attended_tokens=z((), dtype=f64),
             attended_z_sum=z(2 * G * D, dtype=f64), attended_z_moment=z(2 * G * D, 2 * G * D, dtype=f64),
-            head_z_moment=z(H, 2 * G * D + 1, 2 * G * D + 1, dtype=f64),
-            mixed_z_moment=z(H, 2 * G * D + 1, 2 * G * D + 1, dtype=f64),
-            key_rotation=z(2, H, P, G, 2, 2 * G * D + 1, dtype=f64),
+            refit=RefitStatistics.zeros(src) if refit else None,
         )
 
     def merge(self, other: LayerStatistics) -> LayerStatistics:
-        return LayerStatistics(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+        if (self.refit is None) != (other.refit is None):
+            raise ConversionError("cannot merge statistics with and without refit sums")
+        sums = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self) if f.name != "refit"}
+        return LayerStatistics(**sums, refit=None if self.refit is None else self.refit.merge(other.refit))
+
+    def require_refit(self) -> RefitStatistics:
+        if self.refit is None:
+            raise ConversionError("this fit needs the refit statistics, which were not gathered for this layer")
+        return self.refit
 
     # --- finalised quantities ------------------------------------------------------------------
 
@@ -163,43 +201,37 @@ def _pair_split(x: torch.Tensor, src: SourceAttention) -> tuple[torch.Tensor, to
     return x[..., :P], x[..., P : 2 * P]
 
 
-@torch.no_grad()
-def accumulate(
-    stats: LayerStatistics,
-    src: SourceAttention,
-    hidden: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    token_weight: torch.Tensor | None = None,
-    uniform_mix: float = 0.25,
-) -> LayerStatistics:
-    """Add one batch to ``stats`` and return the new sums.
+@dataclass
+class _SourceBatch:
+    """One batch through the source layer in fp32/fp64: what every statistic is computed from."""
 
-    hidden ``[b, t, d]`` (the attention input); per-pair ``cos, sin [b|1, t, P]`` (unscaled angles of
-    every source frequency, M-RoPE already resolved); ``attention_mask`` as the host passes it to
-    attention (None = causal; see :func:`m2la.attention_math.attention_bias`); ``token_weight [b, t]``
-    (0 for padding). ``uniform_mix`` mixes uniform causal attention into the distance distribution.
-    """
-    H, D = src.num_heads, src.head_dim
+    x: torch.Tensor  # [b, t, d] the attention input
+    q: torch.Tensor  # [b, t, H, D] pre-RoPE (normalised) queries
+    k: torch.Tensor  # [b, t, G, D] pre-RoPE (normalised) keys
+    v: torch.Tensor  # [b, t, G, D]
+    z: torch.Tensor  # [b, t, 2GD] float64: [k | v]
+    weight: torch.Tensor  # [b, t] token weights (0 = padding)
+    cos: torch.Tensor  # [b, t, P] unscaled per-pair angles
+    sin: torch.Tensor  # [b, t, P]
+    bias: torch.Tensor  # [b|1, 1|H, t, s] additive attention mask
+    probs: torch.Tensor  # [b, H, t, s] source attention probabilities
+
+
+def _source_batch(src: SourceAttention, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  attention_mask: torch.Tensor | None, token_weight: torch.Tensor | None) -> _SourceBatch:
+    H = src.num_heads
     b, t, _ = hidden.shape
     x = hidden if hidden.dtype == torch.float64 else hidden.float()  # fp64 in, fp64 throughout
     q, k, v = source_projections(src, x)  # [b, t, H|G, D]
     weight = torch.ones(b, t) if token_weight is None else token_weight.float().cpu()
     weight = weight.to(x.device, x.dtype)
-    w64 = weight.double()
-
     z = torch.cat((k.flatten(-2), v.flatten(-2)), dim=-1).double()  # [b, t, 2GD]
-    zw = z * w64[..., None]
-    q64 = q.double()
-    qx, qy = _pair_split(q, src)
-    kx, ky = _pair_split(k, src)
-    q_norms = (qx.pow(2) + qy.pow(2)).sqrt().double()  # [b, t, H, P]
-    k_norms = (kx.pow(2) + ky.pow(2)).sqrt().double()  # [b, t, G, P]
 
     # source attention probabilities (RoPE from the host's angles), to weigh distances and score errors
     cos = cos.to(x.dtype).expand(b, -1, -1)
     sin = sin.to(x.dtype).expand(b, -1, -1)
+    qx, qy = _pair_split(q, src)
+    kx, ky = _pair_split(k, src)
     rot_q = _rotate(qx, qy, cos[:, :, None], sin[:, :, None], src)
     rot_k = _rotate(kx, ky, cos[:, :, None], sin[:, :, None], src)
     rot_k = rot_k.repeat_interleave(src.group_size, dim=2)  # [b, t, H, D]
@@ -211,7 +243,40 @@ def accumulate(
         mask = mask[..., -t:, -t:]
     bias = attention_math.attention_bias(mask, t, t, x.device, x.dtype)
     probs = torch.softmax(scores + bias, dim=-1).nan_to_num(0.0)  # [b, H, t, s]
-    allowed = torch.isfinite(bias).to(x.dtype).expand_as(probs)
+    return _SourceBatch(x, q, k, v, z, weight, cos, sin, bias, probs)
+
+
+@torch.no_grad()
+def accumulate(
+    stats: LayerStatistics,
+    src: SourceAttention,
+    hidden: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    token_weight: torch.Tensor | None = None,
+    uniform_mix: float = 0.25,
+) -> LayerStatistics:
+    """Add one batch to ``stats`` and return the new sums (the refit sums too when ``stats.refit`` is set).
+
+    hidden ``[b, t, d]`` (the attention input); per-pair ``cos, sin [b|1, t, P]`` (unscaled angles of
+    every source frequency, M-RoPE already resolved); ``attention_mask`` as the host passes it to
+    attention (None = causal; see :func:`m2la.attention_math.attention_bias`); ``token_weight [b, t]``
+    (0 for padding). ``uniform_mix`` mixes uniform causal attention into the distance distribution.
+    """
+    H, D = src.num_heads, src.head_dim
+    batch = _source_batch(src, hidden, cos, sin, attention_mask, token_weight)
+    x, q, v, z, weight, probs = batch.x, batch.q, batch.v, batch.z, batch.weight, batch.probs
+    cos, sin = batch.cos, batch.sin
+    w64 = weight.double()
+    zw = z * w64[..., None]
+    q64 = q.double()
+    qx, qy = _pair_split(q, src)
+    kx, ky = _pair_split(batch.k, src)
+    q_norms = (qx.pow(2) + qy.pow(2)).sqrt().double()  # [b, t, H, P]
+    k_norms = (kx.pow(2) + ky.pow(2)).sqrt().double()  # [b, t, G, P]
+
+    allowed = torch.isfinite(batch.bias).to(x.dtype).expand_as(probs)
     uniform = allowed / allowed.sum(-1, keepdim=True).clamp_min(1.0)
     mixed = (1 - uniform_mix) * probs + uniform_mix * uniform
 
@@ -238,7 +303,9 @@ def accumulate(
     out_energy = out.pow(2).sum(-1).double()  # [b, t]
     received = (probs * weight[:, None, :, None]).sum((1, 2)).double() / H  # [b, s] attention each key receives
     zr = z * received[..., None]
-    refit = _refit_moments(probs, weight, z, cos, sin, kx, ky)
+    refit = None
+    if stats.refit is not None:
+        refit = stats.refit.merge(RefitStatistics(*_refit_moments(probs, weight, z, cos, sin, kx, ky)))
 
     return LayerStatistics(
         tokens=stats.tokens + w64.sum().cpu(),
@@ -254,15 +321,29 @@ def accumulate(
         attended_tokens=stats.attended_tokens + received.sum().cpu(),
         attended_z_sum=stats.attended_z_sum + zr.sum((0, 1)).cpu(),
         attended_z_moment=stats.attended_z_moment + torch.einsum("bti,btj->ij", zr, z).cpu(),
-        head_z_moment=stats.head_z_moment + refit[0],
-        mixed_z_moment=stats.mixed_z_moment + refit[1],
-        key_rotation=stats.key_rotation + refit[2],
+        refit=refit,
     )
+
+
+@torch.no_grad()
+def accumulate_refit(
+    refit: RefitStatistics,
+    src: SourceAttention,
+    hidden: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    token_weight: torch.Tensor | None = None,
+) -> RefitStatistics:
+    """Add one batch to the refit sums only (arguments as :func:`accumulate`); equals ``accumulate(...).refit``."""
+    batch = _source_batch(src, hidden, cos, sin, attention_mask, token_weight)
+    kx, ky = _pair_split(batch.k, src)
+    return refit.merge(RefitStatistics(*_refit_moments(batch.probs, batch.weight, batch.z, batch.cos, batch.sin, kx, ky)))
 
 
 def _refit_moments(probs: torch.Tensor, weight: torch.Tensor, z: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    kx: torch.Tensor, ky: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One batch's ``head_z_moment``, ``mixed_z_moment`` and ``key_rotation`` (see :class:`LayerStatistics`).
+    """One batch's ``head_z_moment``, ``mixed_z_moment`` and ``key_rotation`` (see :class:`RefitStatistics`).
 
     ``probs [b, H, t, s]`` source attention, ``weight [b, t]`` query weights, ``z [b, s, 2GD]`` (fp64),
     per-pair ``cos, sin [b, t, P]``, pre-RoPE key pairs ``kx, ky [b, s, G, P]``.
