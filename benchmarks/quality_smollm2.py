@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ratios", type=float, nargs="+", default=[2.0, 4.0, 8.0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--calib-windows", type=int, default=16, help="calibration windows of 256 tokens")
+    parser.add_argument("--calib-windows", type=int, default=16, help="calibration windows")
+    parser.add_argument("--calib-length", type=int, default=512, help="tokens per calibration window")
     parser.add_argument("--ppl-windows", type=int, default=8, help="held-out windows of 512 tokens")
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -54,9 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     ppl_ids = token_windows(tokenizer, heldout, 512, args.ppl_windows)
     skip = args.ppl_windows * 512 // 32  # prompts come from held-out text after the perplexity windows
     prompts = token_windows(tokenizer, heldout, 32, skip + args.prompts)[skip:]
-    calibration = token_windows(tokenizer, wiki_split("calibration"), 256, args.calib_windows)
-    # the last batch is held out by the converter for its per-layer error report
-    batches = [calibration[i : i + 4] for i in range(0, args.calib_windows, 4)] + [calibration[:1, :128]]
+    calibration = token_windows(tokenizer, wiki_split("calibration"), args.calib_length, args.calib_windows + 1)
+    # the last batch (one window after the fitted ones) is held out by the converter for its error report
+    batches = [calibration[i : min(i + 4, args.calib_windows)] for i in range(0, args.calib_windows, 4)]
+    batches.append(calibration[args.calib_windows :])
 
     start = time.perf_counter()
     base_ppl, base_top1 = perplexity_and_top1(original, ppl_ids)
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine: 2-core CPU, no GPU ({platform.processor() or platform.machine()}, torch {torch.__version__}). "
         f"Command: `{command.strip()}` ({time.perf_counter() - start:.0f} s in total).",
         "",
-        f"Calibration: {args.calib_windows} x 256 tokens of the Wikipedia calibration split (the same batches for "
+        f"Calibration: {args.calib_windows} x {args.calib_length} tokens of the Wikipedia calibration split (the same batches for "
         f"every method). Perplexity: {args.ppl_windows} x 512 held-out tokens; original {base_ppl:.3f}. Top-1 "
         "agreement: teacher-forced, over the same tokens (the most likely next token equals the original's). Greedy "
         f"agreement (free-running): {args.prompts} held-out prompts x {args.new_tokens} new tokens vs the original model. "

@@ -3,9 +3,10 @@
     python benchmarks/recovery_smollm2.py [--compression 4] [--steps 400] [--lr 3e-4] [--distill-windows 1600]
 
 Perplexity on held-out Wikipedia (8 x 512 tokens, never used for calibration or training) before and
-after training. From the calibration split: windows 0-15 (256 tokens) calibrate the conversion,
-the next `--distill-windows` windows (first 128 tokens of each; 1600 by default, so 400 steps of 4 never
-repeat one) are the distillation data.
+after training. From the calibration split: the library's default calibration (16 x 512 tokens fitted,
+one 512-token window held out for the error report) converts the model; the `--distill-windows` 256-token
+windows after it (first 128 tokens of each; 1600 by default, so 400 steps of 4 never repeat one) are the
+distillation data.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import m2la
 from m2la.assets import load_smollm2, wiki_split
 from m2la.evaluation import perplexity, token_windows
+from m2la.integrations.hf import wiki_calibration
 from m2la.training import DistillConfig, distill
 
 
@@ -32,14 +34,15 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--trainable", choices=["attention", "all"], default="attention")
     parser.add_argument("--distill-windows", type=int, default=1600,
-                        help="distinct calibration-split windows to distil on (after the 16 calibration windows)")
+                        help="distinct calibration-split windows to distil on (after the calibration windows)")
     args = parser.parse_args()
     torch.manual_seed(0)
     teacher, tokenizer = load_smollm2()
     heldout = token_windows(tokenizer, wiki_split("heldout"), 512, 8)
-    windows = token_windows(tokenizer, wiki_split("calibration"), 256, 16 + args.distill_windows)  # [16 + n, 256]
-    calibration = list(windows[:16].split(4)) + [windows[:1, :128]]  # the last batch is the report's held-out
-    batches = list(windows[16:, : args.seq_len].split(args.batch))
+    calibration = wiki_calibration(tokenizer)  # 17 x 512 tokens: 16 fitted, the last one the report's held-out
+    used = sum(batch["input_ids"].numel() for batch in calibration) // 256
+    windows = token_windows(tokenizer, wiki_split("calibration"), 256, used + args.distill_windows)
+    batches = list(windows[used:, : args.seq_len].split(args.batch))  # the text after the calibration windows
 
     student = copy.deepcopy(teacher)
     start = time.perf_counter()

@@ -152,14 +152,28 @@ def test_compression_options_reach_the_library(tmp_path, monkeypatch, smollm2):
     assert (kwargs["kv_rank"], kwargs["rope_dim"], kwargs["compression"]) == (64, 32, None)
     assert kwargs["method"] == "transmla" and kwargs["progress"] is False
     assert kwargs["tokenizer"].eos_token == "<|im_end|>"
-    batches = kwargs["calibration"]  # 600 tokens -> 3 windows of 256, batches of 4
-    assert [tuple(batch["input_ids"].shape) for batch in batches] == [(3, 256)]
+    batches = kwargs["calibration"]  # 600 tokens -> 3 windows of 256 (batches of 4), then 1 held-out window
+    assert [tuple(batch["input_ids"].shape) for batch in batches] == [(3, 256), (1, 256)]
     _, tokenizer = smollm2
     first_calibration_article = wiki_split("calibration")[0]
     assert tokenizer.decode(batches[0]["input_ids"][0, :20]) == tokenizer.decode(
         tokenizer(first_calibration_article, add_special_tokens=False)["input_ids"][:20]
     )
     assert (out / "config.json").is_file()
+
+
+def test_wiki_calibration_holds_out_one_window_after_the_fitted_ones(smollm2):
+    import torch
+
+    from m2la.integrations.hf import wiki_calibration
+
+    _, tokenizer = smollm2
+    batches = wiki_calibration(tokenizer, windows=5, length=64, batch_size=2)
+    assert [tuple(batch["input_ids"].shape) for batch in batches] == [(2, 64), (2, 64), (1, 64), (1, 64)]
+    expected = token_windows(tokenizer, wiki_split("calibration"), 64, 6)
+    assert torch.equal(torch.cat([batch["input_ids"] for batch in batches]), expected)
+    with pytest.raises(ValueError, match="windows >= 1"):
+        wiki_calibration(tokenizer, windows=0)
 
 
 def test_compression_without_calibration_leaves_the_default_to_the_library(tmp_path, monkeypatch):

@@ -126,13 +126,11 @@ def format_table(rows: list[list[str]]) -> str:
 
 
 def calibration_batches(tokenizer, tokens: int, window: int, batch_size: int) -> list[dict]:
-    """Model-input batches `{"input_ids": [b, window]}` covering `tokens` tokens of calibration Wikipedia."""
-    from .assets import wiki_split
-    from .evaluation import token_windows
+    """`tokens` fitted calibration tokens of Wikipedia in windows of `window`, plus one held-out window."""
+    from .integrations.hf import wiki_calibration
 
     window = min(tokens, window)
-    ids = token_windows(tokenizer, wiki_split("calibration"), window, math.ceil(tokens / window))
-    return [{"input_ids": batch} for batch in ids.split(batch_size)]
+    return wiki_calibration(tokenizer, math.ceil(tokens / window), window, batch_size)
 
 
 def run_convert(args: argparse.Namespace) -> int:
@@ -302,9 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument(
         "--calib-tokens",
         type=int,
-        help="calibration tokens from the Wikipedia calibration split (default: the library's, 16 x 256)",
+        help="fitted calibration tokens from the Wikipedia calibration split, plus one held-out window "
+        "(default: the library's, 16 x 512)",
     )
-    convert.add_argument("--calib-window", type=int, default=256, help="tokens per calibration sequence")
+    convert.add_argument("--calib-window", type=int, default=512, help="tokens per calibration sequence")
     convert.add_argument("--calib-batch", type=int, default=4, help="calibration sequences per batch")
     convert.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype to load and save in")
     convert.add_argument(

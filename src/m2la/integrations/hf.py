@@ -41,6 +41,7 @@ __all__ = [
     "convert",
     "from_pretrained",
     "save_pretrained",
+    "wiki_calibration",
 ]
 
 M2LA_CONFIG_KEY = "m2la"
@@ -420,13 +421,15 @@ def convert(
       it as possible (ranks are multiples of 8);
     - ``kv_rank`` / ``rope_dim``: the same rank and RoPE dims for every layer instead;
     - ``calibration``: iterable of model-input dicts (token batches, or multimodal batches); default
-      16 x 256 tokens of ``m2la.assets.wiki_split("calibration")``, which needs ``tokenizer=`` (or a
-      tokenizer loadable from ``model.name_or_path``). The last batch is held out for the error report
+      :func:`wiki_calibration`: 16 x 512 tokens of ``m2la.assets.wiki_split("calibration")`` plus one
+      held-out window, which needs ``tokenizer=`` (or a tokenizer loadable from ``model.name_or_path``).
+      The last batch is held out for the error report
       (its first sequence; for VLMs the errors are also split into text and vision tokens, vision being
       the config's ``image_token_id`` / ``video_token_id`` placeholders);
     - ``method``: ``"m2la"`` (default) or the baselines ``"mha2mla"``, ``"transmla"``, ``"care"``;
     - ``options``: fields of :class:`m2la.compression.CompressionOptions` (``key_weight``,
-      ``uniform_mix``, ``sequential``, ``pair_grid_points``).
+      ``uniform_mix``, ``sequential``, ``pair_grid_points``, ``refit_memory_gib``: the most refit
+      statistics held at once; larger models gather them a few layers at a time, same result).
     """
     compressed = compression is not None or kv_rank is not None or rope_dim is not None
     if not compressed and (calibration is not None or options or method != "m2la" or tokenizer is not None):
@@ -468,9 +471,28 @@ def convert(
     return report
 
 
-def _default_calibration(model: nn.Module, tokenizer: Any, windows: int = 16, length: int = 256,
-                         batch_size: int = 4) -> list[dict[str, torch.Tensor]]:
-    """16 x 256 tokens of Wikipedia (calibration split), in batches of 4."""
+def wiki_calibration(tokenizer: Any, windows: int = 16, length: int = 512,
+                     batch_size: int = 4) -> list[dict[str, torch.Tensor]]:
+    """Calibration batches from the bundled Wikipedia (calibration split): ``windows`` x ``length`` tokens
+    fitted, in batches of ``batch_size``, then one further window of ``length`` tokens as the last batch,
+    which the converter holds out for its error report (it is never fitted on).
+
+    Window length matters more than the token count: on SmolLM2-135M at 2x, 16 x 256 tokens gave 1.256x
+    the original perplexity (on 512-token windows), 64 x 256 gave 1.206x, 16 x 512 gave 1.208x
+    (benchmarks/RESULTS.md). The statistics cost grows with ``length`` squared.
+    """
+    from ..assets import wiki_split
+    from ..evaluation import token_windows
+
+    if windows < 1 or length < 2 or batch_size < 1:
+        raise ValueError(f"need windows >= 1, length >= 2, batch_size >= 1; got {windows}, {length}, {batch_size}")
+    ids = token_windows(tokenizer, wiki_split("calibration"), length, windows + 1)
+    batches = [{"input_ids": ids[i : min(i + batch_size, windows)]} for i in range(0, windows, batch_size)]
+    return batches + [{"input_ids": ids[windows:]}]
+
+
+def _default_calibration(model: nn.Module, tokenizer: Any) -> list[dict[str, torch.Tensor]]:
+    """:func:`wiki_calibration` with its defaults, loading the model's tokenizer when none is given."""
     if tokenizer is None:
         name = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
         try:
@@ -482,11 +504,7 @@ def _default_calibration(model: nn.Module, tokenizer: Any, windows: int = 16, le
                 f"compressed conversion needs calibration data: pass calibration= (model-input batches) or "
                 f"tokenizer= (to use the default Wikipedia calibration); no tokenizer loads from {name!r} ({error})"
             ) from error
-    from ..assets import wiki_split
-    from ..evaluation import token_windows
-
-    ids = token_windows(tokenizer, wiki_split("calibration"), length, windows)
-    return [{"input_ids": ids[i : i + batch_size]} for i in range(0, windows, batch_size)]
+    return wiki_calibration(tokenizer)
 
 
 def _vision_token_ids(model: nn.Module, model_type: str) -> list[int]:
