@@ -110,6 +110,28 @@ def test_nope_mean_rotation_sign():
     torch.testing.assert_close(q_nope @ k, source)
 
 
+def test_score_sensitivity_statistic_brute_force():
+    """sum over queries of sum_s p_ts^2 |u_s - u_bar_t|^2, u_s = W_o,h v_s, from explicit per-token outputs."""
+    from m2la.compression.calibrate import _source_scores
+
+    src = random_source(num_heads=6, num_kv_heads=2, head_dim=12, bias=True, dtype=torch.float64)
+    positions = _positions(2, 13, False)
+    hidden = _hidden(src, 2, 13)
+    cos, sin = angles_cos_sin(positions, src)
+    stats = _stats(src, hidden, positions)
+    scores, v = _source_scores(src, AttentionCall(hidden, cos, sin))  # [b, H, t, s], [b, s, G, D] (fp32)
+    scores, v = scores.double(), v.double()
+    causal = torch.full((13, 13), float("-inf"), dtype=torch.float64).triu(1)
+    probs = torch.softmax(scores * src.softmax_scale + causal, dim=-1)
+    H, D = src.num_heads, src.head_dim
+    o_heads = src.o_weight.double().unflatten(1, (H, D))  # [d, H, D]
+    u = torch.einsum("dhe,bshe->bshd", o_heads, v.repeat_interleave(src.group_size, dim=2))  # [b, s, H, d]
+    u_bar = torch.einsum("bhts,bshd->bhtd", probs, u)
+    spread = (u[:, None].permute(0, 3, 1, 2, 4) - u_bar[:, :, :, None]).pow(2).sum(-1)  # [b, H, t, s]
+    expected = (probs.pow(2) * spread).sum((0, 2, 3))
+    torch.testing.assert_close(stats.score_sensitivity, expected, rtol=1e-4, atol=1e-9)
+
+
 def test_mean_rotation_statistic_uniform_attention():
     src = random_source(num_heads=2, num_kv_heads=1, head_dim=4)
     positions = _positions(1, 10, False)
