@@ -306,7 +306,7 @@ def accumulate(
     zr = z * received[..., None]
     refit = None
     if stats.refit is not None:
-        refit = stats.refit.merge(RefitStatistics(*_refit_moments(probs, weight, z, cos, sin, kx, ky)))
+        refit = stats.refit.merge(_batch_refit(batch, src))
 
     return LayerStatistics(
         tokens=stats.tokens + w64.sum().cpu(),
@@ -337,9 +337,12 @@ def accumulate_refit(
     token_weight: torch.Tensor | None = None,
 ) -> RefitStatistics:
     """Add one batch to the refit sums only (arguments as :func:`accumulate`); equals ``accumulate(...).refit``."""
-    batch = _source_batch(src, hidden, cos, sin, attention_mask, token_weight)
+    return refit.merge(_batch_refit(_source_batch(src, hidden, cos, sin, attention_mask, token_weight), src))
+
+
+def _batch_refit(batch: _SourceBatch, src: SourceAttention) -> RefitStatistics:
     kx, ky = _pair_split(batch.k, src)
-    return refit.merge(RefitStatistics(*_refit_moments(batch.probs, batch.weight, batch.z, batch.cos, batch.sin, kx, ky)))
+    return RefitStatistics(*_refit_moments(batch.probs, batch.weight, batch.z, batch.cos, batch.sin, kx, ky))
 
 
 def _refit_moments(probs: torch.Tensor, weight: torch.Tensor, z: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
