@@ -14,6 +14,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from m2la.kernels.cache_write import triton as cache_write
 from m2la.kernels.latent_decode import triton as decode
 from m2la.kernels.latent_prefill import triton as prefill
 
@@ -25,7 +26,7 @@ def signature(kernel, pointer_types: dict[str, str], constexprs: dict) -> dict[s
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
             sig[name] = pointer_types.get(name, "*fp16")
-        elif name.startswith("scale"):
+        elif name.startswith("scale") or name == "fp8_max":
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
@@ -66,11 +67,13 @@ def compile_sm90(kernel, pointer_types, constexprs, num_warps, num_stages):
     }
 
 
-def decode_case(heads, kv_rank, rope_dim, dtype="fp16", **overrides):
+def decode_case(heads, kv_rank, rope_dim, dtype="fp16", cache_dtype=None, **overrides):
+    """`cache_dtype` "fp8e4nv": an fp8 cache with per-token scales, q in `dtype`."""
     cfg = {**decode.decode_config(heads, kv_rank, rope_dim, interpret=False), **overrides}
     single_d = cfg["BLOCK_D"] >= kv_rank
     one_value_tile = cfg["BLOCK_V"] >= kv_rank and cfg["BLOCK_V"] == cfg["BLOCK_D"]
-    consts = dict(PAGED=True, PAGE_TILE=cfg["PAGE_TILE"], HAS_KV_START=False, DOT_PRECISION="tf32")
+    consts = dict(PAGED=True, PAGE_TILE=cfg["PAGE_TILE"], HAS_KV_START=False, DOT_PRECISION="tf32",
+                  HAS_SCALE=cache_dtype is not None)  # fmt: skip
     consts.update({k: v for k, v in cfg.items() if k.startswith("BLOCK")})
     kernel = decode._decode_split_kernel
     if cfg["HEADS_ON_N"]:
@@ -78,8 +81,9 @@ def decode_case(heads, kv_rank, rope_dim, dtype="fp16", **overrides):
         del consts["BLOCK_V"]
     else:
         consts.update(SINGLE_D=single_d, VALUES_FROM_KEYS=single_d and one_value_tile)
-    ptrs = {"q_ptr": f"*{dtype}", "kv_ptr": f"*{dtype}", "block_table_ptr": "*i32", "seqlens_ptr": "*i32",
-            "kv_start_ptr": "*i32", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32"}  # fmt: skip
+    ptrs = {"q_ptr": f"*{dtype}", "kv_ptr": f"*{cache_dtype or dtype}", "block_table_ptr": "*i32",
+            "seqlens_ptr": "*i32", "kv_start_ptr": "*i32", "kv_scale_ptr": "*fp32", "part_out_ptr": "*fp32",
+            "part_lse_ptr": "*fp32"}  # fmt: skip
     while True:  # like the launcher: halve BLOCK_N until the tile fits sm_90's shared memory
         facts = compile_sm90(kernel, ptrs, consts, cfg["num_warps"], cfg["num_stages"])
         if facts["shared"] <= H100_MAX_SHARED_BYTES or consts["BLOCK_N"] <= 16:
@@ -87,14 +91,25 @@ def decode_case(heads, kv_rank, rope_dim, dtype="fp16", **overrides):
         consts["BLOCK_N"] //= 2
 
 
-def prefill_case(value_dim, rope_dim, dtype="fp16"):
+def prefill_case(value_dim, rope_dim, dtype="fp16", cache_dtype=None):
+    """`cache_dtype` "fp8e4nv": absorbed mode over an fp8 cache (keys and values), queries in `dtype`."""
     cfg = prefill.prefill_config(value_dim, interpret=False)
-    consts = dict(PAGED=True, HAS_NOPE=True, HAS_KV_START=True, DOT_PRECISION="tf32", BLOCK_ROPE=max(16, triton.next_power_of_2(rope_dim)))
+    consts = dict(PAGED=True, HAS_NOPE=True, HAS_KV_START=True, DOT_PRECISION="tf32",
+                  BLOCK_ROPE=max(16, triton.next_power_of_2(rope_dim)), HAS_SCALE=cache_dtype is not None)  # fmt: skip
     consts.update({k: v for k, v in cfg.items() if k.startswith("BLOCK")})
     ptrs = {"block_table_ptr": "*i32", "cu_seqlens_q_ptr": "*i32", "seqlens_ptr": "*i32", "kv_start_ptr": "*i32",
-            "out_ptr": "*fp32", "lse_ptr": "*fp32"}  # fmt: skip
-    ptrs.update({n: f"*{dtype}" for n in ("q_nope_ptr", "q_rope_ptr", "k_nope_ptr", "k_rope_ptr", "v_ptr")})
+            "kv_scale_ptr": "*fp32", "out_ptr": "*fp32", "lse_ptr": "*fp32"}  # fmt: skip
+    ptrs.update({n: f"*{dtype}" for n in ("q_nope_ptr", "q_rope_ptr")})
+    ptrs.update({n: f"*{cache_dtype or dtype}" for n in ("k_nope_ptr", "k_rope_ptr", "v_ptr")})
     return compile_sm90(prefill._prefill_kernel, ptrs, consts, cfg["num_warps"], cfg["num_stages"])
+
+
+def cache_write_case(kv_rank, rope_dim, cache_dtype="fp8e4nv"):
+    consts = dict(BLOCK_T=16, BLOCK_R=triton.next_power_of_2(kv_rank), BLOCK_P=triton.next_power_of_2(rope_dim // 2),
+                  HAS_SCALE=cache_dtype.startswith("fp8"), FP8_MANTISSA=3, FP8_MIN_NORMAL_EXP=-6)  # fmt: skip
+    ptrs = {"latent_ptr": "*bf16", "k_rope_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "slot_ptr": "*i64",
+            "cache_ptr": f"*{cache_dtype}", "kv_scale_ptr": "*fp32"}  # fmt: skip
+    return compile_sm90(cache_write._cache_write_kernel, ptrs, consts, 4, 1)
 
 
 def main() -> None:
@@ -106,6 +121,10 @@ def main() -> None:
         "decode_h32_r448_rope64_bf16_heads_on_n": decode_case(32, 448, 64, "bf16", HEADS_ON_N=True),
         "decode_h128_r896_rope128": decode_case(128, 896, 128),
         "prefill_v128_rope128": prefill_case(128, 128),
+        "decode_h32_r448_rope64_fp8": decode_case(32, 448, 64, "bf16", "fp8e4nv"),
+        "decode_h32_r896_rope128_fp8": decode_case(32, 896, 128, "bf16", "fp8e4nv"),
+        "prefill_absorbed_r512_rope64_fp8": prefill_case(512, 64, "bf16", "fp8e4nv"),
+        "cache_write_r448_rope64_fp8": cache_write_case(448, 64),
     }
     print(json.dumps(results))
 

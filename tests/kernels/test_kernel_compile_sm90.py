@@ -1,7 +1,9 @@
 """Compile-only checks for sm_90 on CPU: every default decode/prefill config fits shared memory and
 streams the cache through cp.async; the 64-head-tile decode (h > 32), the heads-on-N decode tile
 (the default for h <= 32, r <= 512) and the prefill kernel use wgmma. At r = 896 the h <= 32 default
-keeps heads on M (mma.sync), which won the H100 sweep at b=32 (benchmarks/RESULTS.md).
+keeps heads on M (mma.sync), which won the H100 sweep at b=32 (benchmarks/RESULTS.md). The fp8
+cache variants (tiles widened to bf16 in registers) keep the same MMA kind, and the fp8 cache write
+compiles without spills.
 
 The compile passes the 16-divisibility hints the launcher's JIT gives (strides, pointers): without
 them triton emits scalar 2-byte loads and no cp.async, which is not what runs on the GPU."""
@@ -38,8 +40,10 @@ WGMMA_CASES = [
     "decode_h128_r896_rope128",
     "decode_h32_r448_rope64_bf16_heads_on_n",  # heads on the MMA N dimension: 64-token M tiles
     "prefill_v128_rope128",
+    "decode_h32_r448_rope64_fp8",
+    "prefill_absorbed_r512_rope64_fp8",
 ]
-ALL_CASES = ["decode_h32_r896_rope128", "decode_h32_r448_rope64_bf16", *WGMMA_CASES]
+ALL_CASES = ["decode_h32_r896_rope128", "decode_h32_r448_rope64_bf16", "decode_h32_r896_rope128_fp8", *WGMMA_CASES]
 
 
 @pytest.mark.parametrize("case", ALL_CASES)
@@ -59,3 +63,8 @@ def test_sm90_cache_loads_are_pipelined(compiled, case):
     """Cache tiles stream through cp.async into shared memory (software pipelining), not through
     scalar or register loads; with 16-divisible strides, as the launcher's JIT specialises them."""
     assert compiled[case]["cp_async"] > 0, f"{case}: no cp.async in PTX ({compiled[case]})"
+
+
+def test_sm90_fp8_cache_write_compiles_without_spills(compiled):
+    facts = compiled["cache_write_r448_rope64_fp8"]
+    assert facts["local_bytes"] == 0 and facts["shared"] <= H100_MAX_SHARED_BYTES, facts

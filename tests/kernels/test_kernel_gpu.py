@@ -205,3 +205,84 @@ def test_prefill_without_nope_dims_gpu(mode):
     f32 = [x.float() for x in (q_nope, q_rope, cache, w_uk, w_uv)]
     ref, _ = prefill_attention(*f32, *args, backend="reference")
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+def fp8_paged_case(seqlens, width, fp8_dtype, seed):
+    """fp8 cache + per-token scales quantized from a random bf16 paged cache (NaN in unused slots)."""
+    from m2la.quantization import quantize_rows
+
+    cache, table = random_paged_cache(seqlens, width, 64, torch.float32, seed=seed)
+    unused = torch.isnan(cache).any(-1)
+    quantized, scale = quantize_rows(cache.nan_to_num(0.0), fp8_dtype)
+    quantized.view(torch.uint8)[unused] = torch.tensor([float("nan")]).to(fp8_dtype).view(torch.uint8)
+    scale[unused] = float("nan")
+    return quantized.cuda(), scale.cuda(), table.cuda()
+
+
+@pytest.mark.parametrize("fp8_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("config", [None, dict(HEADS_ON_N=False), dict(PAGE_TILE=False)], ids=["default", "heads-on-m", "row-gather"])
+@pytest.mark.parametrize("kv_rank,rope_dim", [(448, 64), (896, 128)])
+def test_decode_fp8_cache_gpu(kv_rank, rope_dim, config, fp8_dtype):
+    """bf16 queries over an fp8 cache: against the fp32 reference over the same dequantized rows,
+    within 2x the error of torch doing the same math in bf16."""
+    from m2la.kernels.latent_decode.triton import latent_decode_triton
+
+    seqlens = [0, 1, 63, 1000, 4097]
+    cache, scale, table = fp8_paged_case(seqlens, kv_rank + rope_dim, fp8_dtype, seed=kv_rank)
+    q = torch.randn(len(seqlens), 32, kv_rank + rope_dim, device="cuda").to(torch.bfloat16)
+    lens = torch.tensor(seqlens, dtype=torch.int32, device="cuda")
+    sm_scale = (128 + rope_dim) ** -0.5
+    out, lse = latent_decode_triton(q, cache, lens, sm_scale, kv_rank, table, config=config, kv_scale=scale)
+    ref_out, ref_lse = decode_attention(q.float(), cache, lens, sm_scale, kv_rank, table, kv_scale=scale,
+                                        backend="reference")  # fmt: skip
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[finite], ref_lse[finite], atol=2e-2, rtol=1e-3)
+    rows = (cache.float() * scale[..., None]).nan_to_num(0.0).to(torch.bfloat16)
+    within_budget(out, decode_lowp_torch(q, rows, table, lens, sm_scale, kv_rank), ref_out, f"fp8 decode {config}")
+
+
+def test_cache_write_fp8_gpu():
+    """The fused fp8 write gives the reference's bits (one round-to-nearest-even) and scales."""
+    tokens, kv_rank, pairs = 1000, 448, 32
+    latent = torch.randn(tokens, kv_rank, device="cuda").to(torch.bfloat16)
+    latent[:, ::5] *= 1e-4  # subnormal range after scaling
+    k_rope = torch.randn(tokens, 2 * pairs, device="cuda").to(torch.bfloat16)
+    angles = torch.rand(tokens, pairs, device="cuda") * 6.28
+    slots = torch.randperm(64 * 32, device="cuda")[:tokens]
+    slots[::7] = -1
+    results = []
+    for backend in ("reference", "triton"):
+        cache = torch.zeros(32, 64, kv_rank + 2 * pairs, device="cuda", dtype=torch.float8_e4m3fn)
+        scale = torch.full((32, 64), float("nan"), device="cuda")
+        write_latent_cache(cache, latent, k_rope, angles.cos(), angles.sin(), slots, kv_scale=scale, backend=backend)
+        results.append((cache.view(torch.uint8), scale))
+    assert torch.equal(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1], atol=0, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("mode", ["absorbed", "expanded"])
+def test_prefill_fp8_cache_gpu(mode):
+    heads, kv_rank, rope_dim, nope_dim, value_dim = 8, 448, 64, 128, 128
+    new_lens, cached = [300, 1, 77], [0, 500, 1000]
+    seqlens = [n + c for n, c in zip(new_lens, cached, strict=True)]
+    cache, scale, table = fp8_paged_case(seqlens, kv_rank + rope_dim, torch.float8_e4m3fn, seed=3)
+    dtype = torch.bfloat16
+    tokens = sum(new_lens)
+    q_nope = torch.randn(tokens, heads, nope_dim, device="cuda").to(dtype)
+    q_rope = torch.randn(tokens, heads, rope_dim, device="cuda").to(dtype)
+    w_uk = (torch.randn(heads, kv_rank, nope_dim, device="cuda") / kv_rank**0.5).to(dtype)
+    w_uv = (torch.randn(heads, kv_rank, value_dim, device="cuda") / kv_rank**0.5).to(dtype)
+    cu = torch.tensor([0, 300, 301, 378], dtype=torch.int32, device="cuda")
+    lens = torch.tensor(seqlens, dtype=torch.int32, device="cuda")
+    args = (cu, lens, (nope_dim + rope_dim) ** -0.5, table)
+    out, lse = prefill_attention(q_nope, q_rope, cache, w_uk, w_uv, *args, kv_scale=scale, mode=mode, backend="triton")
+    f32 = [t.float() for t in (q_nope, q_rope)]
+    ref_out, ref_lse = prefill_attention(*f32, cache, w_uk.float(), w_uv.float(), *args, kv_scale=scale,
+                                         backend="reference")  # fmt: skip
+    rows = (cache.float() * scale[..., None]).nan_to_num(0.0).to(dtype)
+    lowp_out = prefill_lowp_torch(q_nope, q_rope, rows, w_uk, w_uv, cu, lens, args[2], table)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(lse, ref_lse, atol=5e-2, rtol=1e-3)
+    within_budget(out, lowp_out, ref_out, f"fp8 prefill {mode}")

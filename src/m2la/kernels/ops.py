@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from m2la.backends import resolve_backend
+from m2la.kernels._quant import check_cache_scale
 from m2la.kernels.cache_write.reference import write_latent_cache_reference
 from m2la.kernels.latent_decode.reference import latent_decode_reference
 from m2la.kernels.latent_prefill.reference import latent_prefill_reference
@@ -24,6 +25,7 @@ def _latent_decode_op(
     cache_seqlens: Tensor,
     block_table: Tensor | None,
     kv_start: Tensor | None,
+    kv_scale: Tensor | None,
     softmax_scale: float,
     kv_rank: int,
     num_splits: int,
@@ -33,13 +35,17 @@ def _latent_decode_op(
         from m2la.kernels.latent_decode.triton import latent_decode_triton
 
         return latent_decode_triton(
-            q, kv_cache, cache_seqlens, softmax_scale, kv_rank, block_table, kv_start, num_splits
+            q, kv_cache, cache_seqlens, softmax_scale, kv_rank, block_table, kv_start, num_splits, kv_scale=kv_scale
         )
-    return latent_decode_reference(q, kv_cache, cache_seqlens, softmax_scale, kv_rank, block_table, kv_start)
+    return latent_decode_reference(
+        q, kv_cache, cache_seqlens, softmax_scale, kv_rank, block_table, kv_start, kv_scale
+    )
 
 
 @_latent_decode_op.register_fake
-def _latent_decode_fake(q, kv_cache, cache_seqlens, block_table, kv_start, softmax_scale, kv_rank, num_splits, backend):
+def _latent_decode_fake(
+    q, kv_cache, cache_seqlens, block_table, kv_start, kv_scale, softmax_scale, kv_rank, num_splits, backend
+):
     batch, heads, _ = q.shape
     return q.new_empty(batch, heads, kv_rank), q.new_empty(batch, heads, dtype=torch.float32)
 
@@ -53,6 +59,7 @@ def decode_attention(
     block_table: Tensor | None = None,
     kv_start: Tensor | None = None,
     *,
+    kv_scale: Tensor | None = None,
     num_splits: int = 0,
     backend: str | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -62,16 +69,19 @@ def decode_attention(
     `[b, s_max, r+2p]` with `block_table=None` (contiguous). `cache_seqlens [b]` int32; optional
     `kv_start [b]` int32 hides tokens before it (left padding). Returns `out [b, h, r]` (q's dtype)
     and `lse [b, h]` fp32, natural log; an empty sequence gives 0 and -inf. `num_splits=0` lets
-    the Triton backend choose the split-KV factor.
+    the Triton backend choose the split-KV factor. An fp8 cache (`torch.float8_e4m3fn` / `e5m2`, as
+    `write_latent_cache` fills it) takes `kv_scale`, one fp32 per token slot (`kv_cache.shape[:2]`).
     """
     if q.dim() != 3 or kv_cache.dim() != 3 or q.shape[-1] != kv_cache.shape[-1]:
         raise ValueError(f"expected q [b, h, r+2p] and a 3-d cache, got {tuple(q.shape)}, {tuple(kv_cache.shape)}")
     if not 0 < kv_rank <= q.shape[-1]:
         raise ValueError(f"kv_rank={kv_rank} must be in (0, {q.shape[-1]}]")
-    chosen = resolve_backend(backend, q, kv_cache, cache_seqlens, block_table, kv_start)
+    check_cache_scale(kv_cache, kv_scale)
+    chosen = resolve_backend(backend, q, kv_cache, cache_seqlens, block_table, kv_start, kv_scale)
     return torch.ops.m2la.latent_decode(
-        q, kv_cache, cache_seqlens, block_table, kv_start, float(softmax_scale), int(kv_rank), int(num_splits), chosen
-    )
+        q, kv_cache, cache_seqlens, block_table, kv_start, kv_scale, float(softmax_scale), int(kv_rank),
+        int(num_splits), chosen,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------- latent prefill
@@ -88,6 +98,7 @@ def _latent_prefill_op(
     cache_seqlens: Tensor,
     block_table: Tensor | None,
     kv_start: Tensor | None,
+    kv_scale: Tensor | None,
     softmax_scale: float,
     max_seqlen_q: int,
     mode: str,
@@ -98,16 +109,17 @@ def _latent_prefill_op(
 
         return latent_prefill_triton(
             q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, softmax_scale,
-            block_table, max_seqlen_q, mode, kv_start,
+            block_table, max_seqlen_q, mode, kv_start, kv_scale=kv_scale,
         )  # fmt: skip
     return latent_prefill_reference(
-        q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, softmax_scale, block_table, kv_start
-    )
+        q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, softmax_scale, block_table, kv_start,
+        kv_scale,
+    )  # fmt: skip
 
 
 @_latent_prefill_op.register_fake
 def _latent_prefill_fake(q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, block_table, kv_start,
-                         softmax_scale, max_seqlen_q, mode, backend):  # fmt: skip
+                         kv_scale, softmax_scale, max_seqlen_q, mode, backend):  # fmt: skip
     tokens, heads, _ = q_nope.shape
     return q_nope.new_empty(tokens, heads, w_uv.shape[-1]), q_nope.new_empty(tokens, heads, dtype=torch.float32)
 
@@ -124,6 +136,7 @@ def prefill_attention(
     block_table: Tensor | None = None,
     kv_start: Tensor | None = None,
     *,
+    kv_scale: Tensor | None = None,
     max_seqlen_q: int = 0,
     mode: str = "auto",
     backend: str | None = None,
@@ -137,18 +150,20 @@ def prefill_attention(
     padding); a query that sees no key gives 0 and -inf. `mode` ("auto" | "absorbed" | "expanded") picks how the Triton kernel
     runs; "auto" follows `latent_prefill.triton.choose_prefill_mode`: expanded exactly when
     `t * (2r - n - v) > r * (n + v)` with `t` new tokens per sequence (InternVideo3: t > ~150).
-    `max_seqlen_q=0` makes the Triton path read it from `cu_seqlens_q` (one host sync).
+    `max_seqlen_q=0` makes the Triton path read it from `cu_seqlens_q` (one host sync). An fp8 cache
+    takes `kv_scale` as in `decode_attention`; the Triton path then computes in q_nope's dtype.
     """
     if mode not in ("auto", "absorbed", "expanded"):
         raise ValueError(f"mode must be 'auto', 'absorbed' or 'expanded', got {mode!r}")
     kv_rank = w_uk.shape[1]
     if kv_cache.shape[-1] != kv_rank + q_rope.shape[-1]:
         raise ValueError(f"cache width {kv_cache.shape[-1]} != r ({kv_rank}) + 2p ({q_rope.shape[-1]})")
+    check_cache_scale(kv_cache, kv_scale)
     chosen = resolve_backend(
-        backend, q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, block_table, kv_start
+        backend, q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, block_table, kv_start, kv_scale
     )
     return torch.ops.m2la.latent_prefill(
-        q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, block_table, kv_start,
+        q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, block_table, kv_start, kv_scale,
         float(softmax_scale), int(max_seqlen_q), mode, chosen,
     )  # fmt: skip
 
@@ -156,20 +171,21 @@ def prefill_attention(
 # ---------------------------------------------------------------- cache write
 
 
-@torch.library.custom_op("m2la::write_latent_cache", mutates_args=("kv_cache",))
+@torch.library.custom_op("m2la::write_latent_cache", mutates_args=("kv_cache", "kv_scale"))
 def _write_latent_cache_op(
-    kv_cache: Tensor, latent: Tensor, k_rope: Tensor, cos: Tensor, sin: Tensor, slot_mapping: Tensor, backend: str
-) -> None:
+    kv_cache: Tensor, latent: Tensor, k_rope: Tensor, cos: Tensor, sin: Tensor, slot_mapping: Tensor,
+    kv_scale: Tensor | None, backend: str,
+) -> None:  # fmt: skip
     if backend == "triton":
         from m2la.kernels.cache_write.triton import write_latent_cache_triton
 
-        write_latent_cache_triton(kv_cache, latent, k_rope, cos, sin, slot_mapping)
+        write_latent_cache_triton(kv_cache, latent, k_rope, cos, sin, slot_mapping, kv_scale)
     else:
-        write_latent_cache_reference(kv_cache, latent, k_rope, cos, sin, slot_mapping)
+        write_latent_cache_reference(kv_cache, latent, k_rope, cos, sin, slot_mapping, kv_scale)
 
 
 @_write_latent_cache_op.register_fake
-def _write_latent_cache_fake(kv_cache, latent, k_rope, cos, sin, slot_mapping, backend):
+def _write_latent_cache_fake(kv_cache, latent, k_rope, cos, sin, slot_mapping, kv_scale, backend):
     return None
 
 
@@ -181,14 +197,18 @@ def write_latent_cache(
     sin: Tensor,
     slot_mapping: Tensor,
     *,
+    kv_scale: Tensor | None = None,
     backend: str | None = None,
 ) -> None:
     """Write `[latent [t, r] | RoPE(k_rope [t, 2p])]` rows into the paged cache, in place.
 
     `cos/sin [t, p]` per pair, half layout (pair j = (x[j], x[p+j])). `slot_mapping [t]` int64 =
-    `block * block_size + offset`; `-1` skips the token.
+    `block * block_size + offset`; `-1` skips the token. An fp8 cache (`torch.float8_e4m3fn` /
+    `e5m2`) stores each row divided by its scale `amax(|row|) / fp8 max` and writes that scale to
+    `kv_scale [num_blocks, block_size]` fp32 (m2la.quantization).
     """
     if kv_cache.shape[-1] != latent.shape[-1] + k_rope.shape[-1] or k_rope.shape[-1] != 2 * cos.shape[-1]:
         raise ValueError("cache width must be r + 2p and cos/sin must have p = k_rope.shape[-1] // 2 columns")
-    chosen = resolve_backend(backend, kv_cache, latent, k_rope, cos, sin, slot_mapping)
-    torch.ops.m2la.write_latent_cache(kv_cache, latent, k_rope, cos, sin, slot_mapping, chosen)
+    check_cache_scale(kv_cache, kv_scale)
+    chosen = resolve_backend(backend, kv_cache, latent, k_rope, cos, sin, slot_mapping, kv_scale)
+    torch.ops.m2la.write_latent_cache(kv_cache, latent, k_rope, cos, sin, slot_mapping, kv_scale, chosen)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from m2la.kernels._paging import cache_capacity, gather_cache_rows
+from m2la.kernels._paging import cache_capacity
+from m2la.kernels._quant import gather_dequantized_rows
 
 
 def latent_decode_reference(
@@ -15,15 +16,17 @@ def latent_decode_reference(
     kv_rank: int,
     block_table: torch.Tensor | None = None,
     kv_start: torch.Tensor | None = None,
+    kv_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MQA of `q [b, h, r+2p]` over cache rows `[latent r | rope key 2p]` with V = latent.
 
     Returns `out [b, h, r]` in q's dtype and `lse [b, h]` fp32 (natural log). A sequence with no
     visible token (length 0, or `kv_start >= cache_seqlens`) gives `out = 0`, `lse = -inf`.
     Cache rows outside `[kv_start, cache_seqlens)` are never allowed to reach the result, even NaN.
+    An fp8 cache comes with `kv_scale` (one fp32 per token slot, `m2la.quantization`).
     """
     capacity = cache_capacity(kv_cache, block_table)
-    rows = gather_cache_rows(kv_cache, block_table, capacity).float()  # [b, s, r+2p]
+    rows = gather_dequantized_rows(kv_cache, kv_scale, block_table, capacity)  # [b, s, r+2p] fp32
     positions = torch.arange(capacity, device=q.device)  # [s]
     visible = positions[None, :] < cache_seqlens.long()[:, None]  # [b, s]
     if kv_start is not None:

@@ -19,6 +19,10 @@ Two tilings (see `decode_config`):
 - chunked (more heads or wider latents): scores in `BLOCK_D`-wide chunks, 64-head tiles so sm_90
   uses wgmma, value columns split into tiles of 256 to bound the fp32 accumulator
   (BLOCK_H x BLOCK_V); the score chunks are recomputed per value tile, served from L2.
+
+fp8 caches (`HAS_SCALE`): tiles are loaded as fp8 (half the bytes of bf16) and widened to q's
+dtype in registers; each token's fp32 scale multiplies its score and its value weight, so no
+dequantized tile is ever written.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import triton.language as tl
 
 from m2la.backends import triton_interpreter_enabled
 from m2la.kernels._paging import cache_capacity
+from m2la.quantization import is_fp8
 
 _LOG2E = 1.4426950408889634
 
@@ -59,43 +64,59 @@ def _softmax_norm_and_lse(m_i, l_i):
 
 
 @triton.jit
-def _tile_row_offsets(
-    block_table_ptr, seq, start, first, hi, block_size, stride_bt_b, stride_kv_blk, stride_kv_tok,
+def _tile_slots(
+    block_table_ptr, seq, start, first, hi, block_size, stride_bt_b,
     PAGED: tl.constexpr, PAGE_TILE: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Token positions `[BLOCK_N]` of the tile at `start`, which of them are visible, and their row
-    offsets into the cache (element units). PAGE_TILE: PAGED and block_size % BLOCK_N == 0, so the
-    tile never crosses a page: one scalar block-table read, contiguous rows; else a per-row gather."""
+    """Token positions `[BLOCK_N]` of the tile at `start`, which of them are visible, and where they
+    live: cache dim-0 index (int64; a scalar under PAGE_TILE) and dim-1 index `[BLOCK_N]`.
+    PAGE_TILE: PAGED and block_size % BLOCK_N == 0, so the tile never crosses a page: one scalar
+    block-table read, contiguous rows; else a per-row gather."""
     offs_n = start + tl.arange(0, BLOCK_N)
     visible = (offs_n < hi) & (offs_n >= first)
     if PAGE_TILE:  # start is a multiple of BLOCK_N, so the tile lies in page start // block_size
-        block = tl.load(block_table_ptr + seq * stride_bt_b + start // block_size)
-        row_off = block.to(tl.int64) * stride_kv_blk + (start % block_size + tl.arange(0, BLOCK_N)) * stride_kv_tok
+        block = tl.load(block_table_ptr + seq * stride_bt_b + start // block_size).to(tl.int64)
+        slot = start % block_size + tl.arange(0, BLOCK_N)
     elif PAGED:
         block = tl.load(block_table_ptr + seq * stride_bt_b + offs_n // block_size, mask=visible, other=0)
-        row_off = block.to(tl.int64) * stride_kv_blk + (offs_n % block_size) * stride_kv_tok
+        block = block.to(tl.int64)
+        slot = offs_n % block_size
     else:
-        row_off = seq.to(tl.int64) * stride_kv_blk + offs_n * stride_kv_tok
-    return offs_n, visible, row_off
+        block = seq.to(tl.int64)
+        slot = offs_n
+    return offs_n, visible, block, slot
+
+
+@triton.jit
+def _token_scales(scale_ptr, block, slot, visible, stride_sc_blk, stride_sc_tok, HAS_SCALE: tl.constexpr):
+    """fp8 caches: each visible token's fp32 scale `[BLOCK_N]` (0 where hidden). Without HAS_SCALE
+    the result is a placeholder nobody reads (compiled away)."""
+    if HAS_SCALE:
+        return tl.load(scale_ptr + block * stride_sc_blk + slot * stride_sc_tok, mask=visible, other=0.0)
+    return visible.to(tl.float32)
 
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, kv_ptr, block_table_ptr, seqlens_ptr, kv_start_ptr, part_out_ptr, part_lse_ptr,
+    q_ptr, kv_ptr, block_table_ptr, seqlens_ptr, kv_start_ptr, kv_scale_ptr, part_out_ptr, part_lse_ptr,
     scale_log2,
     num_heads, kv_rank, rope_dim, block_size, split_len, num_value_tiles,
     stride_q_b, stride_q_h,
     stride_kv_blk, stride_kv_tok,
+    stride_sc_blk, stride_sc_tok,
     stride_bt_b,
     stride_po_b, stride_po_h, stride_po_s,
     stride_pl_b, stride_pl_h,
-    PAGED: tl.constexpr, PAGE_TILE: tl.constexpr, HAS_KV_START: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_TILE: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_SCALE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_ROPE: tl.constexpr, BLOCK_V: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SINGLE_D: tl.constexpr, VALUES_FROM_KEYS: tl.constexpr,
 ):  # fmt: skip
     # SINGLE_D: BLOCK_D >= r, so the latent query is loaded once, before the token loop.
     # VALUES_FROM_KEYS: SINGLE_D and one value tile of width BLOCK_D: the values are the key tile.
+    # HAS_SCALE: fp8 cache; tiles are widened to q's dtype and each token's scale multiplies its
+    # score and its value weight.
+    compute_dtype = q_ptr.dtype.element_ty
     seq = tl.program_id(0)
     head_tile = tl.program_id(1)
     split = tl.program_id(2) // num_value_tiles
@@ -126,16 +147,16 @@ def _decode_split_kernel(
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_V], tl.float32)
     for start in range(lo, hi, BLOCK_N):
-        offs_n, visible, row_off = _tile_row_offsets(
-            block_table_ptr, seq, start, first, hi, block_size, stride_bt_b, stride_kv_blk, stride_kv_tok,
-            PAGED, PAGE_TILE, BLOCK_N,
-        )  # fmt: skip
-        rows = kv_ptr + row_off[:, None]  # [BLOCK_N, 1]
+        offs_n, visible, block, slot = _tile_slots(
+            block_table_ptr, seq, start, first, hi, block_size, stride_bt_b, PAGED, PAGE_TILE, BLOCK_N
+        )
+        rows = kv_ptr + (block * stride_kv_blk + slot * stride_kv_tok)[:, None]  # [BLOCK_N, 1]
+        token_scale = _token_scales(kv_scale_ptr, block, slot, visible, stride_sc_blk, stride_sc_tok, HAS_SCALE)
 
         if SINGLE_D:
             k_latent = tl.load(
                 rows + offs_d0[None, :], mask=visible[:, None] & (offs_d0[None, :] < kv_rank), other=0.0
-            )  # [BLOCK_N, BLOCK_D]
+            ).to(compute_dtype)  # [BLOCK_N, BLOCK_D]
             scores = tl.dot(q_latent, tl.trans(k_latent), input_precision=DOT_PRECISION)
         else:
             scores = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
@@ -144,13 +165,15 @@ def _decode_split_kernel(
                 d_ok = offs_d < kv_rank
                 q_chunk = tl.load(q_rows + offs_d[None, :], mask=head_ok[:, None] & d_ok[None, :], other=0.0)
                 k_chunk = tl.load(rows + offs_d[None, :], mask=visible[:, None] & d_ok[None, :], other=0.0)
-                scores += tl.dot(q_chunk, tl.trans(k_chunk), input_precision=DOT_PRECISION)
+                scores += tl.dot(q_chunk, tl.trans(k_chunk.to(compute_dtype)), input_precision=DOT_PRECISION)
         k_rope = tl.load(
             rows + kv_rank + offs_rope[None, :],
             mask=visible[:, None] & (offs_rope[None, :] < rope_dim),
             other=0.0,
-        )  # [BLOCK_N, BLOCK_ROPE]
+        ).to(compute_dtype)  # [BLOCK_N, BLOCK_ROPE]
         scores += tl.dot(q_rope, tl.trans(k_rope), input_precision=DOT_PRECISION)
+        if HAS_SCALE:
+            scores = scores * token_scale[None, :]
         scores = tl.where(visible[None, :], scores * scale_log2, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
@@ -162,7 +185,10 @@ def _decode_split_kernel(
             values = k_latent
         else:
             values = tl.load(rows + offs_v[None, :], mask=visible[:, None] & value_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(probs.to(values.dtype), values, input_precision=DOT_PRECISION)
+            values = values.to(compute_dtype)
+        if HAS_SCALE:
+            probs = probs * token_scale[None, :]  # value weights; l_i keeps the unscaled sum
+        acc = acc * alpha[:, None] + tl.dot(probs.to(compute_dtype), values, input_precision=DOT_PRECISION)
         m_i = m_new
 
     norm, lse = _softmax_norm_and_lse(m_i, l_i)
@@ -176,15 +202,16 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_split_kernel_heads_on_n(
-    q_ptr, kv_ptr, block_table_ptr, seqlens_ptr, kv_start_ptr, part_out_ptr, part_lse_ptr,
+    q_ptr, kv_ptr, block_table_ptr, seqlens_ptr, kv_start_ptr, kv_scale_ptr, part_out_ptr, part_lse_ptr,
     scale_log2,
     num_heads, kv_rank, rope_dim, block_size, split_len, num_value_tiles,
     stride_q_b, stride_q_h,
     stride_kv_blk, stride_kv_tok,
+    stride_sc_blk, stride_sc_tok,
     stride_bt_b,
     stride_po_b, stride_po_h, stride_po_s,
     stride_pl_b, stride_pl_h,
-    PAGED: tl.constexpr, PAGE_TILE: tl.constexpr, HAS_KV_START: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_TILE: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_SCALE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_ROPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -192,6 +219,7 @@ def _decode_split_kernel_heads_on_n(
     matmuls and heads the N dimension (scores^T = K q^T, out^T = K^T p^T), so 32 heads fill whole
     64-row MMA tiles (wgmma on sm_90) instead of padding heads to the M tile. One value tile
     (BLOCK_D >= r), same arguments and outputs as `_decode_split_kernel`."""
+    compute_dtype = q_ptr.dtype.element_ty
     seq = tl.program_id(0)
     head_tile = tl.program_id(1)
     split = tl.program_id(2)
@@ -214,17 +242,20 @@ def _decode_split_kernel_heads_on_n(
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc_t = tl.zeros([BLOCK_D, BLOCK_H], tl.float32)
     for start in range(lo, hi, BLOCK_N):
-        offs_n, visible, row_off = _tile_row_offsets(
-            block_table_ptr, seq, start, first, hi, block_size, stride_bt_b, stride_kv_blk, stride_kv_tok,
-            PAGED, PAGE_TILE, BLOCK_N,
-        )  # fmt: skip
-        rows = kv_ptr + row_off[:, None]  # [BLOCK_N, 1]
-        k_latent = tl.load(rows + offs_d[None, :], mask=visible[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        offs_n, visible, block, slot = _tile_slots(
+            block_table_ptr, seq, start, first, hi, block_size, stride_bt_b, PAGED, PAGE_TILE, BLOCK_N
+        )
+        rows = kv_ptr + (block * stride_kv_blk + slot * stride_kv_tok)[:, None]  # [BLOCK_N, 1]
+        token_scale = _token_scales(kv_scale_ptr, block, slot, visible, stride_sc_blk, stride_sc_tok, HAS_SCALE)
+        k_latent = tl.load(rows + offs_d[None, :], mask=visible[:, None] & d_ok[None, :], other=0.0)
+        k_latent = k_latent.to(compute_dtype)  # [BLOCK_N, BLOCK_D]; widens fp8 caches
         k_rope = tl.load(
             rows + kv_rank + offs_rope[None, :], mask=visible[:, None] & (offs_rope[None, :] < rope_dim), other=0.0
-        )  # [BLOCK_N, BLOCK_ROPE]
+        ).to(compute_dtype)  # [BLOCK_N, BLOCK_ROPE]
         scores_t = tl.dot(k_latent, q_latent_t, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_H]
         scores_t += tl.dot(k_rope, q_rope_t, input_precision=DOT_PRECISION)
+        if HAS_SCALE:
+            scores_t = scores_t * token_scale[:, None]
         scores_t = tl.where(visible[:, None], scores_t * scale_log2, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(scores_t, axis=0))
@@ -232,8 +263,10 @@ def _decode_split_kernel_heads_on_n(
         probs_t = tl.exp2(scores_t - m_safe[None, :])  # [BLOCK_N, BLOCK_H]
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(probs_t, axis=0)
+        if HAS_SCALE:
+            probs_t = probs_t * token_scale[:, None]  # value weights; l_i keeps the unscaled sum
         acc_t = acc_t * alpha[None, :] + tl.dot(
-            tl.trans(k_latent), probs_t.to(k_latent.dtype), input_precision=DOT_PRECISION
+            tl.trans(k_latent), probs_t.to(compute_dtype), input_precision=DOT_PRECISION
         )  # [BLOCK_D, BLOCK_H]
         m_i = m_new
 
@@ -405,15 +438,20 @@ def latent_decode_triton(
     kv_start: torch.Tensor | None = None,
     num_splits: int = 0,
     config: dict | None = None,
+    kv_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `latent_decode_reference`; `num_splits=0` picks a split count.
 
     `config` overrides entries of `decode_config` (tile sizes, warps, stages) for tuning sweeps.
+    An fp8 cache (with `kv_scale`) is read as fp8 and widened to q's dtype in registers; otherwise
+    q and the cache share a dtype.
     """
     batch, num_heads, width = q.shape
     rope_dim = width - kv_rank
     assert kv_cache.shape[-1] == width and kv_cache.stride(-1) == 1 and q.stride(-1) == 1
     assert cache_seqlens.dtype == torch.int32 and (kv_start is None or kv_start.dtype == torch.int32)
+    assert (kv_scale is not None) == is_fp8(kv_cache.dtype), "fp8 caches (and only they) take kv_scale"
+    assert kv_scale is not None or q.dtype == kv_cache.dtype, "q and the cache must share a dtype"
     paged = block_table is not None
     if paged:
         assert block_table.dtype == torch.int32 and block_table.stride(-1) == 1
@@ -426,22 +464,25 @@ def latent_decode_triton(
 
     part_out = torch.empty(batch, num_heads, num_splits, kv_rank, device=q.device, dtype=torch.float32)
     part_lse = torch.empty(batch, num_heads, num_splits, device=q.device, dtype=torch.float32)
-    dot_precision = "ieee" if kv_cache.dtype == torch.float32 else "tf32"
+    dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
     table = block_table if paged else cache_seqlens  # any tensor: unused when not PAGED
     start = kv_start if kv_start is not None else cache_seqlens
+    scale = kv_scale if kv_scale is not None else part_lse  # any fp32 tensor: unused without HAS_SCALE
     args = (
-        q, kv_cache, table, cache_seqlens, start, part_out, part_lse,
+        q, kv_cache, table, cache_seqlens, start, scale, part_out, part_lse,
         softmax_scale * _LOG2E,
         num_heads, kv_rank, rope_dim, kv_cache.shape[1] if paged else 1, split_len, value_tiles,
         q.stride(0), q.stride(1),
         kv_cache.stride(0), kv_cache.stride(1),
+        scale.stride(0), scale.stride(1),
         table.stride(0),
         part_out.stride(0), part_out.stride(1), part_out.stride(2),
         part_lse.stride(0), part_lse.stride(1),
     )  # fmt: skip
     values_from_keys = single_d and value_tiles == 1 and cfg["BLOCK_V"] == cfg["BLOCK_D"]
     constexprs = dict(
-        PAGED=paged, HAS_KV_START=kv_start is not None, BLOCK_H=cfg["BLOCK_H"], BLOCK_D=cfg["BLOCK_D"],
+        PAGED=paged, HAS_KV_START=kv_start is not None, HAS_SCALE=kv_scale is not None,
+        BLOCK_H=cfg["BLOCK_H"], BLOCK_D=cfg["BLOCK_D"],
         BLOCK_ROPE=cfg["BLOCK_ROPE"], DOT_PRECISION=dot_precision,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from m2la.kernels._paging import gather_cache_rows
+from m2la.kernels._quant import gather_dequantized_rows
 
 
 def latent_prefill_reference(
@@ -18,6 +18,7 @@ def latent_prefill_reference(
     softmax_scale: float,
     block_table: torch.Tensor | None = None,
     kv_start: torch.Tensor | None = None,
+    kv_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal variable-length attention of new query tokens over their sequence's cache.
 
@@ -28,7 +29,8 @@ def latent_prefill_reference(
     Optional `kv_start [b]` int32 hides cache positions before it (left padding): those rows never
     reach the result, even NaN, and a query that sees no key gives `out = 0`, `lse = -inf`.
     Returns `out [tq, h, v]` in q's dtype and `lse [tq, h]` fp32. Computed expanded:
-    `k_h = [latent @ w_uk_h | k_rope]`, `v_h = latent @ w_uv_h`.
+    `k_h = [latent @ w_uk_h | k_rope]`, `v_h = latent @ w_uv_h`. An fp8 cache comes with `kv_scale`
+    (one fp32 per token slot, `m2la.quantization`).
     """
     kv_rank = w_uk.shape[1]
     outs, lses = [], []
@@ -39,7 +41,8 @@ def latent_prefill_reference(
         num_new, num_keys = q_hi - q_lo, seqlens[seq]
         table = None if block_table is None else block_table[seq : seq + 1]
         cache = kv_cache[seq : seq + 1] if block_table is None else kv_cache
-        rows = gather_cache_rows(cache, table, num_keys)[0].float()  # [s, r+2p]
+        scale = kv_scale if kv_scale is None or block_table is not None else kv_scale[seq : seq + 1]
+        rows = gather_dequantized_rows(cache, scale, table, num_keys)[0]  # [s, r+2p] fp32
         key_pos = torch.arange(num_keys, device=rows.device)  # [s]
         rows = torch.where((key_pos >= firsts[seq])[:, None], rows, 0.0)  # hidden rows: keep NaN out
         latent, k_rope = rows[:, :kv_rank], rows[:, kv_rank:]

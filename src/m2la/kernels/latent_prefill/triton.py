@@ -13,6 +13,10 @@ stride. The host picks what they point at:
   attention with per-head keys/values and the shared RoPE key.
 
 See `choose_prefill_mode` for the rule between them.
+
+fp8 caches: absorbed mode reads the fp8 rows and widens them to the query dtype in registers, each
+token's scale multiplying its score and value weight (`HAS_SCALE`); expanded mode dequantizes the
+gathered prefix in torch before the expansion GEMMs.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import triton.language as tl
 
 from m2la.backends import triton_interpreter_enabled
 from m2la.kernels._paging import gather_cache_rows
+from m2la.kernels._quant import gather_dequantized_rows
+from m2la.quantization import is_fp8
 
 _LOG2E = 1.4426950408889634
 
@@ -45,18 +51,21 @@ def choose_prefill_mode(num_new_tokens: int, batch: int, kv_rank: int, nope_dim:
 @triton.jit
 def _prefill_kernel(
     q_nope_ptr, q_rope_ptr, k_nope_ptr, k_rope_ptr, v_ptr, block_table_ptr, cu_seqlens_q_ptr, seqlens_ptr,
-    kv_start_ptr, out_ptr, lse_ptr,
+    kv_start_ptr, kv_scale_ptr, out_ptr, lse_ptr,
     scale_log2,
     nope_dim, rope_dim, value_dim, block_size, num_value_tiles,
     stride_qn_t, stride_qn_h, stride_qr_t, stride_qr_h,
     stride_kn_blk, stride_kn_tok, stride_kn_h,
     stride_kr_blk, stride_kr_tok, stride_kr_h,
     stride_v_blk, stride_v_tok, stride_v_h,
+    stride_sc_blk, stride_sc_tok,
     stride_bt_b, stride_o_t, stride_o_h, stride_l_t,
-    PAGED: tl.constexpr, HAS_NOPE: tl.constexpr, HAS_KV_START: tl.constexpr,
+    PAGED: tl.constexpr, HAS_NOPE: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_ROPE: tl.constexpr, BLOCK_V: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
+    # HAS_SCALE: fp8 keys/values (absorbed mode), widened to the query dtype; per-token scales.
+    compute_dtype = q_rope_ptr.dtype.element_ty
     m_tile = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2) // num_value_tiles
@@ -104,14 +113,17 @@ def _prefill_kernel(
         v_rows = v_ptr + (blk * stride_v_blk + tok * stride_v_tok + head * stride_v_h)[:, None]
 
         k_rope = tl.load(kr_rows + offs_rope[None, :], mask=key_ok[:, None] & rope_ok[None, :], other=0.0)
-        scores = tl.dot(q_rope, tl.trans(k_rope), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        scores = tl.dot(q_rope, tl.trans(k_rope.to(compute_dtype)), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
         if HAS_NOPE:  # compiled out when n = 0: a zero-trip pipelined loop still loaded on sm_90
             for d0 in range(0, nope_dim, BLOCK_D):
                 offs_d = d0 + tl.arange(0, BLOCK_D)
                 d_ok = offs_d < nope_dim
                 q_chunk = tl.load(qn_rows + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
                 k_chunk = tl.load(kn_rows + offs_d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-                scores += tl.dot(q_chunk, tl.trans(k_chunk), input_precision=DOT_PRECISION)
+                scores += tl.dot(q_chunk, tl.trans(k_chunk.to(compute_dtype)), input_precision=DOT_PRECISION)
+        if HAS_SCALE:
+            key_scale = tl.load(kv_scale_ptr + blk * stride_sc_blk + tok * stride_sc_tok, mask=key_ok, other=0.0)
+            scores = scores * key_scale[None, :]
         visible = key_ok[None, :] & (offs_n[None, :] <= query_pos[:, None])
         scores = tl.where(visible, scores * scale_log2, float("-inf"))
 
@@ -121,7 +133,9 @@ def _prefill_kernel(
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(probs, axis=1)
         values = tl.load(v_rows + offs_v[None, :], mask=key_ok[:, None] & value_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(probs.to(values.dtype), values, input_precision=DOT_PRECISION)
+        if HAS_SCALE:
+            probs = probs * key_scale[None, :]  # value weights; l_i keeps the unscaled sum
+        acc = acc * alpha[:, None] + tl.dot(probs.to(compute_dtype), values.to(compute_dtype), input_precision=DOT_PRECISION)
         m_i = m_new
 
     nonempty = l_i > 0.0
@@ -142,8 +156,9 @@ def prefill_config(value_dim: int, interpret: bool) -> dict:
 
 
 def _launch(q_nope, q_rope, k_nope, k_rope, v, block_table, cu_seqlens_q, cache_seqlens, kv_start, out, lse,
-            softmax_scale, block_size, head_strides, max_seqlen_q, config=None):  # fmt: skip
-    """k_nope/k_rope/v: `[blocks|b, tokens, ...]` views whose dims 0/1 address a token."""
+            softmax_scale, block_size, head_strides, max_seqlen_q, config=None, kv_scale=None):  # fmt: skip
+    """k_nope/k_rope/v: `[blocks|b, tokens, ...]` views whose dims 0/1 address a token; so does
+    `kv_scale [blocks|b, tokens]` (fp8 keys/values only)."""
     num_heads = q_nope.shape[1]
     nope_dim, rope_dim, value_dim = q_nope.shape[2], q_rope.shape[2], out.shape[2]
     cfg = {**prefill_config(value_dim, triton_interpreter_enabled()), **(config or {})}
@@ -152,20 +167,22 @@ def _launch(q_nope, q_rope, k_nope, k_rope, v, block_table, cu_seqlens_q, cache_
     table = block_table if paged else cache_seqlens
     batch = cu_seqlens_q.shape[0] - 1
     grid = (triton.cdiv(max(1, max_seqlen_q), cfg["BLOCK_M"]), batch, num_heads * value_tiles)
+    scale = kv_scale if kv_scale is not None else lse  # any 2-d fp32 tensor: unused without HAS_SCALE
     _prefill_kernel[grid](
         q_nope, q_rope, k_nope, k_rope, v, table, cu_seqlens_q, cache_seqlens,
-        kv_start if kv_start is not None else cache_seqlens, out, lse,
+        kv_start if kv_start is not None else cache_seqlens, scale, out, lse,
         softmax_scale * _LOG2E,
         nope_dim, rope_dim, value_dim, block_size, value_tiles,
         q_nope.stride(0), q_nope.stride(1), q_rope.stride(0), q_rope.stride(1),
         k_nope.stride(0), k_nope.stride(1), head_strides[0],
         k_rope.stride(0), k_rope.stride(1), head_strides[1],
         v.stride(0), v.stride(1), head_strides[2],
+        scale.stride(0), scale.stride(1),
         table.stride(0), out.stride(0), out.stride(1), lse.stride(0),
-        PAGED=paged, HAS_NOPE=nope_dim > 0, HAS_KV_START=kv_start is not None,
+        PAGED=paged, HAS_NOPE=nope_dim > 0, HAS_KV_START=kv_start is not None, HAS_SCALE=kv_scale is not None,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
         BLOCK_ROPE=max(16, triton.next_power_of_2(rope_dim)), BLOCK_V=cfg["BLOCK_V"],
-        DOT_PRECISION="ieee" if k_rope.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if q_rope.dtype == torch.float32 else "tf32",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
 
@@ -184,10 +201,12 @@ def latent_prefill_triton(
     mode: str = "auto",
     kv_start: torch.Tensor | None = None,
     config: dict | None = None,
+    kv_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `latent_prefill_reference`. `mode`: "absorbed", "expanded" or "auto".
 
     `config` overrides entries of `prefill_config` (tile sizes, warps, stages) for tuning sweeps.
+    An fp8 cache (with `kv_scale`) computes in q_nope's dtype; otherwise in the cache dtype.
     """
     num_tokens, num_heads, nope_dim = q_nope.shape
     kv_rank, value_dim = w_uk.shape[1], w_uv.shape[2]
@@ -195,11 +214,12 @@ def latent_prefill_triton(
     assert cu_seqlens_q.dtype == torch.int32 and cache_seqlens.dtype == torch.int32
     assert kv_start is None or kv_start.dtype == torch.int32
     assert kv_cache.stride(-1) == 1
+    assert (kv_scale is not None) == is_fp8(kv_cache.dtype), "fp8 caches (and only they) take kv_scale"
     if max_seqlen_q <= 0:  # host sync; pass it to stay sync-free
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()) if batch else 0
     if mode == "auto":
         mode = choose_prefill_mode(num_tokens, batch, kv_rank, nope_dim, value_dim)
-    dtype = kv_cache.dtype
+    dtype = q_nope.dtype if kv_scale is not None else kv_cache.dtype  # what the GEMMs run in
     lse = torch.empty(num_tokens, num_heads, device=q_nope.device, dtype=torch.float32)
     q_rope = q_rope.to(dtype)
     paged = block_table is not None
@@ -209,14 +229,18 @@ def latent_prefill_triton(
         out_latent = torch.empty(num_tokens, num_heads, kv_rank, device=q_nope.device, dtype=torch.float32)
         latent, k_rope = kv_cache[..., :kv_rank], kv_cache[..., kv_rank:]
         _launch(q_latent, q_rope, latent, k_rope, latent, block_table, cu_seqlens_q, cache_seqlens, kv_start,
-                out_latent, lse, softmax_scale, block_size, (0, 0, 0), max_seqlen_q, config)  # fmt: skip
+                out_latent, lse, softmax_scale, block_size, (0, 0, 0), max_seqlen_q, config, kv_scale)  # fmt: skip
         out = torch.einsum("thr,hrv->thv", out_latent, w_uv.float())  # [tq, h, v]
         return out.to(q_nope.dtype), lse
     if mode != "expanded":
         raise ValueError(f"mode must be 'auto', 'absorbed' or 'expanded', got {mode!r}")
     num_keys = int(cache_seqlens.max().item()) if batch else 0
     cache = kv_cache if paged else kv_cache[:batch]
-    rows = gather_cache_rows(cache, block_table, max(1, num_keys))  # [b, s, r+2p]
+    if kv_scale is None:
+        rows = gather_cache_rows(cache, block_table, max(1, num_keys))  # [b, s, r+2p]
+    else:
+        scale = kv_scale if paged else kv_scale[:batch]
+        rows = gather_dequantized_rows(cache, scale, block_table, max(1, num_keys)).to(dtype)
     latent, k_rope = rows[..., :kv_rank], rows[..., kv_rank:]
     # expansion GEMMs in the cache dtype (fp32 accumulation inside the GEMM; the result is stored in
     # that dtype anyway): fp32 inputs would run them off the tensor cores
