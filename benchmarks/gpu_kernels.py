@@ -114,9 +114,10 @@ def check_correctness(device, dtype) -> list[str]:
     return lines
 
 
-def decode_rows(device, dtype, batches, contexts, bandwidth, repeats, configs=None):
+def decode_rows(device, dtype, batches, contexts, bandwidth, repeats, configs=None, fp8=False):
     """Decode through `decode_attention` (the library path), or through `latent_decode_triton` with
-    a layout's tile override from `configs` (the sweep's winner), labelled with it."""
+    a layout's tile override from `configs` (the sweep's winner), labelled with it. `fp8`: an e4m3
+    cache with per-token scales (bytes = 1 per element + a 4-byte scale per token), queries in `dtype`."""
     from m2la.kernels.latent_decode.triton import latent_decode_triton
 
     rows = []
@@ -124,10 +125,15 @@ def decode_rows(device, dtype, batches, contexts, bandwidth, repeats, configs=No
         return rows
     for name, (kv_rank, rope_dim) in LAYOUTS.items():
         width = kv_rank + rope_dim
+        row_bytes = width + 4 if fp8 else width * dtype.itemsize
         num_blocks = max(batches) * math.ceil(max(contexts) / BLOCK_SIZE)
-        affordable = int(0.45 * _free_bytes(device) / (BLOCK_SIZE * width * dtype.itemsize))
+        affordable = int(0.45 * _free_bytes(device) / (BLOCK_SIZE * row_bytes))
         num_blocks = min(num_blocks, affordable)  # combos needing more are reported as n/a
         cache = torch.empty(num_blocks, BLOCK_SIZE, width, device=device, dtype=dtype).uniform_(-1, 1)
+        kv_scale = None
+        if fp8:  # per-token scale of the uniform rows: amax 1 -> 1 / 448
+            cache = cache.to(torch.float8_e4m3fn)
+            kv_scale = torch.full((num_blocks, BLOCK_SIZE), 1 / 448, device=device)
         for context in contexts:
             for batch in batches:
                 if batch * math.ceil(context / BLOCK_SIZE) > num_blocks or _out_of_time():
@@ -138,13 +144,16 @@ def decode_rows(device, dtype, batches, contexts, bandwidth, repeats, configs=No
 
                 override = (configs or {}).get(name)
 
-                def run(q=q, table=table, lens=lens, scale=scale, kv_rank=kv_rank, cache=cache, override=override):
+                def run(q=q, table=table, lens=lens, scale=scale, kv_rank=kv_rank, cache=cache, override=override,
+                        kv_scale=kv_scale):  # fmt: skip
                     if override:
-                        return latent_decode_triton(q, cache, lens, scale, kv_rank, table, config=override)
-                    return decode_attention(q, cache, lens, scale, kv_rank, table)
+                        return latent_decode_triton(
+                            q, cache, lens, scale, kv_rank, table, config=override, kv_scale=kv_scale
+                        )
+                    return decode_attention(q, cache, lens, scale, kv_rank, table, kv_scale=kv_scale)
 
-                nbytes = batch * context * width * dtype.itemsize + 2 * q.numel() * dtype.itemsize
-                label = f"{name} {override}" if override else name
+                nbytes = batch * context * row_bytes + 2 * q.numel() * dtype.itemsize
+                label = f"{name}{' fp8 e4m3' if fp8 else ''}{f' {override}' if override else ''}"
                 rows.append((label, batch, context, *_measure(run, device, repeats, nbytes, bandwidth)))
         del cache
     return rows
@@ -502,7 +511,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, any device: checks the script")
     parser.add_argument("--seconds", type=float, default=270, help="time box; later cases are reported n/a")
     parser.add_argument("--sweep-seconds", type=float, default=70, help="time box of the decode tile sweep")
-    parser.add_argument("--sections", default="sweep,decode,prefill,prefill_sweep", help="comma-separated subset to run")
+    parser.add_argument("--sections", default="sweep,decode,fp8,prefill,prefill_sweep", help="comma-separated subset to run")
     parser.add_argument("--contexts", type=int, nargs="+", default=None, help="decode contexts (default 4K..128K)")
     parser.add_argument("--warm-workers", type=int, default=12, help="processes compiling the sweep first (0: off)")
     parser.add_argument("--warm-only", action="store_true", help="only compile the sweep cases (fills triton's cache)")
@@ -561,6 +570,8 @@ def main() -> None:
         if "decode" not in wanted:
             contexts = []
         decode = decode_rows(device, dtype, batches, contexts, bandwidth, repeats, winners)
+        if "fp8" in wanted:  # same shapes, e4m3 cache (default tiles), right after the bf16 rows
+            decode += decode_rows(device, dtype, batches, contexts, bandwidth, repeats, None, fp8=True)
         try:
             import flash_attn  # noqa: F401
 

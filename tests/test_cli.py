@@ -221,3 +221,15 @@ def test_gguf_sources_are_dequantised_in_the_requested_dtype(tmp_path, monkeypat
     assert (loaded.tokenizer, loaded.is_m2la) == ("tokenizer", False)
     cli.load_model(str(gguf_file))
     assert calls[-1] == (gguf_file, torch.float32)  # GGUF weights dequantise to fp32 by default
+
+
+def test_eval_with_an_fp8_latent_cache(converted_smollm2, tmp_path, capsys):
+    report = tmp_path / "eval.json"
+    code = main(["eval", str(converted_smollm2), *SMALL_EVAL, "--cache-dtype", "float8_e4m3fn", "--json", str(report)])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads(report.read_text())
+    assert result["model"]["cache_dtype"] == "float8_e4m3fn"
+    assert result["model"]["cache_bytes_per_token"] == 30 * (384 + 4)  # fp8 rows + one fp32 scale per token
+    assert "latent cache in float8_e4m3fn" in capsys.readouterr().out
+    assert main(["eval", "smollm2", *SMALL_EVAL, "--cache-dtype", "float8_e4m3fn"]) == 1
+    assert "--cache-dtype applies to m2la models" in capsys.readouterr().err

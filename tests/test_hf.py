@@ -264,3 +264,31 @@ def test_from_pretrained_resolves_hub_ids_through_huggingface_hub(tmp_path, monk
     ids = torch.randint(10, tiny_hf.VOCAB, (1, 6))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+def test_fp8_latent_cache_generate_and_beam_search(fp8):
+    """An fp8 M2LACache holds rows + per-token scales (1 byte + 4 per token row), gives logits close
+    to the fp32 cache's, and survives beam search's reorder and generate's bookkeeping."""
+    model = tiny_hf.build("qwen3", 6, 2, 12)
+    m2la.convert(model)
+    ids = torch.randint(10, tiny_hf.VOCAB, (2, 11), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        exact = model(ids, cache=m2la.M2LACache.for_model(model), use_cache=True)
+        quantized = model(ids, cache=m2la.M2LACache.for_model(model, fp8), use_cache=True)
+    widths = [m.config.cache_width for m in model.modules() if isinstance(m, m2la.M2LAttention)]
+    assert quantized.cache.nbytes == 2 * 11 * sum(w + 4 for w in widths)
+    assert exact.cache.nbytes == 2 * 11 * sum(4 * w for w in widths)
+    difference = (quantized.logits - exact.logits).abs().max().item()
+    assert 0 < difference < 0.1 * exact.logits.abs().max().item()
+    cache = m2la.M2LACache.for_model(model, fp8)
+    out = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, num_beams=3, cache=cache)
+    assert out.shape == (2, 16)
+    assert all(layer.keys.dtype == fp8 and layer.values.shape[-1] == 1 for layer in cache.layers)
+
+
+def test_cache_for_model_needs_a_converted_model():
+    with pytest.raises(ValueError, match="no m2la attention layers"):
+        m2la.M2LACache.for_model(tiny_hf.build("llama"))
+    with pytest.raises(ValueError, match="latent cache dtype"):
+        m2la.M2LACache(2, dtype=torch.bfloat16)

@@ -70,3 +70,20 @@ def test_save_load_round_trip(converted, tmp_path, wiki_heldout_windows):
     loaded = m2la.from_pretrained(tmp_path / "smol")
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_fp8_latent_cache_perplexity(converted, wiki_heldout_windows):
+    """Real weights, real text, every query attending to fp8 rows: e4m3 costs under 2% perplexity
+    (measured 0.96% on these 2 x 512 tokens), e5m2 (one mantissa bit fewer) more; 4x fewer cache
+    bytes than fp32 rows, plus 4 bytes of scale per token and layer."""
+    model, _ = converted
+    ids = wiki_heldout_windows[:2]
+
+    def scored(dtype):
+        return perplexity(model, ids, make_cache=lambda: m2la.M2LACache.for_model(model, dtype))
+
+    exact, e4m3, e5m2 = scored(None), scored(torch.float8_e4m3fn), scored(torch.float8_e5m2)
+    assert 1.0005 < e4m3 / exact < 1.02
+    assert e4m3 < e5m2 < 1.04 * exact
+    width = 384  # lossless SmolLM2: 3 KV heads x 64 x 2 per layer
+    assert cache_bytes_per_token(model, ids[:1, :64], make_cache=lambda: m2la.M2LACache.for_model(model, torch.float8_e4m3fn)) == 30 * (width + 4)

@@ -190,22 +190,35 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _measure(loaded: LoadedModel, tokens: int, windows: int) -> dict:
+def _measure(loaded: LoadedModel, tokens: int, windows: int, cache_dtype: str | None = None) -> dict:
+    """Perplexity and cache bytes per token; `cache_dtype` (m2la models): store the latent cache in
+    that fp8 dtype and score every token through it."""
     from .assets import wiki_split
     from .evaluation import cache_bytes_per_token, perplexity, token_windows
 
+    make_cache = None
+    if cache_dtype is not None:
+        if not loaded.is_m2la:
+            raise ValueError(f"--cache-dtype applies to m2la models; {loaded.description} is not one")
+        from .integrations.hf import M2LACache
+
+        dtype = _torch_dtype(cache_dtype)
+        make_cache = lambda: M2LACache.for_model(loaded.model, dtype)  # noqa: E731
     ids = token_windows(loaded.tokenizer, wiki_split("heldout"), tokens, windows)
-    return {
+    result = {
         "model": loaded.description,
         "m2la": loaded.is_m2la,
-        "perplexity": perplexity(loaded.model, ids),
-        "cache_bytes_per_token": cache_bytes_per_token(loaded.model, ids[:1]),
+        "perplexity": perplexity(loaded.model, ids, make_cache=make_cache),
+        "cache_bytes_per_token": cache_bytes_per_token(loaded.model, ids[:1], make_cache=make_cache),
     }
+    if cache_dtype is not None:
+        result["cache_dtype"] = cache_dtype
+    return result
 
 
 def run_eval(args: argparse.Namespace) -> int:
     result = {"text": f"held-out Wikipedia, {args.windows} x {args.tokens} tokens"}
-    result["model"] = _measure(load_model(args.model, args.dtype), args.tokens, args.windows)
+    result["model"] = _measure(load_model(args.model, args.dtype), args.tokens, args.windows, args.cache_dtype)
     if args.baseline is not None:
         result["baseline"] = _measure(load_model(args.baseline, args.dtype), args.tokens, args.windows)
         result["ratio"] = {
@@ -223,7 +236,8 @@ def run_eval(args: argparse.Namespace) -> int:
             row += [fmt.format(result["baseline"][key]), f"{result['ratio'][key]:.4f}"]
         rows.append(row)
 
-    print(f"model:    {result['model']['model']}")
+    cache_note = f"  (latent cache in {args.cache_dtype})" if args.cache_dtype else ""
+    print(f"model:    {result['model']['model']}{cache_note}")
     if args.baseline is not None:
         print(f"baseline: {result['baseline']['model']}")
     print(f"text:     {result['text']}")
@@ -324,6 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--baseline", metavar="SRC", help="also evaluate SRC and print ratios")
     evaluate.add_argument("--dtype", choices=DTYPES, help="cast models to this dtype (default: as saved)")
     evaluate.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    evaluate.add_argument(
+        "--cache-dtype",
+        choices=["float8_e4m3fn", "float8_e5m2"],
+        help="m2la models: keep the latent cache in fp8 (one fp32 scale per token) and score through it",
+    )
     evaluate.set_defaults(handler=run_eval)
 
     info = commands.add_parser("info", help="per-layer M²LA configuration of a checkpoint")

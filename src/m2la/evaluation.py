@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -71,9 +72,21 @@ class _EvalMode:
         self.model.train(self.was_training)
 
 
+def _cache_kwargs(model, make_cache: Callable[[], Any] | None) -> dict[str, Any]:
+    """Forward kwargs: no cache, or a fresh one from `make_cache` (attention then reads cache rows)."""
+    if make_cache is None:
+        return {"use_cache": False}
+    return {"use_cache": True, _cache_keyword(model): make_cache()}
+
+
 @torch.no_grad()
-def perplexity(model, windows: torch.Tensor, batch_size: int = 4) -> float:
-    """exp(mean next-token NLL) over every predicted token of every window (`[n, window]` ids)."""
+def perplexity(model, windows: torch.Tensor, batch_size: int = 4, make_cache: Callable[[], Any] | None = None) -> float:
+    """exp(mean next-token NLL) over every predicted token of every window (`[n, window]` ids).
+
+    `make_cache`: a zero-argument factory of a cache for each batch (e.g. an fp8
+    `m2la.M2LACache.for_model(model, torch.float8_e4m3fn)`); every query then attends to the rows
+    as stored in that cache, so its storage error is in the score.
+    """
     if windows.dim() != 2 or windows.shape[1] < 2:
         raise ValueError(f"windows must be [n, window >= 2] token ids, got shape {tuple(windows.shape)}")
     device = _device_of(model)
@@ -82,7 +95,7 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4) -> float:
     with _EvalMode(model):
         for start in range(0, windows.shape[0], batch_size):
             ids = windows[start : start + batch_size].to(device)
-            logits = _logits(model(input_ids=ids, use_cache=False))
+            logits = _logits(model(input_ids=ids, **_cache_kwargs(model, make_cache)))
             # logits[:, i] predicts ids[:, i + 1]; fp32 so bf16 models are scored exactly.
             nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
             total_nll += nll.item()
@@ -114,12 +127,14 @@ def cache_nbytes(cache) -> int:
 
 
 @torch.no_grad()
-def cache_bytes_per_token(model, input_ids: torch.Tensor) -> float:
-    """Cache bytes per cached token after one forward over `input_ids` (`[b, t]`) with use_cache=True."""
+def cache_bytes_per_token(model, input_ids: torch.Tensor, make_cache: Callable[[], Any] | None = None) -> float:
+    """Cache bytes per cached token after one forward over `input_ids` (`[b, t]`) with use_cache=True
+    (into a cache from `make_cache` when given)."""
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
+    kwargs = _cache_kwargs(model, make_cache) if make_cache is not None else {"use_cache": True}
     with _EvalMode(model):
-        out = model(input_ids=input_ids.to(_device_of(model)), use_cache=True)
+        out = model(input_ids=input_ids.to(_device_of(model)), **kwargs)
     cache = _returned_cache(out)
     if cache is None:
         raise ValueError(f"{type(model).__name__} returned no cache for use_cache=True")

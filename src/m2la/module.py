@@ -16,7 +16,11 @@ __all__ = ["M2LAttention", "RMSNorm", "LatentCacheProtocol"]
 
 class LatentCacheProtocol(Protocol):
     def append_latent(self, layer_idx: int, rows: torch.Tensor) -> torch.Tensor:
-        """Append ``rows [b, t, r + 2p]`` to layer ``layer_idx`` and return all its rows ``[b, s, r + 2p]``."""
+        """Append ``rows [b, t, r + 2p]`` to layer ``layer_idx`` and return all its rows ``[b, s, r + 2p]``.
+
+        A cache that stores fp8 rows may also offer ``quantized_rows(layer_idx) -> (rows, scales [b, s])``
+        for the Triton kernels to read directly.
+        """
 
 
 class RMSNorm(nn.Module):
@@ -140,7 +144,9 @@ class M2LAttention(nn.Module):
             rows = cache.append_latent(self.layer_idx, rows)  # [b, s, r + 2p]
         w_uk, w_uv, v_bias = self.up_projections()
         if resolve_backend(None, hidden) == "triton":
-            out = self._attend_fused(q_nope, q_rope, rows, w_uk, w_uv, attention_mask)
+            stored = getattr(cache, "quantized_rows", None)
+            quantized = stored(self.layer_idx) if stored is not None else None
+            out = self._attend_fused(q_nope, q_rope, rows, w_uk, w_uv, attention_mask, quantized)
             if v_bias is not None:
                 out = out + v_bias.to(out.dtype)
         elif absorbed if absorbed is not None else self.use_absorbed(hidden.shape[1]):
@@ -155,11 +161,12 @@ class M2LAttention(nn.Module):
             )
         return self.o_proj(out.to(hidden.dtype).flatten(-2))
 
-    def _attend_fused(self, q_nope, q_rope, rows, w_uk, w_uv, attention_mask) -> torch.Tensor:
+    def _attend_fused(self, q_nope, q_rope, rows, w_uk, w_uv, attention_mask, quantized=None) -> torch.Tensor:
         """The Triton kernels over the contiguous cache rows: decode for one query, chunked prefill otherwise.
 
         q_nope ``[b, t, h, n]``, q_rope ``[b, t, h, 2p]``, rows ``[b, s, r + 2p]``; returns ``[b, t, h, v]``
-        without the value bias.
+        without the value bias. ``quantized``: an fp8 cache's stored ``(rows, scales [b, s])``, which
+        the kernels then read instead of ``rows``.
         """
         from . import kernels
 
@@ -173,16 +180,19 @@ class M2LAttention(nn.Module):
                 "for other masks (sliding windows, custom masks)"
             )
         seqlens = torch.full((b,), s, dtype=torch.int32, device=rows.device)
+        rows, kv_scale = quantized if quantized is not None else (rows, None)
         if t == 1:
             q = torch.cat((attention_math.absorb_query(q_nope, w_uk), q_rope), dim=-1)[:, 0]  # [b, h, r + 2p]
-            out_latent, _ = kernels.decode_attention(q, rows, seqlens, c.softmax_scale, c.kv_rank, kv_start=starts)
+            out_latent, _ = kernels.decode_attention(
+                q, rows, seqlens, c.softmax_scale, c.kv_rank, kv_start=starts, kv_scale=kv_scale
+            )
             return torch.einsum("bhr,hvr->bhv", out_latent, w_uv.to(out_latent.dtype))[:, None]
         w_uk_t, w_uv_t = w_uk.transpose(1, 2), w_uv.transpose(1, 2)  # kernels take [h, r, n], [h, r, v]
         # Left padding: kv_start hides each sequence's padding keys; padding queries see no key -> 0.
         cu_seqlens = torch.arange(0, (b + 1) * t, t, dtype=torch.int32, device=rows.device)
         out, _ = kernels.prefill_attention(
             q_nope.flatten(0, 1), q_rope.flatten(0, 1), rows, w_uk_t, w_uv_t, cu_seqlens, seqlens,
-            c.softmax_scale, None, starts, max_seqlen_q=t,
+            c.softmax_scale, None, starts, kv_scale=kv_scale, max_seqlen_q=t,
         )  # fmt: skip
         return out.unflatten(0, (b, t))
 

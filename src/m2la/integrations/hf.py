@@ -29,6 +29,7 @@ from .. import rope
 from ..config import M2LAConfig, M2LAConfigError
 from ..conversion import ConversionError, SourceAttention, lossless_config, lossless_state_dict, source_cache_width
 from ..module import M2LAttention
+from ..quantization import check_cache_dtype, dequantize_rows, quantize_rows
 
 __all__ = [
     "FAMILIES",
@@ -88,19 +89,46 @@ class LatentCacheLayer(DynamicLayer):
     def nbytes(self) -> int:
         if not self.is_initialized or self.keys is None:
             return 0
-        return self.keys.numel() * self.keys.element_size()
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
 
 
 class M2LACache(DynamicCache):
-    """transformers cache holding, per layer, only the latent and the rotated shared RoPE key."""
+    """transformers cache holding, per layer, only the latent and the rotated shared RoPE key.
 
-    def __init__(self, num_layers: int) -> None:
+    ``dtype=torch.float8_e4m3fn`` (or ``float8_e5m2``) keeps the rows in fp8 with one fp32 scale per
+    token (:mod:`m2la.quantization`) in ``values [b, s, 1]``; attention reads them (dequantized by the
+    reference path, as fp8 by the Triton kernels), so perplexity measured through this cache includes
+    the fp8 error.
+    """
+
+    def __init__(self, num_layers: int, dtype: torch.dtype | None = None) -> None:
+        self.dtype = check_cache_dtype(dtype)
         Cache.__init__(self, layers=[LatentCacheLayer() for _ in range(num_layers)])
 
+    @classmethod
+    def for_model(cls, model: nn.Module, dtype: torch.dtype | None = None) -> M2LACache:
+        """An empty cache for a converted model (one layer per m2la attention module); pass it as
+        ``cache=`` (``past_key_values=`` before transformers 5) to ``model(...)`` or ``model.generate(...)``."""
+        num_layers = _num_decoder_layers(model)
+        if num_layers == 0:
+            raise ValueError(f"{type(model).__name__} has no m2la attention layers; convert it first")
+        return cls(num_layers, dtype)
+
     def append_latent(self, layer_idx: int, rows: torch.Tensor) -> torch.Tensor:
-        """Append ``rows [b, t, r + 2p]`` to layer ``layer_idx``; return ``[b, s, r + 2p]``."""
-        keys, _ = self.layers[layer_idx].update(rows, rows[..., :0])
-        return keys
+        """Append ``rows [b, t, r + 2p]`` to layer ``layer_idx``; return ``[b, s, r + 2p]`` in ``rows.dtype``."""
+        if self.dtype is None:
+            keys, _ = self.layers[layer_idx].update(rows, rows[..., :0])
+            return keys
+        quantized, scale = quantize_rows(rows, self.dtype)
+        keys, scales = self.layers[layer_idx].update(quantized, scale[..., None])
+        return dequantize_rows(keys, scales[..., 0], rows.dtype)
+
+    def quantized_rows(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """fp8 caches: the stored ``rows [b, s, r + 2p]`` and ``scales [b, s]`` (what the kernels read); else None."""
+        layer = self.layers[layer_idx]
+        if self.dtype is None or not layer.is_initialized:
+            return None
+        return layer.keys, layer.values[..., 0]
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         raise TypeError(
