@@ -451,15 +451,17 @@ def prefill_rows(device, dtype, chunk, prefixes, repeats):
     return rows
 
 
-# Prefill tile configs (overrides of `prefill_config`), timed in expanded mode; all fit sm_90's shared
-# memory and run wgmma in the compile-only check (triton 3.9).
+# Prefill tile configs (overrides of `prefill_config`), timed in expanded mode (n = 128: the default
+# keeps q_nope resident, BLOCK_M 128, BLOCK_N 64, 8 warps, 2 stages); the second row is the earlier
+# default (64-query tiles, q_nope re-read in 64-wide chunks). In the compile-only check (triton 3.9)
+# all run wgmma without spills and fit sm_90's shared memory, except BLOCK_N 128 at rope 128 (256 KiB).
 PREFILL_SWEEP = [
     {},
-    dict(BLOCK_D=128),
-    dict(BLOCK_M=128, num_warps=8),
-    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_D=128, num_warps=8, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=128, num_warps=8, num_stages=2),
+    dict(BLOCK_M=64, BLOCK_D=64, num_warps=4),
+    dict(num_stages=3),
+    dict(BLOCK_N=128),
+    dict(BLOCK_M=64, num_warps=4),
+    dict(BLOCK_N=32, num_stages=3),
 ]
 
 

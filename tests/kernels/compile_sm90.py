@@ -91,11 +91,13 @@ def decode_case(heads, kv_rank, rope_dim, dtype="fp16", cache_dtype=None, **over
         consts["BLOCK_N"] //= 2
 
 
-def prefill_case(value_dim, rope_dim, dtype="fp16", cache_dtype=None):
-    """`cache_dtype` "fp8e4nv": absorbed mode over an fp8 cache (keys and values), queries in `dtype`."""
-    cfg = prefill.prefill_config(value_dim, interpret=False)
-    consts = dict(PAGED=True, HAS_NOPE=True, HAS_KV_START=True, DOT_PRECISION="tf32",
-                  BLOCK_ROPE=max(16, triton.next_power_of_2(rope_dim)), HAS_SCALE=cache_dtype is not None)  # fmt: skip
+def prefill_case(value_dim, rope_dim, nope_dim, dtype="fp16", cache_dtype=None, paged=True):
+    """Expanded mode: `nope_dim` 128 (per-head keys, resident queries); absorbed: `nope_dim` = r.
+    `cache_dtype` "fp8e4nv": absorbed mode over an fp8 cache (keys and values), queries in `dtype`."""
+    cfg = prefill.prefill_config(value_dim, interpret=False, nope_dim=nope_dim)
+    consts = dict(PAGED=paged, HAS_NOPE=True, HAS_KV_START=True, DOT_PRECISION="tf32",
+                  BLOCK_ROPE=max(16, triton.next_power_of_2(rope_dim)), HAS_SCALE=cache_dtype is not None,
+                  SINGLE_D=cfg["BLOCK_D"] >= nope_dim)  # fmt: skip
     consts.update({k: v for k, v in cfg.items() if k.startswith("BLOCK")})
     ptrs = {"block_table_ptr": "*i32", "cu_seqlens_q_ptr": "*i32", "seqlens_ptr": "*i32", "kv_start_ptr": "*i32",
             "kv_scale_ptr": "*fp32", "out_ptr": "*fp32", "lse_ptr": "*fp32"}  # fmt: skip
@@ -120,10 +122,10 @@ def main() -> None:
         "decode_h64_r512_rope64_bf16": decode_case(64, 512, 64, "bf16"),
         "decode_h32_r448_rope64_bf16_heads_on_n": decode_case(32, 448, 64, "bf16", HEADS_ON_N=True),
         "decode_h128_r896_rope128": decode_case(128, 896, 128),
-        "prefill_v128_rope128": prefill_case(128, 128),
+        "prefill_v128_rope128": prefill_case(128, 128, 128, paged=False),  # expanded (the host expands contiguous)
         "decode_h32_r448_rope64_fp8": decode_case(32, 448, 64, "bf16", "fp8e4nv"),
         "decode_h32_r896_rope128_fp8": decode_case(32, 896, 128, "bf16", "fp8e4nv"),
-        "prefill_absorbed_r512_rope64_fp8": prefill_case(512, 64, "bf16", "fp8e4nv"),
+        "prefill_absorbed_r512_rope64_fp8": prefill_case(512, 64, 512, "bf16", "fp8e4nv"),
         "cache_write_r448_rope64_fp8": cache_write_case(448, 64),
     }
     print(json.dumps(results))

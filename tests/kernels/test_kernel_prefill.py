@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from kernel_cases import assert_close_with_lse, dense_attention_fp64, random_paged_cache, rows_of
 
 from m2la.kernels import prefill_attention
@@ -138,4 +140,33 @@ def test_triton_config_override_matches_fp64(config, mode):
     case = make_case(3, *SHAPES["r96"], [17, 0, 45], [0, 30, 43], 16, torch.float32, seed=9)
     out, lse = latent_prefill_triton(*case[:7], 0.15, case[7], mode=mode, config=config)
     ref_out, ref_lse = prefill_fp64_absorbed(*case[:7], 0.15, case[7])
+    assert_close_with_lse(out, lse, ref_out, ref_lse, atol=TOL[torch.float32])
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    new_len=st.integers(1, 40),
+    cached=st.integers(0, 50),
+    start_frac=st.floats(0.0, 1.0),
+    block_m=st.sampled_from([16, 32]),
+    block_n=st.sampled_from([16, 32]),
+    mode=st.sampled_from(["absorbed", "expanded"]),
+)
+def test_key_tile_regions_match_fp64(new_len, cached, start_frac, block_m, block_n, mode):
+    """The kernel splits each query tile's keys into a masked tile holding kv_start, unmasked tiles
+    every query sees, and masked tiles at the causal diagonal; any split must give the oracle's result
+    (hidden rows hold NaN)."""
+    from m2la.kernels.latent_prefill.triton import latent_prefill_triton
+
+    total = cached + new_len
+    first = int(start_frac * total)
+    case = make_case(2, *SHAPES["r48"], [new_len, 3], [cached, 5], 16, torch.float32, seed=new_len + cached)
+    kv_start = [first, 1]
+    for seq, hidden in enumerate(kv_start):
+        for pos in range(hidden):
+            case[2][case[7][seq, pos // 16], pos % 16] = float("nan")
+    start = torch.tensor(kv_start, dtype=torch.int32)
+    config = dict(BLOCK_M=block_m, BLOCK_N=block_n)
+    out, lse = latent_prefill_triton(*case[:7], 0.15, case[7], mode=mode, kv_start=start, config=config)
+    ref_out, ref_lse = prefill_fp64_absorbed(*case[:7], 0.15, case[7], kv_start)
     assert_close_with_lse(out, lse, ref_out, ref_lse, atol=TOL[torch.float32])

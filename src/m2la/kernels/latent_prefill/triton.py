@@ -49,6 +49,71 @@ def choose_prefill_mode(num_new_tokens: int, batch: int, kv_rank: int, nope_dim:
 
 
 @triton.jit
+def _prefill_step(
+    acc, m_i, l_i, start, q_nope, q_rope, qn_rows, row_ok, query_pos, first, hi, seq, head,
+    block_table_ptr, k_nope_ptr, k_rope_ptr, v_ptr, kv_scale_ptr,
+    scale_log2, nope_dim, block_size, offs_rope, rope_ok, offs_v, value_ok,
+    stride_kn_blk, stride_kn_tok, stride_kn_h, stride_kr_blk, stride_kr_tok, stride_kr_h,
+    stride_v_blk, stride_v_tok, stride_v_h, stride_sc_blk, stride_sc_tok, stride_bt_b,
+    MASKED: tl.constexpr, PAGED: tl.constexpr, HAS_NOPE: tl.constexpr, HAS_SCALE: tl.constexpr,
+    SINGLE_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One `BLOCK_N`-key tile of the online softmax. MASKED=False: every key of the tile is visible
+    to every query row (inside `[first, hi)` and before the tile's first query), so no mask."""
+    compute_dtype = q_rope.dtype
+    offs_n = start + tl.arange(0, BLOCK_N)
+    key_ok = (offs_n < hi) & (offs_n >= first)
+    if PAGED:
+        if MASKED:
+            blk = tl.load(block_table_ptr + seq * stride_bt_b + offs_n // block_size, mask=key_ok, other=0)
+        else:
+            blk = tl.load(block_table_ptr + seq * stride_bt_b + offs_n // block_size)
+        blk = blk.to(tl.int64)
+        tok = offs_n % block_size
+    else:
+        blk = tl.zeros([BLOCK_N], tl.int64) + seq
+        tok = offs_n
+    kn_rows = k_nope_ptr + (blk * stride_kn_blk + tok * stride_kn_tok + head * stride_kn_h)[:, None]
+    kr_rows = k_rope_ptr + (blk * stride_kr_blk + tok * stride_kr_tok + head * stride_kr_h)[:, None]
+    v_rows = v_ptr + (blk * stride_v_blk + tok * stride_v_tok + head * stride_v_h)[:, None]
+
+    k_rope = tl.load(kr_rows + offs_rope[None, :], mask=key_ok[:, None] & rope_ok[None, :], other=0.0)
+    scores = tl.dot(q_rope, tl.trans(k_rope.to(compute_dtype)), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+    if HAS_NOPE:  # compiled out when n = 0: a zero-trip pipelined loop still loaded on sm_90
+        if SINGLE_D:  # q_nope resident in registers; one key tile of width BLOCK_D >= n
+            offs_d = tl.arange(0, BLOCK_D)
+            k_nope = tl.load(kn_rows + offs_d[None, :], mask=key_ok[:, None] & (offs_d[None, :] < nope_dim), other=0.0)
+            scores += tl.dot(q_nope, tl.trans(k_nope.to(compute_dtype)), input_precision=DOT_PRECISION)
+        else:  # wide absorbed queries (n = r): BLOCK_D-wide chunks, re-read from L2
+            for d0 in range(0, nope_dim, BLOCK_D):
+                offs_d = d0 + tl.arange(0, BLOCK_D)
+                d_ok = offs_d < nope_dim
+                q_chunk = tl.load(qn_rows + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                k_chunk = tl.load(kn_rows + offs_d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+                scores += tl.dot(q_chunk, tl.trans(k_chunk.to(compute_dtype)), input_precision=DOT_PRECISION)
+    if HAS_SCALE:
+        key_scale = tl.load(kv_scale_ptr + blk * stride_sc_blk + tok * stride_sc_tok, mask=key_ok, other=0.0)
+        scores = scores * key_scale[None, :]
+    if MASKED:
+        visible = key_ok[None, :] & (offs_n[None, :] <= query_pos[:, None])
+        scores = tl.where(visible, scores * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet: avoid -inf - -inf
+    else:
+        scores = scores * scale_log2
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_safe = m_new
+    probs = tl.exp2(scores - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(probs, axis=1)
+    values = tl.load(v_rows + offs_v[None, :], mask=key_ok[:, None] & value_ok[None, :], other=0.0)
+    if HAS_SCALE:
+        probs = probs * key_scale[None, :]  # value weights; l_i keeps the unscaled sum
+    acc = acc * alpha[:, None] + tl.dot(probs.to(compute_dtype), values.to(compute_dtype), input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _prefill_kernel(
     q_nope_ptr, q_rope_ptr, k_nope_ptr, k_rope_ptr, v_ptr, block_table_ptr, cu_seqlens_q_ptr, seqlens_ptr,
     kv_start_ptr, kv_scale_ptr, out_ptr, lse_ptr,
@@ -62,10 +127,10 @@ def _prefill_kernel(
     stride_bt_b, stride_o_t, stride_o_h, stride_l_t,
     PAGED: tl.constexpr, HAS_NOPE: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_ROPE: tl.constexpr, BLOCK_V: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_ROPE: tl.constexpr, BLOCK_V: tl.constexpr, DOT_PRECISION: tl.constexpr, SINGLE_D: tl.constexpr,
 ):  # fmt: skip
     # HAS_SCALE: fp8 keys/values (absorbed mode), widened to the query dtype; per-token scales.
-    compute_dtype = q_rope_ptr.dtype.element_ty
+    # SINGLE_D (HAS_NOPE and BLOCK_D >= n): the nope query stays in registers for the whole key loop.
     m_tile = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2) // num_value_tiles
@@ -82,6 +147,11 @@ def _prefill_kernel(
     query_pos = seqlen - num_new + offs_m  # absolute position of each query in its sequence
     # Keys up to the tile's last query; tiles past this sequence's chunk run no iterations.
     hi = tl.where(m_tile * BLOCK_M < num_new, tl.minimum(seqlen, seqlen - num_new + (m_tile + 1) * BLOCK_M), 0)
+    # Key tiles: [lo, lo_full) holds `first` (masked), [lo_full, diag) is visible to every row of the
+    # tile (unmasked), [diag, hi) reaches the causal diagonal or `hi` (masked).
+    lo = (first // BLOCK_N) * BLOCK_N
+    lo_full = tl.cdiv(first, BLOCK_N) * BLOCK_N
+    diag = tl.maximum(lo_full, (tl.minimum(hi, seqlen - num_new + m_tile * BLOCK_M) // BLOCK_N) * BLOCK_N)
 
     offs_rope = tl.arange(0, BLOCK_ROPE)
     rope_ok = offs_rope < rope_dim
@@ -94,49 +164,41 @@ def _prefill_kernel(
         mask=row_ok[:, None] & rope_ok[None, :],
         other=0.0,
     )  # [BLOCK_M, BLOCK_ROPE]
+    q_nope = q_rope  # placeholder when the nope query is not resident (never read then)
+    if SINGLE_D:
+        offs_d = tl.arange(0, BLOCK_D)
+        q_nope = tl.load(qn_rows + offs_d[None, :], mask=row_ok[:, None] & (offs_d[None, :] < nope_dim), other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
-    for start in range((first // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        key_ok = (offs_n < hi) & (offs_n >= first)
-        if PAGED:
-            blk = tl.load(block_table_ptr + seq * stride_bt_b + offs_n // block_size, mask=key_ok, other=0)
-            blk = blk.to(tl.int64)
-            tok = offs_n % block_size
-        else:
-            blk = tl.zeros([BLOCK_N], tl.int64) + seq
-            tok = offs_n
-        kn_rows = k_nope_ptr + (blk * stride_kn_blk + tok * stride_kn_tok + head * stride_kn_h)[:, None]
-        kr_rows = k_rope_ptr + (blk * stride_kr_blk + tok * stride_kr_tok + head * stride_kr_h)[:, None]
-        v_rows = v_ptr + (blk * stride_v_blk + tok * stride_v_tok + head * stride_v_h)[:, None]
-
-        k_rope = tl.load(kr_rows + offs_rope[None, :], mask=key_ok[:, None] & rope_ok[None, :], other=0.0)
-        scores = tl.dot(q_rope, tl.trans(k_rope.to(compute_dtype)), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-        if HAS_NOPE:  # compiled out when n = 0: a zero-trip pipelined loop still loaded on sm_90
-            for d0 in range(0, nope_dim, BLOCK_D):
-                offs_d = d0 + tl.arange(0, BLOCK_D)
-                d_ok = offs_d < nope_dim
-                q_chunk = tl.load(qn_rows + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                k_chunk = tl.load(kn_rows + offs_d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-                scores += tl.dot(q_chunk, tl.trans(k_chunk.to(compute_dtype)), input_precision=DOT_PRECISION)
-        if HAS_SCALE:
-            key_scale = tl.load(kv_scale_ptr + blk * stride_sc_blk + tok * stride_sc_tok, mask=key_ok, other=0.0)
-            scores = scores * key_scale[None, :]
-        visible = key_ok[None, :] & (offs_n[None, :] <= query_pos[:, None])
-        scores = tl.where(visible, scores * scale_log2, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        probs = tl.exp2(scores - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(probs, axis=1)
-        values = tl.load(v_rows + offs_v[None, :], mask=key_ok[:, None] & value_ok[None, :], other=0.0)
-        if HAS_SCALE:
-            probs = probs * key_scale[None, :]  # value weights; l_i keeps the unscaled sum
-        acc = acc * alpha[:, None] + tl.dot(probs.to(compute_dtype), values.to(compute_dtype), input_precision=DOT_PRECISION)
-        m_i = m_new
+    for start in range(lo, tl.minimum(lo_full, hi), BLOCK_N):
+        acc, m_i, l_i = _prefill_step(
+            acc, m_i, l_i, start, q_nope, q_rope, qn_rows, row_ok, query_pos, first, hi, seq, head,
+            block_table_ptr, k_nope_ptr, k_rope_ptr, v_ptr, kv_scale_ptr,
+            scale_log2, nope_dim, block_size, offs_rope, rope_ok, offs_v, value_ok,
+            stride_kn_blk, stride_kn_tok, stride_kn_h, stride_kr_blk, stride_kr_tok, stride_kr_h,
+            stride_v_blk, stride_v_tok, stride_v_h, stride_sc_blk, stride_sc_tok, stride_bt_b,
+            True, PAGED, HAS_NOPE, HAS_SCALE, SINGLE_D, BLOCK_N, BLOCK_D, DOT_PRECISION,
+        )  # fmt: skip
+    for start in range(lo_full, diag, BLOCK_N):
+        acc, m_i, l_i = _prefill_step(
+            acc, m_i, l_i, start, q_nope, q_rope, qn_rows, row_ok, query_pos, first, hi, seq, head,
+            block_table_ptr, k_nope_ptr, k_rope_ptr, v_ptr, kv_scale_ptr,
+            scale_log2, nope_dim, block_size, offs_rope, rope_ok, offs_v, value_ok,
+            stride_kn_blk, stride_kn_tok, stride_kn_h, stride_kr_blk, stride_kr_tok, stride_kr_h,
+            stride_v_blk, stride_v_tok, stride_v_h, stride_sc_blk, stride_sc_tok, stride_bt_b,
+            False, PAGED, HAS_NOPE, HAS_SCALE, SINGLE_D, BLOCK_N, BLOCK_D, DOT_PRECISION,
+        )  # fmt: skip
+    for start in range(diag, hi, BLOCK_N):
+        acc, m_i, l_i = _prefill_step(
+            acc, m_i, l_i, start, q_nope, q_rope, qn_rows, row_ok, query_pos, first, hi, seq, head,
+            block_table_ptr, k_nope_ptr, k_rope_ptr, v_ptr, kv_scale_ptr,
+            scale_log2, nope_dim, block_size, offs_rope, rope_ok, offs_v, value_ok,
+            stride_kn_blk, stride_kn_tok, stride_kn_h, stride_kr_blk, stride_kr_tok, stride_kr_h,
+            stride_v_blk, stride_v_tok, stride_v_h, stride_sc_blk, stride_sc_tok, stride_bt_b,
+            True, PAGED, HAS_NOPE, HAS_SCALE, SINGLE_D, BLOCK_N, BLOCK_D, DOT_PRECISION,
+        )  # fmt: skip
 
     nonempty = l_i > 0.0
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
@@ -147,12 +209,18 @@ def _prefill_kernel(
         tl.store(lse_ptr + tokens * stride_l_t + head, lse, mask=row_ok)
 
 
-def prefill_config(value_dim: int, interpret: bool) -> dict:
+def prefill_config(value_dim: int, interpret: bool, nope_dim: int = 0) -> dict:
+    """Tiles for `_prefill_kernel`. Query widths up to 256 (expanded mode: n = 128) stay resident
+    (BLOCK_D = n) with 128-query tiles over 8 warps, the usual flash-attention shape on sm_90; wide
+    absorbed queries (n = r) are chunked by 64 with 64-query tiles."""
+    pow2 = triton.next_power_of_2
+    block_v = max(16, min(128, pow2(value_dim)))
     if interpret:
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=32, BLOCK_V=max(16, min(64, triton.next_power_of_2(value_dim))),
-                    num_warps=4, num_stages=1)  # fmt: skip
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, BLOCK_V=max(16, min(128, triton.next_power_of_2(value_dim))),
-                num_warps=4, num_stages=2)  # fmt: skip
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=32, BLOCK_V=min(64, block_v), num_warps=4, num_stages=1)
+    if nope_dim <= 256:
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=max(16, pow2(nope_dim)), BLOCK_V=block_v, num_warps=8,
+                    num_stages=2)  # fmt: skip
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, BLOCK_V=block_v, num_warps=4, num_stages=2)
 
 
 def _launch(q_nope, q_rope, k_nope, k_rope, v, block_table, cu_seqlens_q, cache_seqlens, kv_start, out, lse,
@@ -161,7 +229,7 @@ def _launch(q_nope, q_rope, k_nope, k_rope, v, block_table, cu_seqlens_q, cache_
     `kv_scale [blocks|b, tokens]` (fp8 keys/values only)."""
     num_heads = q_nope.shape[1]
     nope_dim, rope_dim, value_dim = q_nope.shape[2], q_rope.shape[2], out.shape[2]
-    cfg = {**prefill_config(value_dim, triton_interpreter_enabled()), **(config or {})}
+    cfg = {**prefill_config(value_dim, triton_interpreter_enabled(), nope_dim), **(config or {})}
     value_tiles = triton.cdiv(value_dim, cfg["BLOCK_V"])
     paged = block_table is not None
     table = block_table if paged else cache_seqlens
@@ -183,6 +251,7 @@ def _launch(q_nope, q_rope, k_nope, k_rope, v, block_table, cu_seqlens_q, cache_
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
         BLOCK_ROPE=max(16, triton.next_power_of_2(rope_dim)), BLOCK_V=cfg["BLOCK_V"],
         DOT_PRECISION="ieee" if q_rope.dtype == torch.float32 else "tf32",
+        SINGLE_D=nope_dim > 0 and cfg["BLOCK_D"] >= nope_dim,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
 
