@@ -159,6 +159,44 @@ def decode_rows(device, dtype, batches, contexts, bandwidth, repeats, configs=No
     return rows
 
 
+def vllm_rows(device, dtype, batches, contexts, bandwidth, repeats):
+    """vLLM's Triton MLA decode (benchmarks/vllm_triton_mla.py) on the same paged caches and queries
+    as `decode_rows`, plus its max difference from ours; nothing when the kernel was not extracted."""
+    import vllm_triton_mla
+
+    module = vllm_triton_mla.load()
+    if module is None or not contexts:
+        return [], []
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    rows, checks = [], []
+    for name, (kv_rank, rope_dim) in LAYOUTS.items():
+        width = kv_rank + rope_dim
+        num_blocks = max(batches) * math.ceil(max(contexts) / BLOCK_SIZE)
+        num_blocks = min(num_blocks, int(0.45 * _free_bytes(device) / (BLOCK_SIZE * width * dtype.itemsize)))
+        cache = torch.empty(num_blocks, BLOCK_SIZE, width, device=device, dtype=dtype).uniform_(-1, 1)
+        scale = (NOPE_DIM + rope_dim) ** -0.5
+        check_batch, check_context = min(3, max(batches)), min(1000, max(contexts))
+        q, table, lens = paged_inputs(check_batch, check_context, kv_rank, rope_dim, dtype, device, cache)
+        theirs, _ = vllm_triton_mla.decode(module, q, cache, table, lens, scale, kv_rank, check_context, sms)
+        ours, _ = decode_attention(q, cache, lens, scale, kv_rank, table)
+        checks.append(f"| vLLM Triton MLA vs m2la, {name} | {(theirs.float() - ours.float()).abs().max().item():.2e} | - |")
+        for context in contexts:
+            for batch in batches:
+                label = f"vLLM Triton MLA, {name}"
+                if batch * math.ceil(context / BLOCK_SIZE) > num_blocks or _out_of_time():
+                    rows.append((label, batch, context, None, None, None, None, None))
+                    continue
+                q, table, lens = paged_inputs(batch, context, kv_rank, rope_dim, dtype, device, cache)
+
+                def run(q=q, table=table, lens=lens, scale=scale, kv_rank=kv_rank, cache=cache, context=context):
+                    return vllm_triton_mla.decode(module, q, cache, table, lens, scale, kv_rank, context, sms)
+
+                nbytes = batch * context * width * dtype.itemsize + 2 * q.numel() * dtype.itemsize
+                rows.append((label, batch, context, *_measure(run, device, repeats, nbytes, bandwidth)))
+        del cache
+    return rows, checks
+
+
 def torch_absorbed_rows(device, dtype, batches, contexts, bandwidth, repeats):
     """Plain-torch absorbed decode over a contiguous latent cache `[b, s, r+2p]` (two batched GEMMs
     and a softmax, what a torch-only MLA decode does): the same bytes as our kernel, no paging."""
@@ -513,7 +551,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, any device: checks the script")
     parser.add_argument("--seconds", type=float, default=270, help="time box; later cases are reported n/a")
     parser.add_argument("--sweep-seconds", type=float, default=70, help="time box of the decode tile sweep")
-    parser.add_argument("--sections", default="sweep,decode,fp8,prefill,prefill_sweep", help="comma-separated subset to run")
+    parser.add_argument("--sections", default="sweep,decode,fp8,vllm,prefill,prefill_sweep", help="comma-separated subset to run")
     parser.add_argument("--contexts", type=int, nargs="+", default=None, help="decode contexts (default 4K..128K)")
     parser.add_argument("--warm-workers", type=int, default=12, help="processes compiling the sweep first (0: off)")
     parser.add_argument("--warm-only", action="store_true", help="only compile the sweep cases (fills triton's cache)")
@@ -574,6 +612,12 @@ def main() -> None:
         decode = decode_rows(device, dtype, batches, contexts, bandwidth, repeats, winners)
         if "fp8" in wanted:  # same shapes, e4m3 cache (default tiles), right after the bf16 rows
             decode += decode_rows(device, dtype, batches, contexts, bandwidth, repeats, None, fp8=True)
+        if "vllm" in wanted:  # vLLM's Triton MLA decode on the same caches, when extracted
+            vllm_decode, vllm_checks = vllm_rows(device, dtype, batches, contexts, bandwidth, repeats)
+            decode += vllm_decode
+            if vllm_checks:
+                lines += ["### vLLM's Triton MLA decode (benchmarks/vllm_triton_mla.py) against ours, same inputs", "",
+                          "| case | max abs diff | |", "|---|---|---|", *vllm_checks, ""]  # fmt: skip
         try:
             import flash_attn  # noqa: F401
 

@@ -1,0 +1,93 @@
+"""vLLM's Triton MLA decode as a side-by-side baseline for `gpu_kernels.py` (not part of m2la).
+
+vLLM's `TritonMLAImpl.forward_mqa` decodes over the paged `[kv_c | k_pe]` cache with the pure-Triton
+kernel in `vllm/v1/attention/ops/triton_decode_attention.py` (Apache-2.0). The GPU machine cannot
+install vLLM (no network, and the wheel is 336 MB), so `extract` copies that one file out of a
+locally downloaded wheel into `benchmarks/_third_party/` (git-ignored, never committed; pass it to
+the device with `carry`), replacing its two vLLM imports (the ROCm probe and vLLM's triton
+re-export) with plain triton. `decode` calls it the way `forward_mqa` does.
+
+    pip download --no-deps vllm==0.33.0 -d /tmp/wheels
+    python benchmarks/vllm_triton_mla.py /tmp/wheels/vllm-0.33.0-*.whl
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import pathlib
+import sys
+import zipfile
+
+import torch
+
+SOURCE = "vllm/v1/attention/ops/triton_decode_attention.py"
+DEST = pathlib.Path(__file__).with_name("_third_party") / "vllm_triton_decode_attention.py"
+IMPORTS = {
+    "from vllm.platforms import current_platform\n": "",
+    "from vllm.triton_utils import tl, triton\n": "import triton\nimport triton.language as tl\n",
+    "current_platform.is_rocm()": "False  # m2la benchmark copy: NVIDIA only",
+}
+
+
+def extract(wheel: str | pathlib.Path) -> pathlib.Path:
+    """Write the kernel file from a vLLM wheel to `DEST` (imports rewritten); returns the path."""
+    with zipfile.ZipFile(wheel) as archive:
+        source = archive.read(SOURCE).decode()
+        metadata = next((n for n in archive.namelist() if n.endswith(".dist-info/METADATA")), "vllm-?.dist-info")
+        version = metadata.split("/")[0].removesuffix(".dist-info").split("-")[-1]
+    for old, new in IMPORTS.items():
+        if old not in source:
+            raise ValueError(f"{wheel}: {SOURCE} no longer contains {old.strip()!r}; update IMPORTS")
+        source = source.replace(old, new)
+    header = f"# Copied from vLLM {version} ({SOURCE}, Apache-2.0) by benchmarks/vllm_triton_mla.py; not m2la code.\n"
+    DEST.parent.mkdir(exist_ok=True)
+    tmp = DEST.with_suffix(".tmp")
+    tmp.write_text(header + source)
+    tmp.replace(DEST)
+    return DEST
+
+
+def load():
+    """The extracted module, or None when `extract` has not been run here."""
+    if not DEST.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("vllm_triton_decode_attention", DEST)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def num_kv_splits(max_seq_len: int, sm_count: int) -> int:
+    """vLLM's split rule (TritonMLAImpl): next power of 2 of seq_len / 512, capped at 2 x SMs."""
+    ideal = 1 << max(0, (max(1, max_seq_len // 512) - 1).bit_length())
+    return min(ideal, 2 * sm_count)
+
+
+def decode(module, q, kv_cache, block_table, seqlens, softmax_scale, kv_rank, max_seq_len, sm_count):
+    """`q [b, h, r + 2p]` over the paged `kv_cache [blocks, page, r + 2p]` -> (`out [b, h, r]`, `lse [b, h]`).
+
+    As `forward_mqa`: the cache gains a head dim of 1, V is its first `kv_rank` columns, and the
+    split-KV scratch holds r + 1 floats per split (the partial output and its LSE).
+    """
+    batch, heads, _ = q.shape
+    splits = num_kv_splits(max_seq_len, sm_count)
+    out = torch.zeros(batch, heads, kv_rank, dtype=q.dtype, device=q.device)
+    lse = torch.zeros(batch, heads, dtype=q.dtype, device=q.device)
+    logits = torch.empty(batch, heads, splits, kv_rank + 1, dtype=torch.float32, device=q.device)
+    cache = kv_cache.unsqueeze(2)  # [blocks, page, 1, r + 2p]
+    module.decode_attention_fwd(
+        q, cache, cache[..., :kv_rank], out, lse, block_table, seqlens, logits, splits, softmax_scale,
+        kv_cache.shape[1], is_mla=True,
+    )  # fmt: skip
+    return out, lse
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="extract vLLM's Triton MLA decode kernel from a wheel")
+    parser.add_argument("wheel")
+    print(extract(parser.parse_args().wheel), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""`benchmarks/gpu_kernels.py` runs its correctness check and decode sections end to end on CPU
+(interpreter, tiny shapes), so a lent GPU's few minutes are never lost to a broken script."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+SCRIPT = pathlib.Path(__file__).parents[1] / "benchmarks" / "gpu_kernels.py"
+
+
+def test_gpu_benchmark_smoke(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OUT": str(tmp_path)}
+    args = ["--smoke", "--sections", "decode,fp8", "--contexts", "64", "--warm-workers", "0"]
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (tmp_path / "kernels.md").read_text()
+    assert "FAILED" not in report
+    assert "| decode latent 60+16 (smoke) |" in report  # correctness against the fp32 reference
+    assert "| latent 60+16 (smoke) fp8 e4m3 | 2 | 64 |" in report
+    assert "Measured device copy bandwidth" in report
