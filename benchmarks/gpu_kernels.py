@@ -227,13 +227,16 @@ def torch_absorbed_rows(device, dtype, batches, contexts, bandwidth, repeats):
 # "splits": an explicit split count, "legacy" (the earlier rule: ~2 programs per SM, capped at 64
 # and at capacity / (4 BLOCK_N)) or "x2" (twice the wave model's choice); "contiguous": the same
 # rows in an unpaged `[b, s, r+d_r]` cache (the cost of paging); "pages": "sorted" (block table in
-# allocation order instead of a random permutation); "page_size" (tokens per page, default 64).
+# allocation order instead of a random permutation); "page_size" (tokens per page, default 64);
+# "fp8": an e4m3 cache with per-token scales (bytes: 1 per element + 4 per token).
 # "R" = next_power_of_2(kv_rank).
 SWEEP = [
     {},
     dict(pages="sorted"),
     dict(page_size=256),
     dict(contiguous=True),
+    dict(fp8=True),
+    dict(fp8=True, HEADS_ON_N=True, num_warps=4),
     dict(HEADS_ON_N=True, num_warps=4),
     dict(HEADS_ON_N=True, num_warps=8),
     dict(HEADS_ON_N=False, num_warps=8),
@@ -266,6 +269,7 @@ def sweep_case(device, dtype, batch, context, kv_rank, rope_dim, config):
     contiguous = config.pop("contiguous", False)
     sorted_pages = config.pop("pages", "random") == "sorted"
     page_size = config.pop("page_size", BLOCK_SIZE)
+    fp8 = config.pop("fp8", False)
     width = kv_rank + rope_dim
     torch.manual_seed(1234)  # the same cache, table and queries for every paged config
     if contiguous:
@@ -285,12 +289,16 @@ def sweep_case(device, dtype, batch, context, kv_rank, rope_dim, config):
     elif splits == "x2":
         splits = 2 * decode_plan(q, cache, kv_rank, table, 0, config)[1]
     scale = (NOPE_DIM + rope_dim) ** -0.5
+    kv_scale, row_bytes = None, width * dtype.itemsize
+    if fp8:  # uniform(-1, 1) rows: amax ~1 -> scale 1 / 448
+        cache = cache.to(torch.float8_e4m3fn)
+        kv_scale, row_bytes = torch.full(cache.shape[:2], 1 / 448, device=device), width + 4
     args = (q, cache, lens, scale, kv_rank, table)
 
     def run():
-        return latent_decode_triton(*args, num_splits=splits, config=config or None)
+        return latent_decode_triton(*args, num_splits=splits, config=config or None, kv_scale=kv_scale)
 
-    return run, batch * context * width * dtype.itemsize
+    return run, batch * context * row_bytes
 
 
 def sweep_rows(device, dtype, shapes, bandwidth, repeats, seconds):
@@ -312,7 +320,7 @@ def sweep_rows(device, dtype, shapes, bandwidth, repeats, seconds):
                     if ref is None:
                         ref = out.float()
                     # other cache layouts read other rows: no error to compare
-                    other = any(k in config for k in ("contiguous", "pages", "page_size"))
+                    other = any(k in config for k in ("contiguous", "pages", "page_size", "fp8"))
                     err = "n/a (other data)" if other else f"{(out.float() - ref).abs().max().item():.1e}"
                     ms = timed_ms(run, device, repeats)
                     rows.append((name, label, err, ms, 100 * nbytes / ms / 1e6 / bandwidth))

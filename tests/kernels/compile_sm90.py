@@ -125,6 +125,10 @@ def main() -> None:
         "prefill_v128_rope128": prefill_case(128, 128, 128, paged=False),  # expanded (the host expands contiguous)
         "decode_h32_r448_rope64_fp8": decode_case(32, 448, 64, "bf16", "fp8e4nv"),
         "decode_h32_r896_rope128_fp8": decode_case(32, 896, 128, "bf16", "fp8e4nv"),
+        # fp8 halves the tile: heads on N fits at BLOCK_N 64 (bf16 needs 32) and runs on wgmma alone
+        "decode_h32_r896_rope128_fp8_heads_on_n": decode_case(
+            32, 896, 128, "bf16", "fp8e4nv", HEADS_ON_N=True, num_warps=4
+        ),
         "prefill_absorbed_r512_rope64_fp8": prefill_case(512, 64, 512, "bf16", "fp8e4nv"),
         "cache_write_r448_rope64_fp8": cache_write_case(448, 64),
     }

@@ -41,6 +41,7 @@ WGMMA_CASES = [
     "decode_h32_r448_rope64_bf16_heads_on_n",  # heads on the MMA N dimension: 64-token M tiles
     "prefill_v128_rope128",
     "decode_h32_r448_rope64_fp8",
+    "decode_h32_r896_rope128_fp8_heads_on_n",
     "prefill_absorbed_r512_rope64_fp8",
 ]
 ALL_CASES = ["decode_h32_r896_rope128", "decode_h32_r448_rope64_bf16", "decode_h32_r896_rope128_fp8", *WGMMA_CASES]
@@ -63,6 +64,10 @@ def test_sm90_cache_loads_are_pipelined(compiled, case):
     """Cache tiles stream through cp.async into shared memory (software pipelining), not through
     scalar or register loads; with 16-divisible strides, as the launcher's JIT specialises them."""
     assert compiled[case]["cp_async"] > 0, f"{case}: no cp.async in PTX ({compiled[case]})"
+
+
+def test_sm90_fp8_heads_on_n_at_r896_keeps_64_token_tiles(compiled):
+    assert compiled["decode_h32_r896_rope128_fp8_heads_on_n"]["BLOCK_N"] == 64
 
 
 def test_sm90_fp8_cache_write_compiles_without_spills(compiled):
