@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from m2la.kernels import decode_attention, prefill_attention, write_latent_cache
+from m2la.quantization import quantize_rows
 
 BLOCK_SIZE = 64
 
@@ -23,13 +24,17 @@ def paged_cache(batch, context, width, seed=0):
     return cache, table
 
 
+@pytest.mark.parametrize("fp8", [False, True], ids=["fp32-cache", "fp8-cache"])
 @pytest.mark.parametrize("kv_rank,rope_dim", [(448, 64), (896, 128)])
 @pytest.mark.parametrize("batch,context", [(1, 1024), (4, 2048)])
-def test_bench_decode_reference(benchmark, batch, context, kv_rank, rope_dim):
+def test_bench_decode_reference(benchmark, batch, context, kv_rank, rope_dim, fp8):
     cache, table = paged_cache(batch, context, kv_rank + rope_dim)
+    kv_scale = None
+    if fp8:
+        cache, kv_scale = quantize_rows(cache, torch.float8_e4m3fn)
     q = torch.randn(batch, 32, kv_rank + rope_dim)
     lens = torch.full((batch,), context, dtype=torch.int32)
-    out, _ = benchmark(decode_attention, q, cache, lens, 0.06, kv_rank, table, backend="reference")
+    out, _ = benchmark(decode_attention, q, cache, lens, 0.06, kv_rank, table, kv_scale=kv_scale, backend="reference")
     assert out.shape == (batch, 32, kv_rank)
 
 
