@@ -135,3 +135,29 @@ def test_torch_compile_prefill_reference():
         return prefill_attention(*a, backend="reference")
 
     torch.testing.assert_close(torch.compile(run, backend="aot_eager")(*args), run(*args))
+
+
+def test_torch_compile_over_fp8_cache_ops():
+    """The fp8 write (mutating cache and scales) and decode compile fullgraph like the others."""
+    from m2la.quantization import quantize_rows
+
+    q, cache, lens, table = decode_inputs()
+    cache8, scale = quantize_rows(cache.nan_to_num(0.0), torch.float8_e4m3fn)
+
+    def step(q, cache8, scale, latent, k_rope, cos, sin, slots):
+        write_latent_cache(cache8, latent, k_rope, cos, sin, slots, kv_scale=scale, backend="reference")
+        out, lse = decode_attention(q, cache8, lens + 1, 0.2, 32, table, kv_scale=scale, backend="reference")
+        return out * 2, lse
+
+    gen = torch.Generator().manual_seed(3)
+    latent, k_rope = torch.randn(3, 32, generator=gen), torch.randn(3, 16, generator=gen)
+    cos, sin = torch.rand(3, 8, generator=gen), torch.rand(3, 8, generator=gen)
+    slots = torch.tensor([int(table[0, 0]) * 8 + 5, int(table[1, 0]) * 8, int(table[2, 2]) * 8 + 3])
+    eager_cache, eager_scale = cache8.clone(), scale.clone()
+    expected = step(q, eager_cache, eager_scale, latent, k_rope, cos, sin, slots)
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    got = compiled(q, cache8, scale, latent, k_rope, cos, sin, slots)
+    torch.testing.assert_close(got, expected)
+    assert torch.equal(cache8.view(torch.uint8), eager_cache.view(torch.uint8))
+    torch.testing.assert_close(scale, eager_scale)
+    assert not torch.equal(scale, quantize_rows(cache.nan_to_num(0.0), torch.float8_e4m3fn)[1])  # the write landed
