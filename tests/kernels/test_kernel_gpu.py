@@ -219,8 +219,16 @@ def fp8_paged_case(seqlens, width, fp8_dtype, seed):
     return quantized.cuda(), scale.cuda(), table.cuda()
 
 
-@pytest.mark.parametrize("fp8_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
-@pytest.mark.parametrize("config", [None, dict(HEADS_ON_N=False), dict(PAGE_TILE=False)], ids=["default", "heads-on-m", "row-gather"])
+@pytest.mark.parametrize(
+    "fp8_dtype,config",
+    [
+        (torch.float8_e4m3fn, None),
+        (torch.float8_e4m3fn, dict(HEADS_ON_N=True, num_warps=4)),  # at 896: fits 64-token tiles in fp8
+        (torch.float8_e4m3fn, dict(PAGE_TILE=False)),
+        (torch.float8_e5m2, None),
+    ],
+    ids=["e4m3-default", "e4m3-heads-on-n", "e4m3-row-gather", "e5m2-default"],
+)
 @pytest.mark.parametrize("kv_rank,rope_dim", [(448, 64), (896, 128)])
 def test_decode_fp8_cache_gpu(kv_rank, rope_dim, config, fp8_dtype):
     """bf16 queries over an fp8 cache: against the fp32 reference over the same dequantized rows,
