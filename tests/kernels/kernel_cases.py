@@ -36,6 +36,22 @@ def random_paged_cache(
     return cache.to(dtype), table
 
 
+def random_quantized_paged_cache(
+    seqlens: list[int], width: int, block_size: int, fp8_dtype: torch.dtype, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`random_paged_cache` quantized to fp8 with per-token scales -> (fp8 cache, `kv_scale
+    [blocks, block_size]`, block table, the fp32 cache). Unused slots hold NaN in the cache and scale."""
+    from m2la.quantization import quantize_rows
+
+    cache, table = random_paged_cache(seqlens, width, block_size, torch.float32, seed=seed)
+    unused = torch.isnan(cache).any(-1)  # [blocks, block_size]
+    quantized, scale = quantize_rows(cache.nan_to_num(0.0), fp8_dtype)
+    nan_bits = torch.tensor([NAN]).to(fp8_dtype).view(torch.uint8)
+    quantized.view(torch.uint8)[unused] = nan_bits  # fp8 has no masked_fill on CPU
+    scale[unused] = NAN
+    return quantized, scale, table, cache
+
+
 def random_contiguous_cache(
     seqlens: list[int], width: int, s_max: int, dtype: torch.dtype, kv_start: list[int] | None = None, seed: int = 0
 ) -> torch.Tensor:

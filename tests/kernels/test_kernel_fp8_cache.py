@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from kernel_cases import assert_close_with_lse, random_paged_cache
+from kernel_cases import assert_close_with_lse, random_quantized_paged_cache
 from test_kernel_decode import decode_fp64
 from test_kernel_prefill import SHAPES, prefill_fp64_absorbed
 from test_kernel_prefill import make_case as make_prefill_case
@@ -19,16 +19,6 @@ from m2la.quantization import quantize_rows
 FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
 FP8_IDS = ["e4m3", "e5m2"]
 NAN = float("nan")
-
-
-def quantized_paged_cache(seqlens, width, block_size, fp8_dtype, seed=0):
-    """fp8 cache + scales from `random_paged_cache`; NaN scales in every unused slot."""
-    cache, table = random_paged_cache(seqlens, width, block_size, torch.float32, seed=seed)
-    unused = torch.isnan(cache).any(-1)  # [blocks, block_size]
-    quantized, scale = quantize_rows(cache.nan_to_num(0.0), fp8_dtype)
-    quantized.view(torch.uint8)[unused] = torch.tensor([NAN]).to(fp8_dtype).view(torch.uint8)  # fp8 has no masked_fill
-    scale[unused] = NAN
-    return quantized, scale, table, cache
 
 
 def dequantized(cache, scale):
@@ -93,7 +83,7 @@ def test_write_error_is_half_an_fp8_step_of_the_row_max(fp8_dtype, bound):
 @pytest.mark.parametrize("fp8_dtype", FP8, ids=FP8_IDS)
 def test_decode_reference_matches_fp64_over_dequantized_rows(fp8_dtype):
     seqlens = [0, 1, 63, 37]
-    cache, scale, table, _ = quantized_paged_cache(seqlens, 64, 16, fp8_dtype)
+    cache, scale, table, _ = random_quantized_paged_cache(seqlens, 64, 16, fp8_dtype)
     q = torch.randn(4, 3, 64, generator=torch.Generator().manual_seed(1))
     out, lse = decode_attention(q, cache, torch.tensor(seqlens, dtype=torch.int32), 0.2, 48, table,
                                 kv_scale=scale, backend="reference")  # fmt: skip
@@ -121,7 +111,7 @@ def test_decode_triton_matches_reference(heads, config, q_dtype, fp8_dtype):
     from m2la.kernels.latent_decode.triton import latent_decode_triton
 
     seqlens, kv_start = [0, 1, 63, 113], [0, 0, 17, 50]
-    cache, scale, table, _ = quantized_paged_cache(seqlens, 60 + 16, 16, fp8_dtype, seed=heads)
+    cache, scale, table, _ = random_quantized_paged_cache(seqlens, 60 + 16, 16, fp8_dtype, seed=heads)
     q = torch.randn(4, heads, 76, generator=torch.Generator().manual_seed(heads)).to(q_dtype)
     lens, start = torch.tensor(seqlens, dtype=torch.int32), torch.tensor(kv_start, dtype=torch.int32)
     out, lse = latent_decode_triton(q, cache, lens, 0.2, 60, table, start, num_splits=3, config=config, kv_scale=scale)
@@ -206,11 +196,12 @@ def test_prefill_reference_matches_fp64_over_dequantized_rows(fp8_dtype):
     assert_close_with_lse(out, lse, ref_out.float(), ref_lse.float(), atol=1e-5)
 
 
+@pytest.mark.parametrize("fp8_dtype", FP8, ids=FP8_IDS)
 @pytest.mark.parametrize("q_dtype", [torch.float32, torch.float16], ids=["q-fp32", "q-fp16"])
 @pytest.mark.parametrize("mode", ["absorbed", "expanded"])
 @pytest.mark.parametrize("heads,shape", [(1, "r48"), (3, "r96"), (3, "lossless-n0")])
-def test_prefill_triton_matches_reference(heads, shape, mode, q_dtype):
-    case, scale = quantized_prefill_case(heads, shape, q_dtype, torch.float8_e4m3fn, seed=heads)
+def test_prefill_triton_matches_reference(heads, shape, mode, q_dtype, fp8_dtype):
+    case, scale = quantized_prefill_case(heads, shape, q_dtype, fp8_dtype, seed=heads)
     kv_start = torch.tensor([0, 4, 9], dtype=torch.int32)
     out, lse = prefill_attention(*case[:7], 0.15, case[7], kv_start, kv_scale=scale, mode=mode, backend="triton")
     ref_out, ref_lse = prefill_attention(*case[:7], 0.15, case[7], kv_start, kv_scale=scale, backend="reference")

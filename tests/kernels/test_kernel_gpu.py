@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_cases import random_paged_cache
+from kernel_cases import random_paged_cache, random_quantized_paged_cache
 
 from m2la.backends import triton_interpreter_enabled
 from m2la.kernels import decode_attention, prefill_attention, write_latent_cache
@@ -208,15 +208,9 @@ def test_prefill_without_nope_dims_gpu(mode):
 
 
 def fp8_paged_case(seqlens, width, fp8_dtype, seed):
-    """fp8 cache + per-token scales quantized from a random bf16 paged cache (NaN in unused slots)."""
-    from m2la.quantization import quantize_rows
-
-    cache, table = random_paged_cache(seqlens, width, 64, torch.float32, seed=seed)
-    unused = torch.isnan(cache).any(-1)
-    quantized, scale = quantize_rows(cache.nan_to_num(0.0), fp8_dtype)
-    quantized.view(torch.uint8)[unused] = torch.tensor([float("nan")]).to(fp8_dtype).view(torch.uint8)
-    scale[unused] = float("nan")
-    return quantized.cuda(), scale.cuda(), table.cuda()
+    """fp8 cache + per-token scales on the GPU (NaN in unused slots), 64-token pages."""
+    cache, scale, table, _ = random_quantized_paged_cache(seqlens, width, 64, fp8_dtype, seed=seed)
+    return cache.cuda(), scale.cuda(), table.cuda()
 
 
 @pytest.mark.parametrize(
