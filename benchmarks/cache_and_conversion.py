@@ -22,6 +22,8 @@ from m2la.assets import load_smollm2, wiki_split
 from m2la.config import M2LAConfig
 from m2la.evaluation import cache_bytes_per_token, token_windows
 
+FP8 = torch.float8_e4m3fn
+
 
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
@@ -60,6 +62,7 @@ def main() -> None:
     seconds = time.perf_counter() - start
     rss_converted = _peak_rss_mib()
     lossless_bpt = cache_bytes_per_token(converted, ids)
+    fp8_bpt = cache_bytes_per_token(converted, ids, make_cache=lambda: m2la.M2LACache.for_model(converted, FP8))
 
     rows = [
         ("SmolLM2-135M original (HF DynamicCache, fp32), measured", original_bpt),
@@ -69,6 +72,8 @@ def main() -> None:
         ("Qwen3-VL-8B GQA, bf16 (36 x 2 x 8 x 128 x 2)", 36 * 2 * 8 * 128 * 2),
         ("Qwen3-VL-8B m2la lossless, bf16 (36 x (1024 + 1024) x 2)", layout_bytes_per_token(36, 1024, 1024, 2)),
         ("InternVideo3 M²LA, bf16 (36 x (896 + 128) x 2)", layout_bytes_per_token(36, 896, 128, 2)),
+        ("SmolLM2-135M m2la lossless, fp8 e4m3 M2LACache (rows + fp32 scale per token), measured", fp8_bpt),
+        ("InternVideo3 M²LA, fp8 + fp32 scale (36 x (896 + 128 + 4))", 36 * (896 + 128 + 4)),
     ]
     print(
         f"date {time.strftime('%Y-%m-%d')}, machine {platform.machine()} {torch.get_num_threads()} threads, "
