@@ -56,6 +56,13 @@ def test_latent_cache_stores_fp8_rows_and_scales(fp8):
     assert stored.dtype == fp8 and scales.shape == (3, 6)
     assert cache.nbytes == 3 * 6 * (40 + 4) and cache.seq_length(1) == 6
     assert cache.quantized_rows(0) is None and LatentCache(1).quantized_rows(0) is None
+    # dequantize=False (the Triton path) stores the same bits and returns nothing to dequantize
+    third = torch.randn(3, 1, 40, generator=gen)
+    assert cache.append_latent(1, third, dequantize=False) is None
+    stored, scales = cache.quantized_rows(1)
+    assert torch.equal(stored[:, -1:], quantize_rows(third, fp8)[0]) and scales.shape == (3, 7)
+    plain = LatentCache(1)
+    assert torch.equal(plain.append_latent(0, third, dequantize=False), third)  # non-fp8: rows as stored
 
 
 def test_latent_cache_rejects_other_dtypes():

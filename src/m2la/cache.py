@@ -22,8 +22,11 @@ class LatentCache:
         self.rows: list[torch.Tensor | None] = [None] * num_layers
         self.scales: list[torch.Tensor | None] = [None] * num_layers  # [b, s] fp32, fp8 caches only
 
-    def append_latent(self, layer_idx: int, rows: torch.Tensor) -> torch.Tensor:
-        """Append ``rows [b, t, r + 2p]``; return the layer's rows so far ``[b, s, r + 2p]`` in ``rows.dtype``."""
+    def append_latent(self, layer_idx: int, rows: torch.Tensor, dequantize: bool = True) -> torch.Tensor | None:
+        """Append ``rows [b, t, r + 2p]``; return the layer's rows so far ``[b, s, r + 2p]`` in ``rows.dtype``.
+
+        ``dequantize=False``: an fp8 cache returns None instead (for callers that read ``quantized_rows``).
+        """
         held = self.rows[layer_idx]
         if held is not None and (held.shape[0] != rows.shape[0] or held.shape[2] != rows.shape[2]):
             raise ValueError(
@@ -37,6 +40,8 @@ class LatentCache:
         scales = self.scales[layer_idx]
         self.rows[layer_idx] = quantized if held is None else torch.cat((held, quantized), dim=1)
         self.scales[layer_idx] = scale if scales is None else torch.cat((scales, scale), dim=1)
+        if not dequantize:
+            return None
         return dequantize_rows(self.rows[layer_idx], self.scales[layer_idx], rows.dtype)
 
     def quantized_rows(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -19,7 +19,8 @@ class LatentCacheProtocol(Protocol):
         """Append ``rows [b, t, r + 2p]`` to layer ``layer_idx`` and return all its rows ``[b, s, r + 2p]``.
 
         A cache that stores fp8 rows may also offer ``quantized_rows(layer_idx) -> (rows, scales [b, s])``
-        for the Triton kernels to read directly.
+        for the Triton kernels to read directly; such a cache's ``append_latent`` also takes
+        ``dequantize=False``, which skips dequantizing the whole layer and returns None when it holds fp8 rows.
         """
 
 
@@ -140,11 +141,15 @@ class M2LAttention(nn.Module):
         latent, k_rope = self.encode_kv(hidden)
         q_rope = rope.apply_rope_half(q_rope, cos[:, :, None], sin[:, :, None])
         rows = torch.cat((latent, rope.apply_rope_half(k_rope, cos, sin)), dim=-1)  # [b, t, r + 2p]
-        if cache is not None:
+        fused = resolve_backend(None, hidden) == "triton"
+        stored = getattr(cache, "quantized_rows", None) if fused else None
+        if stored is not None:
+            # the kernels read fp8 rows as stored: skip dequantizing the whole layer every step
+            rows = cache.append_latent(self.layer_idx, rows, dequantize=False)  # [b, s, r + 2p] or None
+        elif cache is not None:
             rows = cache.append_latent(self.layer_idx, rows)  # [b, s, r + 2p]
         w_uk, w_uv, v_bias = self.up_projections()
-        if resolve_backend(None, hidden) == "triton":
-            stored = getattr(cache, "quantized_rows", None)
+        if fused:
             quantized = stored(self.layer_idx) if stored is not None else None
             out = self._attend_fused(q_nope, q_rope, rows, w_uk, w_uv, attention_mask, quantized)
             if v_bias is not None:
@@ -166,12 +171,13 @@ class M2LAttention(nn.Module):
 
         q_nope ``[b, t, h, n]``, q_rope ``[b, t, h, 2p]``, rows ``[b, s, r + 2p]``; returns ``[b, t, h, v]``
         without the value bias. ``quantized``: an fp8 cache's stored ``(rows, scales [b, s])``, which
-        the kernels then read instead of ``rows``.
+        the kernels then read instead of ``rows`` (then None).
         """
         from . import kernels
 
         c = self.config
         b, t, h = q_rope.shape[:3]
+        rows, kv_scale = quantized if quantized is not None else (rows, None)
         s = rows.shape[1]
         starts = attention_math.causal_window_starts(attention_mask, b, t, s, rows.device)
         if starts is None:
@@ -180,7 +186,6 @@ class M2LAttention(nn.Module):
                 "for other masks (sliding windows, custom masks)"
             )
         seqlens = torch.full((b,), s, dtype=torch.int32, device=rows.device)
-        rows, kv_scale = quantized if quantized is not None else (rows, None)
         if t == 1:
             q = torch.cat((attention_math.absorb_query(q_nope, w_uk), q_rope), dim=-1)[:, 0]  # [b, h, r + 2p]
             out_latent, _ = kernels.decode_attention(

@@ -36,20 +36,26 @@ def random_paged_cache(
     return cache.to(dtype), table
 
 
-def random_quantized_paged_cache(
-    seqlens: list[int], width: int, block_size: int, fp8_dtype: torch.dtype, seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`random_paged_cache` quantized to fp8 with per-token scales -> (fp8 cache, `kv_scale
-    [blocks, block_size]`, block table, the fp32 cache). Unused slots hold NaN in the cache and scale."""
+def quantize_cache(cache: torch.Tensor, fp8_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A NaN-poisoned paged cache `[blocks, block_size, width]` in fp8 with per-token scales ->
+    (fp8 cache, `kv_scale [blocks, block_size]`); unused (NaN) slots stay NaN in both."""
     from m2la.quantization import quantize_rows
 
-    cache, table = random_paged_cache(seqlens, width, block_size, torch.float32, seed=seed)
     unused = torch.isnan(cache).any(-1)  # [blocks, block_size]
-    quantized, scale = quantize_rows(cache.nan_to_num(0.0), fp8_dtype)
+    quantized, scale = quantize_rows(cache.float().nan_to_num(0.0), fp8_dtype)
     nan_bits = torch.tensor([NAN]).to(fp8_dtype).view(torch.uint8)
     quantized.view(torch.uint8)[unused] = nan_bits  # fp8 has no masked_fill on CPU
     scale[unused] = NAN
-    return quantized, scale, table, cache
+    return quantized, scale
+
+
+def random_quantized_paged_cache(
+    seqlens: list[int], width: int, block_size: int, fp8_dtype: torch.dtype, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`random_paged_cache` quantized to fp8 (`quantize_cache`) -> (fp8 cache, `kv_scale
+    [blocks, block_size]`, block table, the fp32 cache)."""
+    cache, table = random_paged_cache(seqlens, width, block_size, torch.float32, seed=seed)
+    return *quantize_cache(cache, fp8_dtype), table, cache
 
 
 def random_contiguous_cache(

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from kernel_cases import assert_close_with_lse, random_quantized_paged_cache
+from kernel_cases import assert_close_with_lse, quantize_cache, random_quantized_paged_cache
 from test_kernel_decode import decode_fp64
 from test_kernel_prefill import SHAPES, prefill_fp64_absorbed
 from test_kernel_prefill import make_case as make_prefill_case
@@ -177,11 +177,7 @@ def test_scale_validation():
 
 def quantized_prefill_case(heads, shape, q_dtype, fp8_dtype, seed=0):
     case = list(make_prefill_case(heads, *SHAPES[shape], [17, 0, 20], [0, 30, 43], 16, torch.float32, seed=seed))
-    cache = case[2]
-    unused = torch.isnan(cache).any(-1)
-    quantized, scale = quantize_rows(cache.nan_to_num(0.0), fp8_dtype)
-    scale[unused] = NAN
-    case[2] = quantized
+    case[2], scale = quantize_cache(case[2], fp8_dtype)
     for i in (0, 1, 3, 4):
         case[i] = case[i].to(q_dtype)
     return case, scale

@@ -102,22 +102,32 @@ def prefill_lowp_torch(q_nope, q_rope, cache, w_uk, w_uv, cu, lens, scale, table
     return torch.cat(outs)
 
 
+# Prefill checks at 448+64: a fresh 300-token prompt, 1 token over 500 cached, 77 over 1000 cached.
+PREFILL_HEADS, PREFILL_RANK, PREFILL_ROPE, PREFILL_NOPE, PREFILL_VALUE = 8, 448, 64, 128, 128
+PREFILL_NEW, PREFILL_CACHED = [300, 1, 77], [0, 500, 1000]
+PREFILL_SEQLENS = [n + c for n, c in zip(PREFILL_NEW, PREFILL_CACHED, strict=True)]
+
+
+def prefill_gpu_inputs(dtype, table):
+    """Queries and up-projections in `dtype` on CUDA for the prefill checks -> (q_nope, q_rope, w_uk,
+    w_uv, (cu_seqlens, seqlens, softmax scale, block table))."""
+    heads, kv_rank, tokens = PREFILL_HEADS, PREFILL_RANK, sum(PREFILL_NEW)
+    q_nope = torch.randn(tokens, heads, PREFILL_NOPE, device="cuda").to(dtype)
+    q_rope = torch.randn(tokens, heads, PREFILL_ROPE, device="cuda").to(dtype)
+    w_uk = (torch.randn(heads, kv_rank, PREFILL_NOPE, device="cuda") / kv_rank**0.5).to(dtype)
+    w_uv = (torch.randn(heads, kv_rank, PREFILL_VALUE, device="cuda") / kv_rank**0.5).to(dtype)
+    cu = torch.tensor([0, 300, 301, 378], dtype=torch.int32, device="cuda")
+    lens = torch.tensor(PREFILL_SEQLENS, dtype=torch.int32, device="cuda")
+    return q_nope, q_rope, w_uk, w_uv, (cu, lens, (PREFILL_NOPE + PREFILL_ROPE) ** -0.5, table)
+
+
 @pytest.mark.parametrize("dtype", LOWP, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("mode", ["absorbed", "expanded"])
 def test_prefill_gpu(mode, dtype):
-    heads, kv_rank, rope_dim, nope_dim, value_dim = 8, 448, 64, 128, 128
-    new_lens, cached = [300, 1, 77], [0, 500, 1000]
-    seqlens = [n + c for n, c in zip(new_lens, cached, strict=True)]
-    cache, table = random_paged_cache(seqlens, kv_rank + rope_dim, 64, dtype)
+    cache, table = random_paged_cache(PREFILL_SEQLENS, PREFILL_RANK + PREFILL_ROPE, 64, dtype)
     cache, table = cache.cuda(), table.cuda()
-    tokens = sum(new_lens)
-    q_nope = torch.randn(tokens, heads, nope_dim, device="cuda").to(dtype)
-    q_rope = torch.randn(tokens, heads, rope_dim, device="cuda").to(dtype)
-    w_uk = (torch.randn(heads, kv_rank, nope_dim, device="cuda") / kv_rank**0.5).to(dtype)
-    w_uv = (torch.randn(heads, kv_rank, value_dim, device="cuda") / kv_rank**0.5).to(dtype)
-    cu = torch.tensor([0, 300, 301, 378], dtype=torch.int32, device="cuda")
-    lens = torch.tensor(seqlens, dtype=torch.int32, device="cuda")
-    args = (cu, lens, (nope_dim + rope_dim) ** -0.5, table)
+    q_nope, q_rope, w_uk, w_uv, args = prefill_gpu_inputs(dtype, table)
+    cu, lens = args[:2]
     out, lse = prefill_attention(q_nope, q_rope, cache, w_uk, w_uv, *args, mode=mode, backend="triton")
     f32 = [t.float() for t in (q_nope, q_rope, cache, w_uk, w_uv)]
     ref_out, ref_lse = prefill_attention(*f32, *args, backend="reference")
@@ -266,19 +276,10 @@ def test_cache_write_fp8_gpu():
 
 @pytest.mark.parametrize("mode", ["absorbed", "expanded"])
 def test_prefill_fp8_cache_gpu(mode):
-    heads, kv_rank, rope_dim, nope_dim, value_dim = 8, 448, 64, 128, 128
-    new_lens, cached = [300, 1, 77], [0, 500, 1000]
-    seqlens = [n + c for n, c in zip(new_lens, cached, strict=True)]
-    cache, scale, table = fp8_paged_case(seqlens, kv_rank + rope_dim, torch.float8_e4m3fn, seed=3)
+    cache, scale, table = fp8_paged_case(PREFILL_SEQLENS, PREFILL_RANK + PREFILL_ROPE, torch.float8_e4m3fn, seed=3)
     dtype = torch.bfloat16
-    tokens = sum(new_lens)
-    q_nope = torch.randn(tokens, heads, nope_dim, device="cuda").to(dtype)
-    q_rope = torch.randn(tokens, heads, rope_dim, device="cuda").to(dtype)
-    w_uk = (torch.randn(heads, kv_rank, nope_dim, device="cuda") / kv_rank**0.5).to(dtype)
-    w_uv = (torch.randn(heads, kv_rank, value_dim, device="cuda") / kv_rank**0.5).to(dtype)
-    cu = torch.tensor([0, 300, 301, 378], dtype=torch.int32, device="cuda")
-    lens = torch.tensor(seqlens, dtype=torch.int32, device="cuda")
-    args = (cu, lens, (nope_dim + rope_dim) ** -0.5, table)
+    q_nope, q_rope, w_uk, w_uv, args = prefill_gpu_inputs(dtype, table)
+    cu, lens = args[:2]
     out, lse = prefill_attention(q_nope, q_rope, cache, w_uk, w_uv, *args, kv_scale=scale, mode=mode, backend="triton")
     f32 = [t.float() for t in (q_nope, q_rope)]
     ref_out, ref_lse = prefill_attention(*f32, cache, w_uk.float(), w_uv.float(), *args, kv_scale=scale,

@@ -114,13 +114,18 @@ class M2LACache(DynamicCache):
             raise ValueError(f"{type(model).__name__} has no m2la attention layers; convert it first")
         return cls(num_layers, dtype)
 
-    def append_latent(self, layer_idx: int, rows: torch.Tensor) -> torch.Tensor:
-        """Append ``rows [b, t, r + 2p]`` to layer ``layer_idx``; return ``[b, s, r + 2p]`` in ``rows.dtype``."""
+    def append_latent(self, layer_idx: int, rows: torch.Tensor, dequantize: bool = True) -> torch.Tensor | None:
+        """Append ``rows [b, t, r + 2p]`` to layer ``layer_idx``; return ``[b, s, r + 2p]`` in ``rows.dtype``.
+
+        ``dequantize=False``: an fp8 cache returns None instead (for callers that read ``quantized_rows``).
+        """
         if self.dtype is None:
             keys, _ = self.layers[layer_idx].update(rows, rows[..., :0])
             return keys
         quantized, scale = quantize_rows(rows, self.dtype)
         keys, scales = self.layers[layer_idx].update(quantized, scale[..., None])
+        if not dequantize:
+            return None
         return dequantize_rows(keys, scales[..., 0], rows.dtype)
 
     def quantized_rows(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
