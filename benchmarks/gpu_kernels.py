@@ -458,9 +458,68 @@ def prefill_inputs(device, dtype, chunk, total, kv_rank, rope_dim):
     return q_nope, q_rope, cache, w_uk, w_uv, cu, lens, table
 
 
+def expanded_qkv(q_nope, q_rope, cache, w_uk, w_uv, table, total, kv_rank):
+    """The issue's prefill baseline inputs: this layout's keys and values expanded per head ->
+    q ``[1, h, t, n + 2p]``, k ``[1, h, s, n + 2p]`` (k_rope shared by the heads), v ``[1, h, s, v]``."""
+    rows = cache[table[0].long()].flatten(0, 1)[:total]  # [s, r + 2p]
+    latent, k_rope = rows[:, :kv_rank], rows[:, kv_rank:]
+    k_nope = torch.einsum("sr,hrn->hsn", latent, w_uk)
+    k = torch.cat((k_nope, k_rope[None].expand(k_nope.shape[0], -1, -1)), dim=-1)
+    v = torch.einsum("sr,hrv->hsv", latent, w_uv)
+    q = torch.cat((q_nope, q_rope), dim=-1).transpose(0, 1)
+    return q[None], k[None], v[None]
+
+
+def expanded_sdpa_variants(q, k, v, chunk, total, scale):
+    """SDPA over expanded K/V, the ways a caller can ask for it (label -> fn returning [1, h, t, v]).
+    Flash needs one head dim for q, k and v, so its variant pads v to n + 2p and slices the output."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    prefix = total - chunk
+    mask = None if prefix == 0 else _prefix_causal_mask(chunk, total, q.device)
+    bias = causal_lower_right(chunk, total)
+    v_padded = torch.nn.functional.pad(v, (0, k.shape[-1] - v.shape[-1]))
+
+    def flash_padded():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return sdpa(q, k, v_padded, attn_mask=bias, scale=scale)[..., : v.shape[-1]]
+
+    return {
+        "SDPA, bool mask": lambda: sdpa(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale),
+        "SDPA, causal_lower_right": lambda: sdpa(q, k, v, attn_mask=bias, scale=scale),
+        "SDPA flash, v padded to n+2p": flash_padded,
+    }
+
+
+def expanded_sdpa_rows(name, inputs, chunk, total, kv_rank, flops, ours, device, repeats):
+    """The issue's baseline: SDPA over the expanded keys and values of the same layout (expansion not
+    timed; its two GEMMs get a row of their own). Each row checks its output against our kernel's."""
+    q_nope, q_rope, cache, w_uk, w_uv, _, _, table = inputs
+    rows = []
+
+    def expand():
+        return expanded_qkv(q_nope, q_rope, cache, w_uk, w_uv, table, total, kv_rank)
+
+    q, k, v = expand()
+    ms = timed_ms(expand, device, repeats)
+    rows.append((f"{name}, expand K/V for SDPA (2 GEMMs + concat)", total - chunk, chunk, ms, None, ""))
+    for label, fn in expanded_sdpa_variants(q, k, v, chunk, total, 0.1).items():
+        try:
+            diff = (fn()[0].transpose(0, 1).float() - ours.float()).abs().max().item()
+            ms = timed_ms(fn, device, repeats)
+            rows.append((f"{name}, {label}", total - chunk, chunk, ms, flops / ms / 1e9, f"{diff:.1e}"))
+        except RuntimeError as exc:  # a backend that refuses the shape is reported, not fatal
+            rows.append((f"{name}, {label}", total - chunk, chunk, None, None, type(exc).__name__))
+    return rows
+
+
 def prefill_rows(device, dtype, chunk, prefixes, repeats):
     """Chunked prefill of `chunk` new tokens after a cached prefix, one sequence; TFLOPS of the
-    attention actually computed (causal), and SDPA over the GQA K/V of the same length."""
+    attention actually computed (causal). Baselines: SDPA over the same layout's expanded keys and
+    values (the issue's target), and SDPA over the GQA K/V of the same length.
+    Rows: (path, prefix, chunk, ms, TFLOPS, max diff vs our expanded output)."""
     rows = []
     for prefix in prefixes:
         if _out_of_time():
@@ -471,6 +530,7 @@ def prefill_rows(device, dtype, chunk, prefixes, repeats):
             q_nope, q_rope, cache, w_uk, w_uv, cu, lens, table = prefill_inputs(
                 device, dtype, chunk, total, kv_rank, rope_dim
             )
+            ours = None
             for mode in ("expanded", "absorbed"):
                 dims = (NOPE_DIM + rope_dim + VALUE_DIM) if mode == "expanded" else (2 * kv_rank + rope_dim)
                 flops = 2 * HEADS * visible_pairs * dims
@@ -478,9 +538,13 @@ def prefill_rows(device, dtype, chunk, prefixes, repeats):
                 def run(mode=mode, inputs=(q_nope, q_rope, cache, w_uk, w_uv, cu, lens), table=table):
                     return prefill_attention(*inputs, 0.1, table, max_seqlen_q=chunk, mode=mode)
 
+                ours = run()[0] if ours is None else ours
                 ms = timed_ms(run, device, repeats)
-                rows.append((f"{name}, {mode}", prefix, chunk, ms, flops / ms / 1e9))
-            del cache
+                rows.append((f"{name}, m2la {mode}", prefix, chunk, ms, flops / ms / 1e9, ""))
+            expanded_flops = 2 * HEADS * visible_pairs * (NOPE_DIM + rope_dim + VALUE_DIM)
+            inputs = (q_nope, q_rope, cache, w_uk, w_uv, cu, lens, table)
+            rows += expanded_sdpa_rows(name, inputs, chunk, total, kv_rank, expanded_flops, ours, device, repeats)
+            del cache, inputs
         q = torch.randn(1, HEADS, chunk, HEAD_DIM, device=device, dtype=dtype)
         k = torch.randn(1, GQA_KV_HEADS, total, HEAD_DIM, device=device, dtype=dtype)
         v = torch.randn_like(k)
@@ -493,7 +557,7 @@ def prefill_rows(device, dtype, chunk, prefixes, repeats):
             )
 
         ms = timed_ms(sdpa, device, repeats)
-        rows.append(("GQA 8x128 SDPA", prefix, chunk, ms, flops / ms / 1e9))
+        rows.append(("GQA 8x128 SDPA (Qwen3-VL's own cache)", prefix, chunk, ms, flops / ms / 1e9, ""))
     return rows
 
 
@@ -649,8 +713,10 @@ def main() -> None:
             prefixes = []
         prefill = prefill_rows(device, dtype, chunk, prefixes, repeats)
         lines += ["", f"## Chunked prefill ({chunk} new tokens, batch 1)", "",
-                  "| path | cached prefix | chunk | ms | TFLOPS |", "|---|---|---|---|---|"]  # fmt: skip
-        lines += [f"| {n} | {p} | {c} | {ms:.2f} | {tf:.1f} |" for n, p, c, ms, tf in prefill]
+                  "SDPA rows run over the same layout's expanded keys and values (expansion timed on its own "
+                  "row); max diff is against m2la's expanded output.", "",
+                  "| path | cached prefix | chunk | ms | TFLOPS | max diff |", "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {n} | {p} | {c} | {fmt(ms, '.2f')} | {fmt(tf, '.1f')} | {d} |" for n, p, c, ms, tf, d in prefill]
         flush()
         sections.append("prefill_sweep")
         if "prefill_sweep" in wanted:

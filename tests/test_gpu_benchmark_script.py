@@ -1,10 +1,11 @@
-"""`benchmarks/gpu_kernels.py` runs its correctness check and decode sections end to end on CPU
-(interpreter, tiny shapes), so a lent GPU's few minutes are never lost to a broken script."""
+"""`benchmarks/gpu_kernels.py` runs its correctness check, decode and prefill sections end to end on
+CPU (interpreter, tiny shapes), so a lent GPU's few minutes are never lost to a broken script."""
 
 from __future__ import annotations
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ SCRIPT = pathlib.Path(__file__).parents[1] / "benchmarks" / "gpu_kernels.py"
 
 def test_gpu_benchmark_smoke(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1", "OUT": str(tmp_path)}
-    args = ["--smoke", "--sections", "decode,fp8", "--contexts", "64", "--warm-workers", "0"]
+    args = ["--smoke", "--sections", "decode,fp8,prefill", "--contexts", "64", "--warm-workers", "0"]
     proc = subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = (tmp_path / "kernels.md").read_text()
@@ -24,3 +25,7 @@ def test_gpu_benchmark_smoke(tmp_path):
     assert "| decode latent 60+16 (smoke) |" in report  # correctness against the fp32 reference
     assert "| latent 60+16 (smoke) fp8 e4m3 | 2 | 64 |" in report
     assert "Measured device copy bandwidth" in report
+    # prefill: SDPA over the expanded K/V agrees with our expanded output, for every SDPA variant
+    diffs = re.findall(r"\| latent 60\+16 \(smoke\), SDPA[^|]*\| (?:0|64) \| 32 \| [\d.]+ \| [\d.]+ \| (\S+) \|", report)
+    assert len(diffs) == 6, report
+    assert all(float(d) < 1e-4 for d in diffs), diffs
