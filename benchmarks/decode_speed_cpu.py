@@ -1,11 +1,13 @@
 """Decode step time on CPU: converted SmolLM2 (absorbed decode over the latent cache) vs the original
 (transformers SDPA over the full K/V cache), side by side in one run.
 
-    python benchmarks/decode_speed_cpu.py [--contexts 1024 8192 32768] [--compression 4]
+    python benchmarks/decode_speed_cpu.py [--contexts 1024 8192 32768] [--compression 4] [--concat-baseline]
 
 The caches are filled with random rows of the right shapes (a decode step's cost does not depend on
 their values), so long contexts need no long prefill. Attention time is measured with hooks around
-every layer's ``self_attn``; cache bytes are read from the cache objects.
+every layer's ``self_attn`` (the cache append happens inside it); cache bytes are read from the cache
+objects. ``--concat-baseline`` also times each m2la model with an M2LACache whose layers append by
+torch.cat (transformers' DynamicLayer.update) instead of writing in place.
 """
 
 from __future__ import annotations
@@ -17,10 +19,17 @@ import statistics
 import time
 
 import torch
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 import m2la
 from m2la.assets import load_smollm2
+from m2la.integrations.hf import LatentCacheLayer
+
+
+class ConcatLatentLayer(LatentCacheLayer):
+    """The latent cache layer as it was: every append copies the whole layer (torch.cat)."""
+
+    update = DynamicLayer.update
 
 
 class AttentionTimer:
@@ -42,12 +51,14 @@ class AttentionTimer:
         self.total += time.perf_counter() - self._start
 
 
-def filled_cache(model: torch.nn.Module, context: int) -> DynamicCache:
+def filled_cache(model: torch.nn.Module, context: int, concat: bool = False) -> DynamicCache:
     """A cache of ``context`` random tokens with the model's own cache type and shapes."""
     g = torch.Generator().manual_seed(0)
     layers = [m for m in model.modules() if isinstance(m, m2la.M2LAttention)]
     if layers:
         cache = m2la.M2LACache(len(layers))
+        if concat:
+            cache.layers = [ConcatLatentLayer() for _ in layers]
         for i, layer in enumerate(layers):
             cache.append_latent(i, torch.randn(1, context, layer.config.cache_width, generator=g))
         return cache
@@ -65,8 +76,8 @@ def cache_nbytes(cache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
-def time_decode(model, context: int, repeats: int) -> dict:
-    cache = filled_cache(model, context)
+def time_decode(model, context: int, repeats: int, concat: bool = False) -> dict:
+    cache = filled_cache(model, context, concat)
     nbytes = cache_nbytes(cache)
     timer = AttentionTimer(model)
     token = torch.tensor([[42]])
@@ -96,6 +107,7 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768])
     parser.add_argument("--compression", type=float, nargs="*", default=[], help="also time compressed conversions")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--concat-baseline", action="store_true", help="also time m2la with torch.cat appends")
     args = parser.parse_args()
     torch.manual_seed(0)
     original, tokenizer = load_smollm2()
@@ -107,6 +119,9 @@ def main() -> None:
         compressed = copy.deepcopy(original)
         m2la.convert(compressed, compression=ratio, tokenizer=tokenizer)
         models[f"m2la {ratio:g}x (latent cache)"] = compressed
+    runs = [(name, model, False) for name, model in models.items()]
+    if args.concat_baseline:
+        runs += [(f"{name}, torch.cat appends", model, True) for name, model in models.items() if name.startswith("m2la")]
 
     print(f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, fp32, batch 1")
@@ -115,8 +130,8 @@ def main() -> None:
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for context in args.contexts:
         base = None
-        for name, model in models.items():
-            r = time_decode(model, context, args.repeats)
+        for name, model, concat in runs:
+            r = time_decode(model, context, args.repeats, concat)
             base = base or r
             speedup = base["attention_ms"] / r["attention_ms"]
             ratio = base["cache_bytes"] / r["cache_bytes"]

@@ -101,6 +101,28 @@ def test_reusing_cache_across_calls():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_decode_steps_write_the_cache_in_place_and_crop_rewrites():
+    """After one regrowth, decode steps write each layer's row in place (no per-step copy of the
+    cache); a crop (assisted decoding's rollback) then appends over the dropped rows, exactly."""
+    model = tiny_hf.build("qwen3", 6, 2, 12)
+    ids = torch.randint(10, tiny_hf.VOCAB, (2, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = model(ids).logits
+        m2la.convert(model)
+        out = model(ids[:, :9], use_cache=True)
+        cache, logits, pointers = out.cache, [out.logits], []
+        for step in range(9, 16):
+            logits.append(model(ids[:, step : step + 1], cache=cache, use_cache=True).logits)
+            pointers.append([layer.keys.data_ptr() for layer in cache.layers])
+        torch.testing.assert_close(torch.cat(logits, dim=1), expected, rtol=1e-5, atol=1e-5)
+        assert all(p == pointers[0] for p in pointers)  # steps 10-16 all wrote into one buffer per layer
+        assert cache.nbytes < cache.reserved_nbytes
+        cache.crop(-4)  # keep 12 of 16
+        redo = model(ids[:, 12:], cache=cache, use_cache=True).logits
+        torch.testing.assert_close(redo, expected[:, 12:], rtol=1e-5, atol=1e-5)
+        assert [layer.keys.data_ptr() for layer in cache.layers] == pointers[0]
+
+
 def test_beam_search_matches_original():
     model = tiny_hf.build("llama", 6, 2, 12)
     ids = torch.randint(10, tiny_hf.VOCAB, (2, 7), generator=torch.Generator().manual_seed(5))

@@ -6,7 +6,55 @@ import torch
 
 from .quantization import check_cache_dtype, dequantize_rows, quantize_rows
 
-__all__ = ["LatentCache"]
+__all__ = ["LatentCache", "append_rows", "reserved_nbytes"]
+
+# Growth of a full buffer: room for max(GROWTH_MIN_TOKENS, length / GROWTH_FRACTION) more tokens, so
+# memory over the live rows stays <= 1/16 (or 256 tokens) and decode copies amortize to <= 16 rows a step.
+GROWTH_MIN_TOKENS = 256
+GROWTH_FRACTION = 16
+
+
+def append_rows(held: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+    """Append ``new [b, t, w]`` after ``held [b, s, w]`` -> rows ``[b, s + t, w]``, a prefix view of a buffer.
+
+    When ``held`` is a prefix view of a buffer with room left (as returned here, or cropped), ``new``
+    is written in place: a decode step costs O(t) instead of torch.cat's O(s). Anything else (a full
+    buffer, a reordered or offloaded copy) moves into a new buffer: exactly ``s + t`` long for a first
+    write, with growth room (GROWTH_*) when it replaces a full one. The buffer is only reachable as
+    the view's ``_base``, so dropping the view frees it. While autograd records, rows are
+    concatenated instead: in-place writes would invalidate tensors saved for backward.
+    """
+    b, t, width = new.shape
+    s = held.shape[1] if held is not None and held.dim() == 3 else 0
+    if s == 0:
+        return new.clone() if new._base is not None else new  # own storage: later appends may write after it
+    if torch.is_grad_enabled() and (new.requires_grad or held.requires_grad):
+        return torch.cat((held, new), dim=1)
+    buffer = held._base
+    if (
+        buffer is not None
+        and buffer.dim() == 3
+        and held.data_ptr() == buffer.data_ptr()
+        and held.stride()[:2] == buffer.stride()[:2]
+        and (b, width) == (buffer.shape[0], buffer.shape[2])
+        and buffer.dtype == new.dtype
+        and s + t <= buffer.shape[1]
+    ):
+        buffer[:, s : s + t] = new
+        return buffer[:, : s + t]
+    room = max(GROWTH_MIN_TOKENS, (s + t) // GROWTH_FRACTION)
+    buffer = new.new_empty((b, s + t + room, width))
+    buffer[:, :s] = held
+    buffer[:, s : s + t] = new
+    return buffer[:, : s + t]
+
+
+def reserved_nbytes(rows: torch.Tensor | None) -> int:
+    """Bytes allocated for ``rows`` from `append_rows`, growth room included."""
+    if rows is None:
+        return 0
+    base = rows._base if rows._base is not None else rows
+    return base.numel() * base.element_size()
 
 
 class LatentCache:
@@ -19,7 +67,7 @@ class LatentCache:
 
     def __init__(self, num_layers: int, dtype: torch.dtype | None = None) -> None:
         self.dtype = check_cache_dtype(dtype)
-        self.rows: list[torch.Tensor | None] = [None] * num_layers
+        self.rows: list[torch.Tensor | None] = [None] * num_layers  # [b, s, r + 2p] views of the buffers
         self.scales: list[torch.Tensor | None] = [None] * num_layers  # [b, s] fp32, fp8 caches only
 
     def append_latent(self, layer_idx: int, rows: torch.Tensor, dequantize: bool = True) -> torch.Tensor | None:
@@ -34,12 +82,12 @@ class LatentCache:
                 f"got [b={rows.shape[0]}, width={rows.shape[2]}]"
             )
         if self.dtype is None:
-            self.rows[layer_idx] = rows if held is None else torch.cat((held, rows), dim=1)
+            self.rows[layer_idx] = append_rows(held, rows)
             return self.rows[layer_idx]
         quantized, scale = quantize_rows(rows, self.dtype)
+        self.rows[layer_idx] = append_rows(held, quantized)
         scales = self.scales[layer_idx]
-        self.rows[layer_idx] = quantized if held is None else torch.cat((held, quantized), dim=1)
-        self.scales[layer_idx] = scale if scales is None else torch.cat((scales, scale), dim=1)
+        self.scales[layer_idx] = append_rows(None if scales is None else scales[..., None], scale[..., None])[..., 0]
         if not dequantize:
             return None
         return dequantize_rows(self.rows[layer_idx], self.scales[layer_idx], rows.dtype)
@@ -56,6 +104,11 @@ class LatentCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes the cache holds right now (rows and, for fp8, their scales)."""
+        """Bytes of the rows held right now (and, for fp8, their scales): the format's cost."""
         held = [t for t in (*self.rows, *self.scales) if t is not None]
         return sum(t.numel() * t.element_size() for t in held)
+
+    @property
+    def reserved_nbytes(self) -> int:
+        """Bytes allocated, growth room included (at most 1/16 or 256 tokens a layer over `nbytes`)."""
+        return sum(reserved_nbytes(t) for t in (*self.rows, *self.scales))

@@ -26,6 +26,7 @@ from transformers import AutoConfig, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from .. import rope
+from ..cache import append_rows, reserved_nbytes
 from ..config import M2LAConfig, M2LAConfigError
 from ..conversion import ConversionError, SourceAttention, lossless_config, lossless_state_dict, source_cache_width
 from ..module import M2LAttention
@@ -80,16 +81,34 @@ class M2LACheckpointError(ValueError):
 
 
 class LatentCacheLayer(DynamicLayer):
-    """One layer's latent rows ``[b, s, r + 2p]`` kept in ``keys``; ``values`` is an empty ``[b, s, 0]``.
+    """One layer's latent rows ``[b, s, r + 2p]`` kept in ``keys``; ``values`` is an empty ``[b, s, 0]``
+    (fp8 caches: the per-token scales ``[b, s, 1]``).
 
     Keeping the rows in ``keys`` lets DynamicLayer's crop, beam reorder and batch selection apply as is.
+    ``keys`` and ``values`` are prefix views of buffers with growth room (:func:`m2la.cache.append_rows`),
+    so a decode step writes one row in place instead of copying the whole layer as torch.cat does.
     """
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys = append_rows(self.keys, key_states)
+        self.values = append_rows(self.values, value_states)
+        return self.keys, self.values
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the rows held (the format's cost)."""
         if not self.is_initialized or self.keys is None:
             return 0
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
+
+    @property
+    def reserved_nbytes(self) -> int:
+        """Bytes allocated, growth room included."""
+        if not self.is_initialized or self.keys is None:
+            return 0
+        return reserved_nbytes(self.keys) + reserved_nbytes(self.values)
 
 
 class M2LACache(DynamicCache):
@@ -143,8 +162,13 @@ class M2LACache(DynamicCache):
 
     @property
     def nbytes(self) -> int:
-        """Bytes the cache holds right now (all layers)."""
+        """Bytes of the rows held right now (all layers): the format's cost."""
         return sum(layer.nbytes for layer in self.layers)
+
+    @property
+    def reserved_nbytes(self) -> int:
+        """Bytes allocated (all layers), growth room included: at most 1/16 or 256 tokens a layer more."""
+        return sum(layer.reserved_nbytes for layer in self.layers)
 
 
 def _num_decoder_layers(model: nn.Module) -> int:
