@@ -68,8 +68,19 @@ def graph_ms(fn, device: torch.device, repeats: int) -> float | None:
     return timed_ms(graph.replay, device, repeats)
 
 
-def _measure(fn, device, repeats, nbytes, bandwidth) -> tuple:
-    """(ms, GB/s, % of copy BW, graph ms, graph % of copy BW) for one decode case."""
+NOT_MEASURED = (None,) * 6  # a decode row's measured fields, for skipped cases
+
+
+def latent_decode_flops(batch, context, kv_rank, rope_dim) -> int:
+    """Absorbed decode FLOPs: scores over r + 2p and the value sum over r, per query head and token.
+    At 32 heads that is 60 FLOP per bf16 cache byte (both latent layouts): about 180 TFLOPS to read
+    at 3 TB/s, so tensor-core throughput, not only bandwidth, bounds these kernels."""
+    return 2 * HEADS * batch * context * (2 * kv_rank + rope_dim)
+
+
+def _measure(fn, device, repeats, nbytes, bandwidth, flops) -> tuple:
+    """(ms, GB/s, % of copy BW, graph ms, graph % of copy BW, TFLOPS) for one decode case; TFLOPS
+    from the graph time where there is one."""
     ms = timed_ms(fn, device, repeats)
     try:
         gms = graph_ms(fn, device, repeats)
@@ -77,7 +88,7 @@ def _measure(fn, device, repeats, nbytes, bandwidth) -> tuple:
         gms = None
     gbs = nbytes / ms / 1e6
     gpct = None if gms is None else 100 * nbytes / gms / 1e6 / bandwidth
-    return ms, gbs, 100 * gbs / bandwidth, gms, gpct
+    return ms, gbs, 100 * gbs / bandwidth, gms, gpct, flops / (gms or ms) / 1e9
 
 
 def copy_bandwidth_gbs(device: torch.device, nbytes: int) -> float:
@@ -137,7 +148,7 @@ def decode_rows(device, dtype, batches, contexts, bandwidth, repeats, configs=No
         for context in contexts:
             for batch in batches:
                 if batch * math.ceil(context / BLOCK_SIZE) > num_blocks or _out_of_time():
-                    rows.append((name, batch, context, None, None, None, None, None))
+                    rows.append((name, batch, context, *NOT_MEASURED))
                     continue
                 q, table, lens = paged_inputs(batch, context, kv_rank, rope_dim, dtype, device, cache)
                 scale = (NOPE_DIM + rope_dim) ** -0.5
@@ -154,7 +165,8 @@ def decode_rows(device, dtype, batches, contexts, bandwidth, repeats, configs=No
 
                 nbytes = batch * context * row_bytes + 2 * q.numel() * dtype.itemsize
                 label = f"{name}{' fp8 e4m3' if fp8 else ''}{f' {override}' if override else ''}"
-                rows.append((label, batch, context, *_measure(run, device, repeats, nbytes, bandwidth)))
+                flops = latent_decode_flops(batch, context, kv_rank, rope_dim)
+                rows.append((label, batch, context, *_measure(run, device, repeats, nbytes, bandwidth, flops)))
         del cache
     return rows
 
@@ -184,7 +196,7 @@ def vllm_rows(device, dtype, batches, contexts, bandwidth, repeats):
             for batch in batches:
                 label = f"vLLM Triton MLA, {name}"
                 if batch * math.ceil(context / BLOCK_SIZE) > num_blocks or _out_of_time():
-                    rows.append((label, batch, context, None, None, None, None, None))
+                    rows.append((label, batch, context, *NOT_MEASURED))
                     continue
                 q, table, lens = paged_inputs(batch, context, kv_rank, rope_dim, dtype, device, cache)
 
@@ -192,7 +204,8 @@ def vllm_rows(device, dtype, batches, contexts, bandwidth, repeats):
                     return vllm_triton_mla.decode(module, q, cache, table, lens, scale, kv_rank, context, sms)
 
                 nbytes = batch * context * width * dtype.itemsize + 2 * q.numel() * dtype.itemsize
-                rows.append((label, batch, context, *_measure(run, device, repeats, nbytes, bandwidth)))
+                flops = latent_decode_flops(batch, context, kv_rank, rope_dim)
+                rows.append((label, batch, context, *_measure(run, device, repeats, nbytes, bandwidth, flops)))
         del cache
     return rows, checks
 
@@ -207,7 +220,7 @@ def torch_absorbed_rows(device, dtype, batches, contexts, bandwidth, repeats):
             for batch in batches:
                 nbytes = batch * context * width * dtype.itemsize
                 if nbytes > 0.2 * _free_bytes(device) or _out_of_time():
-                    rows.append((f"torch bmm {name}", batch, context, None, None, None, None, None))
+                    rows.append((f"torch bmm {name}", batch, context, *NOT_MEASURED))
                     continue
                 cache = torch.empty(batch, context, width, device=device, dtype=dtype).uniform_(-1, 1)
                 q = torch.randn(batch, HEADS, width, device=device, dtype=dtype)
@@ -218,7 +231,9 @@ def torch_absorbed_rows(device, dtype, batches, contexts, bandwidth, repeats):
                     probs = torch.softmax(scores, dim=-1).to(q.dtype)
                     return torch.bmm(probs, cache[..., :kv_rank])  # [b, h, r]
 
-                rows.append((f"torch bmm {name}", batch, context, *_measure(run, device, repeats, nbytes, bandwidth)))
+                flops = latent_decode_flops(batch, context, kv_rank, rope_dim)
+                measured = _measure(run, device, repeats, nbytes, bandwidth, flops)
+                rows.append((f"torch bmm {name}", batch, context, *measured))
                 del cache
     return rows
 
@@ -312,7 +327,7 @@ def sweep_rows(device, dtype, shapes, bandwidth, repeats, seconds):
             for config in SWEEP:
                 label = f"b={batch}, {context}: {config or 'default'}"
                 if time.monotonic() > stop_at or _out_of_time():
-                    rows.append((name, label, "skipped (time)", None, None))
+                    rows.append((name, label, "skipped (time)", None, None, None))
                     continue
                 try:
                     run, nbytes = sweep_case(device, dtype, batch, context, kv_rank, rope_dim, dict(config))
@@ -323,10 +338,11 @@ def sweep_rows(device, dtype, shapes, bandwidth, repeats, seconds):
                     other = any(k in config for k in ("contiguous", "pages", "page_size", "fp8"))
                     err = "n/a (other data)" if other else f"{(out.float() - ref).abs().max().item():.1e}"
                     ms = timed_ms(run, device, repeats)
-                    rows.append((name, label, err, ms, 100 * nbytes / ms / 1e6 / bandwidth))
+                    tflops = latent_decode_flops(batch, context, kv_rank, rope_dim) / ms / 1e9
+                    rows.append((name, label, err, ms, 100 * nbytes / ms / 1e6 / bandwidth, tflops))
                     del run, out
                 except Exception as exc:  # out of resources etc.: record and go on
-                    rows.append((name, label, f"{type(exc).__name__}", None, None))
+                    rows.append((name, label, f"{type(exc).__name__}", None, None, None))
     return rows
 
 
@@ -337,7 +353,7 @@ def best_configs(rows) -> dict[str, dict]:
     import ast
 
     timed: dict[str, dict[str, dict[str, float]]] = {}
-    for name, label, err, ms, _ in rows:
+    for name, label, err, ms, *_ in rows:
         shape, _, config = label.partition(": ")
         if ms is None or not err[:1].isdigit() or float(err) > 5e-2:
             continue
@@ -416,12 +432,13 @@ def gqa_decode_rows(device, dtype, batches, contexts, bandwidth, repeats, use_fl
     for context in contexts:
         for batch in batches:
             if batch * context > budget_tokens or _out_of_time():
-                rows.append(("GQA 8x128 SDPA", batch, context, None, None, None, None, None))
+                rows.append(("GQA 8x128 SDPA", batch, context, *NOT_MEASURED))
                 continue
             k = k_all[: batch * context].view(batch, context, GQA_KV_HEADS, HEAD_DIM)
             v = v_all[: batch * context].view(batch, context, GQA_KV_HEADS, HEAD_DIM)
             q = torch.randn(batch, 1, HEADS, HEAD_DIM, device=device, dtype=dtype)
             nbytes = batch * context * per_token
+            flops = 2 * HEADS * batch * context * 2 * HEAD_DIM  # 4 FLOP per bf16 cache byte
             candidates = {"GQA 8x128 SDPA": lambda q=q, k=k, v=v: _sdpa_gqa(q, k, v)}
             if use_flash:
                 from flash_attn import flash_attn_with_kvcache
@@ -429,9 +446,9 @@ def gqa_decode_rows(device, dtype, batches, contexts, bandwidth, repeats, use_fl
                 candidates["GQA 8x128 flash_attn"] = lambda q=q, k=k, v=v: flash_attn_with_kvcache(q, k, v, causal=True)
             for name, fn in candidates.items():
                 try:
-                    rows.append((name, batch, context, *_measure(fn, device, repeats, nbytes, bandwidth)))
+                    rows.append((name, batch, context, *_measure(fn, device, repeats, nbytes, bandwidth, flops)))
                 except Exception as exc:  # a backend refusing a shape should not sink the report
-                    rows.append((f"{name} ({type(exc).__name__})", batch, context, None, None, None, None, None))
+                    rows.append((f"{name} ({type(exc).__name__})", batch, context, *NOT_MEASURED))
     del k_all, v_all
     return rows
 
@@ -674,8 +691,10 @@ def main() -> None:
         sweep = sweep_rows(device, dtype, sweep_shapes, bandwidth, repeats, args.sweep_seconds)
         winners = best_configs(sweep) if args.use_best else {}
         lines += ["## Decode config sweep (overrides of `decode_config`; see SWEEP in this script)", "",
-                  "| layout | shape: config | max diff vs default | ms | % of copy BW |", "|---|---|---|---|---|"]  # fmt: skip
-        lines += [f"| {n} | {c} | {e} | {fmt(ms, '.3f')} | {fmt(p, '.0f')} |" for n, c, e, ms, p in sweep]
+                  "| layout | shape: config | max diff vs default | ms | % of copy BW | TFLOPS |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {n} | {c} | {e} | {fmt(ms, '.3f')} | {fmt(p, '.0f')} | {fmt(tf, '.0f')} |"
+                  for n, c, e, ms, p, tf in sweep]  # fmt: skip
         lines += ["", f"Best tile config per layout (geometric mean over the sweep shapes; used below): {winners}", ""]
         flush()
         sections.append("decode")
@@ -700,12 +719,14 @@ def main() -> None:
         decode += torch_absorbed_rows(device, dtype, batches, contexts[:3], bandwidth, repeats)
         lines += ["## Decode (one token per sequence, 32 query heads; bytes = cache rows read)", "",
                   "Eager = one Python call per step (launch overhead included); graph = replayed CUDA graph.", "",
-                  "| layout | batch | context | eager ms | GB/s | % of copy BW | graph ms | graph % of copy BW |",
-                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "TFLOPS: the attention's FLOPs over the graph time (eager where no graph), for the "
+                  "tensor-core side of the roofline (`latent_decode_flops`).", "",
+                  "| layout | batch | context | eager ms | GB/s | % of copy BW | graph ms | graph % of copy BW | TFLOPS |",
+                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         lines += [
             f"| {n} | {b} | {s} | {fmt(ms, '.3f')} | {fmt(gbs, '.0f')} | {fmt(pct, '.0f')} | {fmt(gms, '.3f')} "
-            f"| {fmt(gpct, '.0f')} |"
-            for n, b, s, ms, gbs, pct, gms, gpct in decode
+            f"| {fmt(gpct, '.0f')} | {fmt(tf, '.0f')} |"
+            for n, b, s, ms, gbs, pct, gms, gpct, tf in decode
         ]
         flush()
         sections.append("prefill")
