@@ -6,7 +6,7 @@ import torch
 
 from .quantization import check_cache_dtype, dequantize_rows, quantize_rows
 
-__all__ = ["LatentCache", "append_rows", "reserved_nbytes"]
+__all__ = ["LatentCache", "append_rows", "views_prefix_of"]
 
 # Growth of a full buffer: room for max(GROWTH_MIN_TOKENS, length / GROWTH_FRACTION) more tokens, so
 # memory over the live rows stays <= 1/16 (or 256 tokens) and decode copies amortize to <= 16 rows a step.
@@ -14,47 +14,51 @@ GROWTH_MIN_TOKENS = 256
 GROWTH_FRACTION = 16
 
 
-def append_rows(held: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
-    """Append ``new [b, t, w]`` after ``held [b, s, w]`` -> rows ``[b, s + t, w]``, a prefix view of a buffer.
+def views_prefix_of(held: torch.Tensor | None, buffer: torch.Tensor | None) -> bool:
+    """Whether ``held [b, s, w]`` is the first ``s`` rows of ``buffer [b, capacity, w]`` (same memory)."""
+    return (
+        held is not None
+        and buffer is not None
+        and held.dim() == 3
+        and held.data_ptr() == buffer.data_ptr()
+        and held.stride()[:2] == buffer.stride()[:2]
+        and (held.shape[0], held.shape[2]) == (buffer.shape[0], buffer.shape[2])
+        and held.shape[1] <= buffer.shape[1]
+        and held.dtype == buffer.dtype
+    )
 
-    When ``held`` is a prefix view of a buffer with room left (as returned here, or cropped), ``new``
+
+def append_rows(
+    buffer: torch.Tensor | None, held: torch.Tensor | None, new: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append ``new [b, t, w]`` after ``held [b, s, w]`` -> (``buffer [b, capacity, w]``, rows ``[b, s + t, w]``).
+
+    When ``held`` is a prefix view of ``buffer`` (as returned here, or cropped) with room left, ``new``
     is written in place: a decode step costs O(t) instead of torch.cat's O(s). Anything else (a full
     buffer, a reordered or offloaded copy) moves into a new buffer: exactly ``s + t`` long for a first
-    write, with growth room (GROWTH_*) when it replaces a full one. The buffer is only reachable as
-    the view's ``_base``, so dropping the view frees it. While autograd records, rows are
+    write, with growth room (GROWTH_*) when it replaces a full one. The rows always live in memory
+    this function allocated, never in the caller's tensors. While autograd records, rows are
     concatenated instead: in-place writes would invalidate tensors saved for backward.
     """
     b, t, width = new.shape
     s = held.shape[1] if held is not None and held.dim() == 3 else 0
-    if s == 0:
-        return new.clone() if new._base is not None else new  # own storage: later appends may write after it
-    if torch.is_grad_enabled() and (new.requires_grad or held.requires_grad):
-        return torch.cat((held, new), dim=1)
-    buffer = held._base
-    if (
-        buffer is not None
-        and buffer.dim() == 3
-        and held.data_ptr() == buffer.data_ptr()
-        and held.stride()[:2] == buffer.stride()[:2]
-        and (b, width) == (buffer.shape[0], buffer.shape[2])
-        and buffer.dtype == new.dtype
-        and s + t <= buffer.shape[1]
-    ):
+    if s and torch.is_grad_enabled() and (new.requires_grad or held.requires_grad):
+        rows = torch.cat((held, new), dim=1)
+        return rows, rows
+    if s and views_prefix_of(held, buffer) and s + t <= buffer.shape[1]:
         buffer[:, s : s + t] = new
-        return buffer[:, : s + t]
-    room = max(GROWTH_MIN_TOKENS, (s + t) // GROWTH_FRACTION)
-    buffer = new.new_empty((b, s + t + room, width))
-    buffer[:, :s] = held
-    buffer[:, s : s + t] = new
-    return buffer[:, : s + t]
+        return buffer, buffer[:, : s + t]
+    buffer = None  # a stale buffer is not needed for the copy below
+    room = max(GROWTH_MIN_TOKENS, (s + t) // GROWTH_FRACTION) if s else 0
+    grown = new.new_empty((b, s + t + room, width))
+    if s:
+        grown[:, :s] = held
+    grown[:, s : s + t] = new
+    return grown, grown[:, : s + t]
 
 
-def reserved_nbytes(rows: torch.Tensor | None) -> int:
-    """Bytes allocated for ``rows`` from `append_rows`, growth room included."""
-    if rows is None:
-        return 0
-    base = rows._base if rows._base is not None else rows
-    return base.numel() * base.element_size()
+def tensor_nbytes(tensor: torch.Tensor | None) -> int:
+    return 0 if tensor is None else tensor.numel() * tensor.element_size()
 
 
 class LatentCache:
@@ -69,6 +73,8 @@ class LatentCache:
         self.dtype = check_cache_dtype(dtype)
         self.rows: list[torch.Tensor | None] = [None] * num_layers  # [b, s, r + 2p] views of the buffers
         self.scales: list[torch.Tensor | None] = [None] * num_layers  # [b, s] fp32, fp8 caches only
+        self._row_buffers: list[torch.Tensor | None] = [None] * num_layers  # [b, capacity, r + 2p]
+        self._scale_buffers: list[torch.Tensor | None] = [None] * num_layers  # [b, capacity, 1]
 
     def append_latent(self, layer_idx: int, rows: torch.Tensor, dequantize: bool = True) -> torch.Tensor | None:
         """Append ``rows [b, t, r + 2p]``; return the layer's rows so far ``[b, s, r + 2p]`` in ``rows.dtype``.
@@ -81,13 +87,15 @@ class LatentCache:
                 f"layer {layer_idx} caches [b={held.shape[0]}, width={held.shape[2]}] rows, "
                 f"got [b={rows.shape[0]}, width={rows.shape[2]}]"
             )
+        i = layer_idx
         if self.dtype is None:
-            self.rows[layer_idx] = append_rows(held, rows)
-            return self.rows[layer_idx]
+            self._row_buffers[i], self.rows[i] = append_rows(self._row_buffers[i], held, rows)
+            return self.rows[i]
         quantized, scale = quantize_rows(rows, self.dtype)
-        self.rows[layer_idx] = append_rows(held, quantized)
-        scales = self.scales[layer_idx]
-        self.scales[layer_idx] = append_rows(None if scales is None else scales[..., None], scale[..., None])[..., 0]
+        self._row_buffers[i], self.rows[i] = append_rows(self._row_buffers[i], held, quantized)
+        scales = None if self.scales[i] is None else self.scales[i][..., None]  # [b, s, 1]
+        self._scale_buffers[i], scales = append_rows(self._scale_buffers[i], scales, scale[..., None])
+        self.scales[i] = scales[..., 0]
         if not dequantize:
             return None
         return dequantize_rows(self.rows[layer_idx], self.scales[layer_idx], rows.dtype)
@@ -111,4 +119,4 @@ class LatentCache:
     @property
     def reserved_nbytes(self) -> int:
         """Bytes allocated, growth room included (at most 1/16 or 256 tokens a layer over `nbytes`)."""
-        return sum(reserved_nbytes(t) for t in (*self.rows, *self.scales))
+        return sum(map(tensor_nbytes, (*self._row_buffers, *self._scale_buffers)))

@@ -26,7 +26,7 @@ from transformers import AutoConfig, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from .. import rope
-from ..cache import append_rows, reserved_nbytes
+from ..cache import append_rows, tensor_nbytes, views_prefix_of
 from ..config import M2LAConfig, M2LAConfigError
 from ..conversion import ConversionError, SourceAttention, lossless_config, lossless_state_dict, source_cache_width
 from ..module import M2LAttention
@@ -87,13 +87,40 @@ class LatentCacheLayer(DynamicLayer):
     Keeping the rows in ``keys`` lets DynamicLayer's crop, beam reorder and batch selection apply as is.
     ``keys`` and ``values`` are prefix views of buffers with growth room (:func:`m2la.cache.append_rows`),
     so a decode step writes one row in place instead of copying the whole layer as torch.cat does.
+    Assigning them anything that is not such a view (beam reorder, batch selection, offload, reset)
+    releases the buffer at once, so no stale buffer outlives the rows it held.
     """
+
+    _keys: torch.Tensor | None = None
+    _values: torch.Tensor | None = None
+    _key_buffer: torch.Tensor | None = None
+    _value_buffer: torch.Tensor | None = None
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return self._keys
+
+    @keys.setter
+    def keys(self, rows: torch.Tensor | None) -> None:
+        self._keys = rows
+        if not views_prefix_of(rows, self._key_buffer):
+            self._key_buffer = None
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return self._values
+
+    @values.setter
+    def values(self, rows: torch.Tensor | None) -> None:
+        self._values = rows
+        if not views_prefix_of(rows, self._value_buffer):
+            self._value_buffer = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.keys = append_rows(self.keys, key_states)
-        self.values = append_rows(self.values, value_states)
+        self._key_buffer, self.keys = append_rows(self._key_buffer, self.keys, key_states)
+        self._value_buffer, self.values = append_rows(self._value_buffer, self.values, value_states)
         return self.keys, self.values
 
     @property
@@ -108,7 +135,8 @@ class LatentCacheLayer(DynamicLayer):
         """Bytes allocated, growth room included."""
         if not self.is_initialized or self.keys is None:
             return 0
-        return reserved_nbytes(self.keys) + reserved_nbytes(self.values)
+        key_bytes = tensor_nbytes(self._key_buffer if self._key_buffer is not None else self.keys)
+        return key_bytes + tensor_nbytes(self._value_buffer if self._value_buffer is not None else self.values)
 
 
 class M2LACache(DynamicCache):
