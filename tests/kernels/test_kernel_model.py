@@ -80,3 +80,38 @@ def test_fp8_cache_generate_same_tokens_as_reference(family):
     assert torch.equal(results["triton"][0], results["reference"][0])
     keep = mask.bool()
     torch.testing.assert_close(results["triton"][1][keep], results["reference"][1][keep], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cache_dtype", [None, torch.float8_e4m3fn], ids=["fp32-cache", "fp8-cache"])
+def test_compiled_converted_model_runs_the_kernels(cache_dtype, monkeypatch):
+    """torch.compile of a whole converted model (aot_eager: dynamo + AOT autograd, no C++ compiler
+    needed): under the Triton backend the compiled prefill and decode steps call the Triton kernels
+    (custom ops, opaque to the compiler) and give the eager model's logits."""
+    import m2la.kernels.latent_decode.triton as decode_module
+    import m2la.kernels.latent_prefill.triton as prefill_module
+
+    calls = []
+    for module, name in ((decode_module, "latent_decode_triton"), (prefill_module, "latent_prefill_triton")):
+        kernel = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _k=kernel, _n=name, **kw: calls.append(_n) or _k(*a, **kw))
+    model = tiny_hf.build("qwen3", 6, 2, 12)
+    m2la.convert(model)
+    ids = torch.randint(10, tiny_hf.VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    steps = torch.randint(10, tiny_hf.VOCAB, (2, 2), generator=torch.Generator().manual_seed(1))
+
+    def run(forward):
+        cache = m2la.M2LACache.for_model(model, cache_dtype)
+        logits = [forward(input_ids=ids, cache=cache, use_cache=True).logits]
+        logits += [forward(input_ids=steps[:, i : i + 1], cache=cache, use_cache=True).logits for i in range(2)]
+        return logits
+
+    with torch.no_grad(), use_backend("triton"):
+        eager = run(model)
+        eager_calls, calls[:] = list(calls), []
+        compiled = run(torch.compile(model, backend="aot_eager"))
+    layers = model.config.num_hidden_layers
+    assert sorted(eager_calls) == sorted(calls) == sorted(
+        ["latent_prefill_triton"] * layers + ["latent_decode_triton"] * 2 * layers
+    )
+    for got, expected in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
