@@ -20,7 +20,9 @@ import traceback
 
 import torch
 
+from m2la.attention_math import expand_latent_kv
 from m2la.kernels import decode_attention, prefill_attention
+from m2la.kernels._paging import gather_cache_rows
 
 HEADS, GQA_KV_HEADS, HEAD_DIM = 32, 8, 128
 NOPE_DIM = VALUE_DIM = 128
@@ -478,13 +480,11 @@ def prefill_inputs(device, dtype, chunk, total, kv_rank, rope_dim):
 def expanded_qkv(q_nope, q_rope, cache, w_uk, w_uv, table, total, kv_rank):
     """The issue's prefill baseline inputs: this layout's keys and values expanded per head ->
     q ``[1, h, t, n + 2p]``, k ``[1, h, s, n + 2p]`` (k_rope shared by the heads), v ``[1, h, s, v]``."""
-    rows = cache[table[0].long()].flatten(0, 1)[:total]  # [s, r + 2p]
-    latent, k_rope = rows[:, :kv_rank], rows[:, kv_rank:]
-    k_nope = torch.einsum("sr,hrn->hsn", latent, w_uk)
-    k = torch.cat((k_nope, k_rope[None].expand(k_nope.shape[0], -1, -1)), dim=-1)
-    v = torch.einsum("sr,hrv->hsv", latent, w_uv)
+    rows = gather_cache_rows(cache, table, total)  # [1, s, r + 2p]
+    # the kernels take w_uk [h, r, n], w_uv [h, r, v]; attention_math takes [h, n, r], [h, v, r]
+    k, v = expand_latent_kv(rows[..., :kv_rank], rows[..., kv_rank:], w_uk.mT, w_uv.mT, rows.dtype)
     q = torch.cat((q_nope, q_rope), dim=-1).transpose(0, 1)
-    return q[None], k[None], v[None]
+    return q[None], k, v
 
 
 def expanded_sdpa_variants(q, k, v, chunk, total, scale):

@@ -128,17 +128,17 @@ def test_reorder_releases_the_buffer_and_the_next_step_regrows():
     with torch.inference_mode():
         for length in (5, 1, 1):
             layer.update(torch.randn(2, length, 4), torch.randn(2, length, 0))
-        buffer = layer._key_buffer
+        buffer = layer._keys_buffer
         assert buffer.shape[1] > 7 and layer.keys.data_ptr() == buffer.data_ptr()
         expected = layer.keys.flip(0)
         layer.reorder_cache(torch.tensor([1, 0]))
-        assert layer._key_buffer is None and layer._value_buffer is None  # no stale buffer kept alive
+        assert layer._keys_buffer is None and layer._values_buffer is None  # no stale buffer kept alive
         assert torch.equal(layer.keys, expected)
         step = torch.randn(2, 1, 4)
         keys, _ = layer.update(step, step[..., :0])
-        assert torch.equal(keys, torch.cat((expected, step), dim=1)) and layer._key_buffer.shape[1] > 8
+        assert torch.equal(keys, torch.cat((expected, step), dim=1)) and layer._keys_buffer.shape[1] > 8
         layer.crop(-2)
-        assert layer._key_buffer is not None and layer.keys.shape[1] == 6  # a crop keeps the buffer
+        assert layer._keys_buffer is not None and layer.keys.shape[1] == 6  # a crop keeps the buffer
 
 
 def test_beam_search_matches_original():

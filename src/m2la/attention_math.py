@@ -129,6 +129,20 @@ def _sdpa_mask(
     return attention_bias(mask, t, s, device, torch.float32) == 0, False
 
 
+def expand_latent_kv(
+    latent: torch.Tensor, k_rope: torch.Tensor, w_uk: torch.Tensor, w_uv: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head keys and values from the latent, in ``dtype``: latent ``[b, s, r]``, k_rope ``[b, s, 2p]``
+    (rotated, shared by the heads), w_uk ``[h, n, r]``, w_uv ``[h, v, r]`` -> keys ``[b, h, s, n + 2p]``,
+    values ``[b, h, s, v]``."""
+    b, s = latent.shape[:2]
+    latent = latent.to(dtype)
+    k_nope = torch.einsum("bsr,hnr->bhsn", latent, w_uk.to(dtype))
+    keys = torch.cat((k_nope, k_rope.to(dtype)[:, None].expand(b, w_uk.shape[0], s, -1)), dim=-1)
+    values = torch.einsum("bsr,hvr->bhsv", latent, w_uv.to(dtype))
+    return keys, values
+
+
 def latent_attention_expanded_sdpa(
     q_nope: torch.Tensor,
     q_rope: torch.Tensor,
@@ -145,9 +159,7 @@ def latent_attention_expanded_sdpa(
     b, t, h, _ = q_rope.shape
     s = latent.shape[1]
     dtype = q_rope.dtype
-    k_nope = torch.einsum("bsr,hnr->bhsn", latent.to(dtype), w_uk.to(dtype))
-    keys = torch.cat((k_nope, k_rope.to(dtype)[:, None].expand(b, h, s, -1)), dim=-1)  # [b, h, s, n + 2p]
-    values = torch.einsum("bsr,hvr->bhsv", latent.to(dtype), w_uv.to(dtype))
+    keys, values = expand_latent_kv(latent, k_rope, w_uk, w_uv, dtype)  # [b, h, s, n + 2p], [b, h, s, v]
     queries = torch.cat((q_nope, q_rope), dim=-1).transpose(1, 2)  # [b, h, t, n + 2p]
     attn_mask, is_causal = _sdpa_mask(mask, t, s, latent.device, dtype)
     dead = None

@@ -48,7 +48,6 @@ def append_rows(
     if s and views_prefix_of(held, buffer) and s + t <= buffer.shape[1]:
         buffer[:, s : s + t] = new
         return buffer, buffer[:, : s + t]
-    buffer = None  # a stale buffer is not needed for the copy below
     room = max(GROWTH_MIN_TOKENS, (s + t) // GROWTH_FRACTION) if s else 0
     grown = new.new_empty((b, s + t + room, width))
     if s:
@@ -98,7 +97,7 @@ class LatentCache:
         self.scales[i] = scales[..., 0]
         if not dequantize:
             return None
-        return dequantize_rows(self.rows[layer_idx], self.scales[layer_idx], rows.dtype)
+        return dequantize_rows(self.rows[i], self.scales[i], rows.dtype)
 
     def quantized_rows(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """fp8 caches: the stored ``rows [b, s, r + 2p]`` and ``scales [b, s]`` (what the kernels read); else None."""
@@ -113,8 +112,7 @@ class LatentCache:
     @property
     def nbytes(self) -> int:
         """Bytes of the rows held right now (and, for fp8, their scales): the format's cost."""
-        held = [t for t in (*self.rows, *self.scales) if t is not None]
-        return sum(t.numel() * t.element_size() for t in held)
+        return sum(map(tensor_nbytes, (*self.rows, *self.scales)))
 
     @property
     def reserved_nbytes(self) -> int:

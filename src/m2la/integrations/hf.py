@@ -80,6 +80,22 @@ class M2LACheckpointError(ValueError):
 # --- cache ----------------------------------------------------------------------------------------
 
 
+def _buffered_rows(name: str) -> property:
+    """``keys`` / ``values`` of a LatentCacheLayer: rows in ``_<name>``, their buffer in ``_<name>_buffer``;
+    assigning rows that do not view the buffer releases it."""
+    rows_attr, buffer_attr = f"_{name}", f"_{name}_buffer"
+
+    def get(self) -> torch.Tensor | None:
+        return getattr(self, rows_attr)
+
+    def put(self, rows: torch.Tensor | None) -> None:
+        setattr(self, rows_attr, rows)
+        if not views_prefix_of(rows, getattr(self, buffer_attr)):
+            setattr(self, buffer_attr, None)
+
+    return property(get, put)
+
+
 class LatentCacheLayer(DynamicLayer):
     """One layer's latent rows ``[b, s, r + 2p]`` kept in ``keys``; ``values`` is an empty ``[b, s, 0]``
     (fp8 caches: the per-token scales ``[b, s, 1]``).
@@ -91,36 +107,15 @@ class LatentCacheLayer(DynamicLayer):
     releases the buffer at once, so no stale buffer outlives the rows it held.
     """
 
-    _keys: torch.Tensor | None = None
-    _values: torch.Tensor | None = None
-    _key_buffer: torch.Tensor | None = None
-    _value_buffer: torch.Tensor | None = None
-
-    @property
-    def keys(self) -> torch.Tensor | None:
-        return self._keys
-
-    @keys.setter
-    def keys(self, rows: torch.Tensor | None) -> None:
-        self._keys = rows
-        if not views_prefix_of(rows, self._key_buffer):
-            self._key_buffer = None
-
-    @property
-    def values(self) -> torch.Tensor | None:
-        return self._values
-
-    @values.setter
-    def values(self, rows: torch.Tensor | None) -> None:
-        self._values = rows
-        if not views_prefix_of(rows, self._value_buffer):
-            self._value_buffer = None
+    _keys = _values = _keys_buffer = _values_buffer = None
+    keys = _buffered_rows("keys")
+    values = _buffered_rows("values")
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self._key_buffer, self.keys = append_rows(self._key_buffer, self.keys, key_states)
-        self._value_buffer, self.values = append_rows(self._value_buffer, self.values, value_states)
+        self._keys_buffer, self.keys = append_rows(self._keys_buffer, self.keys, key_states)
+        self._values_buffer, self.values = append_rows(self._values_buffer, self.values, value_states)
         return self.keys, self.values
 
     @property
@@ -128,15 +123,15 @@ class LatentCacheLayer(DynamicLayer):
         """Bytes of the rows held (the format's cost)."""
         if not self.is_initialized or self.keys is None:
             return 0
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
+        return tensor_nbytes(self.keys) + tensor_nbytes(self.values)
 
     @property
     def reserved_nbytes(self) -> int:
         """Bytes allocated, growth room included."""
         if not self.is_initialized or self.keys is None:
             return 0
-        key_bytes = tensor_nbytes(self._key_buffer if self._key_buffer is not None else self.keys)
-        return key_bytes + tensor_nbytes(self._value_buffer if self._value_buffer is not None else self.values)
+        key_bytes = tensor_nbytes(self._keys_buffer if self._keys_buffer is not None else self.keys)
+        return key_bytes + tensor_nbytes(self._values_buffer if self._values_buffer is not None else self.values)
 
 
 class M2LACache(DynamicCache):

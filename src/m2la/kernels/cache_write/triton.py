@@ -98,10 +98,10 @@ def write_latent_cache_triton(
         return
     block_t = 16
     scale = kv_scale if kv_scale is not None else cos  # any 2-d tensor: unused without HAS_SCALE
-    fp8 = torch.finfo(kv_cache.dtype if kv_scale is not None else torch.float8_e4m3fn)
-    fp8_max = fp8.max if kv_scale is not None else 1.0
-    # eps = 2^-mantissa_bits, tiny = 2^min_normal_exp (e4m3: 3, -6; e5m2: 2, -14)
-    mantissa, min_normal_exp = -int(math.log2(fp8.eps)), int(math.log2(fp8.tiny))
+    fp8_max, mantissa, min_normal_exp = 1.0, 0, 0  # unused without HAS_SCALE
+    if kv_scale is not None:  # eps = 2^-mantissa_bits, tiny = 2^min_normal_exp (e4m3: 3, -6; e5m2: 2, -14)
+        fp8 = torch.finfo(kv_cache.dtype)
+        fp8_max, mantissa, min_normal_exp = fp8.max, -int(math.log2(fp8.eps)), int(math.log2(fp8.tiny))
     _cache_write_kernel[(triton.cdiv(num_tokens, block_t),)](
         latent, k_rope, cos, sin, slot_mapping, kv_cache, scale,
         num_tokens, kv_rank, num_pairs, kv_cache.shape[1], fp8_max,
