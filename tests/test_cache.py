@@ -124,3 +124,26 @@ def test_latent_cache_decode_keeps_its_buffers(dtype):
     row_bytes = 8 * (1 if dtype else 4) + (4 if dtype else 0)
     assert cache.nbytes == 51 * row_bytes
     assert cache.reserved_nbytes == (31 + GROWTH_MIN_TOKENS) * row_bytes
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float8_e4m3fn], ids=["plain", "fp8"])
+def test_reserve_latent_leaves_the_new_rows_to_the_caller(dtype):
+    """reserve_latent (the fused cache write's entry): the held rows stay, the last t rows and scales
+    are what the caller writes there, decode steps reserve in place, and a mismatched shape is refused."""
+    cache = LatentCache(1, dtype)
+    prompt = torch.randn(2, 5, 12)
+    cache.append_latent(0, prompt)
+    rows, scales = cache.reserve_latent(0, 2, 1, 12, torch.float32, torch.device("cpu"))
+    assert rows.shape == (2, 6, 12) and (scales is None) == (dtype is None)
+    assert rows is cache.rows[0] and (scales is None or scales is cache.scales[0])
+    stored = cache.quantized_rows(0)
+    expected_prefix = prompt if dtype is None else stored[0][:, :5].float() * stored[1][:, :5, None]
+    if dtype is not None:
+        torch.testing.assert_close(expected_prefix, prompt, rtol=0.07, atol=0)
+    rows[:, 5:] = 0  # the caller's write
+    pointer = rows.data_ptr()
+    again, _ = cache.reserve_latent(0, 2, 1, 12, torch.float32, torch.device("cpu"))
+    assert again.data_ptr() == pointer and again.shape[1] == 7 and cache.seq_length(0) == 7
+    assert torch.equal(again[:, 5].float(), torch.zeros(2, 12))
+    with pytest.raises(ValueError, match=r"caches \[b=2, width=12\] rows, got \[b=2, width=10\]"):
+        cache.reserve_latent(0, 2, 1, 10, torch.float32, torch.device("cpu"))

@@ -6,7 +6,7 @@ import torch
 
 from .quantization import check_cache_dtype, dequantize_rows, quantize_rows
 
-__all__ = ["LatentCache", "append_rows", "views_prefix_of"]
+__all__ = ["LatentCache", "append_rows", "reserve_rows", "views_prefix_of"]
 
 # Growth of a full buffer: room for max(GROWTH_MIN_TOKENS, length / GROWTH_FRACTION) more tokens, so
 # memory over the live rows stays <= 1/16 (or 256 tokens) and decode copies amortize to <= 16 rows a step.
@@ -28,32 +28,45 @@ def views_prefix_of(held: torch.Tensor | None, buffer: torch.Tensor | None) -> b
     )
 
 
+def reserve_rows(
+    buffer: torch.Tensor | None, held: torch.Tensor | None, new_shape: tuple[int, int, int], dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Room for ``t`` rows after ``held [b, s, w]`` (``new_shape = (b, t, w)``) -> (``buffer [b, capacity, w]``,
+    rows ``[b, s + t, w]``) whose last ``t`` rows are unwritten: the caller fills them (a fused cache-write kernel).
+
+    When ``held`` is a prefix view of ``buffer`` (as returned here, or cropped) with room left, nothing
+    moves. Anything else (a full buffer, a reordered or offloaded copy) moves into a new buffer:
+    exactly ``s + t`` long for a first write, with growth room (GROWTH_*) when it replaces a full one.
+    The rows always live in memory this function allocated, never in the caller's tensors.
+    """
+    b, t, width = new_shape
+    s = held.shape[1] if held is not None and held.dim() == 3 else 0
+    if s and views_prefix_of(held, buffer) and s + t <= buffer.shape[1]:
+        return buffer, buffer[:, : s + t]
+    room = max(GROWTH_MIN_TOKENS, (s + t) // GROWTH_FRACTION) if s else 0
+    grown = torch.empty((b, s + t + room, width), dtype=dtype, device=device)
+    if s:
+        grown[:, :s] = held
+    return grown, grown[:, : s + t]
+
+
 def append_rows(
     buffer: torch.Tensor | None, held: torch.Tensor | None, new: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Append ``new [b, t, w]`` after ``held [b, s, w]`` -> (``buffer [b, capacity, w]``, rows ``[b, s + t, w]``).
 
-    When ``held`` is a prefix view of ``buffer`` (as returned here, or cropped) with room left, ``new``
-    is written in place: a decode step costs O(t) instead of torch.cat's O(s). Anything else (a full
-    buffer, a reordered or offloaded copy) moves into a new buffer: exactly ``s + t`` long for a first
-    write, with growth room (GROWTH_*) when it replaces a full one. The rows always live in memory
-    this function allocated, never in the caller's tensors. While autograd records, rows are
-    concatenated instead: in-place writes would invalidate tensors saved for backward.
+    :func:`reserve_rows`, then ``new`` written into the reserved rows: a decode step costs O(t)
+    instead of torch.cat's O(s). While autograd records, rows are concatenated instead: in-place
+    writes would invalidate tensors saved for backward.
     """
-    b, t, width = new.shape
     s = held.shape[1] if held is not None and held.dim() == 3 else 0
     if s and torch.is_grad_enabled() and (new.requires_grad or held.requires_grad):
         rows = torch.cat((held, new), dim=1)
         return rows, rows
-    if s and views_prefix_of(held, buffer) and s + t <= buffer.shape[1]:
-        buffer[:, s : s + t] = new
-        return buffer, buffer[:, : s + t]
-    room = max(GROWTH_MIN_TOKENS, (s + t) // GROWTH_FRACTION) if s else 0
-    grown = new.new_empty((b, s + t + room, width))
-    if s:
-        grown[:, :s] = held
-    grown[:, s : s + t] = new
-    return grown, grown[:, : s + t]
+    buffer, rows = reserve_rows(buffer, held, tuple(new.shape), new.dtype, new.device)
+    rows[:, s:] = new
+    return buffer, rows
 
 
 def tensor_nbytes(tensor: torch.Tensor | None) -> int:
@@ -80,13 +93,8 @@ class LatentCache:
 
         ``dequantize=False``: an fp8 cache returns None instead (for callers that read ``quantized_rows``).
         """
-        held = self.rows[layer_idx]
-        if held is not None and (held.shape[0] != rows.shape[0] or held.shape[2] != rows.shape[2]):
-            raise ValueError(
-                f"layer {layer_idx} caches [b={held.shape[0]}, width={held.shape[2]}] rows, "
-                f"got [b={rows.shape[0]}, width={rows.shape[2]}]"
-            )
-        i = layer_idx
+        self._check_shape(layer_idx, rows.shape[0], rows.shape[2])
+        i, held = layer_idx, self.rows[layer_idx]
         if self.dtype is None:
             self._row_buffers[i], self.rows[i] = append_rows(self._row_buffers[i], held, rows)
             return self.rows[i]
@@ -98,6 +106,35 @@ class LatentCache:
         if not dequantize:
             return None
         return dequantize_rows(self.rows[i], self.scales[i], rows.dtype)
+
+    def reserve_latent(
+        self, layer_idx: int, batch: int, num_tokens: int, width: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """Make room for ``num_tokens`` rows of ``width`` (rows of ``dtype``, or of the fp8 cache dtype);
+        return the layer's rows ``[b, s, width]`` and, for fp8, scales ``[b, s]``, whose last
+        ``num_tokens`` entries the caller writes (``m2la.kernels.write_latent_cache``), in place."""
+        i = layer_idx
+        self._check_shape(i, batch, width)
+        shape = (batch, num_tokens, width)
+        self._row_buffers[i], self.rows[i] = reserve_rows(
+            self._row_buffers[i], self.rows[i], shape, self.dtype or dtype, device
+        )
+        if self.dtype is None:
+            return self.rows[i], None
+        scales = None if self.scales[i] is None else self.scales[i][..., None]  # [b, s, 1]
+        self._scale_buffers[i], scales = reserve_rows(
+            self._scale_buffers[i], scales, (batch, num_tokens, 1), torch.float32, device
+        )
+        self.scales[i] = scales[..., 0]
+        return self.rows[i], self.scales[i]
+
+    def _check_shape(self, layer_idx: int, batch: int, width: int) -> None:
+        held = self.rows[layer_idx]
+        if held is not None and (held.shape[0] != batch or held.shape[2] != width):
+            raise ValueError(
+                f"layer {layer_idx} caches [b={held.shape[0]}, width={held.shape[2]}] rows, "
+                f"got [b={batch}, width={width}]"
+            )
 
     def quantized_rows(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """fp8 caches: the stored ``rows [b, s, r + 2p]`` and ``scales [b, s]`` (what the kernels read); else None."""

@@ -21,7 +21,16 @@ class LatentCacheProtocol(Protocol):
         A cache that stores fp8 rows may also offer ``quantized_rows(layer_idx) -> (rows, scales [b, s])``
         for the Triton kernels to read directly; such a cache's ``append_latent`` also takes
         ``dequantize=False``, which skips dequantizing the whole layer and returns None when it holds fp8 rows.
+
+        A cache may also offer ``reserve_latent(layer_idx, b, t, width, dtype, device) -> (rows [b, s, width],
+        scales [b, s] | None)``, whose last ``t`` rows (and fp8 scales) are left for the caller to write:
+        the Triton backend then rotates, quantizes and stores the new rows with one fused kernel.
         """
+
+
+def _records_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records ops on these tensors (the fused cache write has no backward)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 class RMSNorm(nn.Module):
@@ -140,17 +149,23 @@ class M2LAttention(nn.Module):
         q_nope, q_rope = self.project_queries(hidden)
         latent, k_rope = self.encode_kv(hidden)
         q_rope = rope.apply_rope_half(q_rope, cos[:, :, None], sin[:, :, None])
-        rows = torch.cat((latent, rope.apply_rope_half(k_rope, cos, sin)), dim=-1)  # [b, t, r + 2p]
         fused = resolve_backend(None, hidden) == "triton"
+        reserve = getattr(cache, "reserve_latent", None) if fused and not _records_grad(latent, k_rope) else None
         stored = getattr(cache, "quantized_rows", None) if fused else None
-        if stored is not None:
-            # the kernels read fp8 rows as stored: skip dequantizing the whole layer every step
-            rows = cache.append_latent(self.layer_idx, rows, dequantize=False)  # [b, s, r + 2p] or None
-        elif cache is not None:
-            rows = cache.append_latent(self.layer_idx, rows)  # [b, s, r + 2p]
+        quantized = None
+        if reserve is not None:  # one fused kernel rotates, quantizes and writes the new rows in place
+            rows, scales = self._write_cache_fused(reserve, latent, k_rope, cos, sin)
+            quantized = (rows, scales) if scales is not None else None
+        else:
+            rows = torch.cat((latent, rope.apply_rope_half(k_rope, cos, sin)), dim=-1)  # [b, t, r + 2p]
+            if stored is not None:
+                # the kernels read fp8 rows as stored: skip dequantizing the whole layer every step
+                rows = cache.append_latent(self.layer_idx, rows, dequantize=False)  # [b, s, r + 2p] or None
+                quantized = stored(self.layer_idx)
+            elif cache is not None:
+                rows = cache.append_latent(self.layer_idx, rows)  # [b, s, r + 2p]
         w_uk, w_uv, v_bias = self.up_projections()
         if fused:
-            quantized = stored(self.layer_idx) if stored is not None else None
             out = self._attend_fused(q_nope, q_rope, rows, w_uk, w_uv, attention_mask, quantized)
             if v_bias is not None:
                 out = out + v_bias.to(out.dtype)
@@ -165,6 +180,27 @@ class M2LAttention(nn.Module):
                 attention_mask, v_bias,
             )
         return self.o_proj(out.to(hidden.dtype).flatten(-2))
+
+    def _write_cache_fused(self, reserve, latent, k_rope, cos, sin) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Store ``[latent [b, t, r] | RoPE(k_rope [b, t, 2p])]`` into the cache with the fused write kernel.
+
+        ``reserve``: the cache's ``reserve_latent``. Returns the layer's rows ``[b, s, r + 2p]`` (and fp8
+        scales ``[b, s]``), the new ones last. Those rows are a paged cache of ``b`` blocks of ``s`` slots,
+        so sequence ``i``'s token ``j`` goes to slot ``i * s + s - t + j``.
+        """
+        from . import kernels
+
+        b, t, r = latent.shape
+        p = cos.shape[-1]
+        rows, scales = reserve(self.layer_idx, b, t, r + k_rope.shape[-1], latent.dtype, latent.device)
+        s = rows.shape[1]
+        positions = torch.arange(s - t, s, device=latent.device)
+        slots = (torch.arange(b, device=latent.device)[:, None] * s + positions).flatten()  # [b * t] int64
+        kernels.write_latent_cache(
+            rows, latent.flatten(0, 1), k_rope.flatten(0, 1), cos.expand(b, t, p).reshape(b * t, p),
+            sin.expand(b, t, p).reshape(b * t, p), slots, kv_scale=scales, backend="triton",
+        )  # fmt: skip
+        return rows, scales
 
     def _attend_fused(self, q_nope, q_rope, rows, w_uk, w_uv, attention_mask, quantized=None) -> torch.Tensor:
         """The Triton kernels over the contiguous cache rows: decode for one query, chunked prefill otherwise.

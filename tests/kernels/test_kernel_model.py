@@ -86,12 +86,19 @@ def test_fp8_cache_generate_same_tokens_as_reference(family):
 def test_compiled_converted_model_runs_the_kernels(cache_dtype, monkeypatch):
     """torch.compile of a whole converted model (aot_eager: dynamo + AOT autograd, no C++ compiler
     needed): under the Triton backend the compiled prefill and decode steps call the Triton kernels
-    (custom ops, opaque to the compiler) and give the eager model's logits."""
+    (custom ops, opaque to the compiler; the cache write mutates the cache in place) and give the
+    eager model's logits."""
+    import m2la.kernels.cache_write.triton as write_module
     import m2la.kernels.latent_decode.triton as decode_module
     import m2la.kernels.latent_prefill.triton as prefill_module
 
     calls = []
-    for module, name in ((decode_module, "latent_decode_triton"), (prefill_module, "latent_prefill_triton")):
+    patched = (
+        (decode_module, "latent_decode_triton"),
+        (prefill_module, "latent_prefill_triton"),
+        (write_module, "write_latent_cache_triton"),
+    )
+    for module, name in patched:
         kernel = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _k=kernel, _n=name, **kw: calls.append(_n) or _k(*a, **kw))
     model = tiny_hf.build("qwen3", 6, 2, 12)
@@ -111,7 +118,77 @@ def test_compiled_converted_model_runs_the_kernels(cache_dtype, monkeypatch):
         compiled = run(torch.compile(model, backend="aot_eager"))
     layers = model.config.num_hidden_layers
     assert sorted(eager_calls) == sorted(calls) == sorted(
-        ["latent_prefill_triton"] * layers + ["latent_decode_triton"] * 2 * layers
+        ["latent_prefill_triton"] * layers
+        + ["latent_decode_triton"] * 2 * layers
+        + ["write_latent_cache_triton"] * 3 * layers  # the fused cache write, every step
     )
     for got, expected in zip(compiled, eager, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cache_dtype", [None, torch.float8_e4m3fn], ids=["fp32-cache", "fp8-cache"])
+@pytest.mark.parametrize("cache_kind", ["hf", "plain"])
+def test_fused_cache_write_stores_what_the_reference_path_stores(cache_kind, cache_dtype, monkeypatch):
+    """Under the Triton backend the new rows reach the cache through the fused write kernel (RoPE,
+    fp8 scale and store in one pass, in place in the cache's buffer): the stored rows and scales
+    equal the reference path's, prefill and decode, M2LACache and LatentCache alike."""
+    import m2la.kernels.cache_write.triton as write_module
+
+    writes = []
+    kernel = write_module.write_latent_cache_triton
+    monkeypatch.setattr(write_module, "write_latent_cache_triton", lambda *a, **kw: writes.append(1) or kernel(*a, **kw))
+    model = tiny_hf.build("qwen3", 6, 2, 12)
+    m2la.convert(model)
+    attention = next(m for m in model.modules() if isinstance(m, m2la.M2LAttention))
+    ids = torch.randint(10, tiny_hf.VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))
+    steps = torch.randint(10, tiny_hf.VOCAB, (2, 3), generator=torch.Generator().manual_seed(5))
+
+    def stored(backend):
+        cache = m2la.M2LACache.for_model(model, cache_dtype)
+        plain = m2la.LatentCache(model.config.num_hidden_layers, cache_dtype)
+        hidden = torch.randn(2, 7, model.config.hidden_size, generator=torch.Generator().manual_seed(6))
+        positions = torch.arange(7)[None].expand(2, 7)
+        pointers = []
+        with use_backend(backend), torch.no_grad():
+            if cache_kind == "hf":
+                model(input_ids=ids, cache=cache, use_cache=True)
+                for i in range(3):
+                    model(input_ids=steps[:, i : i + 1], cache=cache, use_cache=True)
+                    pointers.append(cache.layers[0].keys.data_ptr())
+                rows, scales = cache.layers[0].keys, cache.layers[0].values
+            else:
+                attention.attend(hidden, *attention.rope_cos_sin(positions), cache=plain)
+                for i in range(3):
+                    cos, sin = attention.rope_cos_sin(positions[:, :1] + 7 + i)
+                    attention.attend(hidden[:, i : i + 1], cos, sin, cache=plain)
+                    pointers.append(plain.rows[0].data_ptr())
+                rows, scales = plain.rows[0], plain.scales[0]
+        assert len(set(pointers)) == 1  # decode steps write in place
+        return rows.float(), (None if scales is None else scales.float().reshape(2, -1))
+
+    expected_rows, expected_scales = stored("reference")
+    assert not writes
+    got_rows, got_scales = stored("triton")
+    assert writes  # the fused kernel wrote the rows
+    assert got_rows.shape == expected_rows.shape == (2, 10, attention.config.cache_width)
+    if cache_dtype is None:
+        torch.testing.assert_close(got_rows, expected_rows, rtol=1e-5, atol=1e-5)
+    else:  # same fp8 codes up to one grid step where fp32 rounding of the rotation differs
+        torch.testing.assert_close(got_scales, expected_scales, rtol=1e-5, atol=0)
+        torch.testing.assert_close(got_rows, expected_rows, rtol=0.07, atol=2**-9)
+        assert (got_rows == expected_rows).float().mean() > 0.99
+
+
+def test_fused_cache_write_is_skipped_while_autograd_records(monkeypatch):
+    """The cache write kernel has no backward: while autograd records, the rows are appended in torch."""
+    import m2la.kernels.cache_write.triton as write_module
+
+    monkeypatch.setattr(write_module, "write_latent_cache_triton", lambda *a, **kw: pytest.fail("fused write ran"))
+    model = tiny_hf.build("qwen2", 6, 2, 12)
+    m2la.convert(model)
+    attention = next(m for m in model.modules() if isinstance(m, m2la.M2LAttention))
+    cache = m2la.LatentCache(model.config.num_hidden_layers)
+    hidden = torch.randn(1, 5, model.config.hidden_size, requires_grad=True)
+    with use_backend("triton"):
+        attention.attend(hidden, *attention.rope_cos_sin(torch.arange(5)[None]), cache=cache)
+    assert cache.rows[0].requires_grad and cache.seq_length(0) == 5

@@ -26,7 +26,7 @@ from transformers import AutoConfig, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from .. import rope
-from ..cache import append_rows, tensor_nbytes, views_prefix_of
+from ..cache import append_rows, reserve_rows, tensor_nbytes, views_prefix_of
 from ..config import M2LAConfig, M2LAConfigError
 from ..conversion import ConversionError, SourceAttention, lossless_config, lossless_state_dict, source_cache_width
 from ..module import M2LAttention
@@ -118,6 +118,23 @@ class LatentCacheLayer(DynamicLayer):
         self._values_buffer, self.values = append_rows(self._values_buffer, self.values, value_states)
         return self.keys, self.values
 
+    def reserve(
+        self, key_shape: tuple[int, int, int], key_dtype: torch.dtype, value_width: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Room for ``t`` more rows (``key_shape = (b, t, w)``; values ``value_width`` wide, fp32 when
+        non-empty): returns ``keys, values`` whose last ``t`` rows the caller writes in place."""
+        b, t, _ = key_shape
+        value_dtype = torch.float32 if value_width else key_dtype
+        if not self.is_initialized:
+            self.lazy_initialization(
+                torch.empty(0, dtype=key_dtype, device=device), torch.empty(0, dtype=value_dtype, device=device)
+            )
+        self._keys_buffer, self.keys = reserve_rows(self._keys_buffer, self.keys, key_shape, key_dtype, device)
+        self._values_buffer, self.values = reserve_rows(
+            self._values_buffer, self.values, (b, t, value_width), value_dtype, device
+        )
+        return self.keys, self.values
+
     @property
     def nbytes(self) -> int:
         """Bytes of the rows held (the format's cost)."""
@@ -169,6 +186,23 @@ class M2LACache(DynamicCache):
         if not dequantize:
             return None
         return dequantize_rows(keys, scales[..., 0], rows.dtype)
+
+    def reserve_latent(
+        self, layer_idx: int, batch: int, num_tokens: int, width: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """Make room for ``num_tokens`` rows of ``width`` (rows of ``dtype``, or of the fp8 cache dtype);
+        return the layer's rows ``[b, s, width]`` and, for fp8, scales ``[b, s]``, whose last
+        ``num_tokens`` entries the caller writes (``m2la.kernels.write_latent_cache``), in place."""
+        layer = self.layers[layer_idx]
+        if layer.is_initialized and layer.keys is not None and layer.keys.dim() == 3:
+            held = layer.keys.shape
+            if held[0] != batch or held[2] != width:
+                raise ValueError(
+                    f"layer {layer_idx} caches [b={held[0]}, width={held[2]}] rows, got [b={batch}, width={width}]"
+                )
+        fp8 = self.dtype is not None
+        keys, values = layer.reserve((batch, num_tokens, width), self.dtype or dtype, int(fp8), device)
+        return keys, (values[..., 0] if fp8 else None)
 
     def quantized_rows(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """fp8 caches: the stored ``rows [b, s, r + 2p]`` and ``scales [b, s]`` (what the kernels read); else None."""
