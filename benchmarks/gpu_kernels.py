@@ -252,14 +252,16 @@ SWEEP = [
     dict(pages="sorted"),
     dict(page_size=256),
     dict(contiguous=True),
-    dict(fp8=True),
-    dict(fp8=True, HEADS_ON_N=True, num_warps=4),
+    dict(HEADS_ON_N=True, LATENT_PIECES=True, num_warps=8),  # exact pieces: 1/8 less MMA work, no spills
+    dict(HEADS_ON_N=True, LATENT_PIECES=True, num_warps=4),
+    dict(fp8=True),  # the fp8 default (pieces, 8 warps, BLOCK_N 32)
+    dict(fp8=True, BLOCK_N=64),
+    dict(fp8=True, HEADS_ON_N=False, LATENT_PIECES=False, BLOCK_N=64),  # the bf16 tile (the old fp8 default)
+    dict(fp8=True, LATENT_PIECES=False, num_warps=4, BLOCK_N=64),
     dict(HEADS_ON_N=True, num_warps=4),
     dict(HEADS_ON_N=True, num_warps=8),
     dict(HEADS_ON_N=False, num_warps=8),
     dict(BLOCK_N=32),
-    dict(BLOCK_N=32, num_stages=3),
-    dict(HEADS_ON_N=True, num_warps=4, num_stages=3),
 ]
 SWEEP_SHAPES = [(32, 16384), (1, 131072), (8, 32768)]
 
@@ -300,7 +302,7 @@ def sweep_case(device, dtype, batch, context, kv_rank, rope_dim, config):
         q, table, lens = paged_inputs(batch, context, kv_rank, rope_dim, dtype, device, cache)
         if sorted_pages:
             table = torch.arange(table.numel(), device=device, dtype=torch.int32).view_as(table)
-    block_n = {**decode_config(HEADS, kv_rank, rope_dim, False), **config}["BLOCK_N"]
+    block_n = {**decode_config(HEADS, kv_rank, rope_dim, False, fp8), **config}["BLOCK_N"]
     if splits == "legacy":
         splits = _legacy_splits(batch, context, block_n, device)
     elif splits == "x2":

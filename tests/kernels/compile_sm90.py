@@ -1,16 +1,20 @@
 """Compile the decode/prefill kernels for sm_90 without a GPU; print JSON facts about the result.
 
 Run in a process WITHOUT TRITON_INTERPRET (the interpreter replaces the compiler).
-Usage: python compile_sm90.py  -> {"<case>": {"shared": bytes, "wgmma": count, "spills": ...}, ...}
+Usage: python compile_sm90.py  -> {"<case>": {"shared": bytes, "wgmma": count, "registers": per thread,
+"spill_stores": bytes (ptxas -v), ...}, ...}
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
 
 import triton
+from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -50,14 +54,39 @@ def divisibility_attrs(kernel, sig: dict[str, str]) -> dict:
     }
 
 
+def ptxas_compile(src, num_warps, num_stages):
+    """triton.compile for sm_90, always running ptxas (no cache hit), with ptxas's `-v` log captured."""
+    log = io.StringIO()
+    saved = knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log
+    knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log = True, True
+    try:
+        with contextlib.redirect_stdout(log):  # triton prints the log it asked ptxas for
+            compiled = triton.compile(
+                src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages)
+            )
+    finally:
+        knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log = saved
+    return compiled, log.getvalue()
+
+
+def register_facts(ptxas_log: str) -> dict:
+    """Registers per thread and bytes spilled to local memory, from ptxas's -v log (last function)."""
+    registers = re.findall(r"Used (\d+) registers", ptxas_log)
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas_log)
+    return {
+        "registers": int(registers[-1]) if registers else None,
+        "spill_stores": int(spills[-1][0]) if spills else None,
+        "spill_loads": int(spills[-1][1]) if spills else None,
+    }
+
+
 def compile_sm90(kernel, pointer_types, constexprs, num_warps, num_stages):
     sig = signature(kernel, pointer_types, constexprs)
     src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=divisibility_attrs(kernel, sig))
-    compiled = triton.compile(
-        src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages)
-    )
+    compiled, ptxas_log = ptxas_compile(src, num_warps, num_stages)
     ptx = compiled.asm["ptx"]
     return {
+        **register_facts(ptxas_log),
         "shared": compiled.metadata.shared,
         "wgmma": len(re.findall(r"wgmma\.mma_async", ptx)),
         "mma_sync": len(re.findall(r"\bmma\.sync", ptx)),
@@ -69,7 +98,9 @@ def compile_sm90(kernel, pointer_types, constexprs, num_warps, num_stages):
 
 def decode_case(heads, kv_rank, rope_dim, dtype="fp16", cache_dtype=None, **overrides):
     """`cache_dtype` "fp8e4nv": an fp8 cache with per-token scales, q in `dtype`."""
-    cfg = {**decode.decode_config(heads, kv_rank, rope_dim, interpret=False), **overrides}
+    fp8 = cache_dtype is not None and cache_dtype.startswith("fp8")
+    cfg = {**decode.decode_config(heads, kv_rank, rope_dim, interpret=False, fp8=fp8), **overrides}
+    cfg = decode.resolve_latent_pieces(cfg, kv_rank)
     single_d = cfg["BLOCK_D"] >= kv_rank
     one_value_tile = cfg["BLOCK_V"] >= kv_rank and cfg["BLOCK_V"] == cfg["BLOCK_D"]
     consts = dict(PAGED=True, PAGE_TILE=cfg["PAGE_TILE"], HAS_KV_START=False, DOT_PRECISION="tf32",
@@ -80,6 +111,7 @@ def decode_case(heads, kv_rank, rope_dim, dtype="fp16", cache_dtype=None, **over
         kernel = decode._decode_split_kernel_heads_on_n
         del consts["BLOCK_V"]
     else:
+        del consts["BLOCK_D1"], consts["BLOCK_D2"]
         consts.update(SINGLE_D=single_d, VALUES_FROM_KEYS=single_d and one_value_tile)
     ptrs = {"q_ptr": f"*{dtype}", "kv_ptr": f"*{cache_dtype or dtype}", "block_table_ptr": "*i32",
             "seqlens_ptr": "*i32", "kv_start_ptr": "*i32", "kv_scale_ptr": "*fp32", "part_out_ptr": "*fp32",
@@ -116,6 +148,7 @@ def cache_write_case(kv_rank, rope_dim, cache_dtype="fp8e4nv"):
 
 def main() -> None:
     assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without TRITON_INTERPRET"
+    bf16_tile = dict(LATENT_PIECES=False, BLOCK_N=64)  # an fp8 cache with the bf16 cache's tile
     results = {
         "decode_h32_r896_rope128": decode_case(32, 896, 128),
         "decode_h32_r448_rope64_bf16": decode_case(32, 448, 64, "bf16"),
@@ -123,11 +156,21 @@ def main() -> None:
         "decode_h32_r448_rope64_bf16_heads_on_n": decode_case(32, 448, 64, "bf16", HEADS_ON_N=True),
         "decode_h128_r896_rope128": decode_case(128, 896, 128),
         "prefill_v128_rope128": prefill_case(128, 128, 128, paged=False),  # expanded (the host expands contiguous)
+        # exact latent pieces (256 + 128 + 64, 512 + 256 + 128) against the padded next_pow2(r) tile
+        "decode_h32_r448_rope64_bf16_pieces": decode_case(32, 448, 64, "bf16", HEADS_ON_N=True, LATENT_PIECES=True),
+        "decode_h32_r896_rope128_bf16_heads_on_n_w8": decode_case(32, 896, 128, "bf16", HEADS_ON_N=True, num_warps=8),
+        "decode_h32_r896_rope128_bf16_pieces_w8": decode_case(
+            32, 896, 128, "bf16", HEADS_ON_N=True, LATENT_PIECES=True, num_warps=8
+        ),
         "decode_h32_r448_rope64_fp8": decode_case(32, 448, 64, "bf16", "fp8e4nv"),
         "decode_h32_r896_rope128_fp8": decode_case(32, 896, 128, "bf16", "fp8e4nv"),
+        "decode_h32_r448_rope64_fp8_bf16_tile": decode_case(32, 448, 64, "bf16", "fp8e4nv", **bf16_tile, num_warps=4),
+        "decode_h32_r896_rope128_fp8_bf16_tile": decode_case(
+            32, 896, 128, "bf16", "fp8e4nv", **bf16_tile, HEADS_ON_N=False, num_warps=8
+        ),
         # fp8 halves the tile: heads on N fits at BLOCK_N 64 (bf16 needs 32) and runs on wgmma alone
         "decode_h32_r896_rope128_fp8_heads_on_n": decode_case(
-            32, 896, 128, "bf16", "fp8e4nv", HEADS_ON_N=True, num_warps=4
+            32, 896, 128, "bf16", "fp8e4nv", **bf16_tile, HEADS_ON_N=True, num_warps=4
         ),
         "prefill_absorbed_r512_rope64_fp8": prefill_case(512, 64, 512, "bf16", "fp8e4nv"),
         "cache_write_r448_rope64_fp8": cache_write_case(448, 64),

@@ -1,9 +1,9 @@
 """Compile-only checks for sm_90 on CPU: every default decode/prefill config fits shared memory and
 streams the cache through cp.async; the 64-head-tile decode (h > 32), the heads-on-N decode tile
 (the default for h <= 32, r <= 512) and the prefill kernel use wgmma. At r = 896 the h <= 32 default
-keeps heads on M (mma.sync), which won the H100 sweep at b=32 (benchmarks/RESULTS.md). The fp8
-cache variants (tiles widened to bf16 in registers) keep the same MMA kind, and the fp8 cache write
-compiles without spills.
+keeps heads on M (mma.sync), which won the H100 sweep at b=32 (benchmarks/RESULTS.md). Exact latent
+pieces cut MMA work and shared memory. ptxas's register log (`-v`) gives spills: the fp8 default
+spills far less than the bf16 tile would over an fp8 cache, and the fp8 cache write not at all.
 
 The compile passes the 16-divisibility hints the launcher's JIT gives (strides, pointers): without
 them triton emits scalar 2-byte loads and no cp.async, which is not what runs on the GPU."""
@@ -37,6 +37,8 @@ def compiled() -> dict:
 
 WGMMA_CASES = [
     "decode_h64_r512_rope64_bf16",
+    "decode_h32_r448_rope64_bf16_pieces",
+    "decode_h32_r896_rope128_bf16_pieces_w8",  # wgmma for out^T = K^T p^T (32-token tiles: scores on mma.sync)
     "decode_h128_r896_rope128",
     "decode_h32_r448_rope64_bf16_heads_on_n",  # heads on the MMA N dimension: 64-token M tiles
     "prefill_v128_rope128",
@@ -44,7 +46,15 @@ WGMMA_CASES = [
     "decode_h32_r896_rope128_fp8_heads_on_n",
     "prefill_absorbed_r512_rope64_fp8",
 ]
-ALL_CASES = ["decode_h32_r896_rope128", "decode_h32_r448_rope64_bf16", "decode_h32_r896_rope128_fp8", *WGMMA_CASES]
+ALL_CASES = [
+    "decode_h32_r896_rope128",
+    "decode_h32_r448_rope64_bf16",
+    "decode_h32_r896_rope128_fp8",
+    "decode_h32_r896_rope128_bf16_heads_on_n_w8",
+    "decode_h32_r448_rope64_fp8_bf16_tile",
+    "decode_h32_r896_rope128_fp8_bf16_tile",
+    *WGMMA_CASES,
+]
 
 
 @pytest.mark.parametrize("case", ALL_CASES)
@@ -73,3 +83,40 @@ def test_sm90_fp8_heads_on_n_at_r896_keeps_64_token_tiles(compiled):
 def test_sm90_fp8_cache_write_compiles_without_spills(compiled):
     facts = compiled["cache_write_r448_rope64_fp8"]
     assert facts["local_bytes"] == 0 and facts["shared"] <= H100_MAX_SHARED_BYTES, facts
+    assert facts["spill_stores"] in (0, None), facts
+
+
+def spills(compiled, case) -> int:
+    facts = compiled[case]
+    if facts["spill_stores"] is None:
+        pytest.skip("this triton does not print ptxas's register log")
+    return facts["spill_stores"]
+
+
+@pytest.mark.parametrize(
+    "pieces,padded",
+    [
+        ("decode_h32_r448_rope64_bf16_pieces", "decode_h32_r448_rope64_bf16"),
+        ("decode_h32_r896_rope128_bf16_pieces_w8", "decode_h32_r896_rope128_bf16_heads_on_n_w8"),
+    ],
+)
+def test_sm90_latent_pieces_cut_mma_work_and_shared_memory(compiled, pieces, padded):
+    """Exact power-of-two pieces of r issue fewer MMA instructions and stage less shared memory than
+    one next_pow2(r) tile whose last 1/8 of columns are zero."""
+    exact, pad = compiled[pieces], compiled[padded]
+    assert exact["wgmma"] + exact["mma_sync"] < pad["wgmma"] + pad["mma_sync"], (exact, pad)
+    assert exact["shared"] < pad["shared"], (exact, pad)
+
+
+def test_sm90_r896_pieces_with_8_warps_do_not_spill(compiled):
+    assert spills(compiled, "decode_h32_r896_rope128_bf16_pieces_w8") == 0, compiled
+
+
+@pytest.mark.parametrize("kv_rank,rope", [(448, 64), (896, 128)])
+def test_sm90_fp8_default_spills_far_less_than_the_bf16_tile(compiled, kv_rank, rope):
+    """Widening fp8 tiles in registers makes the bf16 cache's tile spill (about 0.5-1 KiB per thread);
+    the fp8 default (pieces, 8 warps, 32-token tiles) spills nothing under triton 3.6 and at most
+    half as much under later ptxas versions."""
+    default = spills(compiled, f"decode_h32_r{kv_rank}_rope{rope}_fp8")
+    bf16_tile = spills(compiled, f"decode_h32_r{kv_rank}_rope{rope}_fp8_bf16_tile")
+    assert bf16_tile > 0 and default <= bf16_tile // 2, (default, bf16_tile)

@@ -118,8 +118,10 @@ def test_triton_paged_kv_start():
         dict(BLOCK_D=64, BLOCK_V=64, BLOCK_H=16, BLOCK_N=32),
         dict(BLOCK_D=64, BLOCK_V=64, HEADS_ON_N=True),  # transposed: heads on the MMA N dimension
         dict(BLOCK_D=64, BLOCK_V=64, HEADS_ON_N=True, BLOCK_H=16, BLOCK_N=32, PAGE_TILE=False),
+        dict(HEADS_ON_N=True, LATENT_PIECES=True),  # r = 60 as pieces 32 + 16 + 16 (4 columns masked)
+        dict(HEADS_ON_N=True, LATENT_PIECES=True, BLOCK_H=16, BLOCK_N=32, PAGE_TILE=False),
     ],
-    ids=["values-from-keys", "resident-q", "small-h", "heads-on-n", "heads-on-n-gather"],
+    ids=["values-from-keys", "resident-q", "small-h", "heads-on-n", "heads-on-n-gather", "pieces", "pieces-gather"],
 )
 @pytest.mark.parametrize("kv_start", [None, [0, 3, 40, 0]])
 def test_triton_single_d_variants(config, kv_start):
@@ -209,6 +211,32 @@ def test_split_count_fills_whole_waves():
         assert waves * 264 - batch * splits < 264 * 0.5 or splits == 1, (batch, splits)
 
 
+@settings(max_examples=200, deadline=None)
+@given(kv_rank=st.integers(1, 4096))
+def test_latent_pieces_cover_the_latent_with_the_least_padding(kv_rank):
+    """At most 3 power-of-two pieces of at least 16, largest first, covering r; padding only where
+    3 pieces cannot be exact, and then less than one next_pow2(r) tile pads."""
+    from m2la.kernels.latent_decode.triton import latent_pieces
+
+    pieces = latent_pieces(kv_rank)
+    widths = [w for w in pieces if w]
+    assert len(pieces) == 3 and pieces[: len(widths)] == tuple(widths)  # zeros only at the end
+    assert all(w >= 16 and w & (w - 1) == 0 for w in widths) and list(widths) == sorted(widths, reverse=True)
+    assert kv_rank <= sum(widths) <= max(16, 1 << (kv_rank - 1).bit_length())  # never more than next_pow2
+    if kv_rank % 16 == 0 and bin(kv_rank).count("1") <= 3:
+        assert sum(widths) == kv_rank  # exact wherever three pieces can be
+    assert latent_pieces(448) == (256, 128, 64) and latent_pieces(896) == (512, 256, 128)
+    assert latent_pieces(512) == (512, 0, 0) and latent_pieces(60) == (32, 16, 16)
+
+
+def test_latent_pieces_need_heads_on_n():
+    from m2la.kernels.latent_decode.triton import latent_decode_triton
+
+    q, cache, table, lens = make_case(3, 48, 16, [5], 16, torch.float32)
+    with pytest.raises(ValueError, match="LATENT_PIECES needs the HEADS_ON_N"):
+        latent_decode_triton(q, cache, lens, 0.2, 48, table, config=dict(HEADS_ON_N=False, LATENT_PIECES=True))
+
+
 def test_heads_on_n_needs_one_resident_value_tile():
     from m2la.kernels.latent_decode.triton import latent_decode_triton
 
@@ -225,10 +253,10 @@ def test_heads_on_n_against_reference(heads, dtype):
 
     seqlens = [0, 1, 63, 37]
     q, cache, table, lens = make_case(heads, 48, 16, seqlens, 16, dtype, seed=heads + 11)
-    config = dict(HEADS_ON_N=True, BLOCK_D=64, BLOCK_V=64)
-    out, lse = latent_decode_triton(q, cache, lens, 0.2, 48, table, num_splits=3, config=config)
-    ref_out, ref_lse = decode_attention(q, cache, lens, 0.2, 48, table, backend="reference")
-    assert_close_with_lse(out, lse, ref_out, ref_lse, atol=TOL[dtype], rtol=TOL[dtype])
+    for config in (dict(HEADS_ON_N=True, BLOCK_D=64, BLOCK_V=64), dict(HEADS_ON_N=True, LATENT_PIECES=True)):
+        out, lse = latent_decode_triton(q, cache, lens, 0.2, 48, table, num_splits=3, config=config)
+        ref_out, ref_lse = decode_attention(q, cache, lens, 0.2, 48, table, backend="reference")
+        assert_close_with_lse(out, lse, ref_out, ref_lse, atol=TOL[dtype], rtol=TOL[dtype])
 
 
 @settings(max_examples=15, deadline=None)
@@ -241,14 +269,14 @@ def test_heads_on_n_against_reference(heads, dtype):
     splits=st.integers(0, 9),
     start_frac=st.floats(0.0, 1.0),
     fp8=st.booleans(),
-    heads_on_n=st.booleans(),
+    tiling=st.sampled_from(["default", "heads_on_n", "pieces"]),
     seed=st.integers(0, 2**16),
 )
 def test_triton_matches_fp64_over_random_layouts(
-    heads, kv_rank, rope_half, block_size, lengths, splits, start_frac, fp8, heads_on_n, seed
+    heads, kv_rank, rope_half, block_size, lengths, splits, start_frac, fp8, tiling, seed
 ):
     """Any head count, latent/RoPE width, page size, lengths (0 included), split count (0 = the
-    launcher's choice, or more splits than tiles), left padding, fp8 or not, either tiling: the
+    launcher's choice, or more splits than tiles), left padding, fp8 or not, any tiling: the
     kernel matches the fp64 oracle over the rows the cache holds (NaN in every unused slot)."""
     from kernel_cases import random_quantized_paged_cache
 
@@ -264,7 +292,11 @@ def test_triton_matches_fp64_over_random_layouts(
         scale, rows = None, cache
     q = torch.randn(len(lengths), heads, width, generator=torch.Generator().manual_seed(seed))
     lens, start = torch.tensor(lengths, dtype=torch.int32), torch.tensor(kv_start, dtype=torch.int32)
-    config = dict(HEADS_ON_N=True, BLOCK_D=128, BLOCK_V=128) if heads_on_n else None
+    config = {
+        "default": None,
+        "heads_on_n": dict(HEADS_ON_N=True, BLOCK_D=128, BLOCK_V=128),
+        "pieces": dict(HEADS_ON_N=True, LATENT_PIECES=True),
+    }[tiling]
     out, lse = latent_decode_triton(q, cache, lens, 0.2, kv_rank, table, start, splits, config, kv_scale=scale)
     ref_out, ref_lse = decode_fp64(q, rows, table, lengths, 0.2, kv_rank, kv_start)
     assert_close_with_lse(out, lse, ref_out.float(), ref_lse.float(), atol=3e-5, rtol=1e-5)

@@ -59,8 +59,13 @@ def test_decode_gpu(heads, kv_rank, rope_dim, dtype):
 
 @pytest.mark.parametrize(
     "config",
-    [dict(HEADS_ON_N=True), dict(HEADS_ON_N=True, num_warps=4), dict(PAGE_TILE=False)],
-    ids=["heads-on-n", "heads-on-n-4warps", "row-gather"],
+    [
+        dict(HEADS_ON_N=True),
+        dict(HEADS_ON_N=True, num_warps=4),
+        dict(HEADS_ON_N=True, LATENT_PIECES=True, num_warps=8),
+        dict(PAGE_TILE=False),
+    ],
+    ids=["heads-on-n", "heads-on-n-4warps", "latent-pieces", "row-gather"],
 )
 @pytest.mark.parametrize("kv_rank,rope_dim", [(448, 64), (896, 128)])
 def test_decode_variants_gpu(kv_rank, rope_dim, config):
@@ -227,11 +232,12 @@ def fp8_paged_case(seqlens, width, fp8_dtype, seed):
     "fp8_dtype,config",
     [
         (torch.float8_e4m3fn, None),
-        (torch.float8_e4m3fn, dict(HEADS_ON_N=True, num_warps=4)),  # at 896: fits 64-token tiles in fp8
+        (torch.float8_e4m3fn, dict(LATENT_PIECES=False, num_warps=4, BLOCK_N=64)),  # padded tile, 64 tokens
+        (torch.float8_e4m3fn, dict(HEADS_ON_N=False, LATENT_PIECES=False, BLOCK_N=64)),  # the bf16 tile
         (torch.float8_e4m3fn, dict(PAGE_TILE=False)),
         (torch.float8_e5m2, None),
     ],
-    ids=["e4m3-default", "e4m3-heads-on-n", "e4m3-row-gather", "e5m2-default"],
+    ids=["e4m3-default", "e4m3-heads-on-n", "e4m3-heads-on-m", "e4m3-row-gather", "e5m2-default"],
 )
 @pytest.mark.parametrize("kv_rank,rope_dim", [(448, 64), (896, 128)])
 def test_decode_fp8_cache_gpu(kv_rank, rope_dim, config, fp8_dtype):

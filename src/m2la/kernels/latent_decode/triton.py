@@ -201,6 +201,27 @@ def _decode_split_kernel(
 
 
 @triton.jit
+def _load_latent_piece(rows, start: tl.constexpr, WIDTH: tl.constexpr, visible, kv_rank, compute_dtype):
+    """Cache columns `[start, start + WIDTH)` of a tile's rows `[BLOCK_N, 1]` -> `[BLOCK_N, WIDTH]` in
+    `compute_dtype` (hidden rows and columns past the latent read as 0; widens fp8)."""
+    offs = start + tl.arange(0, WIDTH)
+    return tl.load(rows + offs[None, :], mask=visible[:, None] & (offs[None, :] < kv_rank), other=0.0).to(compute_dtype)
+
+
+@triton.jit
+def _load_query_piece_t(q_cols, start: tl.constexpr, WIDTH: tl.constexpr, head_ok, kv_rank):
+    """Latent query columns `[start, start + WIDTH)`, transposed: `[WIDTH, BLOCK_H]` (0 past the latent)."""
+    offs = start + tl.arange(0, WIDTH)
+    return tl.load(q_cols + offs[:, None], mask=(offs[:, None] < kv_rank) & head_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _store_output_piece_t(po, start: tl.constexpr, WIDTH: tl.constexpr, acc_t, norm, head_ok, kv_rank):
+    offs = start + tl.arange(0, WIDTH)
+    tl.store(po + offs[:, None], acc_t / norm[None, :], mask=(offs[:, None] < kv_rank) & head_ok[None, :])
+
+
+@triton.jit
 def _decode_split_kernel_heads_on_n(
     q_ptr, kv_ptr, block_table_ptr, seqlens_ptr, kv_start_ptr, kv_scale_ptr, part_out_ptr, part_lse_ptr,
     scale_log2,
@@ -212,47 +233,62 @@ def _decode_split_kernel_heads_on_n(
     stride_po_b, stride_po_h, stride_po_s,
     stride_pl_b, stride_pl_h,
     PAGED: tl.constexpr, PAGE_TILE: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_SCALE: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_ROPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr,
+    BLOCK_D2: tl.constexpr, BLOCK_ROPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """The resident tiling transposed: tokens and latent columns are the M dimension of the two
     matmuls and heads the N dimension (scores^T = K q^T, out^T = K^T p^T), so 32 heads fill whole
     64-row MMA tiles (wgmma on sm_90) instead of padding heads to the M tile. One value tile
-    (BLOCK_D >= r), same arguments and outputs as `_decode_split_kernel`."""
+    (latent width covered), same arguments and outputs as `_decode_split_kernel`.
+
+    The latent columns come in up to three power-of-two pieces `BLOCK_D, BLOCK_D1, BLOCK_D2` (0 =
+    absent; see `latent_pieces`): 448 = 256 + 128 + 64 and 896 = 512 + 256 + 128 exactly, where one
+    padded tile of next_pow2(r) spends 1/8 of its MMA work and shared memory on zero columns."""
     compute_dtype = q_ptr.dtype.element_ty
     seq = tl.program_id(0)
     head_tile = tl.program_id(1)
     split = tl.program_id(2)
+    D1_START: tl.constexpr = BLOCK_D
+    D2_START: tl.constexpr = BLOCK_D + BLOCK_D1
 
     offs_h = head_tile * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
     head_ok = offs_h < num_heads
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < kv_rank
     offs_rope = tl.arange(0, BLOCK_ROPE)
 
     first, lo, hi = _split_token_range(seqlens_ptr, kv_start_ptr, seq, split, split_len, HAS_KV_START, BLOCK_N)
 
     q_cols = q_ptr + seq * stride_q_b + offs_h[None, :] * stride_q_h  # [1, BLOCK_H]
-    q_latent_t = tl.load(q_cols + offs_d[:, None], mask=d_ok[:, None] & head_ok[None, :], other=0.0)  # [BLOCK_D, BLOCK_H]
+    q0_t = _load_query_piece_t(q_cols, 0, BLOCK_D, head_ok, kv_rank)  # [BLOCK_D, BLOCK_H]
+    acc0_t = tl.zeros([BLOCK_D, BLOCK_H], tl.float32)
+    if BLOCK_D1 > 0:
+        q1_t = _load_query_piece_t(q_cols, D1_START, BLOCK_D1, head_ok, kv_rank)  # [BLOCK_D1, BLOCK_H]
+        acc1_t = tl.zeros([BLOCK_D1, BLOCK_H], tl.float32)
+    if BLOCK_D2 > 0:
+        q2_t = _load_query_piece_t(q_cols, D2_START, BLOCK_D2, head_ok, kv_rank)  # [BLOCK_D2, BLOCK_H]
+        acc2_t = tl.zeros([BLOCK_D2, BLOCK_H], tl.float32)
     q_rope_t = tl.load(
         q_cols + kv_rank + offs_rope[:, None], mask=(offs_rope[:, None] < rope_dim) & head_ok[None, :], other=0.0
     )  # [BLOCK_ROPE, BLOCK_H]
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)  # running max per head, base-2 scaled
     l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc_t = tl.zeros([BLOCK_D, BLOCK_H], tl.float32)
     for start in range(lo, hi, BLOCK_N):
         offs_n, visible, block, slot = _tile_slots(
             block_table_ptr, seq, start, first, hi, block_size, stride_bt_b, PAGED, PAGE_TILE, BLOCK_N
         )
         rows = kv_ptr + (block * stride_kv_blk + slot * stride_kv_tok)[:, None]  # [BLOCK_N, 1]
         token_scale = _token_scales(kv_scale_ptr, block, slot, visible, stride_sc_blk, stride_sc_tok, HAS_SCALE)
-        k_latent = tl.load(rows + offs_d[None, :], mask=visible[:, None] & d_ok[None, :], other=0.0)
-        k_latent = k_latent.to(compute_dtype)  # [BLOCK_N, BLOCK_D]; widens fp8 caches
+        k0 = _load_latent_piece(rows, 0, BLOCK_D, visible, kv_rank, compute_dtype)  # [BLOCK_N, BLOCK_D]
+        scores_t = tl.dot(k0, q0_t, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_H]
+        if BLOCK_D1 > 0:
+            k1 = _load_latent_piece(rows, D1_START, BLOCK_D1, visible, kv_rank, compute_dtype)
+            scores_t += tl.dot(k1, q1_t, input_precision=DOT_PRECISION)
+        if BLOCK_D2 > 0:
+            k2 = _load_latent_piece(rows, D2_START, BLOCK_D2, visible, kv_rank, compute_dtype)
+            scores_t += tl.dot(k2, q2_t, input_precision=DOT_PRECISION)
         k_rope = tl.load(
             rows + kv_rank + offs_rope[None, :], mask=visible[:, None] & (offs_rope[None, :] < rope_dim), other=0.0
         ).to(compute_dtype)  # [BLOCK_N, BLOCK_ROPE]
-        scores_t = tl.dot(k_latent, q_latent_t, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_H]
         scores_t += tl.dot(k_rope, q_rope_t, input_precision=DOT_PRECISION)
         if HAS_SCALE:
             scores_t = scores_t * token_scale[:, None]
@@ -265,15 +301,21 @@ def _decode_split_kernel_heads_on_n(
         l_i = l_i * alpha + tl.sum(probs_t, axis=0)
         if HAS_SCALE:
             probs_t = probs_t * token_scale[:, None]  # value weights; l_i keeps the unscaled sum
-        acc_t = acc_t * alpha[None, :] + tl.dot(
-            tl.trans(k_latent), probs_t.to(compute_dtype), input_precision=DOT_PRECISION
-        )  # [BLOCK_D, BLOCK_H]
+        probs_t = probs_t.to(compute_dtype)
+        acc0_t = acc0_t * alpha[None, :] + tl.dot(tl.trans(k0), probs_t, input_precision=DOT_PRECISION)
+        if BLOCK_D1 > 0:
+            acc1_t = acc1_t * alpha[None, :] + tl.dot(tl.trans(k1), probs_t, input_precision=DOT_PRECISION)
+        if BLOCK_D2 > 0:
+            acc2_t = acc2_t * alpha[None, :] + tl.dot(tl.trans(k2), probs_t, input_precision=DOT_PRECISION)
         m_i = m_new
 
     norm, lse = _softmax_norm_and_lse(m_i, l_i)
-    out_t = acc_t / norm[None, :]
     po = part_out_ptr + seq * stride_po_b + offs_h[None, :] * stride_po_h + split * stride_po_s
-    tl.store(po + offs_d[:, None], out_t, mask=d_ok[:, None] & head_ok[None, :])
+    _store_output_piece_t(po, 0, BLOCK_D, acc0_t, norm, head_ok, kv_rank)
+    if BLOCK_D1 > 0:
+        _store_output_piece_t(po, D1_START, BLOCK_D1, acc1_t, norm, head_ok, kv_rank)
+    if BLOCK_D2 > 0:
+        _store_output_piece_t(po, D2_START, BLOCK_D2, acc2_t, norm, head_ok, kv_rank)
     tl.store(part_lse_ptr + seq * stride_pl_b + offs_h * stride_pl_h + split, lse, mask=head_ok)
 
 
@@ -313,19 +355,26 @@ def _decode_combine_kernel(
         tl.store(lse_ptr + seq * stride_l_b + head, final_lse)
 
 
-def decode_config(num_heads: int, kv_rank: int, rope_dim: int, interpret: bool) -> dict:
-    """Tile sizes for the split kernel (interpreter: small tiles that exercise every loop)."""
+def decode_config(num_heads: int, kv_rank: int, rope_dim: int, interpret: bool, fp8: bool = False) -> dict:
+    """Tile sizes for the split kernel (interpreter: small tiles that exercise every loop); `fp8`: the
+    cache is fp8 (tiles widened to q's dtype in registers)."""
     pow2 = triton.next_power_of_2
     if interpret:  # small tiles so the tests cover multi-tile loops, chunk masks and value tiles
         return dict(
             BLOCK_H=max(16, min(64, pow2(num_heads))), BLOCK_N=16, BLOCK_D=32,
             BLOCK_ROPE=max(16, pow2(rope_dim)), BLOCK_V=max(16, min(64, pow2(kv_rank))),
-            num_warps=4, num_stages=1, PAGE_TILE=True, HEADS_ON_N=False,
+            num_warps=4, num_stages=1, PAGE_TILE=True, HEADS_ON_N=False, LATENT_PIECES=False,
         )  # fmt: skip
     resident = dict(
         BLOCK_H=max(16, pow2(num_heads)), BLOCK_N=64, BLOCK_D=pow2(kv_rank), BLOCK_ROPE=max(16, pow2(rope_dim)),
-        BLOCK_V=pow2(kv_rank), num_stages=2, PAGE_TILE=True,
+        BLOCK_V=pow2(kv_rank), num_stages=2, PAGE_TILE=True, LATENT_PIECES=False,
     )  # fmt: skip
+    if fp8 and num_heads <= 32 and pow2(kv_rank) <= 1024:
+        # Widening fp8 tiles in registers costs registers: under triton 3.6 (the H100's) the bf16
+        # defaults spill 1,048 B (r = 448) and 512 B (r = 896) per thread. Exact latent pieces, 8 warps
+        # and 32-token tiles spill nothing there (sm_90 compile-only facts, benchmarks/RESULTS.md;
+        # not yet timed on a GPU).
+        return dict(resident, BLOCK_N=32, num_warps=8, HEADS_ON_N=True, LATENT_PIECES=True)
     if num_heads <= 32 and pow2(kv_rank) <= 512:
         # Resident latent query, the key tile doubles as the value tile, and heads on the MMA N
         # dimension (64-token and 512-column M tiles: wgmma on sm_90) with one warpgroup. Best of the
@@ -340,8 +389,33 @@ def decode_config(num_heads: int, kv_rank: int, rope_dim: int, interpret: bool) 
     return dict(
         BLOCK_H=64 if num_heads > 16 else 16, BLOCK_N=64, BLOCK_D=64,
         BLOCK_ROPE=max(16, pow2(rope_dim)), BLOCK_V=max(16, min(256, pow2(kv_rank))),
-        num_warps=4, num_stages=3, PAGE_TILE=True, HEADS_ON_N=False,
+        num_warps=4, num_stages=3, PAGE_TILE=True, HEADS_ON_N=False, LATENT_PIECES=False,
     )  # fmt: skip
+
+
+def latent_pieces(kv_rank: int, max_pieces: int = 3, min_width: int = 16) -> tuple[int, ...]:
+    """Power-of-two widths covering `kv_rank` columns with the least padding, largest first, padded
+    with 0 to `max_pieces` (448 -> 256, 128, 64; 896 -> 512, 256, 128; 60 -> 32, 16, 16 with 4 masked)."""
+    pieces: list[int] = []
+    covered = 0
+    while kv_rank - covered > 0 and len(pieces) < max_pieces - 1:
+        width = max(min_width, 1 << ((kv_rank - covered).bit_length() - 1))  # largest pow2 that fits
+        pieces.append(width)
+        covered += width
+    if kv_rank > covered:
+        pieces.append(max(min_width, triton.next_power_of_2(kv_rank - covered)))
+    return tuple(pieces) + (0,) * (max_pieces - len(pieces))
+
+
+def resolve_latent_pieces(cfg: dict, kv_rank: int) -> dict:
+    """`cfg` with BLOCK_D, BLOCK_D1, BLOCK_D2: `latent_pieces(kv_rank)` under LATENT_PIECES (heads-on-N
+    tiling only), else one piece of BLOCK_D."""
+    if not cfg.get("LATENT_PIECES"):
+        return {**cfg, "BLOCK_D1": 0, "BLOCK_D2": 0}
+    if not cfg["HEADS_ON_N"]:
+        raise ValueError(f"LATENT_PIECES needs the HEADS_ON_N tiling; got {cfg}")
+    d0, d1, d2 = latent_pieces(kv_rank)
+    return {**cfg, "BLOCK_D": d0, "BLOCK_D1": d1, "BLOCK_D2": d2, "BLOCK_V": d0 + d1 + d2}
 
 
 def programs_per_sm(cfg: dict, itemsize: int, device: torch.device) -> int:
@@ -351,7 +425,8 @@ def programs_per_sm(cfg: dict, itemsize: int, device: torch.device) -> int:
     props = torch.cuda.get_device_properties(device)
     smem = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
     threads = getattr(props, "max_threads_per_multi_processor", 2048)
-    loaded = cfg["BLOCK_D"] + cfg["BLOCK_ROPE"] + (0 if cfg["BLOCK_D"] >= cfg["BLOCK_V"] else cfg["BLOCK_V"])
+    latent = cfg["BLOCK_D"] + cfg.get("BLOCK_D1", 0) + cfg.get("BLOCK_D2", 0)
+    loaded = latent + cfg["BLOCK_ROPE"] + (0 if latent >= cfg["BLOCK_V"] else cfg["BLOCK_V"])
     tile_bytes = max(1, cfg["num_stages"]) * cfg["BLOCK_N"] * loaded * itemsize
     by_registers = 1 if cfg["BLOCK_H"] * cfg["BLOCK_V"] >= 32 * 512 else 4
     return max(1, min(smem // tile_bytes, threads // (32 * cfg["num_warps"]), by_registers))
@@ -414,7 +489,9 @@ def decode_plan(
 ) -> tuple[dict, int]:  # fmt: skip
     """The tile config (`decode_config` with `config`'s overrides) and split count a call will use."""
     batch, num_heads, width = q.shape
-    cfg = {**decode_config(num_heads, kv_rank, width - kv_rank, triton_interpreter_enabled()), **(config or {})}
+    fp8 = is_fp8(kv_cache.dtype)
+    cfg = {**decode_config(num_heads, kv_rank, width - kv_rank, triton_interpreter_enabled(), fp8), **(config or {})}
+    cfg = resolve_latent_pieces(cfg, kv_rank)
     if num_splits > 0:
         return cfg, num_splits
     capacity = cache_capacity(kv_cache, block_table)
@@ -459,7 +536,8 @@ def latent_decode_triton(
     capacity = cache_capacity(kv_cache, block_table)
     head_tiles = triton.cdiv(num_heads, cfg["BLOCK_H"])
     value_tiles = triton.cdiv(kv_rank, cfg["BLOCK_V"])
-    single_d = cfg["BLOCK_D"] >= kv_rank
+    latent_width = cfg["BLOCK_D"] + cfg["BLOCK_D1"] + cfg["BLOCK_D2"]  # pieces: BLOCK_D1/2 > 0 (heads on N)
+    single_d = latent_width >= kv_rank
     split_len = triton.cdiv(triton.cdiv(capacity, num_splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
 
     part_out = torch.empty(batch, num_heads, num_splits, kv_rank, device=q.device, dtype=torch.float32)
@@ -479,7 +557,7 @@ def latent_decode_triton(
         part_out.stride(0), part_out.stride(1), part_out.stride(2),
         part_lse.stride(0), part_lse.stride(1),
     )  # fmt: skip
-    values_from_keys = single_d and value_tiles == 1 and cfg["BLOCK_V"] == cfg["BLOCK_D"]
+    values_from_keys = single_d and value_tiles == 1 and cfg["BLOCK_V"] == latent_width
     constexprs = dict(
         PAGED=paged, HAS_KV_START=kv_start is not None, HAS_SCALE=kv_scale is not None,
         BLOCK_H=cfg["BLOCK_H"], BLOCK_D=cfg["BLOCK_D"],
@@ -491,10 +569,11 @@ def latent_decode_triton(
         if not values_from_keys:
             raise ValueError(f"HEADS_ON_N needs BLOCK_D = BLOCK_V >= kv_rank ({kv_rank}); got {cfg}")
         kernel = _decode_split_kernel_heads_on_n
+        constexprs.update(BLOCK_D1=cfg["BLOCK_D1"], BLOCK_D2=cfg["BLOCK_D2"])
     else:
         constexprs.update(BLOCK_V=cfg["BLOCK_V"], SINGLE_D=single_d, VALUES_FROM_KEYS=values_from_keys)
     grid = (batch, head_tiles, num_splits * value_tiles)
-    key = (num_heads, kv_rank, rope_dim, q.dtype, kv_cache.dtype, paged, kv_start is not None)
+    key = (num_heads, kv_rank, rope_dim, q.dtype, kv_cache.dtype, paged, kv_start is not None, cfg["BLOCK_D1"])
     block_size = kv_cache.shape[1] if paged else 1
 
     def page_tile_for(block_n: int) -> bool:
