@@ -101,18 +101,9 @@ def decode_case(heads, kv_rank, rope_dim, dtype="fp16", cache_dtype=None, **over
     fp8 = cache_dtype is not None and cache_dtype.startswith("fp8")
     cfg = {**decode.decode_config(heads, kv_rank, rope_dim, interpret=False, fp8=fp8), **overrides}
     cfg = decode.resolve_latent_pieces(cfg, kv_rank)
-    single_d = cfg["BLOCK_D"] >= kv_rank
-    one_value_tile = cfg["BLOCK_V"] >= kv_rank and cfg["BLOCK_V"] == cfg["BLOCK_D"]
+    kernel, tiles = decode.split_kernel_for(cfg, kv_rank)
     consts = dict(PAGED=True, PAGE_TILE=cfg["PAGE_TILE"], HAS_KV_START=False, DOT_PRECISION="tf32",
-                  HAS_SCALE=cache_dtype is not None)  # fmt: skip
-    consts.update({k: v for k, v in cfg.items() if k.startswith("BLOCK")})
-    kernel = decode._decode_split_kernel
-    if cfg["HEADS_ON_N"]:
-        kernel = decode._decode_split_kernel_heads_on_n
-        del consts["BLOCK_V"]
-    else:
-        del consts["BLOCK_D1"], consts["BLOCK_D2"]
-        consts.update(SINGLE_D=single_d, VALUES_FROM_KEYS=single_d and one_value_tile)
+                  HAS_SCALE=cache_dtype is not None, BLOCK_N=cfg["BLOCK_N"], **tiles)  # fmt: skip
     ptrs = {"q_ptr": f"*{dtype}", "kv_ptr": f"*{cache_dtype or dtype}", "block_table_ptr": "*i32",
             "seqlens_ptr": "*i32", "kv_start_ptr": "*i32", "kv_scale_ptr": "*fp32", "part_out_ptr": "*fp32",
             "part_lse_ptr": "*fp32"}  # fmt: skip
@@ -161,6 +152,9 @@ def main() -> None:
         "decode_h32_r896_rope128_bf16_heads_on_n_w8": decode_case(32, 896, 128, "bf16", HEADS_ON_N=True, num_warps=8),
         "decode_h32_r896_rope128_bf16_pieces_w8": decode_case(
             32, 896, 128, "bf16", HEADS_ON_N=True, LATENT_PIECES=True, num_warps=8
+        ),
+        "decode_h32_r896_rope128_bf16_pieces_heads_on_m": decode_case(
+            32, 896, 128, "bf16", LATENT_PIECES=True, BLOCK_N=32
         ),
         "decode_h32_r448_rope64_fp8": decode_case(32, 448, 64, "bf16", "fp8e4nv"),
         "decode_h32_r896_rope128_fp8": decode_case(32, 896, 128, "bf16", "fp8e4nv"),

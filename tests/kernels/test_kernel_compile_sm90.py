@@ -51,6 +51,7 @@ ALL_CASES = [
     "decode_h32_r448_rope64_bf16",
     "decode_h32_r896_rope128_fp8",
     "decode_h32_r896_rope128_bf16_heads_on_n_w8",
+    "decode_h32_r896_rope128_bf16_pieces_heads_on_m",
     "decode_h32_r448_rope64_fp8_bf16_tile",
     "decode_h32_r896_rope128_fp8_bf16_tile",
     *WGMMA_CASES,
@@ -108,8 +109,9 @@ def test_sm90_latent_pieces_cut_mma_work_and_shared_memory(compiled, pieces, pad
     assert exact["shared"] < pad["shared"], (exact, pad)
 
 
-def test_sm90_r896_pieces_with_8_warps_do_not_spill(compiled):
-    assert spills(compiled, "decode_h32_r896_rope128_bf16_pieces_w8") == 0, compiled
+@pytest.mark.parametrize("case", ["decode_h32_r896_rope128_bf16_pieces_w8", "decode_h32_r896_rope128_bf16_pieces_heads_on_m"])
+def test_sm90_r896_pieces_with_8_warps_do_not_spill(compiled, case):
+    assert spills(compiled, case) == 0, compiled[case]
 
 
 @pytest.mark.parametrize("kv_rank,rope", [(448, 64), (896, 128)])

@@ -120,8 +120,13 @@ def test_triton_paged_kv_start():
         dict(BLOCK_D=64, BLOCK_V=64, HEADS_ON_N=True, BLOCK_H=16, BLOCK_N=32, PAGE_TILE=False),
         dict(HEADS_ON_N=True, LATENT_PIECES=True),  # r = 60 as pieces 32 + 16 + 16 (4 columns masked)
         dict(HEADS_ON_N=True, LATENT_PIECES=True, BLOCK_H=16, BLOCK_N=32, PAGE_TILE=False),
+        dict(HEADS_ON_N=False, LATENT_PIECES=True),  # heads on M, pieces with accumulators of their own
+        dict(HEADS_ON_N=False, LATENT_PIECES=True, BLOCK_H=16, BLOCK_N=32, PAGE_TILE=False),
     ],
-    ids=["values-from-keys", "resident-q", "small-h", "heads-on-n", "heads-on-n-gather", "pieces", "pieces-gather"],
+    ids=[
+        "values-from-keys", "resident-q", "small-h", "heads-on-n", "heads-on-n-gather", "pieces", "pieces-gather",
+        "pieces-heads-on-m", "pieces-heads-on-m-gather",
+    ],  # fmt: skip
 )
 @pytest.mark.parametrize("kv_start", [None, [0, 3, 40, 0]])
 def test_triton_single_d_variants(config, kv_start):
@@ -229,14 +234,6 @@ def test_latent_pieces_cover_the_latent_with_the_least_padding(kv_rank):
     assert latent_pieces(512) == (512, 0, 0) and latent_pieces(60) == (32, 16, 16)
 
 
-def test_latent_pieces_need_heads_on_n():
-    from m2la.kernels.latent_decode.triton import latent_decode_triton
-
-    q, cache, table, lens = make_case(3, 48, 16, [5], 16, torch.float32)
-    with pytest.raises(ValueError, match="LATENT_PIECES needs the HEADS_ON_N"):
-        latent_decode_triton(q, cache, lens, 0.2, 48, table, config=dict(HEADS_ON_N=False, LATENT_PIECES=True))
-
-
 def test_heads_on_n_needs_one_resident_value_tile():
     from m2la.kernels.latent_decode.triton import latent_decode_triton
 
@@ -247,13 +244,19 @@ def test_heads_on_n_needs_one_resident_value_tile():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("heads", [1, 7, 32])
-def test_heads_on_n_against_reference(heads, dtype):
-    """The transposed kernel over the awkward decode cases: empty, single-token and odd lengths."""
+def test_resident_tilings_against_reference(heads, dtype):
+    """The transposed tile and latent pieces (heads on N and on M) over the awkward decode cases:
+    empty, single-token and odd lengths."""
     from m2la.kernels.latent_decode.triton import latent_decode_triton
 
     seqlens = [0, 1, 63, 37]
     q, cache, table, lens = make_case(heads, 48, 16, seqlens, 16, dtype, seed=heads + 11)
-    for config in (dict(HEADS_ON_N=True, BLOCK_D=64, BLOCK_V=64), dict(HEADS_ON_N=True, LATENT_PIECES=True)):
+    configs = (
+        dict(HEADS_ON_N=True, BLOCK_D=64, BLOCK_V=64),
+        dict(HEADS_ON_N=True, LATENT_PIECES=True),
+        dict(HEADS_ON_N=False, LATENT_PIECES=True),
+    )
+    for config in configs:
         out, lse = latent_decode_triton(q, cache, lens, 0.2, 48, table, num_splits=3, config=config)
         ref_out, ref_lse = decode_attention(q, cache, lens, 0.2, 48, table, backend="reference")
         assert_close_with_lse(out, lse, ref_out, ref_lse, atol=TOL[dtype], rtol=TOL[dtype])
@@ -269,7 +272,7 @@ def test_heads_on_n_against_reference(heads, dtype):
     splits=st.integers(0, 9),
     start_frac=st.floats(0.0, 1.0),
     fp8=st.booleans(),
-    tiling=st.sampled_from(["default", "heads_on_n", "pieces"]),
+    tiling=st.sampled_from(["default", "heads_on_n", "pieces", "pieces_heads_on_m"]),
     seed=st.integers(0, 2**16),
 )
 def test_triton_matches_fp64_over_random_layouts(
@@ -296,6 +299,7 @@ def test_triton_matches_fp64_over_random_layouts(
         "default": None,
         "heads_on_n": dict(HEADS_ON_N=True, BLOCK_D=128, BLOCK_V=128),
         "pieces": dict(HEADS_ON_N=True, LATENT_PIECES=True),
+        "pieces_heads_on_m": dict(HEADS_ON_N=False, LATENT_PIECES=True),
     }[tiling]
     out, lse = latent_decode_triton(q, cache, lens, 0.2, kv_rank, table, start, splits, config, kv_scale=scale)
     ref_out, ref_lse = decode_fp64(q, rows, table, lengths, 0.2, kv_rank, kv_start)

@@ -63,9 +63,10 @@ def test_decode_gpu(heads, kv_rank, rope_dim, dtype):
         dict(HEADS_ON_N=True),
         dict(HEADS_ON_N=True, num_warps=4),
         dict(HEADS_ON_N=True, LATENT_PIECES=True, num_warps=8),
+        dict(HEADS_ON_N=False, LATENT_PIECES=True, num_warps=8),
         dict(PAGE_TILE=False),
     ],
-    ids=["heads-on-n", "heads-on-n-4warps", "latent-pieces", "row-gather"],
+    ids=["heads-on-n", "heads-on-n-4warps", "latent-pieces", "latent-pieces-heads-on-m", "row-gather"],
 )
 @pytest.mark.parametrize("kv_rank,rope_dim", [(448, 64), (896, 128)])
 def test_decode_variants_gpu(kv_rank, rope_dim, config):

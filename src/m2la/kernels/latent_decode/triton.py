@@ -97,6 +97,40 @@ def _token_scales(scale_ptr, block, slot, visible, stride_sc_blk, stride_sc_tok,
 
 
 @triton.jit
+def _load_latent_piece(rows, start: tl.constexpr, WIDTH: tl.constexpr, visible, kv_rank, compute_dtype):
+    """Cache columns `[start, start + WIDTH)` of a tile's rows `[BLOCK_N, 1]` -> `[BLOCK_N, WIDTH]` in
+    `compute_dtype` (hidden rows and columns past the latent read as 0; widens fp8)."""
+    offs = start + tl.arange(0, WIDTH)
+    return tl.load(rows + offs[None, :], mask=visible[:, None] & (offs[None, :] < kv_rank), other=0.0).to(compute_dtype)
+
+
+@triton.jit
+def _load_query_piece_t(q_cols, start: tl.constexpr, WIDTH: tl.constexpr, head_ok, kv_rank):
+    """Latent query columns `[start, start + WIDTH)`, transposed: `[WIDTH, BLOCK_H]` (0 past the latent)."""
+    offs = start + tl.arange(0, WIDTH)
+    return tl.load(q_cols + offs[:, None], mask=(offs[:, None] < kv_rank) & head_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _load_query_piece(q_rows, start: tl.constexpr, WIDTH: tl.constexpr, head_ok, kv_rank):
+    """Latent query columns `[start, start + WIDTH)` -> `[BLOCK_H, WIDTH]` (0 past the latent)."""
+    offs = start + tl.arange(0, WIDTH)
+    return tl.load(q_rows + offs[None, :], mask=head_ok[:, None] & (offs[None, :] < kv_rank), other=0.0)
+
+
+@triton.jit
+def _store_output_piece(po, start: tl.constexpr, WIDTH: tl.constexpr, acc, norm, head_ok, kv_rank):
+    offs = start + tl.arange(0, WIDTH)
+    tl.store(po + offs[None, :], acc / norm[:, None], mask=head_ok[:, None] & (offs[None, :] < kv_rank))
+
+
+@triton.jit
+def _store_output_piece_t(po, start: tl.constexpr, WIDTH: tl.constexpr, acc_t, norm, head_ok, kv_rank):
+    offs = start + tl.arange(0, WIDTH)
+    tl.store(po + offs[:, None], acc_t / norm[None, :], mask=(offs[:, None] < kv_rank) & head_ok[None, :])
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr, kv_ptr, block_table_ptr, seqlens_ptr, kv_start_ptr, kv_scale_ptr, part_out_ptr, part_lse_ptr,
     scale_log2,
@@ -108,12 +142,14 @@ def _decode_split_kernel(
     stride_po_b, stride_po_h, stride_po_s,
     stride_pl_b, stride_pl_h,
     PAGED: tl.constexpr, PAGE_TILE: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_SCALE: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_ROPE: tl.constexpr, BLOCK_V: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr,
+    BLOCK_D2: tl.constexpr, BLOCK_ROPE: tl.constexpr, BLOCK_V: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SINGLE_D: tl.constexpr, VALUES_FROM_KEYS: tl.constexpr,
 ):  # fmt: skip
-    # SINGLE_D: BLOCK_D >= r, so the latent query is loaded once, before the token loop.
-    # VALUES_FROM_KEYS: SINGLE_D and one value tile of width BLOCK_D: the values are the key tile.
+    # SINGLE_D: BLOCK_D (+ BLOCK_D1 + BLOCK_D2) >= r, so the latent query is loaded once, before the
+    # token loop. VALUES_FROM_KEYS: SINGLE_D and one value tile: the values are the key tile.
+    # BLOCK_D1/BLOCK_D2 > 0 (with VALUES_FROM_KEYS, BLOCK_V = BLOCK_D): latent pieces, as in
+    # `_decode_split_kernel_heads_on_n`; pieces 1 and 2 keep accumulators of their own.
     # HAS_SCALE: fp8 cache; tiles are widened to q's dtype and each token's scale multiplies its
     # score and its value weight.
     compute_dtype = q_ptr.dtype.element_ty
@@ -138,10 +174,16 @@ def _decode_split_kernel(
     )  # [BLOCK_H, BLOCK_ROPE]
 
     offs_d0 = tl.arange(0, BLOCK_D)
+    D1_START: tl.constexpr = BLOCK_D
+    D2_START: tl.constexpr = BLOCK_D + BLOCK_D1
     if SINGLE_D:
-        q_latent = tl.load(
-            q_rows + offs_d0[None, :], mask=head_ok[:, None] & (offs_d0[None, :] < kv_rank), other=0.0
-        )  # [BLOCK_H, BLOCK_D]
+        q_latent = _load_query_piece(q_rows, 0, BLOCK_D, head_ok, kv_rank)  # [BLOCK_H, BLOCK_D]
+    if BLOCK_D1 > 0:
+        q1 = _load_query_piece(q_rows, D1_START, BLOCK_D1, head_ok, kv_rank)  # [BLOCK_H, BLOCK_D1]
+        acc1 = tl.zeros([BLOCK_H, BLOCK_D1], tl.float32)
+    if BLOCK_D2 > 0:
+        q2 = _load_query_piece(q_rows, D2_START, BLOCK_D2, head_ok, kv_rank)  # [BLOCK_H, BLOCK_D2]
+        acc2 = tl.zeros([BLOCK_H, BLOCK_D2], tl.float32)
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)  # running max, base-2 scaled
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -154,10 +196,14 @@ def _decode_split_kernel(
         token_scale = _token_scales(kv_scale_ptr, block, slot, visible, stride_sc_blk, stride_sc_tok, HAS_SCALE)
 
         if SINGLE_D:
-            k_latent = tl.load(
-                rows + offs_d0[None, :], mask=visible[:, None] & (offs_d0[None, :] < kv_rank), other=0.0
-            ).to(compute_dtype)  # [BLOCK_N, BLOCK_D]
+            k_latent = _load_latent_piece(rows, 0, BLOCK_D, visible, kv_rank, compute_dtype)  # [BLOCK_N, BLOCK_D]
             scores = tl.dot(q_latent, tl.trans(k_latent), input_precision=DOT_PRECISION)
+            if BLOCK_D1 > 0:
+                k1 = _load_latent_piece(rows, D1_START, BLOCK_D1, visible, kv_rank, compute_dtype)
+                scores += tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
+            if BLOCK_D2 > 0:
+                k2 = _load_latent_piece(rows, D2_START, BLOCK_D2, visible, kv_rank, compute_dtype)
+                scores += tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION)
         else:
             scores = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
             for d0 in range(0, kv_rank, BLOCK_D):
@@ -188,37 +234,25 @@ def _decode_split_kernel(
             values = values.to(compute_dtype)
         if HAS_SCALE:
             probs = probs * token_scale[None, :]  # value weights; l_i keeps the unscaled sum
-        acc = acc * alpha[:, None] + tl.dot(probs.to(compute_dtype), values, input_precision=DOT_PRECISION)
+        probs = probs.to(compute_dtype)
+        acc = acc * alpha[:, None] + tl.dot(probs, values, input_precision=DOT_PRECISION)
+        if BLOCK_D1 > 0:
+            acc1 = acc1 * alpha[:, None] + tl.dot(probs, k1, input_precision=DOT_PRECISION)
+        if BLOCK_D2 > 0:
+            acc2 = acc2 * alpha[:, None] + tl.dot(probs, k2, input_precision=DOT_PRECISION)
         m_i = m_new
 
     norm, lse = _softmax_norm_and_lse(m_i, l_i)
     out = acc / norm[:, None]
     po = part_out_ptr + seq * stride_po_b + offs_h[:, None] * stride_po_h + split * stride_po_s
     tl.store(po + offs_v[None, :], out, mask=head_ok[:, None] & value_ok[None, :])
+    if BLOCK_D1 > 0:
+        _store_output_piece(po, D1_START, BLOCK_D1, acc1, norm, head_ok, kv_rank)
+    if BLOCK_D2 > 0:
+        _store_output_piece(po, D2_START, BLOCK_D2, acc2, norm, head_ok, kv_rank)
     pl = part_lse_ptr + seq * stride_pl_b + offs_h * stride_pl_h + split
     if value_tile == 0:  # every value tile computed the same LSE
         tl.store(pl, lse, mask=head_ok)
-
-
-@triton.jit
-def _load_latent_piece(rows, start: tl.constexpr, WIDTH: tl.constexpr, visible, kv_rank, compute_dtype):
-    """Cache columns `[start, start + WIDTH)` of a tile's rows `[BLOCK_N, 1]` -> `[BLOCK_N, WIDTH]` in
-    `compute_dtype` (hidden rows and columns past the latent read as 0; widens fp8)."""
-    offs = start + tl.arange(0, WIDTH)
-    return tl.load(rows + offs[None, :], mask=visible[:, None] & (offs[None, :] < kv_rank), other=0.0).to(compute_dtype)
-
-
-@triton.jit
-def _load_query_piece_t(q_cols, start: tl.constexpr, WIDTH: tl.constexpr, head_ok, kv_rank):
-    """Latent query columns `[start, start + WIDTH)`, transposed: `[WIDTH, BLOCK_H]` (0 past the latent)."""
-    offs = start + tl.arange(0, WIDTH)
-    return tl.load(q_cols + offs[:, None], mask=(offs[:, None] < kv_rank) & head_ok[None, :], other=0.0)
-
-
-@triton.jit
-def _store_output_piece_t(po, start: tl.constexpr, WIDTH: tl.constexpr, acc_t, norm, head_ok, kv_rank):
-    offs = start + tl.arange(0, WIDTH)
-    tl.store(po + offs[:, None], acc_t / norm[None, :], mask=(offs[:, None] < kv_rank) & head_ok[None, :])
 
 
 @triton.jit
@@ -408,14 +442,28 @@ def latent_pieces(kv_rank: int, max_pieces: int = 3, min_width: int = 16) -> tup
 
 
 def resolve_latent_pieces(cfg: dict, kv_rank: int) -> dict:
-    """`cfg` with BLOCK_D, BLOCK_D1, BLOCK_D2: `latent_pieces(kv_rank)` under LATENT_PIECES (heads-on-N
-    tiling only), else one piece of BLOCK_D."""
+    """`cfg` with BLOCK_D, BLOCK_D1, BLOCK_D2: `latent_pieces(kv_rank)` under LATENT_PIECES (one value
+    tile as wide as the pieces, the key tile serving as values), else one piece of BLOCK_D."""
     if not cfg.get("LATENT_PIECES"):
         return {**cfg, "BLOCK_D1": 0, "BLOCK_D2": 0}
-    if not cfg["HEADS_ON_N"]:
-        raise ValueError(f"LATENT_PIECES needs the HEADS_ON_N tiling; got {cfg}")
     d0, d1, d2 = latent_pieces(kv_rank)
     return {**cfg, "BLOCK_D": d0, "BLOCK_D1": d1, "BLOCK_D2": d2, "BLOCK_V": d0 + d1 + d2}
+
+
+def split_kernel_for(cfg: dict, kv_rank: int) -> tuple:
+    """The split kernel a resolved config (`decode_plan`) runs, and its tile constexprs (all but
+    BLOCK_N and PAGE_TILE, which the launch picks)."""
+    latent_width = cfg["BLOCK_D"] + cfg["BLOCK_D1"] + cfg["BLOCK_D2"]
+    single_d = latent_width >= kv_rank
+    values_from_keys = single_d and triton.cdiv(kv_rank, cfg["BLOCK_V"]) == 1 and cfg["BLOCK_V"] == latent_width
+    tiles = {k: cfg[k] for k in ("BLOCK_H", "BLOCK_D", "BLOCK_D1", "BLOCK_D2", "BLOCK_ROPE")}
+    if cfg["HEADS_ON_N"]:
+        if not values_from_keys:
+            raise ValueError(f"HEADS_ON_N needs BLOCK_D = BLOCK_V >= kv_rank ({kv_rank}); got {cfg}")
+        return _decode_split_kernel_heads_on_n, tiles
+    # with pieces, BLOCK_V is piece 0's accumulator (pieces 1 and 2 have their own)
+    block_v = cfg["BLOCK_D"] if cfg["BLOCK_D1"] else cfg["BLOCK_V"]
+    return _decode_split_kernel, dict(tiles, BLOCK_V=block_v, SINGLE_D=single_d, VALUES_FROM_KEYS=values_from_keys)
 
 
 def programs_per_sm(cfg: dict, itemsize: int, device: torch.device) -> int:
@@ -536,8 +584,6 @@ def latent_decode_triton(
     capacity = cache_capacity(kv_cache, block_table)
     head_tiles = triton.cdiv(num_heads, cfg["BLOCK_H"])
     value_tiles = triton.cdiv(kv_rank, cfg["BLOCK_V"])
-    latent_width = cfg["BLOCK_D"] + cfg["BLOCK_D1"] + cfg["BLOCK_D2"]  # pieces: BLOCK_D1/2 > 0 (heads on N)
-    single_d = latent_width >= kv_rank
     split_len = triton.cdiv(triton.cdiv(capacity, num_splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
 
     part_out = torch.empty(batch, num_heads, num_splits, kv_rank, device=q.device, dtype=torch.float32)
@@ -557,21 +603,11 @@ def latent_decode_triton(
         part_out.stride(0), part_out.stride(1), part_out.stride(2),
         part_lse.stride(0), part_lse.stride(1),
     )  # fmt: skip
-    values_from_keys = single_d and value_tiles == 1 and cfg["BLOCK_V"] == latent_width
+    kernel, tiles = split_kernel_for(cfg, kv_rank)
     constexprs = dict(
-        PAGED=paged, HAS_KV_START=kv_start is not None, HAS_SCALE=kv_scale is not None,
-        BLOCK_H=cfg["BLOCK_H"], BLOCK_D=cfg["BLOCK_D"],
-        BLOCK_ROPE=cfg["BLOCK_ROPE"], DOT_PRECISION=dot_precision,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        PAGED=paged, HAS_KV_START=kv_start is not None, HAS_SCALE=kv_scale is not None, DOT_PRECISION=dot_precision,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **tiles,
     )  # fmt: skip
-    kernel = _decode_split_kernel
-    if cfg["HEADS_ON_N"]:
-        if not values_from_keys:
-            raise ValueError(f"HEADS_ON_N needs BLOCK_D = BLOCK_V >= kv_rank ({kv_rank}); got {cfg}")
-        kernel = _decode_split_kernel_heads_on_n
-        constexprs.update(BLOCK_D1=cfg["BLOCK_D1"], BLOCK_D2=cfg["BLOCK_D2"])
-    else:
-        constexprs.update(BLOCK_V=cfg["BLOCK_V"], SINGLE_D=single_d, VALUES_FROM_KEYS=values_from_keys)
     grid = (batch, head_tiles, num_splits * value_tiles)
     key = (num_heads, kv_rank, rope_dim, q.dtype, kv_cache.dtype, paged, kv_start is not None, cfg["BLOCK_D1"])
     block_size = kv_cache.shape[1] if paged else 1
