@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-call GPU check for the m2la kernels (H100/H200), sized for a ~9.5 minute device window (call it with timeout_s 600):
 #  1. GPU tests (bf16/fp16, native compiler) in the background while 12 processes compile every
-#     decode-sweep case into triton's cache (compiles are CPU work; the GPU stays idle for timing);
+#     decode-sweep case into triton's cache (compiles are CPU work; the GPU stays idle for timing),
+#     and ptxas's registers/spills for every sweep tile -> $OUT/register_facts.md;
 #  2. correctness + copy bandwidth + decode config sweep + decode/prefill timings vs SDPA, the decode
 #     table run with the sweep's best tile per layout, fp8-cache decode, and vLLM's Triton MLA decode
 #     on the same caches -> ${OUT:-/tmp/m2la-out}/kernels.md
@@ -21,7 +22,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 SECONDS=0
 
-echo "== GPU tests (background) + parallel compile of the sweep =="
+echo "== GPU tests (background) + parallel compile of the sweep + register facts (background) =="
+timeout 300 python benchmarks/decode_register_facts.py > "$OUT/register_facts.md" 2> "$OUT/register_facts.err" &
+facts_pid=$!
 M2LA_TRITON_NATIVE=1 timeout 240 python -m pytest tests/kernels/test_kernel_gpu.py -q -p no:cacheprovider \
     > "$OUT/gpu_tests.txt" 2>&1 &
 tests_pid=$!
@@ -34,4 +37,5 @@ echo "== tests + compile took ${SECONDS} s =="
 echo "== benchmark =="
 timeout 330 python benchmarks/gpu_kernels.py --seconds "${M2LA_BENCH_SECONDS:-290}" --sweep-seconds 110 \
     --warm-workers 0 --use-best --contexts 4096 32768 131072 2>&1 | tee "$OUT/gpu_kernels.log"
+wait "$facts_pid" || echo "register facts failed (see $OUT/register_facts.err)"
 echo "== total ${SECONDS} s =="

@@ -259,8 +259,8 @@ SWEEP = [
     dict(HEADS_ON_N=False, LATENT_PIECES=True, num_warps=8, BLOCK_N=32),
     dict(fp8=True),  # the fp8 default (heads on N, pieces, 8 warps, BLOCK_N 32)
     dict(fp8=True, BLOCK_N=64),
-    dict(fp8=True, HEADS_ON_N=False, LATENT_PIECES=False, BLOCK_N=64),  # the bf16 tile (the old fp8 default)
-    dict(fp8=True, LATENT_PIECES=False, num_warps=4, BLOCK_N=64),
+    dict(fp8=True, HEADS_ON_N=False, LATENT_PIECES=False, BLOCK_N=64),  # heads on M (old fp8 default at 896)
+    dict(fp8=True, LATENT_PIECES=False, num_warps=4, BLOCK_N=64),  # heads on N, 4 warps (old fp8 default at 448)
     dict(HEADS_ON_N=True, num_warps=8),  # padded baselines for the pieces rows
     dict(HEADS_ON_N=False, num_warps=8),
 ]

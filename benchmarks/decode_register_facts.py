@@ -1,0 +1,63 @@
+"""Compile every decode tile of the GPU sweep for sm_90 (no GPU needed) and tabulate what ptxas reports.
+
+For each layout of `gpu_kernels.LAYOUTS` and each entry of `gpu_kernels.SWEEP` that changes the
+tile (bf16 and fp8 caches): BLOCK_N after the shared-memory fit, shared memory, wgmma / mma.sync
+instructions, registers per thread and bytes spilled to local memory. Spills predicted the H100
+sweep's losers (benchmarks/RESULTS.md), so this table says which tiles deserve device time.
+
+    python benchmarks/decode_register_facts.py > register_facts.md     # no TRITON_INTERPRET
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests" / "kernels"), str(ROOT / "benchmarks")]
+
+import triton  # noqa: E402
+from compile_sm90 import decode_case  # noqa: E402
+from gpu_kernels import HEADS, LAYOUTS, SWEEP  # noqa: E402
+
+NOT_TILE_KEYS = {"pages", "page_size", "contiguous", "splits"}  # sweep keys that leave the kernel as is
+
+
+def tile_configs() -> list[dict]:
+    seen, configs = set(), []
+    for config in ({}, *SWEEP):
+        if NOT_TILE_KEYS & config.keys():
+            continue
+        key = tuple(sorted(config.items()))
+        if key not in seen:
+            seen.add(key)
+            configs.append(config)
+    return configs
+
+
+def main() -> None:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        sys.exit("run without TRITON_INTERPRET: the interpreter replaces the compiler")
+    print(f"# Decode tiles compiled for sm_90 (triton {triton.__version__}, {HEADS} query heads)\n")
+    print("| layout | config | BLOCK_N | shared KiB | wgmma | mma.sync | registers | spill stores (B) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for name, (kv_rank, rope_dim) in LAYOUTS.items():
+        for config in tile_configs():
+            overrides = {k: v for k, v in config.items() if k != "fp8"}
+            cache_dtype = "fp8e4nv" if config.get("fp8") else None
+            label = config or "default"
+            try:
+                facts = decode_case(HEADS, kv_rank, rope_dim, "bf16", cache_dtype, **overrides)
+            except Exception as error:  # a tile that does not compile is a row too
+                print(f"| {name} | {label} | {type(error).__name__}: {str(error).splitlines()[0][:80]} |")
+                continue
+            print(
+                f"| {name} | {label} | {facts['BLOCK_N']} | {facts['shared'] // 1024} | {facts['wgmma']} | "
+                f"{facts['mma_sync']} | {facts['registers']} | {facts['spill_stores']} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
