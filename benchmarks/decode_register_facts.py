@@ -1,8 +1,9 @@
-"""Compile every decode tile of the GPU sweep for sm_90 (no GPU needed) and tabulate what ptxas reports.
+"""Compile every tile of the GPU sweeps for sm_90 (no GPU needed) and tabulate what ptxas reports.
 
-For each layout of `gpu_kernels.LAYOUTS` and each entry of `gpu_kernels.SWEEP` that changes the
-tile (bf16 and fp8 caches): BLOCK_N after the shared-memory fit, shared memory, wgmma / mma.sync
-instructions, registers per thread and bytes spilled to local memory. Spills predicted the H100
+For each layout of `gpu_kernels.LAYOUTS`: each entry of `gpu_kernels.SWEEP` that changes the decode
+tile (bf16 and fp8 caches), and each expanded-prefill tile of `gpu_kernels.PREFILL_SWEEP`. Columns:
+BLOCK_N after the shared-memory fit, shared memory, wgmma / mma.sync instructions, registers per
+thread and bytes spilled to local memory. Spills predicted the H100
 sweep's losers (benchmarks/RESULTS.md), so this table says which tiles deserve device time.
 
     python benchmarks/decode_register_facts.py > register_facts.md     # no TRITON_INTERPRET
@@ -10,6 +11,7 @@ sweep's losers (benchmarks/RESULTS.md), so this table says which tiles deserve d
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 import sys
@@ -18,8 +20,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests" / "kernels"), str(ROOT / "benchmarks")]
 
 import triton  # noqa: E402
-from compile_sm90 import decode_case  # noqa: E402
-from gpu_kernels import HEADS, LAYOUTS, SWEEP  # noqa: E402
+from compile_sm90 import decode_case, prefill_case  # noqa: E402
+
+from gpu_kernels import HEADS, LAYOUTS, NOPE_DIM, PREFILL_SWEEP, SWEEP, VALUE_DIM  # noqa: E402
 
 NOT_TILE_KEYS = {"pages", "page_size", "contiguous", "splits"}  # sweep keys that leave the kernel as is
 
@@ -36,27 +39,33 @@ def tile_configs() -> list[dict]:
     return configs
 
 
+def row(kernel: str, name: str, label, compile_case) -> str:
+    try:
+        facts = compile_case()
+    except Exception as error:  # a tile that does not compile is a row too
+        return f"| {kernel} | {name} | {label} | {type(error).__name__}: {str(error).splitlines()[0][:80]} |"
+    return (
+        f"| {kernel} | {name} | {label} | {facts.get('BLOCK_N', '')} | {facts['shared'] // 1024} | {facts['wgmma']} | "
+        f"{facts['mma_sync']} | {facts['registers']} | {facts['spill_stores']} |"
+    )
+
+
 def main() -> None:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("run without TRITON_INTERPRET: the interpreter replaces the compiler")
     print(f"# Decode tiles compiled for sm_90 (triton {triton.__version__}, {HEADS} query heads)\n")
-    print("| layout | config | BLOCK_N | shared KiB | wgmma | mma.sync | registers | spill stores (B) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| kernel | layout | config | BLOCK_N | shared KiB | wgmma | mma.sync | registers | spill stores (B) |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for name, (kv_rank, rope_dim) in LAYOUTS.items():
         for config in tile_configs():
             overrides = {k: v for k, v in config.items() if k != "fp8"}
             cache_dtype = "fp8e4nv" if config.get("fp8") else None
-            label = config or "default"
-            try:
-                facts = decode_case(HEADS, kv_rank, rope_dim, "bf16", cache_dtype, **overrides)
-            except Exception as error:  # a tile that does not compile is a row too
-                print(f"| {name} | {label} | {type(error).__name__}: {str(error).splitlines()[0][:80]} |")
-                continue
-            print(
-                f"| {name} | {label} | {facts['BLOCK_N']} | {facts['shared'] // 1024} | {facts['wgmma']} | "
-                f"{facts['mma_sync']} | {facts['registers']} | {facts['spill_stores']} |",
-                flush=True,
-            )
+            case = functools.partial(decode_case, HEADS, kv_rank, rope_dim, "bf16", cache_dtype, **overrides)
+            print(row("decode", name, config or "default", case), flush=True)
+    for name, (_, rope_dim) in LAYOUTS.items():
+        for config in PREFILL_SWEEP:  # expanded mode: per-head keys of n + rope, contiguous
+            case = functools.partial(prefill_case, VALUE_DIM, rope_dim, NOPE_DIM, "bf16", paged=False, **config)
+            print(row("prefill (expanded)", name, config or "default", case), flush=True)
 
 
 if __name__ == "__main__":

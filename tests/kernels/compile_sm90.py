@@ -114,10 +114,11 @@ def decode_case(heads, kv_rank, rope_dim, dtype="fp16", cache_dtype=None, **over
         consts["BLOCK_N"] //= 2
 
 
-def prefill_case(value_dim, rope_dim, nope_dim, dtype="fp16", cache_dtype=None, paged=True):
+def prefill_case(value_dim, rope_dim, nope_dim, dtype="fp16", cache_dtype=None, paged=True, **overrides):
     """Expanded mode: `nope_dim` 128 (per-head keys, resident queries); absorbed: `nope_dim` = r.
-    `cache_dtype` "fp8e4nv": absorbed mode over an fp8 cache (keys and values), queries in `dtype`."""
-    cfg = prefill.prefill_config(value_dim, interpret=False, nope_dim=nope_dim)
+    `cache_dtype` "fp8e4nv": absorbed mode over an fp8 cache (keys and values), queries in `dtype`.
+    `overrides`: entries of `prefill_config`, as `config=` gives them."""
+    cfg = {**prefill.prefill_config(value_dim, interpret=False, nope_dim=nope_dim), **overrides}
     consts = dict(PAGED=paged, HAS_NOPE=True, HAS_KV_START=True, DOT_PRECISION="tf32",
                   BLOCK_ROPE=max(16, triton.next_power_of_2(rope_dim)), HAS_SCALE=cache_dtype is not None,
                   SINGLE_D=cfg["BLOCK_D"] >= nope_dim)  # fmt: skip
