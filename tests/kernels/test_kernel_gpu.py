@@ -175,13 +175,19 @@ def test_decode_compiles_with_inductor_gpu():
     torch.testing.assert_close(compiled(q, cache, lens, table), step(q, cache, lens, table), atol=1e-3, rtol=1e-3)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_converted_model_triton_matches_reference_gpu(dtype):
-    """A converted tiny Qwen3 on CUDA: prefill + decode logits through the kernels vs the reference backend."""
+@pytest.mark.parametrize(
+    "dtype,cache_dtype",
+    [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, torch.float8_e4m3fn)],
+    ids=["fp32", "bf16", "bf16-fp8-cache"],
+)
+def test_converted_model_triton_matches_reference_gpu(dtype, cache_dtype):
+    """A converted tiny Qwen3 on CUDA: prefill + decode logits through the kernels (fused cache write
+    included) vs the reference backend."""
     pytest.importorskip("transformers")
     import m2la
     import tiny_hf
     from m2la.backends import use_backend
+    from m2la.evaluation import _cache_keyword
 
     model = tiny_hf.build("qwen3", 6, 2, 16)
     m2la.convert(model)
@@ -191,10 +197,11 @@ def test_converted_model_triton_matches_reference_gpu(dtype):
     mask[0, :5] = 0  # left padding: kv_start in decode, per-sequence prefill
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
                   output_logits=True, return_dict_in_generate=True)  # fmt: skip
+    keyword = _cache_keyword(model)  # `cache` in transformers 5, `past_key_values` before
     with use_backend("reference"):
-        expected = model.generate(**kwargs)
+        expected = model.generate(**kwargs, **{keyword: m2la.M2LACache.for_model(model, cache_dtype)})
     with use_backend("triton"):
-        got = model.generate(**kwargs)
+        got = model.generate(**kwargs, **{keyword: m2la.M2LACache.for_model(model, cache_dtype)})
     assert all(torch.isfinite(step).all() for step in expected.logits), "reference backend produced NaN/inf"
     assert all(torch.isfinite(step).all() for step in got.logits), "triton backend produced NaN/inf"
     if dtype == torch.float32:  # same tokens, so every step's logits are comparable
