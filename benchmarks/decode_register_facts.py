@@ -2,8 +2,9 @@
 
 For each layout of `gpu_kernels.LAYOUTS`: each entry of `gpu_kernels.SWEEP` that changes the decode
 tile (bf16 and fp8 caches), and each expanded-prefill tile of `gpu_kernels.PREFILL_SWEEP`. Columns:
-BLOCK_N after the shared-memory fit, shared memory, wgmma / mma.sync instructions, registers per
-thread and bytes spilled to local memory. Spills predicted the H100
+BLOCK_N after the shared-memory fit, shared memory, wgmma / mma.sync instructions, pipelined copies
+of the loaded tiles (2 = the next tile streams in while this one is used; 1 = no prefetch), registers
+per thread and bytes spilled to local memory. Spills predicted the H100
 sweep's losers (benchmarks/RESULTS.md), so this table says which tiles deserve device time.
 
     python benchmarks/decode_register_facts.py > register_facts.md     # no TRITON_INTERPRET
@@ -46,7 +47,7 @@ def row(kernel: str, name: str, label, compile_case) -> str:
         return f"| {kernel} | {name} | {label} | {type(error).__name__}: {str(error).splitlines()[0][:80]} |"
     return (
         f"| {kernel} | {name} | {label} | {facts.get('BLOCK_N', '')} | {facts['shared'] // 1024} | {facts['wgmma']} | "
-        f"{facts['mma_sync']} | {facts['registers']} | {facts['spill_stores']} |"
+        f"{facts['mma_sync']} | {facts['buffers']} | {facts['registers']} | {facts['spill_stores']} |"
     )
 
 
@@ -54,8 +55,8 @@ def main() -> None:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("run without TRITON_INTERPRET: the interpreter replaces the compiler")
     print(f"# Decode tiles compiled for sm_90 (triton {triton.__version__}, {HEADS} query heads)\n")
-    print("| kernel | layout | config | BLOCK_N | shared KiB | wgmma | mma.sync | registers | spill stores (B) |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| kernel | layout | config | BLOCK_N | shared KiB | wgmma | mma.sync | buffers | registers | spill stores (B) |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, (kv_rank, rope_dim) in LAYOUTS.items():
         for config in tile_configs():
             overrides = {k: v for k, v in config.items() if k != "fp8"}

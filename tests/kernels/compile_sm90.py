@@ -80,6 +80,14 @@ def register_facts(ptxas_log: str) -> dict:
     }
 
 
+def pipelined_buffers(ttgir: str) -> int:
+    """How many copies of the loop's loaded tiles the software pipeliner keeps in shared memory: the
+    leading dim of its multi-buffered allocations (`memdesc<2x64x512xbf16>` -> 2); 1 when the tiles
+    are staged once per iteration (no prefetch of the next tile), 0 when nothing is staged."""
+    staged = re.findall(r"ttg\.local_alloc[^\n]*?!ttg\.memdesc<(\d+)x\d+x\d+x", ttgir)
+    return max((int(n) for n in staged), default=0)
+
+
 def compile_sm90(kernel, pointer_types, constexprs, num_warps, num_stages):
     sig = signature(kernel, pointer_types, constexprs)
     src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=divisibility_attrs(kernel, sig))
@@ -87,6 +95,7 @@ def compile_sm90(kernel, pointer_types, constexprs, num_warps, num_stages):
     ptx = compiled.asm["ptx"]
     return {
         **register_facts(ptxas_log),
+        "buffers": pipelined_buffers(compiled.asm["ttgir"]),
         "shared": compiled.metadata.shared,
         "wgmma": len(re.findall(r"wgmma\.mma_async", ptx)),
         "mma_sync": len(re.findall(r"\bmma\.sync", ptx)),
