@@ -261,6 +261,8 @@ SWEEP = [
     dict(fp8=True, BLOCK_N=64),
     dict(fp8=True, HEADS_ON_N=False, LATENT_PIECES=False, BLOCK_N=64),  # heads on M (old fp8 default at 896)
     dict(fp8=True, LATENT_PIECES=False, num_warps=4, BLOCK_N=64),  # heads on N, 4 warps (old fp8 default at 448)
+    # chunked scores, value tiles of 256: the only double-buffered tile at 896+128 (recomputes scores)
+    dict(HEADS_ON_N=False, BLOCK_D=128, BLOCK_V=256, num_warps=4, num_stages=3),
     dict(HEADS_ON_N=True, num_warps=8),  # padded baselines for the pieces rows
     dict(HEADS_ON_N=False, num_warps=8),
 ]
