@@ -20,9 +20,14 @@ Two tilings (see `decode_config`):
   uses wgmma, value columns split into tiles of 256 to bound the fp32 accumulator
   (BLOCK_H x BLOCK_V); the score chunks are recomputed per value tile, served from L2.
 
+Both resident tilings take `LATENT_PIECES`: the latent columns as up to three exact power-of-two
+pieces (896 = 512 + 256 + 128) with an accumulator each, instead of one zero-padded next_pow2(r)
+tile.
+
 fp8 caches (`HAS_SCALE`): tiles are loaded as fp8 (half the bytes of bf16) and widened to q's
 dtype in registers; each token's fp32 scale multiplies its score and its value weight, so no
-dequantized tile is ever written.
+dequantized tile is ever written. Widening costs registers, so fp8 caches have a tile default of
+their own (`decode_config(fp8=True)`).
 """
 
 from __future__ import annotations
