@@ -35,7 +35,7 @@ tail -25 "$OUT/gpu_tests.txt"
 echo "== tests + compile took ${SECONDS} s =="
 
 echo "== benchmark =="
-timeout 330 python benchmarks/gpu_kernels.py --seconds "${M2LA_BENCH_SECONDS:-290}" --sweep-seconds 110 \
+timeout 330 python benchmarks/gpu_kernels.py --seconds "${M2LA_BENCH_SECONDS:-290}" --sweep-seconds 130 \
     --warm-workers 0 --use-best --contexts 4096 32768 131072 2>&1 | tee "$OUT/gpu_kernels.log"
 wait "$facts_pid" || echo "register facts failed (see $OUT/register_facts.err)"
 echo "== total ${SECONDS} s =="
