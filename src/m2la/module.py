@@ -194,8 +194,11 @@ class M2LAttention(nn.Module):
         p = cos.shape[-1]
         rows, scales = reserve(self.layer_idx, b, t, r + k_rope.shape[-1], latent.dtype, latent.device)
         s = rows.shape[1]
-        positions = torch.arange(s - t, s, device=latent.device)
-        slots = (torch.arange(b, device=latent.device)[:, None] * s + positions).flatten()  # [b * t] int64
+        if t == 1:  # decode: one op, not four
+            slots = torch.arange(s - 1, b * s, s, device=latent.device)  # [b] int64
+        else:
+            positions = torch.arange(s - t, s, device=latent.device)
+            slots = (torch.arange(b, device=latent.device)[:, None] * s + positions).flatten()  # [b * t] int64
         kernels.write_latent_cache(
             rows, latent.flatten(0, 1), k_rope.flatten(0, 1), cos.expand(b, t, p).reshape(b * t, p),
             sin.expand(b, t, p).reshape(b * t, p), slots, kv_scale=scales, backend="triton",
