@@ -69,6 +69,14 @@ def append_rows(
     return buffer, rows
 
 
+def check_rows_shape(held: torch.Tensor | None, layer_idx: int, batch: int, width: int) -> None:
+    """Rows for a layer that holds ``held [b, s, w]`` must match its batch and width."""
+    if held is not None and held.dim() == 3 and (held.shape[0] != batch or held.shape[2] != width):
+        raise ValueError(
+            f"layer {layer_idx} caches [b={held.shape[0]}, width={held.shape[2]}] rows, got [b={batch}, width={width}]"
+        )
+
+
 def tensor_nbytes(tensor: torch.Tensor | None) -> int:
     return 0 if tensor is None else tensor.numel() * tensor.element_size()
 
@@ -93,8 +101,8 @@ class LatentCache:
 
         ``dequantize=False``: an fp8 cache returns None instead (for callers that read ``quantized_rows``).
         """
-        self._check_shape(layer_idx, rows.shape[0], rows.shape[2])
         i, held = layer_idx, self.rows[layer_idx]
+        check_rows_shape(held, i, rows.shape[0], rows.shape[2])
         if self.dtype is None:
             self._row_buffers[i], self.rows[i] = append_rows(self._row_buffers[i], held, rows)
             return self.rows[i]
@@ -114,7 +122,7 @@ class LatentCache:
         return the layer's rows ``[b, s, width]`` and, for fp8, scales ``[b, s]``, whose last
         ``num_tokens`` entries the caller writes (``m2la.kernels.write_latent_cache``), in place."""
         i = layer_idx
-        self._check_shape(i, batch, width)
+        check_rows_shape(self.rows[i], i, batch, width)
         shape = (batch, num_tokens, width)
         self._row_buffers[i], self.rows[i] = reserve_rows(
             self._row_buffers[i], self.rows[i], shape, self.dtype or dtype, device
@@ -127,14 +135,6 @@ class LatentCache:
         )
         self.scales[i] = scales[..., 0]
         return self.rows[i], self.scales[i]
-
-    def _check_shape(self, layer_idx: int, batch: int, width: int) -> None:
-        held = self.rows[layer_idx]
-        if held is not None and (held.shape[0] != batch or held.shape[2] != width):
-            raise ValueError(
-                f"layer {layer_idx} caches [b={held.shape[0]}, width={held.shape[2]}] rows, "
-                f"got [b={batch}, width={width}]"
-            )
 
     def quantized_rows(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """fp8 caches: the stored ``rows [b, s, r + 2p]`` and ``scales [b, s]`` (what the kernels read); else None."""

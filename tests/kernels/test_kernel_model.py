@@ -13,6 +13,12 @@ from m2la.attention_math import causal_window_starts  # noqa: E402
 from m2la.backends import use_backend  # noqa: E402
 
 
+def record_calls(monkeypatch, module, name: str, calls: list) -> None:
+    """Wrap `module.name` so that each call appends `name` to `calls`, then runs it."""
+    kernel = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **kw: calls.append(name) or kernel(*a, **kw))
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_generate_same_tokens_as_reference(family):
     model = tiny_hf.build(family, 3, 1, 16)
@@ -93,14 +99,9 @@ def test_compiled_converted_model_runs_the_kernels(cache_dtype, monkeypatch):
     import m2la.kernels.latent_prefill.triton as prefill_module
 
     calls = []
-    patched = (
-        (decode_module, "latent_decode_triton"),
-        (prefill_module, "latent_prefill_triton"),
-        (write_module, "write_latent_cache_triton"),
-    )
-    for module, name in patched:
-        kernel = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, _k=kernel, _n=name, **kw: calls.append(_n) or _k(*a, **kw))
+    record_calls(monkeypatch, decode_module, "latent_decode_triton", calls)
+    record_calls(monkeypatch, prefill_module, "latent_prefill_triton", calls)
+    record_calls(monkeypatch, write_module, "write_latent_cache_triton", calls)
     model = tiny_hf.build("qwen3", 6, 2, 12)
     m2la.convert(model)
     ids = torch.randint(10, tiny_hf.VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -135,8 +136,7 @@ def test_fused_cache_write_stores_what_the_reference_path_stores(cache_kind, cac
     import m2la.kernels.cache_write.triton as write_module
 
     writes = []
-    kernel = write_module.write_latent_cache_triton
-    monkeypatch.setattr(write_module, "write_latent_cache_triton", lambda *a, **kw: writes.append(1) or kernel(*a, **kw))
+    record_calls(monkeypatch, write_module, "write_latent_cache_triton", writes)
     model = tiny_hf.build("qwen3", 6, 2, 12)
     m2la.convert(model)
     attention = next(m for m in model.modules() if isinstance(m, m2la.M2LAttention))

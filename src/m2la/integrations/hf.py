@@ -26,7 +26,7 @@ from transformers import AutoConfig, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from .. import rope
-from ..cache import append_rows, reserve_rows, tensor_nbytes, views_prefix_of
+from ..cache import append_rows, check_rows_shape, reserve_rows, tensor_nbytes, views_prefix_of
 from ..config import M2LAConfig, M2LAConfigError
 from ..conversion import ConversionError, SourceAttention, lossless_config, lossless_state_dict, source_cache_width
 from ..module import M2LAttention
@@ -194,12 +194,7 @@ class M2LACache(DynamicCache):
         return the layer's rows ``[b, s, width]`` and, for fp8, scales ``[b, s]``, whose last
         ``num_tokens`` entries the caller writes (``m2la.kernels.write_latent_cache``), in place."""
         layer = self.layers[layer_idx]
-        if layer.is_initialized and layer.keys is not None and layer.keys.dim() == 3:
-            held = layer.keys.shape
-            if held[0] != batch or held[2] != width:
-                raise ValueError(
-                    f"layer {layer_idx} caches [b={held[0]}, width={held[2]}] rows, got [b={batch}, width={width}]"
-                )
+        check_rows_shape(layer.keys if layer.is_initialized else None, layer_idx, batch, width)
         fp8 = self.dtype is not None
         keys, values = layer.reserve((batch, num_tokens, width), self.dtype or dtype, int(fp8), device)
         return keys, (values[..., 0] if fp8 else None)
