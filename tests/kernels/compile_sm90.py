@@ -54,15 +54,16 @@ def divisibility_attrs(kernel, sig: dict[str, str]) -> dict:
     }
 
 
-def ptxas_compile(src, num_warps, num_stages):
-    """triton.compile for sm_90, always running ptxas (no cache hit), with ptxas's `-v` log captured."""
+def ptxas_compile(src, num_warps, num_stages, **options):
+    """triton.compile for sm_90, always running ptxas (no cache hit), with ptxas's `-v` log captured;
+    `options`: launch options the launcher passes (`enable_fp_fusion`, ...)."""
     log = io.StringIO()
     saved = knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log
     knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log = True, True
     try:
         with contextlib.redirect_stdout(log):  # triton prints the log it asked ptxas for
             compiled = triton.compile(
-                src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages)
+                src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages, **options)
             )
     finally:
         knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log = saved
@@ -88,10 +89,10 @@ def pipelined_buffers(ttgir: str) -> int:
     return max((int(n) for n in staged), default=0)
 
 
-def compile_sm90(kernel, pointer_types, constexprs, num_warps, num_stages):
+def compile_sm90(kernel, pointer_types, constexprs, num_warps, num_stages, **options):
     sig = signature(kernel, pointer_types, constexprs)
     src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=divisibility_attrs(kernel, sig))
-    compiled, ptxas_log = ptxas_compile(src, num_warps, num_stages)
+    compiled, ptxas_log = ptxas_compile(src, num_warps, num_stages, **options)
     ptx = compiled.asm["ptx"]
     return {
         **register_facts(ptxas_log),
@@ -101,6 +102,8 @@ def compile_sm90(kernel, pointer_types, constexprs, num_warps, num_stages):
         "mma_sync": len(re.findall(r"\bmma\.sync", ptx)),
         "cp_async": len(re.findall(r"\bcp\.async\.(?:ca|cg)", ptx)),  # pipelined global -> shared copies
         "ld_global": len(re.findall(r"\bld\.global", ptx)),
+        "fma_f32": len(re.findall(r"\bfma\.rn\.f32", ptx)),  # fused multiply-adds (one rounding)
+        "div_approx_f32": len(re.findall(r"\bdiv\.(?:full|approx)\.f32", ptx)),  # non-IEEE divisions
         "local_bytes": sum(int(n) for n in re.findall(r"\.local \.align \d+ \.b8 \w+\[(\d+)\]", ptx)),
     }
 
@@ -144,7 +147,7 @@ def cache_write_case(kv_rank, rope_dim, cache_dtype="fp8e4nv"):
                   HAS_SCALE=cache_dtype.startswith("fp8"), FP8_MANTISSA=3, FP8_MIN_NORMAL_EXP=-6)  # fmt: skip
     ptrs = {"latent_ptr": "*bf16", "k_rope_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "slot_ptr": "*i64",
             "cache_ptr": f"*{cache_dtype}", "kv_scale_ptr": "*fp32"}  # fmt: skip
-    return compile_sm90(cache_write._cache_write_kernel, ptrs, consts, 4, 1)
+    return compile_sm90(cache_write._cache_write_kernel, ptrs, consts, 4, 1, **cache_write.COMPILE_OPTIONS)
 
 
 def main() -> None:

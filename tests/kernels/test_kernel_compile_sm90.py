@@ -87,6 +87,14 @@ def test_sm90_fp8_cache_write_compiles_without_spills(compiled):
     assert facts["spill_stores"] in (0, None), facts
 
 
+def test_sm90_cache_write_rounds_like_torch(compiled):
+    """The fused write stores the reference's bits only with IEEE divisions and no fused multiply-add
+    (a GPU run found fp8 codes one step off without them): no `div.full`/`div.approx` and no
+    `fma.rn.f32` in its PTX."""
+    facts = compiled["cache_write_r448_rope64_fp8"]
+    assert facts["div_approx_f32"] == 0 and facts["fma_f32"] == 0, facts
+
+
 def spills(compiled, case) -> int:
     facts = compiled[case]
     if facts["spill_stores"] is None:

@@ -4,6 +4,11 @@ Grid `(cdiv(n_tokens, BLOCK_T),)`; each program moves `BLOCK_T` tokens. The rota
 and is rounded once, on the store, to the cache dtype. fp8 caches (`HAS_SCALE`): the whole row is
 in registers before the store, so its amax, the token's scale and the scaled row come from the
 same pass (m2la.quantization).
+
+The kernel rounds like the torch reference, so both store the same bits: IEEE divisions
+(`div_rn`; triton's `/` is the approximate `div.full.f32` on GPUs) and no multiply-add fusion
+(`COMPILE_OPTIONS`; a fused `x * cos - y * sin` rounds once where torch rounds twice). The H100
+run of 2026-11-27 found fp8 codes one step apart from the reference's without these.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import triton
 import triton.language as tl
 
 from m2la.quantization import is_fp8
+
+COMPILE_OPTIONS = {"enable_fp_fusion": False}  # launch options; the sm_90 compile check uses them too
 
 
 @triton.jit
@@ -67,10 +74,10 @@ def _cache_write_kernel(
         latent = latent.to(tl.float32)
         rope_amax = tl.maximum(tl.max(tl.abs(rot_x), axis=1), tl.max(tl.abs(rot_y), axis=1))
         amax = tl.maximum(tl.max(tl.abs(latent), axis=1), rope_amax)  # [BLOCK_T]
-        scale = tl.where(amax > 0.0, amax / fp8_max, 1.0)  # [BLOCK_T]
-        latent = _round_to_fp8_grid(latent / scale[:, None], FP8_MANTISSA, FP8_MIN_NORMAL_EXP)
-        rot_x = _round_to_fp8_grid(rot_x / scale[:, None], FP8_MANTISSA, FP8_MIN_NORMAL_EXP)
-        rot_y = _round_to_fp8_grid(rot_y / scale[:, None], FP8_MANTISSA, FP8_MIN_NORMAL_EXP)
+        scale = tl.where(amax > 0.0, tl.math.div_rn(amax, fp8_max), 1.0)  # [BLOCK_T]
+        latent = _round_to_fp8_grid(tl.math.div_rn(latent, scale[:, None]), FP8_MANTISSA, FP8_MIN_NORMAL_EXP)
+        rot_x = _round_to_fp8_grid(tl.math.div_rn(rot_x, scale[:, None]), FP8_MANTISSA, FP8_MIN_NORMAL_EXP)
+        rot_y = _round_to_fp8_grid(tl.math.div_rn(rot_y, scale[:, None]), FP8_MANTISSA, FP8_MIN_NORMAL_EXP)
         tl.store(kv_scale_ptr + block * stride_sc_blk + offset * stride_sc_tok, scale, mask=keep)
     tl.store(dest + offs_r[None, :], latent.to(cache_dtype), mask=lat_mask)
     rope_dest = dest + kv_rank + offs_p[None, :]
@@ -109,4 +116,5 @@ def write_latent_cache_triton(
         kv_cache.stride(0), kv_cache.stride(1), scale.stride(0), scale.stride(1),
         BLOCK_T=block_t, BLOCK_R=triton.next_power_of_2(kv_rank), BLOCK_P=triton.next_power_of_2(max(1, num_pairs)),
         HAS_SCALE=kv_scale is not None, FP8_MANTISSA=mantissa, FP8_MIN_NORMAL_EXP=min_normal_exp, num_warps=4,
+        **COMPILE_OPTIONS,
     )  # fmt: skip
