@@ -102,6 +102,7 @@ def compile_sm90(kernel, pointer_types, constexprs, num_warps, num_stages, **opt
         "mma_sync": len(re.findall(r"\bmma\.sync", ptx)),
         "cp_async": len(re.findall(r"\bcp\.async\.(?:ca|cg)", ptx)),  # pipelined global -> shared copies
         "ld_global": len(re.findall(r"\bld\.global", ptx)),
+        "cvt_bf16_f16": len(re.findall(r"\bcvt\.bf16\.f16", ptx)),  # the 2nd step of fp8 -> bf16 widening
         "fma_f32": len(re.findall(r"\bfma\.rn\.f32", ptx)),  # fused multiply-adds (one rounding)
         "div_approx_f32": len(re.findall(r"\bdiv\.(?:full|approx)\.f32", ptx)),  # non-IEEE divisions
         "local_bytes": sum(int(n) for n in re.findall(r"\.local \.align \d+ \.b8 \w+\[(\d+)\]", ptx)),
@@ -162,7 +163,9 @@ def main() -> None:
         "prefill_v128_rope128": prefill_case(128, 128, 128, paged=False),  # expanded (the host expands contiguous)
         # exact latent pieces (256 + 128 + 64, 512 + 256 + 128) against the padded next_pow2(r) tile
         "decode_h32_r448_rope64_bf16_pieces": decode_case(32, 448, 64, "bf16", HEADS_ON_N=True, LATENT_PIECES=True),
-        "decode_h32_r896_rope128_bf16_heads_on_n_w8": decode_case(32, 896, 128, "bf16", HEADS_ON_N=True, num_warps=8),
+        "decode_h32_r896_rope128_bf16_heads_on_n_w8": decode_case(
+            32, 896, 128, "bf16", HEADS_ON_N=True, LATENT_PIECES=False, num_warps=8
+        ),
         "decode_h32_r896_rope128_bf16_pieces_w8": decode_case(
             32, 896, 128, "bf16", HEADS_ON_N=True, LATENT_PIECES=True, num_warps=8
         ),
@@ -179,6 +182,14 @@ def main() -> None:
         "decode_h32_r896_rope128_fp8_heads_on_n": decode_case(
             32, 896, 128, "bf16", "fp8e4nv", **bf16_tile, HEADS_ON_N=True, num_warps=4
         ),
+        # fp8 options of the heads-on-M tile: a second, [D, N] load of the keys; MMAs in fp16
+        "decode_h32_r448_rope64_fp8_transposed_keys": decode_case(
+            32, 448, 64, "bf16", "fp8e4nv", LATENT_PIECES=True, TRANSPOSED_KEYS=True
+        ),
+        "decode_h32_r448_rope64_fp8_transposed_keys_fp16": decode_case(
+            32, 448, 64, "bf16", "fp8e4nv", LATENT_PIECES=True, TRANSPOSED_KEYS=True, FP8_AS_FP16=True
+        ),
+        "decode_h32_r448_rope64_fp8_pieces": decode_case(32, 448, 64, "bf16", "fp8e4nv", LATENT_PIECES=True),
         "prefill_absorbed_r512_rope64_fp8": prefill_case(512, 64, 512, "bf16", "fp8e4nv"),
         "cache_write_r448_rope64_fp8": cache_write_case(448, 64),
     }

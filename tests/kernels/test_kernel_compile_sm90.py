@@ -1,9 +1,10 @@
 """Compile-only checks for sm_90 on CPU: every default decode/prefill config fits shared memory and
 streams the cache through cp.async; the 64-head-tile decode (h > 32), the heads-on-N decode tile
-(the default for h <= 32, r <= 512) and the prefill kernel use wgmma. At r = 896 the h <= 32 default
-keeps heads on M (mma.sync), which won the H100 sweep at b=32 (benchmarks/RESULTS.md). Exact latent
-pieces cut MMA work and shared memory. ptxas's register log (`-v`) gives spills: the fp8 default
-spills far less than the bf16 tile would over an fp8 cache, and the fp8 cache write not at all.
+(the default for h <= 32, r <= 512) and the prefill kernel use wgmma. At r = 896 and for fp8 caches
+the h <= 32 defaults keep heads on M (mma.sync), which won the H100 sweeps (benchmarks/RESULTS.md).
+Exact latent pieces cut MMA work and shared memory. ptxas's register log (`-v`) gives spills; the
+PTX gives the fp8 options' effects (pipelined copies, one-step widening) and the cache write's
+IEEE rounding.
 
 The compile passes the 16-divisibility hints the launcher's JIT gives (strides, pointers): without
 them triton emits scalar 2-byte loads and no cp.async, which is not what runs on the GPU."""
@@ -42,18 +43,21 @@ WGMMA_CASES = [
     "decode_h128_r896_rope128",
     "decode_h32_r448_rope64_bf16_heads_on_n",  # heads on the MMA N dimension: 64-token M tiles
     "prefill_v128_rope128",
-    "decode_h32_r448_rope64_fp8",
     "decode_h32_r896_rope128_fp8_heads_on_n",
     "prefill_absorbed_r512_rope64_fp8",
 ]
 ALL_CASES = [
     "decode_h32_r896_rope128",
+    "decode_h32_r448_rope64_fp8",
     "decode_h32_r448_rope64_bf16",
     "decode_h32_r896_rope128_fp8",
     "decode_h32_r896_rope128_bf16_heads_on_n_w8",
     "decode_h32_r896_rope128_bf16_pieces_heads_on_m",
     "decode_h32_r448_rope64_fp8_bf16_tile",
     "decode_h32_r896_rope128_fp8_bf16_tile",
+    "decode_h32_r448_rope64_fp8_transposed_keys",
+    "decode_h32_r448_rope64_fp8_transposed_keys_fp16",
+    "decode_h32_r448_rope64_fp8_pieces",
     *WGMMA_CASES,
 ]
 
@@ -122,14 +126,19 @@ def test_sm90_r896_pieces_with_8_warps_do_not_spill(compiled, case):
     assert spills(compiled, case) == 0, compiled[case]
 
 
-@pytest.mark.parametrize("kv_rank,rope", [(448, 64), (896, 128)])
-def test_sm90_fp8_default_spills_far_less_than_the_bf16_tile(compiled, kv_rank, rope):
-    """Widening fp8 tiles in registers makes the bf16 cache's tile spill (about 0.5-1 KiB per thread);
-    the fp8 default (pieces, 8 warps, 32-token tiles) spills nothing under triton 3.6 and at most
-    half as much under later ptxas versions."""
-    default = spills(compiled, f"decode_h32_r{kv_rank}_rope{rope}_fp8")
-    bf16_tile = spills(compiled, f"decode_h32_r{kv_rank}_rope{rope}_fp8_bf16_tile")
-    assert bf16_tile > 0 and default <= bf16_tile // 2, (default, bf16_tile)
+def test_sm90_transposed_keys_pipeline_the_fp8_latent_tile(compiled):
+    """Widened and then transposed in registers, the fp8 latent tile is loaded into registers
+    (triton 3.6 and 3.9): only the RoPE tile and the scales take cp.async. With TRANSPOSED_KEYS both
+    loads of the latent tile are pipelined copies into shared memory."""
+    plain = compiled["decode_h32_r448_rope64_fp8_pieces"]["cp_async"]
+    transposed = compiled["decode_h32_r448_rope64_fp8_transposed_keys"]["cp_async"]
+    assert transposed >= 4 * plain, (transposed, plain)
+
+
+def test_sm90_fp8_as_fp16_widens_in_one_instruction(compiled):
+    """fp8 -> bf16 is `cvt.rn.f16x2.e4m3x2` then two `cvt.bf16.f16`; fp8 -> fp16 is the first alone."""
+    assert compiled["decode_h32_r448_rope64_fp8_transposed_keys"]["cvt_bf16_f16"] > 0
+    assert compiled["decode_h32_r448_rope64_fp8_transposed_keys_fp16"]["cvt_bf16_f16"] == 0
 
 
 @pytest.mark.parametrize(

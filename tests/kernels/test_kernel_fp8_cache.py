@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from kernel_cases import assert_close_with_lse, quantize_cache, random_quantized_paged_cache
+from kernel_cases import assert_close_with_lse, quantize_cache, random_quantized_paged_cache, rows_of
 from test_kernel_decode import decode_fp64
 from test_kernel_prefill import SHAPES, prefill_fp64_absorbed
 from test_kernel_prefill import make_case as make_prefill_case
@@ -104,8 +104,14 @@ def test_decode_reference_matches_fp64_over_dequantized_rows(fp8_dtype):
         (3, dict(BLOCK_D=64, BLOCK_V=32)),  # separate value tiles
         (3, dict(BLOCK_D=16, BLOCK_V=32)),  # chunked scores
         (7, dict(BLOCK_D=64, BLOCK_V=64, HEADS_ON_N=True, BLOCK_N=32, PAGE_TILE=False)),
+        (3, dict(BLOCK_D=64, BLOCK_V=64, TRANSPOSED_KEYS=True)),
+        (7, dict(BLOCK_D=64, BLOCK_V=64, FP8_AS_FP16=True)),
+        (32, dict(HEADS_ON_N=False, LATENT_PIECES=True, TRANSPOSED_KEYS=True, FP8_AS_FP16=True)),
     ],
-    ids=["h1", "h7", "h32", "heads-on-n", "value-tiles", "chunked", "heads-on-n-gather"],
+    ids=[
+        "h1", "h7", "h32", "heads-on-n", "value-tiles", "chunked", "heads-on-n-gather", "transposed-keys",
+        "fp16-mma", "fp16-mma-transposed-pieces",
+    ],  # fmt: skip
 )
 def test_decode_triton_matches_reference(heads, config, q_dtype, fp8_dtype):
     from m2la.kernels.latent_decode.triton import latent_decode_triton
@@ -117,8 +123,47 @@ def test_decode_triton_matches_reference(heads, config, q_dtype, fp8_dtype):
     out, lse = latent_decode_triton(q, cache, lens, 0.2, 60, table, start, num_splits=3, config=config, kv_scale=scale)
     ref_out, ref_lse = decode_attention(q, cache, lens, 0.2, 60, table, start, kv_scale=scale, backend="reference")
     assert out.dtype == q_dtype
-    tol = 2e-5 if q_dtype == torch.float32 else 1e-2
+    tol = 2e-5 if q_dtype == torch.float32 and not (config or {}).get("FP8_AS_FP16") else 1e-2
     assert_close_with_lse(out, lse, ref_out, ref_lse, atol=tol, rtol=tol)
+
+
+def bf16_tile_yardstick(q, cache, scale, table, seqlens, sm_scale, kv_rank, kv_start):
+    """What the bf16 tile computes over an fp8 cache, in fp64 otherwise: the query rounded to bf16,
+    and each value weight (probability x token scale) rounded to bf16 before it meets the fp8 codes."""
+    outs = []
+    for seq, length in enumerate(seqlens):
+        codes = rows_of(cache.double(), table, seq, length)[kv_start[seq] :]  # [s, r+2p]
+        token_scale = rows_of(scale[..., None].double(), table, seq, length)[kv_start[seq] :, 0]  # [s]
+        scores = q[seq].bfloat16().double() @ (codes * token_scale[:, None]).T * sm_scale  # [h, s]
+        weights = (torch.softmax(scores, dim=-1) * token_scale).bfloat16().double()
+        outs.append(weights @ codes[:, :kv_rank])
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("fp8_dtype", FP8, ids=FP8_IDS)
+@pytest.mark.parametrize("q_gain", [1.0, 30.0, 3e4], ids=["soft", "sharp", "large-q"])
+def test_fp8_as_fp16_error_within_the_bf16_tile_budget(fp8_dtype, q_gain):
+    """FP8_AS_FP16 rounds the query (after a power-of-two shift) and the value weights to fp16.
+    Against the fp64 oracle its output error stays within 2x that of the bf16 tile the models run
+    over the same cache (query and value weights rounded to bf16), also where |q| is past fp16's range without the shift
+    (q_gain 3e4 puts |q| past 1e5); its LSE is within fp16 rounding of the scores."""
+    from m2la.kernels.latent_decode.triton import latent_decode_triton
+
+    seqlens, kv_start = [1, 63, 113], [0, 17, 50]
+    cache, scale, table, _ = random_quantized_paged_cache(seqlens, 60 + 16, 16, fp8_dtype, seed=11)
+    rows = dequantized(cache, scale)
+    q = q_gain * torch.randn(3, 7, 76, generator=torch.Generator().manual_seed(12))
+    lens, start = torch.tensor(seqlens, dtype=torch.int32), torch.tensor(kv_start, dtype=torch.int32)
+    sm_scale = 0.2 / q_gain**0.5
+    config = dict(HEADS_ON_N=False, LATENT_PIECES=True, TRANSPOSED_KEYS=True, FP8_AS_FP16=True)
+    out, lse = latent_decode_triton(q, cache, lens, sm_scale, 60, table, start, 3, config, kv_scale=scale)
+    ref_out, ref_lse = decode_fp64(q, rows, table, seqlens, sm_scale, 60, kv_start)
+    yardstick = bf16_tile_yardstick(q, cache, scale, table, seqlens, sm_scale, 60, kv_start)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    out_err, bf16_err = (out - ref_out).abs().max().item(), (yardstick - ref_out).abs().max().item()
+    assert out_err <= 2 * bf16_err, (out_err, bf16_err)
+    score_bound = 2.0**-10 * sm_scale * q.abs().amax() * rows.nan_to_num(0.0).abs().amax() * 76
+    assert (lse - ref_lse).abs().max() <= score_bound, ((lse - ref_lse).abs().max(), score_bound)
 
 
 def test_decode_triton_contiguous_fp8():

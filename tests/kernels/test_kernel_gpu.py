@@ -240,12 +240,18 @@ def fp8_paged_case(seqlens, width, fp8_dtype, seed):
     "fp8_dtype,config",
     [
         (torch.float8_e4m3fn, None),
-        (torch.float8_e4m3fn, dict(LATENT_PIECES=False, num_warps=4, BLOCK_N=64)),  # padded tile, 64 tokens
-        (torch.float8_e4m3fn, dict(HEADS_ON_N=False, LATENT_PIECES=False, BLOCK_N=64)),  # the bf16 tile
+        (torch.float8_e4m3fn, dict(HEADS_ON_N=True, LATENT_PIECES=False, num_warps=4, BLOCK_N=64)),
+        (torch.float8_e4m3fn, dict(LATENT_PIECES=True, TRANSPOSED_KEYS=True)),
+        (torch.float8_e4m3fn, dict(LATENT_PIECES=True, TRANSPOSED_KEYS=True, FP8_AS_FP16=True)),
+        (torch.float8_e4m3fn, dict(FP8_AS_FP16=True, BLOCK_N=32)),
         (torch.float8_e4m3fn, dict(PAGE_TILE=False)),
         (torch.float8_e5m2, None),
+        (torch.float8_e5m2, dict(LATENT_PIECES=True, TRANSPOSED_KEYS=True, FP8_AS_FP16=True)),
     ],
-    ids=["e4m3-default", "e4m3-heads-on-n", "e4m3-heads-on-m", "e4m3-row-gather", "e5m2-default"],
+    ids=[
+        "e4m3-default", "e4m3-heads-on-n", "e4m3-transposed-keys", "e4m3-transposed-keys-fp16", "e4m3-fp16-bn32",
+        "e4m3-row-gather", "e5m2-default", "e5m2-transposed-keys-fp16",
+    ],  # fmt: skip
 )
 @pytest.mark.parametrize("kv_rank,rope_dim", [(448, 64), (896, 128)])
 def test_decode_fp8_cache_gpu(kv_rank, rope_dim, config, fp8_dtype):

@@ -27,7 +27,11 @@ tile.
 fp8 caches (`HAS_SCALE`): tiles are loaded as fp8 (half the bytes of bf16) and widened to q's
 dtype in registers; each token's fp32 scale multiplies its score and its value weight, so no
 dequantized tile is ever written. Widening costs registers, so fp8 caches have a tile default of
-their own (`decode_config(fp8=True)`).
+their own (`decode_config(fp8=True)`). Two options of the heads-on-M tiling target fp8 tiles:
+`TRANSPOSED_KEYS` (the scores read a second, `[D, N]` load of the keys, so triton pipelines both
+fp8 loads into shared memory instead of transposing a widened tile in registers) and
+`FP8_AS_FP16` (the MMAs run in fp16, one widening instruction per pair of fp8 values instead of
+three for bf16; the query is shifted by a power of two into fp16's range).
 """
 
 from __future__ import annotations
@@ -110,6 +114,19 @@ def _load_latent_piece(rows, start: tl.constexpr, WIDTH: tl.constexpr, visible, 
 
 
 @triton.jit
+def _load_latent_piece_t(rows_t, start: tl.constexpr, WIDTH: tl.constexpr, visible, kv_rank, compute_dtype):
+    """`_load_latent_piece` transposed, from row pointers `rows_t [1, BLOCK_N]` -> `[WIDTH, BLOCK_N]`."""
+    offs = start + tl.arange(0, WIDTH)
+    return tl.load(rows_t + offs[:, None], mask=visible[None, :] & (offs[:, None] < kv_rank), other=0.0).to(compute_dtype)
+
+
+@triton.jit
+def _query_to_fp16(q, q_shift):
+    """`q / q_shift` in fp16: `q_shift` is a power of two near |q|'s max, so fp16's range holds it."""
+    return (q * (1.0 / q_shift)).to(tl.float16)
+
+
+@triton.jit
 def _load_query_piece_t(q_cols, start: tl.constexpr, WIDTH: tl.constexpr, head_ok, kv_rank):
     """Latent query columns `[start, start + WIDTH)`, transposed: `[WIDTH, BLOCK_H]` (0 past the latent)."""
     offs = start + tl.arange(0, WIDTH)
@@ -149,15 +166,23 @@ def _decode_split_kernel(
     PAGED: tl.constexpr, PAGE_TILE: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_SCALE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr,
     BLOCK_D2: tl.constexpr, BLOCK_ROPE: tl.constexpr, BLOCK_V: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SINGLE_D: tl.constexpr, VALUES_FROM_KEYS: tl.constexpr,
+    SINGLE_D: tl.constexpr, VALUES_FROM_KEYS: tl.constexpr, TRANSPOSED_KEYS: tl.constexpr,
+    FP8_AS_FP16: tl.constexpr,
 ):  # fmt: skip
     # SINGLE_D: BLOCK_D (+ BLOCK_D1 + BLOCK_D2) >= r, so the latent query is loaded once, before the
     # token loop. VALUES_FROM_KEYS: SINGLE_D and one value tile: the values are the key tile.
+    # TRANSPOSED_KEYS (SINGLE_D): the scores read a second load of the key tile, as `[D, BLOCK_N]`,
+    # so no MMA operand is a transpose. Triton 3.6 transposes a widened fp8 tile in registers, which
+    # keeps the tile out of the pipelined copies into shared memory; two loads of the same rows
+    # (the second mostly from L2) give two pipelined copies instead.
+    # FP8_AS_FP16 (SINGLE_D, fp8 caches): the MMAs run in fp16, which e4m3 and e5m2 widen to in one
+    # instruction per pair (bf16 takes three). The query is divided by a power of two near its max
+    # (`q_shift`) to stay in fp16's range; value weights by the tile's largest token scale.
     # BLOCK_D1/BLOCK_D2 > 0 (with VALUES_FROM_KEYS, BLOCK_V = BLOCK_D): latent pieces, as in
     # `_decode_split_kernel_heads_on_n`; pieces 1 and 2 keep accumulators of their own.
     # HAS_SCALE: fp8 cache; tiles are widened to q's dtype and each token's scale multiplies its
     # score and its value weight.
-    compute_dtype = q_ptr.dtype.element_ty
+    compute_dtype: tl.constexpr = tl.float16 if FP8_AS_FP16 else q_ptr.dtype.element_ty
     seq = tl.program_id(0)
     head_tile = tl.program_id(1)
     split = tl.program_id(2) // num_value_tiles
@@ -189,6 +214,22 @@ def _decode_split_kernel(
     if BLOCK_D2 > 0:
         q2 = _load_query_piece(q_rows, D2_START, BLOCK_D2, head_ok, kv_rank)  # [BLOCK_H, BLOCK_D2]
         acc2 = tl.zeros([BLOCK_H, BLOCK_D2], tl.float32)
+    q_shift = 1.0
+    if FP8_AS_FP16:
+        q_amax = tl.maximum(tl.max(tl.abs(q_latent.to(tl.float32))), tl.max(tl.abs(q_rope.to(tl.float32))))
+        if BLOCK_D1 > 0:
+            q_amax = tl.maximum(q_amax, tl.max(tl.abs(q1.to(tl.float32))))
+        if BLOCK_D2 > 0:
+            q_amax = tl.maximum(q_amax, tl.max(tl.abs(q2.to(tl.float32))))
+        q_shift = tl.where(q_amax > 0.0, tl.exp2(tl.floor(tl.log2(q_amax))), 1.0)
+        q_latent = _query_to_fp16(q_latent, q_shift)
+        q_rope = _query_to_fp16(q_rope, q_shift)
+        if BLOCK_D1 > 0:
+            q1 = _query_to_fp16(q1, q_shift)
+        if BLOCK_D2 > 0:
+            q2 = _query_to_fp16(q2, q_shift)
+    if TRANSPOSED_KEYS:  # the scores' MMAs take the queries as A: [BLOCK_H, D]
+        q_rope_t = q_rope
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)  # running max, base-2 scaled
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -200,7 +241,20 @@ def _decode_split_kernel(
         rows = kv_ptr + (block * stride_kv_blk + slot * stride_kv_tok)[:, None]  # [BLOCK_N, 1]
         token_scale = _token_scales(kv_scale_ptr, block, slot, visible, stride_sc_blk, stride_sc_tok, HAS_SCALE)
 
-        if SINGLE_D:
+        if TRANSPOSED_KEYS:
+            rows_t = tl.trans(rows)  # [1, BLOCK_N]
+            k_latent = _load_latent_piece(rows, 0, BLOCK_D, visible, kv_rank, compute_dtype)  # [BLOCK_N, BLOCK_D]
+            k_t = _load_latent_piece_t(rows_t, 0, BLOCK_D, visible, kv_rank, compute_dtype)  # [BLOCK_D, BLOCK_N]
+            scores = tl.dot(q_latent, k_t, input_precision=DOT_PRECISION)
+            if BLOCK_D1 > 0:
+                k1 = _load_latent_piece(rows, D1_START, BLOCK_D1, visible, kv_rank, compute_dtype)
+                k1_t = _load_latent_piece_t(rows_t, D1_START, BLOCK_D1, visible, kv_rank, compute_dtype)
+                scores += tl.dot(q1, k1_t, input_precision=DOT_PRECISION)
+            if BLOCK_D2 > 0:
+                k2 = _load_latent_piece(rows, D2_START, BLOCK_D2, visible, kv_rank, compute_dtype)
+                k2_t = _load_latent_piece_t(rows_t, D2_START, BLOCK_D2, visible, kv_rank, compute_dtype)
+                scores += tl.dot(q2, k2_t, input_precision=DOT_PRECISION)
+        elif SINGLE_D:
             k_latent = _load_latent_piece(rows, 0, BLOCK_D, visible, kv_rank, compute_dtype)  # [BLOCK_N, BLOCK_D]
             scores = tl.dot(q_latent, tl.trans(k_latent), input_precision=DOT_PRECISION)
             if BLOCK_D1 > 0:
@@ -217,14 +271,22 @@ def _decode_split_kernel(
                 q_chunk = tl.load(q_rows + offs_d[None, :], mask=head_ok[:, None] & d_ok[None, :], other=0.0)
                 k_chunk = tl.load(rows + offs_d[None, :], mask=visible[:, None] & d_ok[None, :], other=0.0)
                 scores += tl.dot(q_chunk, tl.trans(k_chunk.to(compute_dtype)), input_precision=DOT_PRECISION)
-        k_rope = tl.load(
-            rows + kv_rank + offs_rope[None, :],
-            mask=visible[:, None] & (offs_rope[None, :] < rope_dim),
-            other=0.0,
-        ).to(compute_dtype)  # [BLOCK_N, BLOCK_ROPE]
-        scores += tl.dot(q_rope, tl.trans(k_rope), input_precision=DOT_PRECISION)
+        if TRANSPOSED_KEYS:
+            k_rope_t = tl.load(
+                rows_t + kv_rank + offs_rope[:, None],
+                mask=visible[None, :] & (offs_rope[:, None] < rope_dim),
+                other=0.0,
+            ).to(compute_dtype)  # [BLOCK_ROPE, BLOCK_N]
+            scores += tl.dot(q_rope_t, k_rope_t, input_precision=DOT_PRECISION)
+        else:
+            k_rope = tl.load(
+                rows + kv_rank + offs_rope[None, :],
+                mask=visible[:, None] & (offs_rope[None, :] < rope_dim),
+                other=0.0,
+            ).to(compute_dtype)  # [BLOCK_N, BLOCK_ROPE]
+            scores += tl.dot(q_rope, tl.trans(k_rope), input_precision=DOT_PRECISION)
         if HAS_SCALE:
-            scores = scores * token_scale[None, :]
+            scores = scores * (token_scale * q_shift)[None, :]
         scores = tl.where(visible[None, :], scores * scale_log2, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
@@ -237,7 +299,13 @@ def _decode_split_kernel(
         else:
             values = tl.load(rows + offs_v[None, :], mask=visible[:, None] & value_ok[None, :], other=0.0)
             values = values.to(compute_dtype)
-        if HAS_SCALE:
+        tile_scale = 1.0  # FP8_AS_FP16: the tile's largest token scale, kept out of the fp16 weights
+        if FP8_AS_FP16:
+            tile_scale = tl.max(token_scale)
+            tile_scale = tl.where(tile_scale > 0.0, tile_scale, 1.0)
+            probs = probs * (token_scale / tile_scale)[None, :]
+            alpha = alpha / tile_scale  # acc is rescaled back below, one multiply per element as before
+        elif HAS_SCALE:
             probs = probs * token_scale[None, :]  # value weights; l_i keeps the unscaled sum
         probs = probs.to(compute_dtype)
         acc = acc * alpha[:, None] + tl.dot(probs, values, input_precision=DOT_PRECISION)
@@ -245,6 +313,12 @@ def _decode_split_kernel(
             acc1 = acc1 * alpha[:, None] + tl.dot(probs, k1, input_precision=DOT_PRECISION)
         if BLOCK_D2 > 0:
             acc2 = acc2 * alpha[:, None] + tl.dot(probs, k2, input_precision=DOT_PRECISION)
+        if FP8_AS_FP16:
+            acc = acc * tile_scale
+            if BLOCK_D1 > 0:
+                acc1 = acc1 * tile_scale
+            if BLOCK_D2 > 0:
+                acc2 = acc2 * tile_scale
         m_i = m_new
 
     norm, lse = _softmax_norm_and_lse(m_i, l_i)
@@ -409,20 +483,20 @@ def decode_config(num_heads: int, kv_rank: int, rope_dim: int, interpret: bool, 
         BLOCK_V=pow2(kv_rank), num_stages=2, PAGE_TILE=True, LATENT_PIECES=False,
     )  # fmt: skip
     if fp8 and num_heads <= 32 and pow2(kv_rank) <= 1024:
-        # Widening fp8 tiles in registers costs registers: under triton 3.6 (the H100's) the bf16
-        # defaults spill 1,048 B (r = 448) and 512 B (r = 896) per thread. Exact latent pieces, 8 warps
-        # and 32-token tiles spill nothing there (sm_90 compile-only facts, benchmarks/RESULTS.md;
-        # not yet timed on a GPU).
-        return dict(resident, BLOCK_N=32, num_warps=8, HEADS_ON_N=True, LATENT_PIECES=True)
+        # fp8 tiles, widened in registers: heads on M with the padded 64-token tile and 8 warps was
+        # the fastest fp8 tile of the H100 sweep on all six layout x shape cases (2026-11-27), 1.6-3.7x
+        # faster than heads on N with pieces and 32-token tiles.
+        return dict(resident, BLOCK_N=64, num_warps=8, HEADS_ON_N=False)
     if num_heads <= 32 and pow2(kv_rank) <= 512:
         # Resident latent query, the key tile doubles as the value tile, and heads on the MMA N
         # dimension (64-token and 512-column M tiles: wgmma on sm_90) with one warpgroup. Best of the
-        # H100 sweep at r = 448 on all three sweep shapes (benchmarks/RESULTS.md).
+        # H100 sweep at r = 448 (geometric mean of three shapes; benchmarks/RESULTS.md).
         return dict(resident, num_warps=4, HEADS_ON_N=True)
     if num_heads <= 32 and pow2(kv_rank) <= 1024:
-        # At r = 896 the transposed tile needs BLOCK_N 32 to fit shared memory and lost at b=32 on the
-        # H100 sweep (0.86 vs 0.52 ms); heads on M with 8 warps (mma.sync) stays the default here.
-        return dict(resident, num_warps=8, HEADS_ON_N=False)
+        # r = 896: heads on M (mma.sync), 8 warps, exact latent pieces 512 + 256 + 128. Fastest on all
+        # three H100 sweep shapes (2026-11-27): 0.89x, 0.80x and 0.90x the previous (padded) default's time, 80-85%
+        # of copy bandwidth from b=8 at 32K. Heads on N needs 32-token tiles here and lost.
+        return dict(resident, num_warps=8, HEADS_ON_N=False, LATENT_PIECES=True)
     # More heads or wider latents: chunked scores over r, value tiles of 256 (BLOCK_N 64 with 3 stages
     # was the best chunked config on an H100).
     return dict(
@@ -468,7 +542,16 @@ def split_kernel_for(cfg: dict, kv_rank: int) -> tuple:
         return _decode_split_kernel_heads_on_n, tiles
     # with pieces, BLOCK_V is piece 0's accumulator (pieces 1 and 2 have their own)
     block_v = cfg["BLOCK_D"] if cfg["BLOCK_D1"] else cfg["BLOCK_V"]
-    return _decode_split_kernel, dict(tiles, BLOCK_V=block_v, SINGLE_D=single_d, VALUES_FROM_KEYS=values_from_keys)
+    transposed_keys, fp8_as_fp16 = bool(cfg.get("TRANSPOSED_KEYS")), bool(cfg.get("FP8_AS_FP16"))
+    if (transposed_keys or fp8_as_fp16) and not single_d:
+        raise ValueError(
+            f"TRANSPOSED_KEYS and FP8_AS_FP16 need the whole latent resident (BLOCK_D + pieces >= kv_rank "
+            f"{kv_rank}); got {cfg}"
+        )
+    return _decode_split_kernel, dict(
+        tiles, BLOCK_V=block_v, SINGLE_D=single_d, VALUES_FROM_KEYS=values_from_keys,
+        TRANSPOSED_KEYS=transposed_keys, FP8_AS_FP16=fp8_as_fp16,
+    )  # fmt: skip
 
 
 def programs_per_sm(cfg: dict, itemsize: int, device: torch.device) -> int:
@@ -586,6 +669,8 @@ def latent_decode_triton(
     if paged:
         assert block_table.dtype == torch.int32 and block_table.stride(-1) == 1
     cfg, num_splits = decode_plan(q, kv_cache, kv_rank, block_table, num_splits, config)
+    if cfg.get("FP8_AS_FP16") and kv_scale is None:
+        raise ValueError(f"FP8_AS_FP16 is for fp8 caches; this cache is {kv_cache.dtype}")
     capacity = cache_capacity(kv_cache, block_table)
     head_tiles = triton.cdiv(num_heads, cfg["BLOCK_H"])
     value_tiles = triton.cdiv(kv_rank, cfg["BLOCK_V"])
