@@ -131,7 +131,9 @@ def _prefill_kernel(
 ):  # fmt: skip
     # HAS_SCALE: fp8 keys/values (absorbed mode), widened to the query dtype; per-token scales.
     # SINGLE_D (HAS_NOPE and BLOCK_D >= n): the nope query stays in registers for the whole key loop.
-    m_tile = tl.program_id(0)
+    # Query tiles in reverse launch order: causal tiles near the end of the chunk see the most keys,
+    # so the longest programs start first and the last wave holds the shortest (load balance).
+    m_tile = tl.num_programs(0) - 1 - tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2) // num_value_tiles
     value_tile = tl.program_id(2) % num_value_tiles
