@@ -1,6 +1,6 @@
 """Compile every tile of the GPU sweeps for sm_90 (no GPU needed) and tabulate what ptxas reports.
 
-For each layout of `gpu_kernels.LAYOUTS`: each entry of `gpu_kernels.SWEEP` that changes the decode
+For each layout of `gpu_kernels.LAYOUTS`: each entry of `gpu_kernels.SWEEP_SETS` that changes the decode
 tile (bf16 and fp8 caches), and each expanded-prefill tile of `gpu_kernels.PREFILL_SWEEP`. Columns:
 BLOCK_N after the shared-memory fit, shared memory, wgmma / mma.sync instructions, pipelined copies
 of the loaded tiles (2 = the next tile streams in while this one is used; 1 = no prefetch), registers
@@ -23,14 +23,14 @@ sys.path[:0] = [str(ROOT / "tests" / "kernels"), str(ROOT / "benchmarks")]
 import triton  # noqa: E402
 from compile_sm90 import decode_case, prefill_case  # noqa: E402
 
-from gpu_kernels import HEADS, LAYOUTS, NOPE_DIM, PREFILL_SWEEP, SWEEP, VALUE_DIM  # noqa: E402
+from gpu_kernels import HEADS, LAYOUTS, NOPE_DIM, PREFILL_SWEEP, SWEEP_SETS, VALUE_DIM  # noqa: E402
 
 NOT_TILE_KEYS = {"pages", "page_size", "contiguous", "splits"}  # sweep keys that leave the kernel as is
 
 
 def tile_configs() -> list[dict]:
     seen, configs = set(), []
-    for config in ({}, *SWEEP):
+    for config in ({}, *(config for sweep in SWEEP_SETS.values() for config in sweep)):
         if NOT_TILE_KEYS & config.keys():
             continue
         key = tuple(sorted(config.items()))

@@ -7,6 +7,9 @@
 #     table run with the sweep's best tile per layout, fp8-cache decode, and vLLM's Triton MLA decode
 #     on the same caches -> ${OUT:-/tmp/m2la-out}/kernels.md
 # Usage (repo root): bash benchmarks/gpu_check.sh
+# Environment: M2LA_SWEEP_SET=fp8 times the fp8-tile sweep (gpu_kernels.SWEEP_FP8) instead of the
+# full one; M2LA_SECTIONS picks benchmark sections (default: all); M2LA_REGISTER_FACTS=0 skips the
+# ptxas table.
 # vLLM's kernel is timed only when benchmarks/_third_party/ holds it (git-ignored): run
 # `python benchmarks/vllm_triton_mla.py <vllm wheel>` here first and pass
 # carry=["benchmarks/_third_party"] to the device call.
@@ -23,12 +26,17 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 SECONDS=0
 
 echo "== GPU tests (background) + parallel compile of the sweep + register facts (background) =="
-timeout 300 python benchmarks/decode_register_facts.py > "$OUT/register_facts.md" 2> "$OUT/register_facts.err" &
-facts_pid=$!
+facts_pid=""
+if [ "${M2LA_REGISTER_FACTS:-1}" != 0 ]; then
+    timeout 300 python benchmarks/decode_register_facts.py > "$OUT/register_facts.md" 2> "$OUT/register_facts.err" &
+    facts_pid=$!
+fi
 M2LA_TRITON_NATIVE=1 timeout 240 python -m pytest tests/kernels/test_kernel_gpu.py -q -p no:cacheprovider \
     > "$OUT/gpu_tests.txt" 2>&1 &
 tests_pid=$!
-timeout 240 python benchmarks/gpu_kernels.py --warm-only --warm-workers "${M2LA_WARM_WORKERS:-12}" 2>&1 \
+sweep_set="${M2LA_SWEEP_SET:-all}"
+sections="${M2LA_SECTIONS:-sweep,decode,fp8,vllm,prefill,prefill_sweep}"
+timeout 240 python benchmarks/gpu_kernels.py --warm-only --sweep-set "$sweep_set" --warm-workers "${M2LA_WARM_WORKERS:-12}" 2>&1 \
     | tail -3 | tee "$OUT/warm.log" || echo "warm compile failed or timed out; the sweep compiles as it goes"
 wait "$tests_pid" || echo "GPU TESTS FAILED (see $OUT/gpu_tests.txt); benchmarking anyway"
 tail -25 "$OUT/gpu_tests.txt"
@@ -36,6 +44,7 @@ echo "== tests + compile took ${SECONDS} s =="
 
 echo "== benchmark =="
 timeout 330 python benchmarks/gpu_kernels.py --seconds "${M2LA_BENCH_SECONDS:-290}" --sweep-seconds 130 \
-    --warm-workers 0 --use-best --contexts 4096 32768 131072 2>&1 | tee "$OUT/gpu_kernels.log"
-wait "$facts_pid" || echo "register facts failed (see $OUT/register_facts.err)"
+    --sweep-set "$sweep_set" --sections "$sections" --warm-workers 0 --use-best --contexts 4096 32768 131072 2>&1 \
+    | tee "$OUT/gpu_kernels.log"
+if [ -n "$facts_pid" ]; then wait "$facts_pid" || echo "register facts failed (see $OUT/register_facts.err)"; fi
 echo "== total ${SECONDS} s =="

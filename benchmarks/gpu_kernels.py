@@ -257,15 +257,29 @@ SWEEP = [
     dict(HEADS_ON_N=True, LATENT_PIECES=True, num_warps=4),
     dict(HEADS_ON_N=False, LATENT_PIECES=True, num_warps=8),
     dict(HEADS_ON_N=False, LATENT_PIECES=True, num_warps=8, BLOCK_N=32),
-    dict(fp8=True),  # the fp8 default (heads on N, pieces, 8 warps, BLOCK_N 32)
-    dict(fp8=True, BLOCK_N=64),
-    dict(fp8=True, HEADS_ON_N=False, LATENT_PIECES=False, BLOCK_N=64),  # heads on M (old fp8 default at 896)
-    dict(fp8=True, LATENT_PIECES=False, num_warps=4, BLOCK_N=64),  # heads on N, 4 warps (old fp8 default at 448)
+    dict(fp8=True),  # the fp8 default (heads on M, padded, 8 warps, BLOCK_N 64)
+    dict(fp8=True, HEADS_ON_N=True, LATENT_PIECES=True, BLOCK_N=32),  # the seventh session's fp8 default
+    dict(fp8=True, LATENT_PIECES=True, TRANSPOSED_KEYS=True, FP8_AS_FP16=True),
     # chunked scores, value tiles of 256: the only double-buffered tile at 896+128 (recomputes scores)
     dict(HEADS_ON_N=False, BLOCK_D=128, BLOCK_V=256, num_warps=4, num_stages=3),
-    dict(HEADS_ON_N=True, num_warps=8),  # padded baselines for the pieces rows
-    dict(HEADS_ON_N=False, num_warps=8),
+    dict(HEADS_ON_N=True, LATENT_PIECES=False, num_warps=8),  # padded baselines for the pieces rows
+    dict(HEADS_ON_N=False, LATENT_PIECES=False, num_warps=8),
 ]
+# fp8 tiles (`--sweep-set fp8`): the heads-on-M options for fp8 tiles against the fp8 default; the
+# bf16 default beside them. fp8 rows are compared with the fp8 default's output.
+SWEEP_FP8 = [
+    {},
+    dict(fp8=True),
+    dict(fp8=True, HEADS_ON_N=True, LATENT_PIECES=True, BLOCK_N=32),  # the seventh session's fp8 default
+    dict(fp8=True, FP8_AS_FP16=True),
+    dict(fp8=True, LATENT_PIECES=True),
+    dict(fp8=True, LATENT_PIECES=True, FP8_AS_FP16=True),
+    dict(fp8=True, LATENT_PIECES=True, TRANSPOSED_KEYS=True),
+    dict(fp8=True, LATENT_PIECES=True, TRANSPOSED_KEYS=True, FP8_AS_FP16=True),
+    dict(fp8=True, LATENT_PIECES=True, TRANSPOSED_KEYS=True, FP8_AS_FP16=True, BLOCK_N=32),
+    dict(fp8=True, TRANSPOSED_KEYS=True, FP8_AS_FP16=True),
+]
+SWEEP_SETS = {"all": list(SWEEP), "fp8": SWEEP_FP8}
 SWEEP_SHAPES = [(32, 16384), (1, 131072), (8, 32768)]
 
 
@@ -330,7 +344,7 @@ def sweep_rows(device, dtype, shapes, bandwidth, repeats, seconds):
     stop_at = time.monotonic() + seconds
     for batch, context in shapes:
         for name, (kv_rank, rope_dim) in LAYOUTS.items():
-            ref = None
+            refs = {}  # per cache dtype: the first row's output (the default of that dtype)
             for config in SWEEP:
                 label = f"b={batch}, {context}: {config or 'default'}"
                 if time.monotonic() > stop_at or _out_of_time():
@@ -339,10 +353,9 @@ def sweep_rows(device, dtype, shapes, bandwidth, repeats, seconds):
                 try:
                     run, nbytes = sweep_case(device, dtype, batch, context, kv_rank, rope_dim, dict(config))
                     out, _ = run()
-                    if ref is None:
-                        ref = out.float()
+                    ref = refs.setdefault(bool(config.get("fp8")), out.float())
                     # other cache layouts read other rows: no error to compare
-                    other = any(k in config for k in ("contiguous", "pages", "page_size", "fp8"))
+                    other = any(k in config for k in ("contiguous", "pages", "page_size"))
                     err = "n/a (other data)" if other else f"{(out.float() - ref).abs().max().item():.1e}"
                     ms = timed_ms(run, device, repeats)
                     tflops = latent_decode_flops(batch, context, kv_rank, rope_dim) / ms / 1e9
@@ -353,11 +366,21 @@ def sweep_rows(device, dtype, shapes, bandwidth, repeats, seconds):
     return rows
 
 
-def best_configs(rows) -> dict[str, dict]:
+def best_configs(rows, fp8: bool = False) -> dict[str, dict]:
     """Per layout, the tile config (a kernel override, not a split policy or the contiguous
     control) with the lowest geometric-mean time relative to the default over every sweep shape
-    where both ran and agreed with the default within 5e-2; {} when the default is best."""
+    where both ran and agreed with the default within 5e-2; {} when the default is best.
+    `fp8`: among the fp8-cache rows, against the fp8 default (`{'fp8': True}`); the choice is
+    returned without its `fp8` key."""
     import ast
+
+    baseline = str(dict(fp8=True)) if fp8 else "default"
+    rows = [
+        (name, label, *rest)
+        for name, label, *rest in rows
+        if ("'fp8': True" in label) == fp8
+    ]
+    rows = [(n, lab.replace(f": {baseline}", ": default"), *rest) for n, lab, *rest in rows]
 
     timed: dict[str, dict[str, dict[str, float]]] = {}
     for name, label, err, ms, *_ in rows:
@@ -377,7 +400,7 @@ def best_configs(rows) -> dict[str, dict]:
                 continue
             ratio = math.exp(statistics.fmean(math.log(by_shape[s] / default[s]) for s in default))
             if ratio < score * 0.97:  # 3% better at least, so noise does not pick a config
-                score, choice = ratio, overrides
+                score, choice = ratio, {k: v for k, v in overrides.items() if k != "fp8"}
         best[name] = choice
     return best
 
@@ -650,6 +673,7 @@ def main() -> None:
     parser.add_argument("--warm-workers", type=int, default=12, help="processes compiling the sweep first (0: off)")
     parser.add_argument("--warm-only", action="store_true", help="only compile the sweep cases (fills triton's cache)")
     parser.add_argument("--use-best", action="store_true", help="decode table with the sweep's best tile per layout")
+    parser.add_argument("--sweep-set", choices=sorted(SWEEP_SETS), default="all", help="which SWEEP list to time")
     args = parser.parse_args()
     DEADLINE[0] = time.monotonic() + args.seconds
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -667,6 +691,7 @@ def main() -> None:
         sweep_shapes = SWEEP_SHAPES
     contexts = args.contexts or contexts
     wanted = set(args.sections.split(","))
+    SWEEP[:] = SWEEP_SETS[args.sweep_set]
     if args.warm_only:
         print(warm_all(device, sweep_shapes, max(1, args.warm_workers)) if device.type == "cuda" else "no CUDA")
         return
@@ -695,19 +720,21 @@ def main() -> None:
             lines += [warm_all(device, sweep_shapes, args.warm_workers), ""]
         sweep = sweep_rows(device, dtype, sweep_shapes, bandwidth, repeats, args.sweep_seconds)
         winners = best_configs(sweep) if args.use_best else {}
+        fp8_winners = best_configs(sweep, fp8=True) if args.use_best else {}
         lines += ["## Decode config sweep (overrides of `decode_config`; see SWEEP in this script)", "",
                   "| layout | shape: config | max diff vs default | ms | % of copy BW | TFLOPS |",
                   "|---|---|---|---|---|---|"]  # fmt: skip
         lines += [f"| {n} | {c} | {e} | {fmt(ms, '.3f')} | {fmt(p, '.0f')} | {fmt(tf, '.0f')} |"
                   for n, c, e, ms, p, tf in sweep]  # fmt: skip
-        lines += ["", f"Best tile config per layout (geometric mean over the sweep shapes; used below): {winners}", ""]
+        lines += ["", f"Best tile config per layout (geometric mean over the sweep shapes; used below): {winners}",
+                  "", f"Best fp8-cache tile per layout (against the fp8 default; used below): {fp8_winners}", ""]  # fmt: skip
         flush()
         sections.append("decode")
         if "decode" not in wanted:
             contexts = []
         decode = decode_rows(device, dtype, batches, contexts, bandwidth, repeats, winners)
-        if "fp8" in wanted:  # same shapes, e4m3 cache (default tiles), right after the bf16 rows
-            decode += decode_rows(device, dtype, batches, contexts, bandwidth, repeats, None, fp8=True)
+        if "fp8" in wanted:  # same shapes, e4m3 cache (the sweep's best fp8 tile), right after the bf16 rows
+            decode += decode_rows(device, dtype, batches, contexts, bandwidth, repeats, fp8_winners, fp8=True)
         if "vllm" in wanted:  # vLLM's Triton MLA decode on the same caches, when extracted
             vllm_decode, vllm_checks = vllm_rows(device, dtype, batches, contexts, bandwidth, repeats)
             decode += vllm_decode
