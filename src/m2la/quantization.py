@@ -28,7 +28,10 @@ def quantize_rows(rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor,
     """`rows [..., d]` -> (`rows / scale` in fp8 `dtype` `[..., d]`, `scale [...]` fp32); an all-zero row gets scale 1."""
     rows = rows.float()
     amax = rows.abs().amax(dim=-1)  # [...]
-    scale = torch.where(amax > 0, amax / torch.finfo(dtype).max, 1.0)
+    # A tensor divisor, not a Python float: CUDA torch turns division by a CPU scalar into a multiply
+    # by its reciprocal (one bit less exact), which made GPU scales differ from the CPU's and from
+    # the fused write kernel's IEEE division.
+    scale = torch.where(amax > 0, amax / amax.new_full((), torch.finfo(dtype).max), 1.0)
     return (rows / scale[..., None]).to(dtype), scale
 
 

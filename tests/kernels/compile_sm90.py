@@ -89,6 +89,14 @@ def pipelined_buffers(ttgir: str) -> int:
     return max((int(n) for n in staged), default=0)
 
 
+def float_negations(ttgir: str) -> int:
+    """Float negations in the TTGIR: `arith.negf`, or `0.0 - x`, which is what triton 3.6 makes of a
+    float `-x` (and which turns -0 into +0)."""
+    zeros = set(re.findall(r"(%cst\w*) = arith\.constant dense<0\.000000e\+00> : tensor<[^>]*xf32", ttgir))
+    from_zero = sum(1 for name in re.findall(r"arith\.subf (%cst\w*),", ttgir) if name in zeros)
+    return from_zero + len(re.findall(r"arith\.negf", ttgir))
+
+
 def compile_sm90(kernel, pointer_types, constexprs, num_warps, num_stages, **options):
     sig = signature(kernel, pointer_types, constexprs)
     src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=divisibility_attrs(kernel, sig))
@@ -103,6 +111,7 @@ def compile_sm90(kernel, pointer_types, constexprs, num_warps, num_stages, **opt
         "cp_async": len(re.findall(r"\bcp\.async\.(?:ca|cg)", ptx)),  # pipelined global -> shared copies
         "ld_global": len(re.findall(r"\bld\.global", ptx)),
         "cvt_bf16_f16": len(re.findall(r"\bcvt\.bf16\.f16", ptx)),  # the 2nd step of fp8 -> bf16 widening
+        "float_negations": float_negations(compiled.asm["ttgir"]),
         "fma_f32": len(re.findall(r"\bfma\.rn\.f32", ptx)),  # fused multiply-adds (one rounding)
         "div_approx_f32": len(re.findall(r"\bdiv\.(?:full|approx)\.f32", ptx)),  # non-IEEE divisions
         "local_bytes": sum(int(n) for n in re.findall(r"\.local \.align \d+ \.b8 \w+\[(\d+)\]", ptx)),

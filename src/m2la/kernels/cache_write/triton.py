@@ -34,8 +34,11 @@ def _round_to_fp8_grid(x, MANTISSA_BITS: tl.constexpr, MIN_NORMAL_EXP: tl.conste
     bits = x.to(tl.int32, bitcast=True)
     bits = (bits + ((1 << (dropped - 1)) - 1) + ((bits >> dropped) & 1)) & (-(1 << dropped))
     magic: tl.constexpr = 1.5 * 2.0 ** (23 + MIN_NORMAL_EXP - MANTISSA_BITS)  # fp32 ulp = subnormal step
-    subnormal = (tl.abs(x) + magic) - magic
-    subnormal = tl.where(x < 0, -subnormal, subnormal)  # keeps the sign of values that round to 0
+    subnormal = ((tl.abs(x) + magic) - magic).to(tl.int32, bitcast=True)
+    # x's sign bit, copied in bits: values that round to 0 keep it (-0, as torch stores them). A float
+    # `-subnormal` lowers to `0.0 - subnormal` on GPUs, which turns -0 into +0 (seen on an H100).
+    sign = (x.to(tl.int32, bitcast=True) >> 31) << 31
+    subnormal = (subnormal | sign).to(tl.float32, bitcast=True)
     return tl.where(tl.abs(x) < 2.0**MIN_NORMAL_EXP, subnormal, bits.to(tl.float32, bitcast=True))
 
 
