@@ -613,8 +613,8 @@ def prefill_rows(device, dtype, chunk, prefixes, repeats):
 PREFILL_SWEEP = [
     {},
     dict(BLOCK_M=64, BLOCK_D=64, num_warps=4),
-    dict(num_stages=3),
-    dict(BLOCK_N=128),
+    dict(num_stages=2),  # the default before 2026-11-27
+    dict(BLOCK_N=128, num_stages=2),
     dict(BLOCK_M=64, num_warps=4),
     dict(BLOCK_N=32, num_stages=3),
 ]

@@ -32,16 +32,18 @@ def test_gpu_benchmark_smoke(tmp_path):
 
 
 def test_register_facts_cover_every_sweep_tile_once():
-    """`decode_register_facts.py` compiles each tile the GPU sweep times (fp8 or not), once, and
-    skips entries that only change the data (page order, page size, contiguous, split count)."""
+    """`decode_register_facts.py` compiles each tile the GPU sweeps time (every sweep set, fp8 or
+    not), once, and skips entries that only change the data (page order, page size, contiguous,
+    split count)."""
     sys.path.insert(0, str(SCRIPT.parent))
     try:
         import decode_register_facts
-        from gpu_kernels import SWEEP
+        from gpu_kernels import SWEEP_SETS
     finally:
         sys.path.remove(str(SCRIPT.parent))
     configs = decode_register_facts.tile_configs()
     assert configs[0] == {} and len({tuple(sorted(c.items())) for c in configs}) == len(configs)
-    tile_entries = [c for c in SWEEP if not decode_register_facts.NOT_TILE_KEYS & c.keys()]
+    sweeps = [c for sweep in SWEEP_SETS.values() for c in sweep]
+    tile_entries = [c for c in sweeps if not decode_register_facts.NOT_TILE_KEYS & c.keys()]
     assert all(c in configs for c in tile_entries) and all(c in tile_entries or c == {} for c in configs)
     assert any(c.get("fp8") for c in configs) and any(c.get("LATENT_PIECES") for c in configs)

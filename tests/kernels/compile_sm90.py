@@ -162,7 +162,8 @@ def cache_write_case(kv_rank, rope_dim, cache_dtype="fp8e4nv"):
 
 def main() -> None:
     assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without TRITON_INTERPRET"
-    bf16_tile = dict(LATENT_PIECES=False, BLOCK_N=64)  # an fp8 cache with the bf16 cache's tile
+    # an fp8 cache with the bf16 cache's tile (no fp8 options)
+    bf16_tile = dict(LATENT_PIECES=False, BLOCK_N=64, FP8_AS_FP16=False, TRANSPOSED_KEYS=False)
     results = {
         "decode_h32_r896_rope128": decode_case(32, 896, 128),
         "decode_h32_r448_rope64_bf16": decode_case(32, 448, 64, "bf16"),
@@ -183,7 +184,9 @@ def main() -> None:
         ),
         "decode_h32_r448_rope64_fp8": decode_case(32, 448, 64, "bf16", "fp8e4nv"),
         "decode_h32_r896_rope128_fp8": decode_case(32, 896, 128, "bf16", "fp8e4nv"),
-        "decode_h32_r448_rope64_fp8_bf16_tile": decode_case(32, 448, 64, "bf16", "fp8e4nv", **bf16_tile, num_warps=4),
+        "decode_h32_r448_rope64_fp8_bf16_tile": decode_case(
+            32, 448, 64, "bf16", "fp8e4nv", **bf16_tile, HEADS_ON_N=True, num_warps=4
+        ),
         "decode_h32_r896_rope128_fp8_bf16_tile": decode_case(
             32, 896, 128, "bf16", "fp8e4nv", **bf16_tile, HEADS_ON_N=False, num_warps=8
         ),
@@ -193,12 +196,14 @@ def main() -> None:
         ),
         # fp8 options of the heads-on-M tile: a second, [D, N] load of the keys; MMAs in fp16
         "decode_h32_r448_rope64_fp8_transposed_keys": decode_case(
-            32, 448, 64, "bf16", "fp8e4nv", LATENT_PIECES=True, TRANSPOSED_KEYS=True
+            32, 448, 64, "bf16", "fp8e4nv", LATENT_PIECES=True, TRANSPOSED_KEYS=True, FP8_AS_FP16=False
         ),
         "decode_h32_r448_rope64_fp8_transposed_keys_fp16": decode_case(
             32, 448, 64, "bf16", "fp8e4nv", LATENT_PIECES=True, TRANSPOSED_KEYS=True, FP8_AS_FP16=True
         ),
-        "decode_h32_r448_rope64_fp8_pieces": decode_case(32, 448, 64, "bf16", "fp8e4nv", LATENT_PIECES=True),
+        "decode_h32_r448_rope64_fp8_pieces": decode_case(
+            32, 448, 64, "bf16", "fp8e4nv", LATENT_PIECES=True, FP8_AS_FP16=False
+        ),
         "prefill_absorbed_r512_rope64_fp8": prefill_case(512, 64, 512, "bf16", "fp8e4nv"),
         "cache_write_r448_rope64_fp8": cache_write_case(448, 64),
     }

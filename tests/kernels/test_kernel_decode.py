@@ -198,6 +198,26 @@ def test_triton_page_tile_addressing(page_tile, block_size, block_n, heads_on_n)
     assert_close_with_lse(out, lse, ref_out, ref_lse, atol=2e-5)
 
 
+def test_programs_per_sm_counts_latent_pieces_as_the_padded_tile(monkeypatch):
+    """The wave model's slots per SM: the resident 32-head, 8-warp tile over an fp8 r = 448 cache
+    holds one program per SM (registers; its fp8 tiles would let shared memory hold three) whether
+    padded (BLOCK_V 512) or in pieces (BLOCK_V 448). Counting the pieces tile as 3 programs per SM
+    gave b=1 decode a third of the splits it needs: the H100 fp8 sweep ran every 448 pieces tile
+    2.6x slower than the padded one at b=1, 128K, and at par at b=8 and b=32."""
+    import types
+
+    from m2la.kernels.latent_decode import triton as decode
+
+    props = types.SimpleNamespace(shared_memory_per_multiprocessor=228 * 1024, max_threads_per_multi_processor=2048)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    for pieces in (False, True):
+        cfg = decode.decode_config(32, 448, 64, interpret=False, fp8=True)
+        cfg = decode.resolve_latent_pieces({**cfg, "LATENT_PIECES": pieces}, 448)
+        assert decode.programs_per_sm(cfg, 1, torch.device("cpu")) == 1, cfg
+    small = decode.resolve_latent_pieces(decode.decode_config(16, 64, 16, interpret=False), 64)
+    assert decode.programs_per_sm(small, 2, torch.device("cpu")) > 1, small
+
+
 def test_split_count_fills_whole_waves():
     """The wave model spreads one long sequence over every SM, avoids a nearly empty last wave,
     and never gives a split fewer than one tile."""

@@ -483,10 +483,15 @@ def decode_config(num_heads: int, kv_rank: int, rope_dim: int, interpret: bool, 
         BLOCK_V=pow2(kv_rank), num_stages=2, PAGE_TILE=True, LATENT_PIECES=False,
     )  # fmt: skip
     if fp8 and num_heads <= 32 and pow2(kv_rank) <= 1024:
-        # fp8 tiles, widened in registers: heads on M with the padded 64-token tile and 8 warps was
-        # the fastest fp8 tile of the H100 sweep on all six layout x shape cases (2026-11-27), 1.6-3.7x
-        # faster than heads on N with pieces and 32-token tiles.
-        return dict(resident, BLOCK_N=64, num_warps=8, HEADS_ON_N=False)
+        # fp8 tiles: heads on M, 64-token tiles, 8 warps, plus what won the H100 fp8 sweep
+        # (2026-11-27, geometric mean of three shapes against the padded heads-on-M tile):
+        # r = 448: MMAs in fp16 (0.90x, 1.01x, 0.90x the time); r = 896: exact pieces with the
+        # transposed second key load (0.84x, 0.87x, 0.84x). Both still run 1.5-1.6x slower than a bf16
+        # cache (widening costs more tensor-core time than the halved bytes save).
+        fp8_tile = dict(resident, BLOCK_N=64, num_warps=8, HEADS_ON_N=False)
+        if pow2(kv_rank) <= 512:
+            return dict(fp8_tile, FP8_AS_FP16=True)
+        return dict(fp8_tile, LATENT_PIECES=True, TRANSPOSED_KEYS=True)
     if num_heads <= 32 and pow2(kv_rank) <= 512:
         # Resident latent query, the key tile doubles as the value tile, and heads on the MMA N
         # dimension (64-token and 512-column M tiles: wgmma on sm_90) with one warpgroup. Best of the
@@ -564,7 +569,8 @@ def programs_per_sm(cfg: dict, itemsize: int, device: torch.device) -> int:
     latent = cfg["BLOCK_D"] + cfg.get("BLOCK_D1", 0) + cfg.get("BLOCK_D2", 0)
     loaded = latent + cfg["BLOCK_ROPE"] + (0 if latent >= cfg["BLOCK_V"] else cfg["BLOCK_V"])
     tile_bytes = max(1, cfg["num_stages"]) * cfg["BLOCK_N"] * loaded * itemsize
-    by_registers = 1 if cfg["BLOCK_H"] * cfg["BLOCK_V"] >= 32 * 512 else 4
+    # pieces (BLOCK_V = 448 at r = 448) take the registers of the padded tile
+    by_registers = 1 if cfg["BLOCK_H"] * triton.next_power_of_2(cfg["BLOCK_V"]) >= 32 * 512 else 4
     return max(1, min(smem // tile_bytes, threads // (32 * cfg["num_warps"]), by_registers))
 
 
