@@ -15,7 +15,8 @@ Two tilings (see `decode_config`):
 - resident (h <= 32, r <= 1024): the whole latent query row block `[BLOCK_H, next_pow2(r)]` is
   loaded once; each cache tile is read once and serves as both keys and values (one value tile).
   Measured fastest on an H100 (benchmarks/RESULTS.md). For r <= 512 the default is its transposed
-  form, `_decode_split_kernel_heads_on_n` (heads on the MMA N dimension, so sm_90 runs wgmma).
+  form, `_decode_split_kernel_heads_on_n` (heads on the MMA N dimension, so sm_90 runs wgmma); at
+  r = 896 heads stay on M and the latent loads as exact pieces (80-85% of copy bandwidth).
 - chunked (more heads or wider latents): scores in `BLOCK_D`-wide chunks, 64-head tiles so sm_90
   uses wgmma, value columns split into tiles of 256 to bound the fp32 accumulator
   (BLOCK_H x BLOCK_V); the score chunks are recomputed per value tile, served from L2.
