@@ -29,8 +29,7 @@ def quantize_rows(rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor,
     rows = rows.float()
     amax = rows.abs().amax(dim=-1)  # [...]
     # A tensor divisor, not a Python float: CUDA torch turns division by a CPU scalar into a multiply
-    # by its reciprocal (one bit less exact), which made GPU scales differ from the CPU's and from
-    # the fused write kernel's IEEE division.
+    # by its reciprocal, one bit less exact than the IEEE division of CPU torch and the fused write.
     scale = torch.where(amax > 0, amax / amax.new_full((), torch.finfo(dtype).max), 1.0)
     return (rows / scale[..., None]).to(dtype), scale
 

@@ -500,8 +500,8 @@ def decode_config(num_heads: int, kv_rank: int, rope_dim: int, interpret: bool, 
         return dict(resident, num_warps=4, HEADS_ON_N=True)
     if num_heads <= 32 and pow2(kv_rank) <= 1024:
         # r = 896: heads on M (mma.sync), 8 warps, exact latent pieces 512 + 256 + 128. Fastest on all
-        # three H100 sweep shapes (2026-11-27): 0.89x, 0.80x and 0.90x the previous (padded) default's time, 80-85%
-        # of copy bandwidth from b=8 at 32K. Heads on N needs 32-token tiles here and lost.
+        # three H100 sweep shapes (2026-11-27): 0.89x, 0.80x and 0.90x the time of the previous, padded
+        # default; 80-85% of copy bandwidth from b=8 at 32K. Heads on N needs 32-token tiles and lost.
         return dict(resident, num_warps=8, HEADS_ON_N=False, LATENT_PIECES=True)
     # More heads or wider latents: chunked scores over r, value tiles of 256 (BLOCK_N 64 with 3 stages
     # was the best chunked config on an H100).
