@@ -122,6 +122,18 @@ def _load_latent_piece_t(rows_t, start: tl.constexpr, WIDTH: tl.constexpr, visib
 
 
 @triton.jit
+def _piece_scores(q, k, rows_t, start: tl.constexpr, WIDTH: tl.constexpr, visible, kv_rank, compute_dtype,
+                  DOT_PRECISION: tl.constexpr, TRANSPOSED_KEYS: tl.constexpr):  # fmt: skip
+    """Scores of one latent piece, `q [BLOCK_H, WIDTH] @ k^T` -> `[BLOCK_H, BLOCK_N]`: through `tl.trans`
+    of the loaded key piece `k [BLOCK_N, WIDTH]`, or (TRANSPOSED_KEYS) a second load of the same
+    columns as `[WIDTH, BLOCK_N]` from row pointers `rows_t [1, BLOCK_N]`."""
+    if TRANSPOSED_KEYS:
+        k_t = _load_latent_piece_t(rows_t, start, WIDTH, visible, kv_rank, compute_dtype)
+        return tl.dot(q, k_t, input_precision=DOT_PRECISION)
+    return tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _query_to_fp16(q, q_shift):
     """`q / q_shift` in fp16: `q_shift` is a power of two near |q|'s max, so fp16's range holds it."""
     return (q * (1.0 / q_shift)).to(tl.float16)
@@ -229,8 +241,6 @@ def _decode_split_kernel(
             q1 = _query_to_fp16(q1, q_shift)
         if BLOCK_D2 > 0:
             q2 = _query_to_fp16(q2, q_shift)
-    if TRANSPOSED_KEYS:  # the scores' MMAs take the queries as A: [BLOCK_H, D]
-        q_rope_t = q_rope
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)  # running max, base-2 scaled
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -242,28 +252,19 @@ def _decode_split_kernel(
         rows = kv_ptr + (block * stride_kv_blk + slot * stride_kv_tok)[:, None]  # [BLOCK_N, 1]
         token_scale = _token_scales(kv_scale_ptr, block, slot, visible, stride_sc_blk, stride_sc_tok, HAS_SCALE)
 
-        if TRANSPOSED_KEYS:
-            rows_t = tl.trans(rows)  # [1, BLOCK_N]
+        rows_t = tl.trans(rows)  # [1, BLOCK_N]; read only under TRANSPOSED_KEYS
+        if SINGLE_D:
             k_latent = _load_latent_piece(rows, 0, BLOCK_D, visible, kv_rank, compute_dtype)  # [BLOCK_N, BLOCK_D]
-            k_t = _load_latent_piece_t(rows_t, 0, BLOCK_D, visible, kv_rank, compute_dtype)  # [BLOCK_D, BLOCK_N]
-            scores = tl.dot(q_latent, k_t, input_precision=DOT_PRECISION)
+            scores = _piece_scores(q_latent, k_latent, rows_t, 0, BLOCK_D, visible, kv_rank, compute_dtype,
+                                   DOT_PRECISION, TRANSPOSED_KEYS)  # fmt: skip
             if BLOCK_D1 > 0:
                 k1 = _load_latent_piece(rows, D1_START, BLOCK_D1, visible, kv_rank, compute_dtype)
-                k1_t = _load_latent_piece_t(rows_t, D1_START, BLOCK_D1, visible, kv_rank, compute_dtype)
-                scores += tl.dot(q1, k1_t, input_precision=DOT_PRECISION)
+                scores += _piece_scores(q1, k1, rows_t, D1_START, BLOCK_D1, visible, kv_rank, compute_dtype,
+                                        DOT_PRECISION, TRANSPOSED_KEYS)  # fmt: skip
             if BLOCK_D2 > 0:
                 k2 = _load_latent_piece(rows, D2_START, BLOCK_D2, visible, kv_rank, compute_dtype)
-                k2_t = _load_latent_piece_t(rows_t, D2_START, BLOCK_D2, visible, kv_rank, compute_dtype)
-                scores += tl.dot(q2, k2_t, input_precision=DOT_PRECISION)
-        elif SINGLE_D:
-            k_latent = _load_latent_piece(rows, 0, BLOCK_D, visible, kv_rank, compute_dtype)  # [BLOCK_N, BLOCK_D]
-            scores = tl.dot(q_latent, tl.trans(k_latent), input_precision=DOT_PRECISION)
-            if BLOCK_D1 > 0:
-                k1 = _load_latent_piece(rows, D1_START, BLOCK_D1, visible, kv_rank, compute_dtype)
-                scores += tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
-            if BLOCK_D2 > 0:
-                k2 = _load_latent_piece(rows, D2_START, BLOCK_D2, visible, kv_rank, compute_dtype)
-                scores += tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION)
+                scores += _piece_scores(q2, k2, rows_t, D2_START, BLOCK_D2, visible, kv_rank, compute_dtype,
+                                        DOT_PRECISION, TRANSPOSED_KEYS)  # fmt: skip
         else:
             scores = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
             for d0 in range(0, kv_rank, BLOCK_D):
@@ -278,7 +279,7 @@ def _decode_split_kernel(
                 mask=visible[None, :] & (offs_rope[:, None] < rope_dim),
                 other=0.0,
             ).to(compute_dtype)  # [BLOCK_ROPE, BLOCK_N]
-            scores += tl.dot(q_rope_t, k_rope_t, input_precision=DOT_PRECISION)
+            scores += tl.dot(q_rope, k_rope_t, input_precision=DOT_PRECISION)
         else:
             k_rope = tl.load(
                 rows + kv_rank + offs_rope[None, :],
