@@ -375,12 +375,11 @@ def best_configs(rows, fp8: bool = False) -> dict[str, dict]:
     import ast
 
     baseline = str(dict(fp8=True)) if fp8 else "default"
-    rows = [
-        (name, label, *rest)
+    rows = [  # this cache dtype's rows, its baseline labelled "default"
+        (name, label.replace(f": {baseline}", ": default"), *rest)
         for name, label, *rest in rows
         if ("'fp8': True" in label) == fp8
     ]
-    rows = [(n, lab.replace(f": {baseline}", ": default"), *rest) for n, lab, *rest in rows]
 
     timed: dict[str, dict[str, dict[str, float]]] = {}
     for name, label, err, ms, *_ in rows:

@@ -28,6 +28,11 @@ def views_prefix_of(held: torch.Tensor | None, buffer: torch.Tensor | None) -> b
     )
 
 
+def records_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records ops on these tensors (then cache rows must not be written in place)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def reserve_rows(
     buffer: torch.Tensor | None, held: torch.Tensor | None, new_shape: tuple[int, int, int], dtype: torch.dtype,
     device: torch.device,
@@ -61,7 +66,7 @@ def append_rows(
     writes would invalidate tensors saved for backward.
     """
     s = held.shape[1] if held is not None and held.dim() == 3 else 0
-    if s and torch.is_grad_enabled() and (new.requires_grad or held.requires_grad):
+    if s and records_grad(new, held):
         rows = torch.cat((held, new), dim=1)
         return rows, rows
     buffer, rows = reserve_rows(buffer, held, tuple(new.shape), new.dtype, new.device)

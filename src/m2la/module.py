@@ -9,6 +9,7 @@ from torch import nn
 
 from . import attention_math, rope
 from .backends import resolve_backend
+from .cache import records_grad
 from .config import M2LAConfig
 
 __all__ = ["M2LAttention", "RMSNorm", "LatentCacheProtocol"]
@@ -26,11 +27,6 @@ class LatentCacheProtocol(Protocol):
         scales [b, s] | None)``, whose last ``t`` rows (and fp8 scales) are left for the caller to write:
         the Triton backend then rotates, quantizes and stores the new rows with one fused kernel.
         """
-
-
-def _records_grad(*tensors: torch.Tensor) -> bool:
-    """Whether autograd records ops on these tensors (the fused cache write has no backward)."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 class RMSNorm(nn.Module):
@@ -150,7 +146,7 @@ class M2LAttention(nn.Module):
         latent, k_rope = self.encode_kv(hidden)
         q_rope = rope.apply_rope_half(q_rope, cos[:, :, None], sin[:, :, None])
         fused = resolve_backend(None, hidden) == "triton"
-        reserve = getattr(cache, "reserve_latent", None) if fused and not _records_grad(latent, k_rope) else None
+        reserve = getattr(cache, "reserve_latent", None) if fused and not records_grad(latent, k_rope) else None
         stored = getattr(cache, "quantized_rows", None) if fused else None
         quantized = None
         if reserve is not None:  # one fused kernel rotates, quantizes and writes the new rows in place

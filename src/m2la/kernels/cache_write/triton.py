@@ -6,9 +6,10 @@ in registers before the store, so its amax, the token's scale and the scaled row
 same pass (m2la.quantization).
 
 The kernel rounds like the torch reference, so both store the same bits: IEEE divisions
-(`div_rn`; triton's `/` is the approximate `div.full.f32` on GPUs) and no multiply-add fusion
-(`COMPILE_OPTIONS`; a fused `x * cos - y * sin` rounds once where torch rounds twice). The H100
-run of 2026-11-27 found fp8 codes one step apart from the reference's without these.
+(`div_rn`; triton's `/` is the approximate `div.full.f32` on GPUs), no multiply-add fusion
+(`COMPILE_OPTIONS`; a fused `x * cos - y * sin` rounds once where torch rounds twice), and the
+sign of values that round to zero copied in bits (`_round_to_fp8_grid`). On an H100 (2026-11-27)
+the kernel stored +0 where the reference stores -0; that last fix is not yet run on a GPU.
 """
 
 from __future__ import annotations
