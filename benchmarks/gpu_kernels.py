@@ -579,8 +579,8 @@ def prefill_rows(device, dtype, chunk, prefixes, repeats):
                 dims = (NOPE_DIM + rope_dim + VALUE_DIM) if mode == "expanded" else (2 * kv_rank + rope_dim)
                 flops = 2 * HEADS * visible_pairs * dims
 
-                def run(mode=mode, inputs=(q_nope, q_rope, cache, w_uk, w_uv, cu, lens), table=table):
-                    return prefill_attention(*inputs, 0.1, table, max_seqlen_q=chunk, mode=mode)
+                def run(mode=mode, inputs=(q_nope, q_rope, cache, w_uk, w_uv, cu, lens), table=table, total=total):
+                    return prefill_attention(*inputs, 0.1, table, max_seqlen_q=chunk, max_seqlen_k=total, mode=mode)
 
                 ours = run()[0] if ours is None else ours
                 ms = timed_ms(run, device, repeats)
@@ -639,8 +639,10 @@ def prefill_sweep_rows(device, dtype, chunk, prefixes, repeats):
                     rows.append((name, prefix, str(config or "default"), "skipped (time)", None, None))
                     continue
                 try:
-                    def run(config=config, inputs=inputs):
-                        return latent_prefill_triton(*inputs, max_seqlen_q=chunk, mode="expanded", config=config)
+                    def run(config=config, inputs=inputs, total=total):
+                        return latent_prefill_triton(
+                            *inputs, max_seqlen_q=chunk, max_seqlen_k=total, mode="expanded", config=config
+                        )
 
                     out, _ = run()
                     ref = out.float() if ref is None else ref

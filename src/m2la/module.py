@@ -232,7 +232,7 @@ class M2LAttention(nn.Module):
         cu_seqlens = torch.arange(0, (b + 1) * t, t, dtype=torch.int32, device=rows.device)
         out, _ = kernels.prefill_attention(
             q_nope.flatten(0, 1), q_rope.flatten(0, 1), rows, w_uk_t, w_uv_t, cu_seqlens, seqlens,
-            c.softmax_scale, None, starts, kv_scale=kv_scale, max_seqlen_q=t,
+            c.softmax_scale, None, starts, kv_scale=kv_scale, max_seqlen_q=t, max_seqlen_k=s,
         )  # fmt: skip
         return out.unflatten(0, (b, t))
 

@@ -143,6 +143,38 @@ def test_prefill_gpu(mode, dtype):
     within_budget(out, lowp_out, ref_out, f"prefill {mode}")
 
 
+@pytest.mark.parametrize("mode", ["absorbed", "expanded"])
+def test_prefill_and_decode_capture_in_a_cuda_graph_gpu(mode):
+    """With max_seqlen_q and max_seqlen_k given, prefill never syncs with the host, so it (and decode)
+    can be captured in a CUDA graph; replaying after new inputs are copied in gives the eager result."""
+    dtype = torch.bfloat16
+    cache, table = random_paged_cache(PREFILL_SEQLENS, PREFILL_RANK + PREFILL_ROPE, 64, dtype)
+    cache, table = cache.cuda(), table.cuda()
+    q_nope, q_rope, w_uk, w_uv, (cu, lens, scale, _) = prefill_gpu_inputs(dtype, table)
+    q_decode = torch.randn(len(PREFILL_SEQLENS), PREFILL_HEADS, PREFILL_RANK + PREFILL_ROPE, device="cuda").to(dtype)
+
+    def step():
+        out, lse = prefill_attention(q_nope, q_rope, cache, w_uk, w_uv, cu, lens, scale, table, mode=mode,
+                                     max_seqlen_q=300, max_seqlen_k=max(PREFILL_SEQLENS), backend="triton")  # fmt: skip
+        dec, dec_lse = decode_attention(q_decode, cache, lens, scale, PREFILL_RANK, table, backend="triton")
+        return out, lse, dec, dec_lse
+
+    side = torch.cuda.Stream()  # warm up (compile, autotune caches) off the capture stream
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for tensor in (q_nope, q_rope, q_decode):
+        tensor.copy_(torch.randn_like(tensor))
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, expected in zip(captured, step(), strict=True):
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("dtype", LOWP, ids=["bf16", "fp16"])
 def test_cache_write_gpu(dtype):
     tokens, kv_rank, pairs = 1000, 448, 32

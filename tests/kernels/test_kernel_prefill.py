@@ -170,3 +170,29 @@ def test_key_tile_regions_match_fp64(new_len, cached, start_frac, block_m, block
     out, lse = latent_prefill_triton(*case[:7], 0.15, case[7], mode=mode, kv_start=start, config=config)
     ref_out, ref_lse = prefill_fp64_absorbed(*case[:7], 0.15, case[7], kv_start)
     assert_close_with_lse(out, lse, ref_out, ref_lse, atol=TOL[torch.float32])
+
+
+@pytest.mark.parametrize("mode", ["absorbed", "expanded"])
+def test_triton_with_max_seqlens_never_syncs(mode, monkeypatch):
+    """Given max_seqlen_q and max_seqlen_k (here past the longest sequence, as an engine passes its
+    capacity), the Triton path reads no tensor value on the host, so it can be captured in a CUDA
+    graph, and gives the oracle's result."""
+    case = make_case(3, *SHAPES["r96"], [17, 0, 20], [0, 30, 43], 16, torch.float32, seed=4)
+    ref_out, ref_lse = prefill_fp64_absorbed(*case[:7], 0.15, case[7])
+
+    def no_host_reads(self, *args, **kwargs):
+        raise AssertionError("host sync: a tensor value was read on the host")
+
+    with monkeypatch.context() as patch:
+        for name in ("item", "tolist", "__int__", "__bool__", "__index__"):
+            patch.setattr(torch.Tensor, name, no_host_reads)
+        out, lse = prefill_attention(
+            *case[:7], 0.15, case[7], mode=mode, max_seqlen_q=20, max_seqlen_k=80, backend="triton"
+        )
+    assert_close_with_lse(out, lse, ref_out, ref_lse, atol=TOL[torch.float32])
+
+
+def test_max_seqlen_k_shorter_than_a_sequence_is_an_error():
+    case = make_case(2, *SHAPES["r48"], [5, 3], [10, 20], 16, torch.float32)
+    with pytest.raises(RuntimeError, match="max_seqlen_k=22 < the longest cache_seqlens"):
+        prefill_attention(*case[:7], 0.15, case[7], mode="expanded", max_seqlen_k=22, backend="triton")

@@ -101,6 +101,7 @@ def _latent_prefill_op(
     kv_scale: Tensor | None,
     softmax_scale: float,
     max_seqlen_q: int,
+    max_seqlen_k: int,
     mode: str,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
@@ -109,7 +110,7 @@ def _latent_prefill_op(
 
         return latent_prefill_triton(
             q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, softmax_scale,
-            block_table, max_seqlen_q, mode, kv_start, kv_scale=kv_scale,
+            block_table, max_seqlen_q, mode, kv_start, kv_scale=kv_scale, max_seqlen_k=max_seqlen_k,
         )  # fmt: skip
     return latent_prefill_reference(
         q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, softmax_scale, block_table, kv_start,
@@ -119,7 +120,7 @@ def _latent_prefill_op(
 
 @_latent_prefill_op.register_fake
 def _latent_prefill_fake(q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, block_table, kv_start,
-                         kv_scale, softmax_scale, max_seqlen_q, mode, backend):  # fmt: skip
+                         kv_scale, softmax_scale, max_seqlen_q, max_seqlen_k, mode, backend):  # fmt: skip
     tokens, heads, _ = q_nope.shape
     return q_nope.new_empty(tokens, heads, w_uv.shape[-1]), q_nope.new_empty(tokens, heads, dtype=torch.float32)
 
@@ -138,6 +139,7 @@ def prefill_attention(
     *,
     kv_scale: Tensor | None = None,
     max_seqlen_q: int = 0,
+    max_seqlen_k: int = 0,
     mode: str = "auto",
     backend: str | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -150,8 +152,10 @@ def prefill_attention(
     padding); a query that sees no key gives 0 and -inf. `mode` ("auto" | "absorbed" | "expanded") picks how the Triton kernel
     runs; "auto" follows `latent_prefill.triton.choose_prefill_mode`: expanded exactly when
     `t * (2r - n - v) > r * (n + v)` with `t` new tokens per sequence (InternVideo3: t > ~150).
-    `max_seqlen_q=0` makes the Triton path read it from `cu_seqlens_q` (one host sync). An fp8 cache
-    takes `kv_scale` as in `decode_attention`; the Triton path then computes in q_nope's dtype.
+    `max_seqlen_q` (longest chunk) and `max_seqlen_k` (longest `cache_seqlens`, at least): 0 makes the
+    Triton path read each from its tensor (one host sync each); with both given it never syncs (CUDA
+    graphs). An fp8 cache takes `kv_scale` as in `decode_attention`; the Triton path then computes
+    in q_nope's dtype.
     """
     if mode not in ("auto", "absorbed", "expanded"):
         raise ValueError(f"mode must be 'auto', 'absorbed' or 'expanded', got {mode!r}")
@@ -164,7 +168,7 @@ def prefill_attention(
     )
     return torch.ops.m2la.latent_prefill(
         q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, block_table, kv_start, kv_scale,
-        float(softmax_scale), int(max_seqlen_q), mode, chosen,
+        float(softmax_scale), int(max_seqlen_q), int(max_seqlen_k), mode, chosen,
     )  # fmt: skip
 
 

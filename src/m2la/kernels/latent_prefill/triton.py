@@ -276,8 +276,14 @@ def latent_prefill_triton(
     kv_start: torch.Tensor | None = None,
     config: dict | None = None,
     kv_scale: torch.Tensor | None = None,
+    max_seqlen_k: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `latent_prefill_reference`. `mode`: "absorbed", "expanded" or "auto".
+
+    `max_seqlen_q` / `max_seqlen_k` (0 = read from `cu_seqlens_q` / `cache_seqlens`, one host sync
+    each): the longest chunk and the longest cached sequence (chunk included); with both given the
+    call never syncs, so it can be captured in a CUDA graph. Expanded mode gathers `max_seqlen_k`
+    rows per sequence, so it must be at least `cache_seqlens.max()` (an asynchronous device-side check).
 
     `config` overrides entries of `prefill_config` (tile sizes, warps, stages) for tuning sweeps.
     An fp8 cache (with `kv_scale`) computes in q_nope's dtype; otherwise in the cache dtype.
@@ -308,7 +314,11 @@ def latent_prefill_triton(
         return out.to(q_nope.dtype), lse
     if mode != "expanded":
         raise ValueError(f"mode must be 'auto', 'absorbed' or 'expanded', got {mode!r}")
-    num_keys = int(cache_seqlens.max().item()) if batch else 0
+    if max_seqlen_k <= 0:  # host sync; pass it to stay sync-free
+        max_seqlen_k = int(cache_seqlens.max().item()) if batch else 0
+    elif batch:  # checked on the device, no sync (a device-side assert on CUDA): a short gather would be read past
+        torch._assert_async(cache_seqlens.max() <= max_seqlen_k, f"max_seqlen_k={max_seqlen_k} < the longest cache_seqlens")
+    num_keys = max_seqlen_k
     cache = kv_cache if paged else kv_cache[:batch]
     if kv_scale is None:
         rows = gather_cache_rows(cache, block_table, max(1, num_keys))  # [b, s, r+2p]
