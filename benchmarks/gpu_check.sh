@@ -8,8 +8,8 @@
 #     on the same caches -> ${OUT:-/tmp/m2la-out}/kernels.md
 # Usage (repo root): bash benchmarks/gpu_check.sh
 # Environment: M2LA_SWEEP_SET=fp8 times the fp8-tile sweep (gpu_kernels.SWEEP_FP8) instead of the
-# full one; M2LA_SECTIONS picks benchmark sections (default: all); M2LA_REGISTER_FACTS=0 skips the
-# ptxas table.
+# full one, M2LA_SWEEP_SET=overlap the two-programs-per-SM tiles (gpu_kernels.SWEEP_OVERLAP);
+# M2LA_SECTIONS picks benchmark sections (default: all); M2LA_REGISTER_FACTS=0 skips the ptxas table.
 # vLLM's kernel is timed only when benchmarks/_third_party/ holds it (git-ignored): run
 # `python benchmarks/vllm_triton_mla.py <vllm wheel>` here first and pass
 # carry=["benchmarks/_third_party"] to the device call.

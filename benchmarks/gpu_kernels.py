@@ -279,7 +279,19 @@ SWEEP_FP8 = [
     dict(fp8=True, LATENT_PIECES=True, TRANSPOSED_KEYS=True, FP8_AS_FP16=True, BLOCK_N=32),
     dict(fp8=True, TRANSPOSED_KEYS=True, FP8_AS_FP16=True),
 ]
-SWEEP_SETS = {"all": list(SWEEP), "fp8": SWEEP_FP8}
+# Two programs per SM (`--sweep-set overlap`). No 896 + 128 tile double-buffers its cache tile, so
+# within one program the next tile's load waits for this tile's MMAs. 16-head tiles of 4 warps
+# (255 registers, 66-99 KiB of shared memory in the sm_90 compile, no spills) fit twice per SM, so
+# one program's loads can overlap the other's MMAs, at the price of reading each cache tile once per
+# head tile (the second read from L2).
+SWEEP_OVERLAP = [
+    {},
+    dict(HEADS_ON_N=False, LATENT_PIECES=True, BLOCK_H=16, num_warps=4, BLOCK_N=32),
+    dict(HEADS_ON_N=False, LATENT_PIECES=True, BLOCK_H=16, num_warps=4, BLOCK_N=16),
+    dict(HEADS_ON_N=False, LATENT_PIECES=True, BLOCK_H=16, num_warps=4, BLOCK_N=64),  # fits twice at 448 only
+    dict(HEADS_ON_N=False, LATENT_PIECES=True, num_warps=8),  # the 896 default, named (the 448 default differs)
+]
+SWEEP_SETS = {"all": list(SWEEP), "fp8": SWEEP_FP8, "overlap": SWEEP_OVERLAP}
 SWEEP_SHAPES = [(32, 16384), (1, 131072), (8, 32768)]
 
 

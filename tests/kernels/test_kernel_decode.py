@@ -143,6 +143,20 @@ def test_triton_single_d_variants(config, kv_start):
     assert_close_with_lse(out, lse, ref_out, ref_lse, atol=2e-5)
 
 
+@pytest.mark.parametrize("heads_on_n", [False, True], ids=["heads-on-m", "heads-on-n"])
+def test_triton_head_tiles_match_fp64(heads_on_n):
+    """33 heads in 16-head tiles (the two-programs-per-SM sweep tile): three head tiles, the last
+    holding one head; every tile must write only its own heads' outputs and LSEs."""
+    from m2la.kernels.latent_decode.triton import latent_decode_triton
+
+    seqlens = [0, 5, 63, 100]
+    q, cache, table, lens = make_case(33, 60, 16, seqlens, 16, torch.float32, seed=8)
+    config = dict(HEADS_ON_N=heads_on_n, LATENT_PIECES=True, BLOCK_H=16, BLOCK_N=32)
+    out, lse = latent_decode_triton(q, cache, lens, 0.2, 60, table, num_splits=2, config=config)
+    ref_out, ref_lse = decode_fp64(q, cache, table, seqlens, 0.2, 60)
+    assert_close_with_lse(out, lse, ref_out, ref_lse, atol=2e-5)
+
+
 def test_launcher_halves_block_n_when_shared_memory_runs_out(monkeypatch):
     """A default tile that does not fit shared memory is retried with half the BLOCK_N (and the
     choice is remembered); an explicit BLOCK_N in `config` is never changed."""
@@ -216,6 +230,35 @@ def test_programs_per_sm_counts_latent_pieces_as_the_padded_tile(monkeypatch):
         assert decode.programs_per_sm(cfg, 1, torch.device("cpu")) == 1, cfg
     small = decode.resolve_latent_pieces(decode.decode_config(16, 64, 16, interpret=False), 64)
     assert decode.programs_per_sm(small, 2, torch.device("cpu")) > 1, small
+
+
+def test_programs_per_sm_follows_the_register_file(monkeypatch):
+    """A 255-register tile of 4 warps fits twice in sm_90's 64K registers, one of 8 warps once. The
+    16-head, 4-warp, 32-token 896 + 128 tile (99 KiB of shared memory, 255 registers, no spills in
+    the sm_90 compile) therefore runs 2 programs per SM; the 8-warp default runs 1."""
+    import types
+
+    from m2la.kernels.latent_decode import triton as decode
+
+    props = types.SimpleNamespace(
+        shared_memory_per_multiprocessor=228 * 1024, max_threads_per_multi_processor=2048,
+        regs_per_multiprocessor=64 * 1024,
+    )  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    default = decode.resolve_latent_pieces(decode.decode_config(32, 896, 128, interpret=False), 896)
+    assert decode.programs_per_sm(default, 2, torch.device("cpu")) == 1
+    overlap = {**default, "BLOCK_H": 16, "num_warps": 4, "BLOCK_N": 32}
+    assert decode.programs_per_sm(overlap, 2, torch.device("cpu")) == 2
+    props.regs_per_multiprocessor = 32 * 1024  # half the register file: one program of 4 warps
+    assert decode.programs_per_sm(overlap, 2, torch.device("cpu")) == 1
+    props.regs_per_multiprocessor = 64 * 1024
+    # fp8 tiles widen in registers: the 8-warp 32-head r = 256 tile takes 173 registers (ptxas, sm_90),
+    # so one program per SM, though its 57 KiB of shared memory would fit three; the chunked 64-head
+    # tile (4 warps, 255 registers, 49 KiB) fits twice
+    fp8_small = decode.resolve_latent_pieces(decode.decode_config(32, 256, 64, interpret=False, fp8=True), 256)
+    assert decode.programs_per_sm(fp8_small, 1, torch.device("cpu")) == 1
+    chunked = decode.resolve_latent_pieces(decode.decode_config(64, 128, 64, interpret=False, fp8=True), 128)
+    assert decode.programs_per_sm(chunked, 1, torch.device("cpu")) == 2
 
 
 def test_split_count_fills_whole_waves():

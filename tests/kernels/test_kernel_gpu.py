@@ -65,8 +65,12 @@ def test_decode_gpu(heads, kv_rank, rope_dim, dtype):
         dict(HEADS_ON_N=True, LATENT_PIECES=True, num_warps=8),
         dict(HEADS_ON_N=False, LATENT_PIECES=True, num_warps=8),
         dict(PAGE_TILE=False),
+        dict(HEADS_ON_N=False, LATENT_PIECES=True, BLOCK_H=16, num_warps=4, BLOCK_N=32),
     ],
-    ids=["heads-on-n", "heads-on-n-4warps", "latent-pieces", "latent-pieces-heads-on-m", "row-gather"],
+    ids=[
+        "heads-on-n", "heads-on-n-4warps", "latent-pieces", "latent-pieces-heads-on-m", "row-gather",
+        "16-head-tiles-4warps",
+    ],  # fmt: skip
 )
 @pytest.mark.parametrize("kv_rank,rope_dim", [(448, 64), (896, 128)])
 def test_decode_variants_gpu(kv_rank, rope_dim, config):
