@@ -563,10 +563,10 @@ def split_kernel_for(cfg: dict, kv_rank: int) -> tuple:
 
 def programs_per_sm(cfg: dict, itemsize: int, device: torch.device) -> int:
     """Split-kernel programs one SM can hold at once, estimated from the tile config: shared memory
-    for the cache tiles, threads, and registers. Tiles with a large fp32 accumulator (BLOCK_H x
-    BLOCK_V of 32 x 512 or more) and fp8 tiles (widened in registers) take 173-255 registers a
-    thread in the sm_90 compile, counted as 256; others as 128. So a heavy program of 8 warps fits
-    once in sm_90's 64K registers, one of 4 warps twice."""
+    for the cache tiles, threads, and registers. Tiles whose fp32 accumulator holds 48 or more values
+    a thread, and fp8 tiles (widened in registers), take 150-255 registers a thread in the sm_90
+    compile, counted as 256; others (79-128) as 128. So a heavy program of 8 warps fits once in
+    sm_90's 64K registers, one of 4 warps twice."""
     props = torch.cuda.get_device_properties(device)
     smem = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
     threads = getattr(props, "max_threads_per_multi_processor", 2048)
@@ -576,13 +576,14 @@ def programs_per_sm(cfg: dict, itemsize: int, device: torch.device) -> int:
     loaded = latent + cfg["BLOCK_ROPE"] + (0 if resident else cfg["BLOCK_V"])
     if resident and not cfg.get("HEADS_ON_N"):
         # mma.sync tiles: the sm_90 compile keeps one copy of the cache tile, and the latent query
-        # [BLOCK_H, latent + rope] in shared memory (196 KiB at the 896 + 128 default; 99 KiB with 16
-        # heads and 32-token tiles; each within 2% of this count)
+        # [BLOCK_H, latent + rope] in shared memory (196 KiB at the 896 + 128 default, 97 KiB with 16
+        # heads and 32-token tiles: within 2% of this count; 100 KiB at 448 + 64: within 4%)
         tile_bytes = cfg["BLOCK_N"] * loaded * itemsize + cfg["BLOCK_H"] * (latent + cfg["BLOCK_ROPE"]) * 2
     else:
         tile_bytes = max(1, cfg["num_stages"]) * cfg["BLOCK_N"] * loaded * itemsize
     # pieces (BLOCK_V = 448 at r = 448) take the registers of the padded tile
-    heavy = cfg["BLOCK_H"] * triton.next_power_of_2(cfg["BLOCK_V"]) >= 32 * 512 or itemsize == 1
+    accumulator_per_thread = cfg["BLOCK_H"] * triton.next_power_of_2(cfg["BLOCK_V"]) // (32 * cfg["num_warps"])
+    heavy = accumulator_per_thread >= 48 or itemsize == 1
     by_registers = max(1, registers // ((256 if heavy else 128) * 32 * cfg["num_warps"]))
     return max(1, min(smem // tile_bytes, threads // (32 * cfg["num_warps"]), by_registers))
 
