@@ -578,7 +578,7 @@ def programs_per_sm(cfg: dict, itemsize: int, device: torch.device) -> int:
         # mma.sync tiles: the sm_90 compile keeps one copy of the cache tile, and the latent query
         # [BLOCK_H, latent + rope] in shared memory (196 KiB at the 896 + 128 default, 97 KiB with 16
         # heads and 32-token tiles: within 2% of this count; 100 KiB at 448 + 64: within 4%)
-        tile_bytes = cfg["BLOCK_N"] * loaded * itemsize + cfg["BLOCK_H"] * (latent + cfg["BLOCK_ROPE"]) * 2
+        tile_bytes = (cfg["BLOCK_N"] * itemsize + cfg["BLOCK_H"] * 2) * loaded  # loaded = latent + rope here
     else:
         tile_bytes = max(1, cfg["num_stages"]) * cfg["BLOCK_N"] * loaded * itemsize
     # pieces (BLOCK_V = 448 at r = 448) take the registers of the padded tile

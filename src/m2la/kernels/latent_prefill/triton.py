@@ -318,13 +318,12 @@ def latent_prefill_triton(
         max_seqlen_k = int(cache_seqlens.max().item()) if batch else 0
     elif batch:  # checked on the device, no sync (a device-side assert on CUDA): a short gather would be read past
         torch._assert_async(cache_seqlens.max() <= max_seqlen_k, f"max_seqlen_k={max_seqlen_k} < the longest cache_seqlens")
-    num_keys = max_seqlen_k
     cache = kv_cache if paged else kv_cache[:batch]
     if kv_scale is None:
-        rows = gather_cache_rows(cache, block_table, max(1, num_keys))  # [b, s, r+2p]
+        rows = gather_cache_rows(cache, block_table, max(1, max_seqlen_k))  # [b, s, r+2p]
     else:
         scale = kv_scale if paged else kv_scale[:batch]
-        rows = gather_dequantized_rows(cache, scale, block_table, max(1, num_keys)).to(dtype)
+        rows = gather_dequantized_rows(cache, scale, block_table, max(1, max_seqlen_k)).to(dtype)
     latent, k_rope = rows[..., :kv_rank], rows[..., kv_rank:]
     # expansion GEMMs in the cache dtype (fp32 accumulation inside the GEMM; the result is stored in
     # that dtype anyway): fp32 inputs would run them off the tensor cores
