@@ -571,6 +571,53 @@ def expanded_sdpa_rows(name, inputs, chunk, total, kv_rank, flops, ours, device,
     return rows
 
 
+def expanded_part_rows(name, inputs, chunk, total, flops, ours, device, repeats):
+    """Our expanded prefill in parts, side by side with what each part replaced:
+    - the whole call replayed from a CUDA graph (the call is sync-free: no host launch gaps);
+    - the expansion alone (gather + one GEMM over [W_uk | W_uv]) and the earlier two einsums;
+    - the attention kernel alone on expanded K/V (comparable to the SDPA rows), in the default
+      launch order (head groups sized to L2, longest query tiles first) and the earlier one
+      (`HEAD_GROUP=1`: one head's query tiles after another's)."""
+    from m2la.kernels.latent_prefill.triton import expand_cache_prefix, expanded_prefill_attention
+
+    q_nope, q_rope, cache, w_uk, w_uv, cu, lens, table = inputs
+    kv_rank, prefix = w_uk.shape[1], total - chunk
+    rows = []
+
+    def whole():
+        return prefill_attention(q_nope, q_rope, cache, w_uk, w_uv, cu, lens, 0.1, table,
+                                 max_seqlen_q=chunk, max_seqlen_k=total, mode="expanded")  # fmt: skip
+
+    try:
+        gms, note = graph_ms(whole, device, repeats), ""
+    except RuntimeError as exc:  # reported, not fatal: the GPU tests check capture on their own
+        gms, note = None, f"capture failed: {type(exc).__name__}"
+    rows.append((f"{name}, m2la expanded, CUDA graph", prefix, chunk, gms, flops / gms / 1e9 if gms else None, note))
+
+    def expand_fused():
+        return expand_cache_prefix(cache, w_uk, w_uv, table, 1, total, cache.dtype)
+
+    def expand_two_einsums():  # the expansion before 2026-11-27 (tenth session)
+        latent = gather_cache_rows(cache, table, total)[..., :kv_rank]
+        return torch.einsum("bsr,hrn->bshn", latent, w_uk), torch.einsum("bsr,hrv->bshv", latent, w_uv)
+
+    k_nope, k_rope, values = expand_fused()
+    diff = (k_nope.float() - expand_two_einsums()[0].float()).abs().max().item()
+    rows.append((f"{name}, m2la expansion only (gather + 1 GEMM)", prefix, chunk, timed_ms(expand_fused, device, repeats),
+                 None, f"{diff:.1e} (keys vs 2 einsums)"))  # fmt: skip
+    rows.append((f"{name}, m2la expansion, 2 einsums (earlier)", prefix, chunk,
+                 timed_ms(expand_two_einsums, device, repeats), None, ""))  # fmt: skip
+    for label, config in (("default order", None), ("HEAD_GROUP=1, earlier order", dict(HEAD_GROUP=1))):
+
+        def attend(config=config):
+            return expanded_prefill_attention(q_nope, q_rope, k_nope, k_rope, values, cu, lens, 0.1, chunk, config=config)
+
+        diff = (attend()[0].float() - ours.float()).abs().max().item()
+        ms = timed_ms(attend, device, repeats)
+        rows.append((f"{name}, m2la attention only, {label}", prefix, chunk, ms, flops / ms / 1e9, f"{diff:.1e}"))
+    return rows
+
+
 def prefill_rows(device, dtype, chunk, prefixes, repeats):
     """Chunked prefill of `chunk` new tokens after a cached prefix, one sequence; TFLOPS of the
     attention actually computed (causal). Baselines: SDPA over the same layout's expanded keys and
@@ -599,6 +646,7 @@ def prefill_rows(device, dtype, chunk, prefixes, repeats):
                 rows.append((f"{name}, m2la {mode}", prefix, chunk, ms, flops / ms / 1e9, ""))
             expanded_flops = 2 * HEADS * visible_pairs * (NOPE_DIM + rope_dim + VALUE_DIM)
             inputs = (q_nope, q_rope, cache, w_uk, w_uv, cu, lens, table)
+            rows += expanded_part_rows(name, inputs, chunk, total, expanded_flops, ours, device, repeats)
             rows += expanded_sdpa_rows(name, inputs, chunk, total, kv_rank, expanded_flops, ours, device, repeats)
             del cache, inputs
         q = torch.randn(1, HEADS, chunk, HEAD_DIM, device=device, dtype=dtype)

@@ -143,6 +143,59 @@ def test_triton_config_override_matches_fp64(config, mode):
     assert_close_with_lse(out, lse, ref_out, ref_lse, atol=TOL[torch.float32])
 
 
+@pytest.mark.parametrize("head_group,mode", [(1, "expanded"), (4, "expanded"), (4, "absorbed"), (50, "absorbed")])
+def test_launch_groups_of_head_tiles_match_fp64(head_group, mode):
+    """Launch order: groups of `HEAD_GROUP` head tiles (5 heads x 3 value tiles = 15), query tiles
+    last-first inside a group; 4 leaves a short last group, 50 is more than there are. Every
+    (query tile, head, value tile) must run exactly once (a distinct seed per case, so a program
+    never run cannot pass on a freed buffer's old result)."""
+    from m2la.kernels.latent_prefill.triton import latent_prefill_triton
+
+    case = make_case(5, 48, 16, 16, 40, [33, 0, 20], [0, 30, 43], 16, torch.float32, seed=100 + head_group)
+    config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_V=16, HEAD_GROUP=head_group)
+    out, lse = latent_prefill_triton(*case[:7], 0.15, case[7], mode=mode, config=config)
+    ref_out, ref_lse = prefill_fp64_absorbed(*case[:7], 0.15, case[7])
+    assert_close_with_lse(out, lse, ref_out, ref_lse, atol=TOL[torch.float32])
+
+
+def test_head_group_keeps_a_group_of_keys_within_the_l2_budget():
+    from m2la.kernels.latent_prefill.triton import PREFILL_L2_BYTES, prefill_head_group
+
+    per_head = 4096 * 256 * 2  # 4K keys, n + v = 256, bf16: 2 MiB a head
+    assert prefill_head_group(32, per_head) == PREFILL_L2_BYTES // per_head
+    assert prefill_head_group(32, 20480 * 256 * 2) == 2  # a 16K prefix
+    assert prefill_head_group(32, 10**9) == 1  # never 0
+    assert prefill_head_group(3, 1) == 3  # never more than there are
+    assert prefill_head_group(32, 0) == 32  # absorbed: every head reads the same rows
+
+
+def test_expand_cache_prefix_matches_fp64_per_head_projections():
+    """One GEMM over [W_uk | W_uv] gives each head's keys and values, as strided views."""
+    from m2la.kernels.latent_prefill.triton import expand_cache_prefix
+
+    q_nope, q_rope, cache, w_uk, w_uv, cu, seqlens, table = make_case(3, 48, 16, 16, 24, [5, 2], [58, 0], 16, torch.float32)
+    k_nope, k_rope, values = expand_cache_prefix(cache, w_uk, w_uv, table, 2, 63, torch.float32)
+    assert k_nope.shape == (2, 63, 3, 16) and values.shape == (2, 63, 3, 24) and k_rope.shape == (2, 63, 16)
+    for seq, length in enumerate(seqlens.tolist()):
+        rows = rows_of(cache, table, seq, length).double()  # [s, r+2p]
+        want_k = torch.einsum("sr,hrn->shn", rows[:, :48], w_uk.double())
+        want_v = torch.einsum("sr,hrv->shv", rows[:, :48], w_uv.double())
+        torch.testing.assert_close(k_nope[seq, :length].double(), want_k, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(values[seq, :length].double(), want_v, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(k_rope[seq, :length].double(), rows[:, 48:])
+
+
+def test_expanded_attention_without_max_seqlen_q_is_an_error():
+    from m2la.kernels.latent_prefill.triton import expanded_prefill_attention
+
+    q = torch.zeros(4, 2, 16)
+    kv = torch.zeros(1, 4, 2, 16)
+    lens = torch.tensor([4], dtype=torch.int32)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(ValueError, match="max_seqlen_q"):
+        expanded_prefill_attention(q, q, kv, kv[:, :, 0], kv, cu, lens, 0.1, max_seqlen_q=0)
+
+
 @settings(max_examples=12, deadline=None)
 @given(
     new_len=st.integers(1, 40),

@@ -8,9 +8,10 @@ stride. The host picks what they point at:
 - absorbed: queries `[q_nope @ W_uk_h^T | q_rope]`, nope key = latent, values = latent (head
   stride 0: every head reads the same cache rows, straight from the paged cache, nothing
   materialised); the `[tq, h, r]` output is multiplied by `W_uv_h` afterwards.
-- expanded: the cache prefix is gathered and up-projected once per head in torch
-  (`k_nope_h = latent @ W_uk_h`, `v_h = latent @ W_uv_h`), then the same kernel runs standard
-  attention with per-head keys/values and the shared RoPE key.
+- expanded: the cache prefix is gathered and up-projected for every head in one torch GEMM
+  (`[k_nope_h | v_h] = latent @ [W_uk_h | W_uv_h]`, `expand_cache_prefix`), then the same kernel
+  runs standard attention with per-head keys/values and the shared RoPE key
+  (`expanded_prefill_attention`).
 
 See `choose_prefill_mode` for the rule between them.
 
@@ -118,7 +119,7 @@ def _prefill_kernel(
     q_nope_ptr, q_rope_ptr, k_nope_ptr, k_rope_ptr, v_ptr, block_table_ptr, cu_seqlens_q_ptr, seqlens_ptr,
     kv_start_ptr, kv_scale_ptr, out_ptr, lse_ptr,
     scale_log2,
-    nope_dim, rope_dim, value_dim, block_size, num_value_tiles,
+    nope_dim, rope_dim, value_dim, block_size, num_value_tiles, num_head_tiles, num_query_tiles, head_group,
     stride_qn_t, stride_qn_h, stride_qr_t, stride_qr_h,
     stride_kn_blk, stride_kn_tok, stride_kn_h,
     stride_kr_blk, stride_kr_tok, stride_kr_h,
@@ -131,12 +132,21 @@ def _prefill_kernel(
 ):  # fmt: skip
     # HAS_SCALE: fp8 keys/values (absorbed mode), widened to the query dtype; per-token scales.
     # SINGLE_D (HAS_NOPE and BLOCK_D >= n): the nope query stays in registers for the whole key loop.
-    # Query tiles in reverse launch order: causal tiles near the end of the chunk see the most keys,
-    # so the longest programs start first and the last wave holds the shortest (load balance).
-    m_tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    # Launch order (axis 0, fastest first): groups of `head_group` head tiles (a head tile = one
+    # head's value tile); inside a group, query tiles from the last (the most causal keys) to the
+    # first, the group's head tiles side by side. So the longest programs start first across the
+    # whole group (the last wave holds the shortest: load balance), and the group's keys and values
+    # (sized by the host to share L2) are read by every query tile that runs at the same time.
+    pid = tl.program_id(0)
+    group = pid // (head_group * num_query_tiles)
+    group_first = group * head_group
+    group_size = tl.minimum(head_group, num_head_tiles - group_first)  # the last group may be short
+    in_group = pid - group_first * num_query_tiles
+    m_tile = num_query_tiles - 1 - in_group // group_size
+    head_tile = group_first + in_group % group_size
     seq = tl.program_id(1)
-    head = tl.program_id(2) // num_value_tiles
-    value_tile = tl.program_id(2) % num_value_tiles
+    head = head_tile // num_value_tiles
+    value_tile = head_tile % num_value_tiles
 
     q_lo = tl.load(cu_seqlens_q_ptr + seq)
     num_new = tl.load(cu_seqlens_q_ptr + seq + 1) - q_lo
@@ -228,6 +238,19 @@ def prefill_config(value_dim: int, interpret: bool, nope_dim: int = 0) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, BLOCK_V=block_v, num_warps=4, num_stages=2)
 
 
+# Keys and values one launch group of head tiles may keep in L2: half an H100's 50 MB, leaving room
+# for the shared RoPE keys and the queries (a constant, not a hardware query; `HEAD_GROUP` overrides).
+PREFILL_L2_BYTES = 24 * 2**20
+
+
+def prefill_head_group(num_head_tiles: int, head_tile_bytes: int) -> int:
+    """Head tiles per launch group (see `_prefill_kernel`): as many as keep their keys and values
+    within `PREFILL_L2_BYTES`, at least 1; all of them when the heads share one cache (absorbed)."""
+    if head_tile_bytes <= 0:
+        return num_head_tiles
+    return max(1, min(num_head_tiles, PREFILL_L2_BYTES // head_tile_bytes))
+
+
 def _launch(q_nope, q_rope, k_nope, k_rope, v, block_table, cu_seqlens_q, cache_seqlens, kv_start, out, lse,
             softmax_scale, block_size, head_strides, max_seqlen_q, config=None, kv_scale=None):  # fmt: skip
     """k_nope/k_rope/v: `[blocks|b, tokens, ...]` views whose dims 0/1 address a token; so does
@@ -239,13 +262,17 @@ def _launch(q_nope, q_rope, k_nope, k_rope, v, block_table, cu_seqlens_q, cache_
     paged = block_table is not None
     table = block_table if paged else cache_seqlens
     batch = cu_seqlens_q.shape[0] - 1
-    grid = (triton.cdiv(max(1, max_seqlen_q), cfg["BLOCK_M"]), batch, num_heads * value_tiles)
+    head_tiles, query_tiles = num_heads * value_tiles, triton.cdiv(max(1, max_seqlen_q), cfg["BLOCK_M"])
+    rows = block_table.shape[1] * block_size if paged else k_nope.shape[1]  # key rows of one sequence
+    per_head_width = nope_dim * (head_strides[0] != 0) + min(value_dim, cfg["BLOCK_V"]) * (head_strides[2] != 0)
+    head_group = cfg.get("HEAD_GROUP") or prefill_head_group(head_tiles, rows * per_head_width * v.element_size())
+    grid = (query_tiles * head_tiles, batch)
     scale = kv_scale if kv_scale is not None else lse  # any 2-d fp32 tensor: unused without HAS_SCALE
     _prefill_kernel[grid](
         q_nope, q_rope, k_nope, k_rope, v, table, cu_seqlens_q, cache_seqlens,
         kv_start if kv_start is not None else cache_seqlens, scale, out, lse,
         softmax_scale * _LOG2E,
-        nope_dim, rope_dim, value_dim, block_size, value_tiles,
+        nope_dim, rope_dim, value_dim, block_size, value_tiles, head_tiles, query_tiles, head_group,
         q_nope.stride(0), q_nope.stride(1), q_rope.stride(0), q_rope.stride(1),
         k_nope.stride(0), k_nope.stride(1), head_strides[0],
         k_rope.stride(0), k_rope.stride(1), head_strides[1],
@@ -259,6 +286,66 @@ def _launch(q_nope, q_rope, k_nope, k_rope, v, block_table, cu_seqlens_q, cache_
         SINGLE_D=nope_dim > 0 and cfg["BLOCK_D"] >= nope_dim,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
+
+
+def expand_cache_prefix(
+    kv_cache: torch.Tensor,
+    w_uk: torch.Tensor,
+    w_uv: torch.Tensor,
+    block_table: torch.Tensor | None,
+    batch: int,
+    max_seqlen_k: int,
+    dtype: torch.dtype,
+    kv_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Expanded mode's keys and values: the first `max_seqlen_k` cache rows of each sequence,
+    up-projected per head in one GEMM -> (k_nope [b, s, h, n], k_rope [b, s, 2p], values [b, s, h, v]),
+    k_nope and values strided views of one `[b, s, h, n + v]` buffer.
+
+    One GEMM over `[W_uk | W_uv]` (`[r, h * (n + v)]`) rather than two: one launch, one pass over
+    the latent, and a wider N for the tensor cores. It runs in `dtype` (fp32 accumulation inside the
+    GEMM; the result is stored in that dtype anyway): fp32 inputs would run it off the tensor cores.
+    """
+    kv_rank, nope_dim = w_uk.shape[1], w_uk.shape[2]
+    cache = kv_cache if block_table is not None else kv_cache[:batch]
+    if kv_scale is None:
+        rows = gather_cache_rows(cache, block_table, max(1, max_seqlen_k))  # [b, s, r+2p]
+    else:
+        scale = kv_scale if block_table is not None else kv_scale[:batch]
+        rows = gather_dequantized_rows(cache, scale, block_table, max(1, max_seqlen_k)).to(dtype)
+    latent, k_rope = rows[..., :kv_rank], rows[..., kv_rank:]
+    weight = torch.cat((w_uk.transpose(0, 1), w_uv.transpose(0, 1)), dim=-1).to(dtype)  # [r, h, n+v]
+    keys_values = (latent @ weight.flatten(1)).unflatten(-1, weight.shape[1:])  # [b, s, h, n+v]
+    return keys_values[..., :nope_dim], k_rope, keys_values[..., nope_dim:]
+
+
+def expanded_prefill_attention(
+    q_nope: torch.Tensor,
+    q_rope: torch.Tensor,
+    k_nope: torch.Tensor,
+    k_rope: torch.Tensor,
+    values: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    softmax_scale: float,
+    max_seqlen_q: int,
+    kv_start: torch.Tensor | None = None,
+    config: dict | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expanded mode's attention, the keys and values already up-projected (`expand_cache_prefix`):
+    q_nope `[tq, h, n]`, q_rope `[tq, h, 2p]`, k_nope `[b, s, h, n]`, k_rope `[b, s, 2p]` (shared by
+    the heads), values `[b, s, h, v]`, all in one dtype -> (out `[tq, h, v]`, lse `[tq, h]` fp32).
+    Sequence `i` attends causally to its first `cache_seqlens[i]` rows; `max_seqlen_q` > 0 is the
+    longest chunk. `out_dtype`: the output's (default: the inputs'), stored straight from fp32."""
+    num_tokens, num_heads = q_nope.shape[:2]
+    if max_seqlen_q <= 0 < num_tokens:
+        raise ValueError(f"max_seqlen_q must be the longest chunk (> 0), got {max_seqlen_q}")
+    out = torch.empty(num_tokens, num_heads, values.shape[-1], device=q_nope.device, dtype=out_dtype or q_nope.dtype)
+    lse = torch.empty(num_tokens, num_heads, device=q_nope.device, dtype=torch.float32)
+    _launch(q_nope, q_rope, k_nope, k_rope, values, None, cu_seqlens_q, cache_seqlens, kv_start,
+            out, lse, softmax_scale, 1, (k_nope.stride(2), 0, values.stride(2)), max_seqlen_q, config)  # fmt: skip
+    return out, lse
 
 
 def latent_prefill_triton(
@@ -300,11 +387,10 @@ def latent_prefill_triton(
     if mode == "auto":
         mode = choose_prefill_mode(num_tokens, batch, kv_rank, nope_dim, value_dim)
     dtype = q_nope.dtype if kv_scale is not None else kv_cache.dtype  # what the GEMMs run in
-    lse = torch.empty(num_tokens, num_heads, device=q_nope.device, dtype=torch.float32)
     q_rope = q_rope.to(dtype)
-    paged = block_table is not None
-    block_size = kv_cache.shape[1] if paged else 1
     if mode == "absorbed":
+        lse = torch.empty(num_tokens, num_heads, device=q_nope.device, dtype=torch.float32)
+        block_size = kv_cache.shape[1] if block_table is not None else 1
         q_latent = torch.einsum("thn,hrn->thr", q_nope.float(), w_uk.float()).to(dtype)  # [tq, h, r]
         out_latent = torch.empty(num_tokens, num_heads, kv_rank, device=q_nope.device, dtype=torch.float32)
         latent, k_rope = kv_cache[..., :kv_rank], kv_cache[..., kv_rank:]
@@ -318,18 +404,9 @@ def latent_prefill_triton(
         max_seqlen_k = int(cache_seqlens.max().item()) if batch else 0
     elif batch:  # checked on the device, no sync (a device-side assert on CUDA): a short gather would be read past
         torch._assert_async(cache_seqlens.max() <= max_seqlen_k, f"max_seqlen_k={max_seqlen_k} < the longest cache_seqlens")
-    cache = kv_cache if paged else kv_cache[:batch]
-    if kv_scale is None:
-        rows = gather_cache_rows(cache, block_table, max(1, max_seqlen_k))  # [b, s, r+2p]
-    else:
-        scale = kv_scale if paged else kv_scale[:batch]
-        rows = gather_dequantized_rows(cache, scale, block_table, max(1, max_seqlen_k)).to(dtype)
-    latent, k_rope = rows[..., :kv_rank], rows[..., kv_rank:]
-    # expansion GEMMs in the cache dtype (fp32 accumulation inside the GEMM; the result is stored in
-    # that dtype anyway): fp32 inputs would run them off the tensor cores
-    k_nope = torch.einsum("bsr,hrn->bshn", latent, w_uk.to(dtype))  # [b, s, h, n]
-    values = torch.einsum("bsr,hrv->bshv", latent, w_uv.to(dtype))  # [b, s, h, v]
-    out = torch.empty(num_tokens, num_heads, value_dim, device=q_nope.device, dtype=q_nope.dtype)
-    _launch(q_nope.to(dtype), q_rope, k_nope, k_rope, values, None, cu_seqlens_q, cache_seqlens, kv_start,
-            out, lse, softmax_scale, 1, (k_nope.stride(2), 0, values.stride(2)), max_seqlen_q, config)  # fmt: skip
+    k_nope, k_rope, values = expand_cache_prefix(kv_cache, w_uk, w_uv, block_table, batch, max_seqlen_k, dtype, kv_scale)
+    out, lse = expanded_prefill_attention(
+        q_nope.to(dtype), q_rope, k_nope, k_rope, values, cu_seqlens_q, cache_seqlens, softmax_scale,
+        max_seqlen_q, kv_start, config, out_dtype=q_nope.dtype,
+    )  # fmt: skip
     return out, lse
