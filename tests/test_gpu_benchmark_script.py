@@ -29,6 +29,10 @@ def test_gpu_benchmark_smoke(tmp_path):
     diffs = re.findall(r"\| latent 60\+16 \(smoke\), SDPA[^|]*\| (?:0|64) \| 32 \| [\d.]+ \| [\d.]+ \| (\S+) \|", report)
     assert len(diffs) == 6, report
     assert all(float(d) < 1e-4 for d in diffs), diffs
+    # our expanded prefill in parts (the kernel alone, both launch orders) agrees with the whole call
+    parts = re.findall(r"\| latent 60\+16 \(smoke\), m2la attention only, [^|]*\| (?:0|64) \| 32 \| [\d.]+ \| [\d.]+ \| (\S+) \|", report)
+    assert len(parts) == 4 and all(float(d) < 1e-4 for d in parts), report
+    assert len(re.findall(r"m2la expansion only \(gather \+ 1 GEMM\)", report)) == 2
 
 
 def test_register_facts_cover_every_sweep_tile_once():
@@ -47,3 +51,15 @@ def test_register_facts_cover_every_sweep_tile_once():
     tile_entries = [c for c in sweeps if not decode_register_facts.NOT_TILE_KEYS & c.keys()]
     assert all(c in configs for c in tile_entries) and all(c in tile_entries or c == {} for c in configs)
     assert any(c.get("fp8") for c in configs) and any(c.get("LATENT_PIECES") for c in configs)
+
+
+def test_launch_order_model_runs_each_program_once_longest_first_in_a_group():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        from prefill_launch_order import launch_order
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    order = launch_order(num_query_tiles=5, num_head_tiles=7, head_group=3)  # groups of 3, 3, 1
+    assert sorted(order) == [(m, h) for m in range(5) for h in range(7)]
+    assert order[:3] == [(4, 0), (4, 1), (4, 2)] and order[15:18] == [(4, 3), (4, 4), (4, 5)]
+    assert order[30:] == [(4, 6), (3, 6), (2, 6), (1, 6), (0, 6)]

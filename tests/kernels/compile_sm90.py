@@ -43,7 +43,7 @@ H100_MAX_SHARED_BYTES = 227 * 1024  # opt-in dynamic shared memory per block on 
 # Integer arguments whose runtime values are not multiples of 16 for the cases below (a split count,
 # a count of value tiles, query length sums); every other pointer and integer argument is, and the
 # launcher's JIT specialises those as 16-divisible, which is what lets loads vectorise.
-NOT_DIVISIBLE = {"num_value_tiles", "stride_pl_h", "num_splits", "max_seqlen_q"}
+NOT_DIVISIBLE = {"num_value_tiles", "stride_pl_h", "num_splits", "max_seqlen_q", "num_head_tiles", "num_query_tiles", "head_group"}
 
 
 def divisibility_attrs(kernel, sig: dict[str, str]) -> dict:
