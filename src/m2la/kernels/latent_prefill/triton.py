@@ -114,7 +114,9 @@ def _prefill_step(
     return acc, m_new, l_i
 
 
-@triton.jit
+# The chunk's query-tile count and the head group change with the call's lengths: no value
+# specialisation (== 1, multiple of 16), so new lengths never compile new variants of the kernel.
+@triton.jit(do_not_specialize=["num_query_tiles", "head_group"])
 def _prefill_kernel(
     q_nope_ptr, q_rope_ptr, k_nope_ptr, k_rope_ptr, v_ptr, block_table_ptr, cu_seqlens_q_ptr, seqlens_ptr,
     kv_start_ptr, kv_scale_ptr, out_ptr, lse_ptr,
