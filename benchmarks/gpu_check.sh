@@ -5,7 +5,8 @@
 #     and ptxas's registers/spills for every sweep tile -> $OUT/register_facts.md;
 #  2. correctness + copy bandwidth + decode config sweep + decode/prefill timings vs SDPA, the decode
 #     table run with the sweep's best tile per layout, fp8-cache decode, and vLLM's Triton MLA decode
-#     on the same caches -> ${OUT:-/tmp/m2la-out}/kernels.md
+#     on the same caches, and short extends (1-128 new tokens after 32K) through every prefill mode
+#     -> ${OUT:-/tmp/m2la-out}/kernels.md
 # Usage (repo root): bash benchmarks/gpu_check.sh
 # Environment: M2LA_SWEEP_SET=fp8 times the fp8-tile sweep (gpu_kernels.SWEEP_FP8) instead of the
 # full one, M2LA_SWEEP_SET=overlap the two-programs-per-SM tiles (gpu_kernels.SWEEP_OVERLAP);
@@ -35,7 +36,7 @@ M2LA_TRITON_NATIVE=1 timeout 240 python -m pytest tests/kernels/test_kernel_gpu.
     > "$OUT/gpu_tests.txt" 2>&1 &
 tests_pid=$!
 sweep_set="${M2LA_SWEEP_SET:-all}"
-sections="${M2LA_SECTIONS:-sweep,decode,fp8,vllm,prefill,prefill_sweep}"
+sections="${M2LA_SECTIONS:-sweep,decode,fp8,vllm,prefill,prefill_sweep,extend}"
 timeout 240 python benchmarks/gpu_kernels.py --warm-only --sweep-set "$sweep_set" --warm-workers "${M2LA_WARM_WORKERS:-12}" 2>&1 \
     | tail -3 | tee "$OUT/warm.log" || echo "warm compile failed or timed out; the sweep compiles as it goes"
 wait "$tests_pid" || echo "GPU TESTS FAILED (see $OUT/gpu_tests.txt); benchmarking anyway"

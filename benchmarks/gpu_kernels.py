@@ -717,6 +717,45 @@ def prefill_sweep_rows(device, dtype, chunk, prefixes, repeats):
     return rows
 
 
+def extend_rows(device, dtype, batch, prefix, new_tokens, repeats):
+    """Short extends (speculative tokens, short turns): `t` new tokens in each of `batch` sequences
+    after a `prefix`-token cache, through each prefill mode; "auto" picks by `choose_prefill_mode`.
+    Rows: (layout, t, mode, ms, max diff vs the decode route, what auto picks)."""
+    from m2la.kernels.latent_prefill.triton import choose_prefill_mode
+
+    rows = []
+    for name, (kv_rank, rope_dim) in LAYOUTS.items():
+        for t in new_tokens:
+            if _out_of_time():
+                rows.append((name, t, "all", None, "skipped (time)", ""))
+                continue
+            total = prefix + t
+            pages = math.ceil(total / BLOCK_SIZE)
+            cache = torch.empty(batch * pages, BLOCK_SIZE, kv_rank + rope_dim, device=device, dtype=dtype).uniform_(-1, 1)
+            table = torch.randperm(batch * pages, device=device).to(torch.int32).view(batch, pages)
+            q_nope = torch.randn(batch * t, HEADS, NOPE_DIM, device=device, dtype=dtype)
+            q_rope = torch.randn(batch * t, HEADS, rope_dim, device=device, dtype=dtype)
+            w_uk = torch.randn(HEADS, kv_rank, NOPE_DIM, device=device, dtype=dtype) / kv_rank**0.5
+            w_uv = torch.randn(HEADS, kv_rank, VALUE_DIM, device=device, dtype=dtype) / kv_rank**0.5
+            cu = torch.arange(0, batch * t + 1, t, device=device, dtype=torch.int32)
+            lens = torch.full((batch,), total, device=device, dtype=torch.int32)
+            auto = choose_prefill_mode(batch * t, batch, kv_rank, NOPE_DIM, VALUE_DIM, rope_dim)
+            ref = None
+            for mode in ("decode", "absorbed", "expanded"):
+
+                def run(mode=mode, inputs=(q_nope, q_rope, cache, w_uk, w_uv, cu, lens), table=table, t=t, total=total):
+                    return prefill_attention(*inputs, 0.1, table, max_seqlen_q=t, max_seqlen_k=total, mode=mode)
+
+                try:
+                    out = run()[0].float()
+                    ref = out if ref is None else ref
+                    ms = timed_ms(run, device, repeats)
+                    rows.append((name, t, mode, ms, f"{(out - ref).abs().max().item():.1e}", "auto" if mode == auto else ""))
+                except Exception as exc:  # e.g. out of memory: reported, not fatal
+                    rows.append((name, t, mode, None, type(exc).__name__, ""))
+    return rows
+
+
 def _prefix_causal_mask(chunk, total, device):
     pos = total - chunk + torch.arange(chunk, device=device)
     return torch.arange(total, device=device)[None, :] <= pos[:, None]
@@ -731,7 +770,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, any device: checks the script")
     parser.add_argument("--seconds", type=float, default=270, help="time box; later cases are reported n/a")
     parser.add_argument("--sweep-seconds", type=float, default=70, help="time box of the decode tile sweep")
-    parser.add_argument("--sections", default="sweep,decode,fp8,vllm,prefill,prefill_sweep", help="comma-separated subset to run")
+    parser.add_argument("--sections", default="sweep,decode,fp8,vllm,prefill,prefill_sweep,extend", help="comma-separated subset to run")
     parser.add_argument("--contexts", type=int, nargs="+", default=None, help="decode contexts (default 4K..128K)")
     parser.add_argument("--warm-workers", type=int, default=12, help="processes compiling the sweep first (0: off)")
     parser.add_argument("--warm-only", action="store_true", help="only compile the sweep cases (fills triton's cache)")
@@ -840,6 +879,15 @@ def main() -> None:
             lines += ["", f"## Prefill tile sweep (expanded, {chunk} new tokens; overrides of `prefill_config`)", "",
                       "| layout | prefix | config | max diff vs default | ms | TFLOPS |", "|---|---|---|---|---|---|"]  # fmt: skip
             lines += [f"| {n} | {p} | {c} | {e} | {fmt(ms, '.2f')} | {fmt(tf, '.1f')} |" for n, p, c, e, ms, tf in sweep_p]
+        flush()
+        sections.append("extend")
+        if "extend" in wanted:
+            batch, prefix, new_tokens = (2, 40, [1, 3]) if args.smoke else (8, 32768, [1, 4, 16, 64, 128])
+            extend = extend_rows(device, dtype, batch, prefix, new_tokens, repeats)
+            lines += ["", f"## Short extends ({batch} sequences, {prefix} cached tokens each; ms per call, all prefill modes)",
+                      "", "| layout | new tokens a sequence | mode | ms | max diff vs decode route | auto |",
+                      "|---|---|---|---|---|---|"]  # fmt: skip
+            lines += [f"| {n} | {t} | {m} | {fmt(ms, '.3f')} | {d} | {a} |" for n, t, m, ms, d, a in extend]
     except Exception:
         lines += ["", f"**FAILED** after sections {sections}:", "```", traceback.format_exc(), "```"]
         raise

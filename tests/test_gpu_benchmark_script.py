@@ -17,7 +17,7 @@ SCRIPT = pathlib.Path(__file__).parents[1] / "benchmarks" / "gpu_kernels.py"
 
 def test_gpu_benchmark_smoke(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1", "OUT": str(tmp_path)}
-    args = ["--smoke", "--sections", "decode,fp8,prefill", "--contexts", "64", "--warm-workers", "0"]
+    args = ["--smoke", "--sections", "decode,fp8,prefill,extend", "--contexts", "64", "--warm-workers", "0"]
     proc = subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = (tmp_path / "kernels.md").read_text()
@@ -33,6 +33,10 @@ def test_gpu_benchmark_smoke(tmp_path):
     parts = re.findall(r"\| latent 60\+16 \(smoke\), m2la attention only, [^|]*\| (?:0|64) \| 32 \| [\d.]+ \| [\d.]+ \| (\S+) \|", report)
     assert len(parts) == 4 and all(float(d) < 1e-4 for d in parts), report
     assert len(re.findall(r"m2la expansion only \(gather \+ 1 GEMM\)", report)) == 2
+    # short extends: every mode at each length, agreeing with the decode route; auto marks one
+    extends = re.findall(r"\| latent 60\+16 \(smoke\) \| (\d+) \| (\w+) \| [\d.]+ \| (\S+) \| (auto)? \|", report)
+    assert [(t, m) for t, m, _, _ in extends] == [(t, m) for t in "13" for m in ("decode", "absorbed", "expanded")]
+    assert all(float(d) < 1e-4 for _, _, d, _ in extends) and sum(a == "auto" for *_, a in extends) == 2
 
 
 def test_register_facts_cover_every_sweep_tile_once():

@@ -239,7 +239,7 @@ def test_prefill_reference_matches_fp64_over_dequantized_rows(fp8_dtype):
 
 @pytest.mark.parametrize("fp8_dtype", FP8, ids=FP8_IDS)
 @pytest.mark.parametrize("q_dtype", [torch.float32, torch.float16], ids=["q-fp32", "q-fp16"])
-@pytest.mark.parametrize("mode", ["absorbed", "expanded"])
+@pytest.mark.parametrize("mode", ["decode", "absorbed", "expanded"])
 @pytest.mark.parametrize("heads,shape", [(1, "r48"), (3, "r96"), (3, "lossless-n0")])
 def test_prefill_triton_matches_reference(heads, shape, mode, q_dtype, fp8_dtype):
     case, scale = quantized_prefill_case(heads, shape, q_dtype, fp8_dtype, seed=heads)

@@ -132,7 +132,7 @@ def prefill_gpu_inputs(dtype, table):
 
 
 @pytest.mark.parametrize("dtype", LOWP, ids=["bf16", "fp16"])
-@pytest.mark.parametrize("mode", ["absorbed", "expanded"])
+@pytest.mark.parametrize("mode", ["decode", "absorbed", "expanded"])
 def test_prefill_gpu(mode, dtype):
     cache, table = random_paged_cache(PREFILL_SEQLENS, PREFILL_RANK + PREFILL_ROPE, 64, dtype)
     cache, table = cache.cuda(), table.cuda()
@@ -161,7 +161,7 @@ def test_prefill_launch_order_changes_no_bit_gpu(head_group):
     assert torch.equal(out, grouped_out) and torch.equal(lse, grouped_lse)
 
 
-@pytest.mark.parametrize("mode", ["absorbed", "expanded"])
+@pytest.mark.parametrize("mode", ["decode", "absorbed", "expanded"])
 def test_prefill_and_decode_capture_in_a_cuda_graph_gpu(mode):
     """With max_seqlen_q and max_seqlen_k given, prefill never syncs with the host, so it (and decode)
     can be captured in a CUDA graph; replaying after new inputs are copied in gives the eager result."""
@@ -261,7 +261,7 @@ def test_converted_model_triton_matches_reference_gpu(dtype, cache_dtype):
         torch.testing.assert_close(got.logits[0].float(), expected.logits[0].float(), atol=6e-2, rtol=6e-2)
 
 
-@pytest.mark.parametrize("mode", ["absorbed", "expanded"])
+@pytest.mark.parametrize("mode", ["decode", "absorbed", "expanded"])
 def test_prefill_without_nope_dims_gpu(mode):
     """n = 0 (a lossless conversion whose key dims all carry RoPE): the nope loop must compile out.
     On sm_90 the zero-trip pipelined loop once gave wrong results and illegal memory accesses."""
@@ -344,7 +344,7 @@ def test_cache_write_fp8_gpu():
     torch.testing.assert_close(results[0][1], results[1][1], atol=0, rtol=0, equal_nan=True)
 
 
-@pytest.mark.parametrize("mode", ["absorbed", "expanded"])
+@pytest.mark.parametrize("mode", ["decode", "absorbed", "expanded"])
 def test_prefill_fp8_cache_gpu(mode):
     cache, scale, table = fp8_paged_case(PREFILL_SEQLENS, PREFILL_RANK + PREFILL_ROPE, torch.float8_e4m3fn, seed=3)
     dtype = torch.bfloat16

@@ -64,7 +64,7 @@ def test_reference_matches_fp64_absorbed(shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("mode", ["absorbed", "expanded"])
+@pytest.mark.parametrize("mode", ["decode", "absorbed", "expanded"])
 @pytest.mark.parametrize("heads,shape", [(1, "r48"), (3, "r96"), (16, "r48"), (3, "lossless-n0")])
 def test_triton_matches_reference(heads, shape, mode, dtype):
     # first sequence: prefill from empty; second: no new tokens; third: extend a 43-token prefix
@@ -81,17 +81,22 @@ def test_triton_63_heads_contiguous_cache():
     )
     # The same rows laid out contiguously [b, s_max, r+2p].
     dense = torch.stack([torch.nn.functional.pad(rows_of(paged, table, s, 8).float(), (0, 0, 0, 4)) for s in (0, 1)])
-    for mode in ("absorbed", "expanded"):
+    for mode in ("decode", "absorbed", "expanded"):
         out, lse = prefill_attention(q_nope, q_rope, dense, w_uk, w_uv, cu, seqlens, 0.2, mode=mode, backend="triton")
         ref_out, ref_lse = prefill_fp64_absorbed(q_nope, q_rope, paged, w_uk, w_uv, cu, seqlens, 0.2, table)
         assert_close_with_lse(out, lse, ref_out.float(), ref_lse.float(), atol=5e-5)
 
 
 def test_mode_rule():
-    assert choose_prefill_mode(1, 1, 896, 128, 128) == "absorbed"
-    assert choose_prefill_mode(4096, 1, 896, 128, 128) == "expanded"
-    assert choose_prefill_mode(100 * 64, 64, 896, 128, 128) == "absorbed"  # 100 tokens per sequence
-    assert choose_prefill_mode(10**6, 1, 64, 128, 128) == "absorbed"  # n + v >= 2r: never expand
+    # InternVideo3 (r=896, n=v=128, rope 128): expanded above 229376 / 3456 = 66.4 tokens a sequence
+    assert choose_prefill_mode(1, 1, 896, 128, 128, 128) == "decode"
+    assert choose_prefill_mode(66 * 8, 8, 896, 128, 128, 128) == "decode"
+    assert choose_prefill_mode(67 * 8, 8, 896, 128, 128, 128) == "expanded"
+    assert choose_prefill_mode(4096, 1, 896, 128, 128, 128) == "expanded"
+    # 448 + 64 (4x): 114688 / 1600 = 71.7
+    assert choose_prefill_mode(71, 1, 448, 128, 128, 64) == "decode"
+    assert choose_prefill_mode(72, 1, 448, 128, 128, 64) == "expanded"
+    assert choose_prefill_mode(10**6, 1, 16, 128, 128) == "decode"  # 2c r <= n + v: never expand
 
 
 KV_START = [3, 0, 50]  # hides padding keys; in the third sequence the first 7 new queries see nothing
@@ -117,7 +122,7 @@ def test_reference_kv_start_matches_fp64(shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("mode", ["absorbed", "expanded"])
+@pytest.mark.parametrize("mode", ["decode", "absorbed", "expanded"])
 def test_triton_kv_start_matches_reference(mode, dtype):
     case = make_case(3, *SHAPES["r48"], [17, 0, 20], [0, 30, 43], 16, dtype, seed=9)
     start = torch.tensor(KV_START, dtype=torch.int32)
@@ -225,7 +230,37 @@ def test_key_tile_regions_match_fp64(new_len, cached, start_frac, block_m, block
     assert_close_with_lse(out, lse, ref_out, ref_lse, atol=TOL[torch.float32])
 
 
-@pytest.mark.parametrize("mode", ["absorbed", "expanded"])
+@settings(max_examples=10, deadline=None)
+@given(
+    new_lens=st.lists(st.integers(0, 9), min_size=1, max_size=3),
+    cached=st.lists(st.integers(0, 70), min_size=3, max_size=3),
+    start_frac=st.floats(0.0, 1.0),
+    contiguous=st.booleans(),
+)
+def test_decode_route_matches_fp64(new_lens, cached, start_frac, contiguous):
+    """The decode route (one split-KV decode per query token): each token sees its own causal
+    prefix, hidden rows before kv_start hold NaN, empty chunks and a contiguous cache included."""
+    cached = cached[: len(new_lens)]
+    case = make_case(3, *SHAPES["r48"], new_lens, cached, 16, torch.float32, seed=sum(new_lens) + sum(cached))
+    q_nope, q_rope, cache, w_uk, w_uv, cu, seqlens, table = case
+    kv_start = [int(start_frac * length) for length in seqlens.tolist()]
+    for seq, hidden in enumerate(kv_start):
+        for pos in range(hidden):
+            cache[table[seq, pos // 16], pos % 16] = float("nan")
+    start = torch.tensor(kv_start, dtype=torch.int32)
+    ref_out, ref_lse = prefill_fp64_absorbed(*case[:7], 0.15, table, kv_start)
+    if contiguous:  # [b, s_max + 5, r+2p]; rows past a sequence's end hold NaN
+        s_max = int(seqlens.max()) + 5
+        pad = [s_max - length for length in seqlens.tolist()]
+        rows = [rows_of(cache, table, s, length).float() for s, length in enumerate(seqlens.tolist())]
+        cache = torch.stack([torch.nn.functional.pad(r, (0, 0, 0, p), value=float("nan")) for r, p in zip(rows, pad, strict=True)])
+        table = None
+    out, lse = prefill_attention(q_nope, q_rope, cache, w_uk, w_uv, cu, seqlens, 0.15, table, start,
+                                 mode="decode", backend="triton")  # fmt: skip
+    assert_close_with_lse(out, lse, ref_out, ref_lse, atol=TOL[torch.float32])
+
+
+@pytest.mark.parametrize("mode", ["decode", "absorbed", "expanded"])
 def test_triton_with_max_seqlens_never_syncs(mode, monkeypatch):
     """Given max_seqlen_q and max_seqlen_k (here past the longest sequence, as an engine passes its
     capacity), the Triton path reads no tensor value on the host, so it can be captured in a CUDA

@@ -149,16 +149,18 @@ def prefill_attention(
     already be in the cache (`write_latent_cache`), `cache_seqlens [b]` int32 counts it. `w_uk [h, r, n]`
     (k_nope_h = latent @ w_uk[h]), `w_uv [h, r, v]` (v_h = latent @ w_uv[h]). Returns `out [tq, h, v]`
     and `lse [tq, h]` fp32. Optional `kv_start [b]` int32 hides cache positions before it (left
-    padding); a query that sees no key gives 0 and -inf. `mode` ("auto" | "absorbed" | "expanded") picks how the Triton kernel
-    runs; "auto" follows `latent_prefill.triton.choose_prefill_mode`: expanded exactly when
-    `t * (2r - n - v) > r * (n + v)` with `t` new tokens per sequence (InternVideo3: t > ~150).
+    padding); a query that sees no key gives 0 and -inf. `mode` picks how the Triton backend runs:
+    "decode" (absorbed: one split-KV decode per query token), "absorbed" (absorbed, the prefill
+    kernel), "expanded" (keys and values up-projected per head, then flash attention) or "auto":
+    `latent_prefill.triton.choose_prefill_mode`, a tensor-core cost count that sends chunks of up to
+    ~66 tokens a sequence (InternVideo3's layout) down the decode route and longer ones expanded.
     `max_seqlen_q` (longest chunk) and `max_seqlen_k` (longest `cache_seqlens`, at least): 0 makes the
     Triton path read each from its tensor (one host sync each); with both given it never syncs (CUDA
     graphs). An fp8 cache takes `kv_scale` as in `decode_attention`; the Triton path then computes
     in q_nope's dtype.
     """
-    if mode not in ("auto", "absorbed", "expanded"):
-        raise ValueError(f"mode must be 'auto', 'absorbed' or 'expanded', got {mode!r}")
+    if mode not in ("auto", "decode", "absorbed", "expanded"):
+        raise ValueError(f"mode must be 'auto', 'decode', 'absorbed' or 'expanded', got {mode!r}")
     kv_rank = w_uk.shape[1]
     if kv_cache.shape[-1] != kv_rank + q_rope.shape[-1]:
         raise ValueError(f"cache width {kv_cache.shape[-1]} != r ({kv_rank}) + 2p ({q_rope.shape[-1]})")

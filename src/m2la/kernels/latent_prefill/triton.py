@@ -34,19 +34,29 @@ from m2la.quantization import is_fp8
 _LOG2E = 1.4426950408889634
 
 
-def choose_prefill_mode(num_new_tokens: int, batch: int, kv_rank: int, nope_dim: int, value_dim: int) -> str:
-    """Return "absorbed" or "expanded", whichever needs fewer multiply-adds.
+# Tensor-core time per multiply-add of the absorbed route (MQA over the latent, mma.sync-sized
+# tiles) against the expanded one (GEMM + flash attention), from the eighth session's H100 prefill
+# (4K chunk, empty cache): 2.0x at 448 + 64, 3.5x at 896 + 128. The smaller one is used.
+ABSORBED_MAC_COST = 2.0
 
-    Per (head, query, key) the absorbed path spends `2r + 2p` MACs and the expanded path
-    `n + 2p + v`; expanding costs `r * (n + v)` MACs per (head, key) once. With `t` new queries per
-    sequence on average, both totals scale with heads and keys, so expanded wins exactly when
-    `t * (2r - n - v) > r * (n + v)`. InternVideo3 (r=896, n=v=128): chunks above ~150 tokens go
-    expanded, decode-like extends (speculative tokens, short turns) stay absorbed. With
-    `n + v >= 2r` absorbed never pays off less, so it is always chosen.
+
+def choose_prefill_mode(
+    num_new_tokens: int, batch: int, kv_rank: int, nope_dim: int, value_dim: int, rope_dim: int = 0
+) -> str:
+    """Return "decode" (absorbed, through the split-KV decode kernel) or "expanded", whichever
+    costs less tensor-core time by a multiply-add count.
+
+    Per (head, query, key) the absorbed route spends `2r + 2p` MACs (2p = `rope_dim`) and the
+    expanded one `n + 2p + v`; expanding costs `r * (n + v)` MACs per (head, key) once. Counting the
+    absorbed MACs at `ABSORBED_MAC_COST` times the expanded ones, with `t` new queries per sequence
+    on average, expanded wins exactly when `t * (c * (2r + 2p) - (n + 2p + v)) > r * (n + v)`.
+    InternVideo3 (r=896, n=v=128, 2p=128): chunks above ~66 tokens go expanded; shorter extends
+    (speculative tokens, short turns) take the decode route, which splits each query token's keys
+    over the whole GPU where the prefill kernel would run one program per (head, 64 queries).
     """
     tokens_per_seq = num_new_tokens / max(1, batch)
-    saved_per_key = tokens_per_seq * (2 * kv_rank - nope_dim - value_dim)
-    return "expanded" if saved_per_key > kv_rank * (nope_dim + value_dim) else "absorbed"
+    absorbed = ABSORBED_MAC_COST * (2 * kv_rank + rope_dim) - (nope_dim + rope_dim + value_dim)
+    return "expanded" if tokens_per_seq * absorbed > kv_rank * (nope_dim + value_dim) else "decode"
 
 
 @triton.jit
@@ -350,6 +360,37 @@ def expanded_prefill_attention(
     return out, lse
 
 
+def _prefill_through_decode(
+    q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, softmax_scale, block_table, kv_start,
+    kv_scale, dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Absorbed prefill as one split-KV decode per query token: token `j` of a chunk of `t` in
+    sequence `i` is a decode of its own over sequence i's first `cache_seqlens[i] - t + j + 1` rows
+    (the same pages, so tokens of one sequence read them from L2 side by side). No host sync.
+    A contiguous cache `[b, s, d]` is addressed as `b` pages of `s` rows."""
+    from m2la.kernels.latent_decode.triton import latent_decode_triton
+
+    num_tokens = q_nope.shape[0]
+    if num_tokens == 0:
+        lse = torch.empty(0, q_nope.shape[1], device=q_nope.device, dtype=torch.float32)
+        return q_nope.new_empty(0, q_nope.shape[1], w_uv.shape[2]), lse
+    token = torch.arange(num_tokens, device=q_nope.device, dtype=cu_seqlens_q.dtype)
+    seq = torch.searchsorted(cu_seqlens_q[1:], token, right=True)  # [tq] the sequence of each token
+    token_seqlens = (cache_seqlens[seq] - cu_seqlens_q[seq + 1] + token + 1).to(torch.int32)  # [tq]
+    if block_table is None:  # contiguous [b, s, d]: page i = sequence i
+        token_table = seq.to(torch.int32)[:, None]
+    else:
+        token_table = block_table[seq]  # [tq, max_blocks]
+    token_start = None if kv_start is None else kv_start[seq]
+    q_latent = torch.einsum("thn,hrn->thr", q_nope.float(), w_uk.float()).to(dtype)  # [tq, h, r]
+    q = torch.cat((q_latent, q_rope), dim=-1)  # [tq, h, r + 2p]
+    out_latent, lse = latent_decode_triton(
+        q, kv_cache, token_seqlens, softmax_scale, w_uk.shape[1], token_table, token_start, kv_scale=kv_scale
+    )  # [tq, h, r], [tq, h]
+    out = torch.einsum("thr,hrv->thv", out_latent.float(), w_uv.float())  # [tq, h, v]
+    return out.to(q_nope.dtype), lse
+
+
 def latent_prefill_triton(
     q_nope: torch.Tensor,
     q_rope: torch.Tensor,
@@ -367,7 +408,9 @@ def latent_prefill_triton(
     kv_scale: torch.Tensor | None = None,
     max_seqlen_k: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as `latent_prefill_reference`. `mode`: "absorbed", "expanded" or "auto".
+    """Same contract as `latent_prefill_reference`. `mode`: "decode" (absorbed, one split-KV decode
+    per query token), "absorbed" (absorbed, this file's kernel), "expanded" or "auto"
+    (`choose_prefill_mode`).
 
     `max_seqlen_q` / `max_seqlen_k` (0 = read from `cu_seqlens_q` / `cache_seqlens`, one host sync
     each): the longest chunk and the longest cached sequence (chunk included); with both given the
@@ -384,12 +427,17 @@ def latent_prefill_triton(
     assert kv_start is None or kv_start.dtype == torch.int32
     assert kv_cache.stride(-1) == 1
     assert (kv_scale is not None) == is_fp8(kv_cache.dtype), "fp8 caches (and only they) take kv_scale"
-    if max_seqlen_q <= 0:  # host sync; pass it to stay sync-free
-        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()) if batch else 0
     if mode == "auto":
-        mode = choose_prefill_mode(num_tokens, batch, kv_rank, nope_dim, value_dim)
+        mode = choose_prefill_mode(num_tokens, batch, kv_rank, nope_dim, value_dim, q_rope.shape[2])
     dtype = q_nope.dtype if kv_scale is not None else kv_cache.dtype  # what the GEMMs run in
     q_rope = q_rope.to(dtype)
+    if mode == "decode":
+        return _prefill_through_decode(
+            q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, softmax_scale, block_table,
+            kv_start, kv_scale, dtype,
+        )  # fmt: skip
+    if max_seqlen_q <= 0:  # host sync; pass it to stay sync-free
+        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()) if batch else 0
     if mode == "absorbed":
         lse = torch.empty(num_tokens, num_heads, device=q_nope.device, dtype=torch.float32)
         block_size = kv_cache.shape[1] if block_table is not None else 1
@@ -401,7 +449,7 @@ def latent_prefill_triton(
         out = torch.einsum("thr,hrv->thv", out_latent, w_uv.float())  # [tq, h, v]
         return out.to(q_nope.dtype), lse
     if mode != "expanded":
-        raise ValueError(f"mode must be 'auto', 'absorbed' or 'expanded', got {mode!r}")
+        raise ValueError(f"mode must be 'auto', 'decode', 'absorbed' or 'expanded', got {mode!r}")
     if max_seqlen_k <= 0:  # host sync; pass it to stay sync-free
         max_seqlen_k = int(cache_seqlens.max().item()) if batch else 0
     elif batch:  # checked on the device, no sync (a device-side assert on CUDA): a short gather would be read past
