@@ -13,7 +13,9 @@ stride. The host picks what they point at:
   runs standard attention with per-head keys/values and the shared RoPE key
   (`expanded_prefill_attention`).
 
-See `choose_prefill_mode` for the rule between them.
+A third mode, "decode", runs the absorbed computation through the split-KV decode kernel, one
+decode per query token (`_prefill_through_decode`): for short extends it splits the keys over the
+GPU where this kernel would not. See `choose_prefill_mode` for the rule between the modes.
 
 fp8 caches: absorbed mode reads the fp8 rows and widens them to the query dtype in registers, each
 token's scale multiplying its score and value weight (`HAS_SCALE`); expanded mode dequantizes the
