@@ -36,9 +36,10 @@ from m2la.quantization import is_fp8
 _LOG2E = 1.4426950408889634
 
 
-# Tensor-core time per multiply-add of the absorbed route (MQA over the latent, mma.sync-sized
-# tiles) against the expanded one (GEMM + flash attention), from the eighth session's H100 prefill
-# (4K chunk, empty cache): 2.0x at 448 + 64, 3.5x at 896 + 128. The smaller one is used.
+# Time per multiply-add of absorbed attention (MQA over the latent, 32-64 query rows a tile)
+# against the expanded path (GEMM + flash attention), H100, eighth session: the decode kernel
+# tops out near 150 TFLOPS at 896 + 128, the expanded prefill ran at 290-400 (a 2-2.7x ratio);
+# the absorbed prefill kernel measured 2.0-3.5x. The low end is used.
 ABSORBED_MAC_COST = 2.0
 
 
