@@ -501,18 +501,21 @@ def _sdpa_gqa(q, k, v):
     )
 
 
-def prefill_inputs(device, dtype, chunk, total, kv_rank, rope_dim):
-    """One sequence: `chunk` new queries after `total - chunk` cached rows in a paged latent cache,
-    random up-projections -> (q_nope, q_rope, cache, w_uk, w_uv, cu_seqlens_q, seqlens, block_table)."""
-    cache = torch.empty(math.ceil(total / BLOCK_SIZE), BLOCK_SIZE, kv_rank + rope_dim, device=device, dtype=dtype)
+def prefill_inputs(device, dtype, chunk, total, kv_rank, rope_dim, batch=1, shuffled_pages=False):
+    """`batch` sequences: `chunk` new queries each after `total - chunk` cached rows in a paged latent
+    cache (pages in order, or shuffled), random up-projections
+    -> (q_nope, q_rope, cache, w_uk, w_uv, cu_seqlens_q, seqlens, block_table)."""
+    pages = math.ceil(total / BLOCK_SIZE)
+    cache = torch.empty(batch * pages, BLOCK_SIZE, kv_rank + rope_dim, device=device, dtype=dtype)
     cache.uniform_(-1, 1)
-    table = torch.arange(cache.shape[0], device=device, dtype=torch.int32)[None]
-    q_nope = torch.randn(chunk, HEADS, NOPE_DIM, device=device, dtype=dtype)
-    q_rope = torch.randn(chunk, HEADS, rope_dim, device=device, dtype=dtype)
+    order = torch.randperm(batch * pages, device=device) if shuffled_pages else torch.arange(batch * pages, device=device)
+    table = order.to(torch.int32).view(batch, pages)
+    q_nope = torch.randn(batch * chunk, HEADS, NOPE_DIM, device=device, dtype=dtype)
+    q_rope = torch.randn(batch * chunk, HEADS, rope_dim, device=device, dtype=dtype)
     w_uk = torch.randn(HEADS, kv_rank, NOPE_DIM, device=device, dtype=dtype) / kv_rank**0.5
     w_uv = torch.randn(HEADS, kv_rank, VALUE_DIM, device=device, dtype=dtype) / kv_rank**0.5
-    cu = torch.tensor([0, chunk], dtype=torch.int32, device=device)
-    lens = torch.tensor([total], dtype=torch.int32, device=device)
+    cu = torch.arange(0, batch * chunk + 1, chunk, dtype=torch.int32, device=device)
+    lens = torch.full((batch,), total, dtype=torch.int32, device=device)
     return q_nope, q_rope, cache, w_uk, w_uv, cu, lens, table
 
 
@@ -730,20 +733,12 @@ def extend_rows(device, dtype, batch, prefix, new_tokens, repeats):
                 rows.append((name, t, "all", None, "skipped (time)", ""))
                 continue
             total = prefix + t
-            pages = math.ceil(total / BLOCK_SIZE)
-            cache = torch.empty(batch * pages, BLOCK_SIZE, kv_rank + rope_dim, device=device, dtype=dtype).uniform_(-1, 1)
-            table = torch.randperm(batch * pages, device=device).to(torch.int32).view(batch, pages)
-            q_nope = torch.randn(batch * t, HEADS, NOPE_DIM, device=device, dtype=dtype)
-            q_rope = torch.randn(batch * t, HEADS, rope_dim, device=device, dtype=dtype)
-            w_uk = torch.randn(HEADS, kv_rank, NOPE_DIM, device=device, dtype=dtype) / kv_rank**0.5
-            w_uv = torch.randn(HEADS, kv_rank, VALUE_DIM, device=device, dtype=dtype) / kv_rank**0.5
-            cu = torch.arange(0, batch * t + 1, t, device=device, dtype=torch.int32)
-            lens = torch.full((batch,), total, device=device, dtype=torch.int32)
+            *inputs, table = prefill_inputs(device, dtype, t, total, kv_rank, rope_dim, batch, shuffled_pages=True)
             auto = choose_prefill_mode(batch * t, batch, kv_rank, NOPE_DIM, VALUE_DIM, rope_dim)
             ref = None
             for mode in ("decode", "absorbed", "expanded"):
 
-                def run(mode=mode, inputs=(q_nope, q_rope, cache, w_uk, w_uv, cu, lens), table=table, t=t, total=total):
+                def run(mode=mode, inputs=tuple(inputs), table=table, t=t, total=total):
                     return prefill_attention(*inputs, 0.1, table, max_seqlen_q=t, max_seqlen_k=total, mode=mode)
 
                 try:

@@ -14,7 +14,7 @@ stride. The host picks what they point at:
   (`expanded_prefill_attention`).
 
 A third mode, "decode", runs the absorbed computation through the split-KV decode kernel, one
-decode per query token (`_prefill_through_decode`): for short extends it splits the keys over the
+decode per query token (`_latent_attention_through_decode`): for short extends it splits the keys over the
 GPU where this kernel would not. See `choose_prefill_mode` for the rule between the modes.
 
 fp8 caches: absorbed mode reads the fp8 rows and widens them to the query dtype in registers, each
@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from m2la.backends import triton_interpreter_enabled
-from m2la.kernels._paging import gather_cache_rows
+from m2la.kernels._paging import cache_capacity, gather_cache_rows
 from m2la.kernels._quant import gather_dequantized_rows
 from m2la.quantization import is_fp8
 
@@ -278,7 +278,7 @@ def _launch(q_nope, q_rope, k_nope, k_rope, v, block_table, cu_seqlens_q, cache_
     table = block_table if paged else cache_seqlens
     batch = cu_seqlens_q.shape[0] - 1
     head_tiles, query_tiles = num_heads * value_tiles, triton.cdiv(max(1, max_seqlen_q), cfg["BLOCK_M"])
-    rows = block_table.shape[1] * block_size if paged else k_nope.shape[1]  # key rows of one sequence
+    rows = cache_capacity(k_nope, block_table)  # key rows of one sequence
     per_head_width = nope_dim * (head_strides[0] != 0) + min(value_dim, cfg["BLOCK_V"]) * (head_strides[2] != 0)
     head_group = cfg.get("HEAD_GROUP") or prefill_head_group(head_tiles, rows * per_head_width * v.element_size())
     grid = (query_tiles * head_tiles, batch)
@@ -363,21 +363,20 @@ def expanded_prefill_attention(
     return out, lse
 
 
-def _prefill_through_decode(
-    q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, softmax_scale, block_table, kv_start,
-    kv_scale, dtype,
+def _latent_attention_through_decode(
+    q_latent, q_rope, kv_cache, cu_seqlens_q, cache_seqlens, softmax_scale, block_table, kv_start, kv_scale,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Absorbed prefill as one split-KV decode per query token: token `j` of a chunk of `t` in
     sequence `i` is a decode of its own over sequence i's first `cache_seqlens[i] - t + j + 1` rows
     (the same pages, so tokens of one sequence read them from L2 side by side). No host sync.
-    A contiguous cache `[b, s, d]` is addressed as `b` pages of `s` rows."""
+    A contiguous cache `[b, s, d]` is addressed as `b` pages of `s` rows.
+    q_latent `[tq, h, r]`, q_rope `[tq, h, 2p]` -> (latent output `[tq, h, r]`, lse `[tq, h]`)."""
     from m2la.kernels.latent_decode.triton import latent_decode_triton
 
-    num_tokens = q_nope.shape[0]
+    num_tokens, num_heads, kv_rank = q_latent.shape
     if num_tokens == 0:
-        lse = torch.empty(0, q_nope.shape[1], device=q_nope.device, dtype=torch.float32)
-        return q_nope.new_empty(0, q_nope.shape[1], w_uv.shape[2]), lse
-    token = torch.arange(num_tokens, device=q_nope.device, dtype=cu_seqlens_q.dtype)
+        return q_latent.new_empty(0, num_heads, kv_rank), q_latent.new_empty(0, num_heads, dtype=torch.float32)
+    token = torch.arange(num_tokens, device=q_latent.device, dtype=cu_seqlens_q.dtype)
     seq = torch.searchsorted(cu_seqlens_q[1:], token, right=True)  # [tq] the sequence of each token
     token_seqlens = (cache_seqlens[seq] - cu_seqlens_q[seq + 1] + token + 1).to(torch.int32)  # [tq]
     if block_table is None:  # contiguous [b, s, d]: page i = sequence i
@@ -385,13 +384,10 @@ def _prefill_through_decode(
     else:
         token_table = block_table[seq]  # [tq, max_blocks]
     token_start = None if kv_start is None else kv_start[seq]
-    q_latent = torch.einsum("thn,hrn->thr", q_nope.float(), w_uk.float()).to(dtype)  # [tq, h, r]
     q = torch.cat((q_latent, q_rope), dim=-1)  # [tq, h, r + 2p]
-    out_latent, lse = latent_decode_triton(
-        q, kv_cache, token_seqlens, softmax_scale, w_uk.shape[1], token_table, token_start, kv_scale=kv_scale
-    )  # [tq, h, r], [tq, h]
-    out = torch.einsum("thr,hrv->thv", out_latent.float(), w_uv.float())  # [tq, h, v]
-    return out.to(q_nope.dtype), lse
+    return latent_decode_triton(
+        q, kv_cache, token_seqlens, softmax_scale, kv_rank, token_table, token_start, kv_scale=kv_scale
+    )
 
 
 def latent_prefill_triton(
@@ -434,22 +430,23 @@ def latent_prefill_triton(
         mode = choose_prefill_mode(num_tokens, batch, kv_rank, nope_dim, value_dim, q_rope.shape[2])
     dtype = q_nope.dtype if kv_scale is not None else kv_cache.dtype  # what the GEMMs run in
     q_rope = q_rope.to(dtype)
-    if mode == "decode":
-        return _prefill_through_decode(
-            q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, softmax_scale, block_table,
-            kv_start, kv_scale, dtype,
-        )  # fmt: skip
-    if max_seqlen_q <= 0:  # host sync; pass it to stay sync-free
+    if mode != "decode" and max_seqlen_q <= 0:  # host sync; pass it to stay sync-free
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()) if batch else 0
-    if mode == "absorbed":
-        lse = torch.empty(num_tokens, num_heads, device=q_nope.device, dtype=torch.float32)
-        block_size = kv_cache.shape[1] if block_table is not None else 1
+    if mode in ("decode", "absorbed"):
         q_latent = torch.einsum("thn,hrn->thr", q_nope.float(), w_uk.float()).to(dtype)  # [tq, h, r]
-        out_latent = torch.empty(num_tokens, num_heads, kv_rank, device=q_nope.device, dtype=torch.float32)
-        latent, k_rope = kv_cache[..., :kv_rank], kv_cache[..., kv_rank:]
-        _launch(q_latent, q_rope, latent, k_rope, latent, block_table, cu_seqlens_q, cache_seqlens, kv_start,
-                out_latent, lse, softmax_scale, block_size, (0, 0, 0), max_seqlen_q, config, kv_scale)  # fmt: skip
-        out = torch.einsum("thr,hrv->thv", out_latent, w_uv.float())  # [tq, h, v]
+        if mode == "decode":
+            out_latent, lse = _latent_attention_through_decode(
+                q_latent, q_rope, kv_cache, cu_seqlens_q, cache_seqlens, softmax_scale, block_table, kv_start,
+                kv_scale,
+            )  # fmt: skip
+        else:
+            lse = torch.empty(num_tokens, num_heads, device=q_nope.device, dtype=torch.float32)
+            block_size = kv_cache.shape[1] if block_table is not None else 1
+            out_latent = torch.empty(num_tokens, num_heads, kv_rank, device=q_nope.device, dtype=torch.float32)
+            latent, k_rope = kv_cache[..., :kv_rank], kv_cache[..., kv_rank:]
+            _launch(q_latent, q_rope, latent, k_rope, latent, block_table, cu_seqlens_q, cache_seqlens, kv_start,
+                    out_latent, lse, softmax_scale, block_size, (0, 0, 0), max_seqlen_q, config, kv_scale)  # fmt: skip
+        out = torch.einsum("thr,hrv->thv", out_latent.float(), w_uv.float())  # [tq, h, v]
         return out.to(q_nope.dtype), lse
     if mode != "expanded":
         raise ValueError(f"mode must be 'auto', 'decode', 'absorbed' or 'expanded', got {mode!r}")
