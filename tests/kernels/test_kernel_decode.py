@@ -157,7 +157,18 @@ def test_triton_head_tiles_match_fp64(heads_on_n):
     assert_close_with_lse(out, lse, ref_out, ref_lse, atol=2e-5)
 
 
-def test_launcher_halves_block_n_when_shared_memory_runs_out(monkeypatch):
+@pytest.fixture
+def fresh_decode_plans():
+    """Tile plans are cached per shape: a test that patches the tile defaults or the split kernel
+    starts and ends with an empty cache."""
+    from m2la.kernels.latent_decode import triton as decode
+
+    decode._tile_plan.cache_clear()
+    yield
+    decode._tile_plan.cache_clear()
+
+
+def test_launcher_halves_block_n_when_shared_memory_runs_out(monkeypatch, fresh_decode_plans):
     """A default tile that does not fit shared memory is retried with half the BLOCK_N (and the
     choice is remembered); an explicit BLOCK_N in `config` is never changed."""
     from triton.runtime.errors import OutOfResources
@@ -279,6 +290,53 @@ def test_split_count_fills_whole_waves():
         splits = choose_num_splits(batch, 1, 32768, 64, row, partial, 264)
         waves = -(-batch * splits // 264)
         assert waves * 264 - batch * splits < 264 * 0.5 or splits == 1, (batch, splits)
+
+
+@settings(max_examples=300, deadline=None)
+@given(a=st.integers(0, 1 << 40), b=st.integers(1, 1 << 20))
+def test_host_integer_helpers_match_triton(a, b):
+    """The launchers' plain-Python cdiv and next_power_of_2 (triton's cost ~3 us a host call)."""
+    import triton
+
+    from m2la.kernels._host import cdiv, next_power_of_2
+
+    assert cdiv(a, b) == triton.cdiv(a, b)
+    assert next_power_of_2(b) == triton.next_power_of_2(b) and next_power_of_2(a) == triton.next_power_of_2(a)
+
+
+def test_split_search_runs_once_per_tile_count():
+    """The split count depends on the capacity only through its tile count, and the search is
+    cached by tile count: a contiguous cache that grows a row a step (M2LACache's rows) searches
+    once per BLOCK_N steps. Keyed on the capacity, it searched every step: up to 4 x 132
+    candidates, 6 ms a call on this CI's CPU at 32K. The choices are the ones the search made
+    before (2026-11-27), for InternVideo3's layout on 132 SMs."""
+    from m2la.kernels.latent_decode import triton as decode
+
+    row, partial = 2048, 32 * 896 * 4
+    decode._splits_for_tiles.cache_clear()
+    splits = {decode.choose_num_splits(1, 1, capacity, 64, row, partial, 132) for capacity in range(4097, 4097 + 192)}
+    assert decode._splits_for_tiles.cache_info().misses == 3  # 65, 66 and 67 tiles
+    assert splits == {65, 66, 67}  # one split a tile: 132 slots hold them in one wave
+    for batch, capacity, expected in [(1, 4096, 64), (8, 4096, 16), (64, 4096, 2), (1, 32768, 128),
+                                      (8, 32768, 16), (64, 32768, 2), (1, 131072, 128)]:  # fmt: skip
+        assert decode.choose_num_splits(batch, 1, capacity, 64, row, partial, 132) == expected, (batch, capacity)
+
+
+def test_tile_plans_are_cached_per_shape_and_override():
+    """`decode_plan` returns the cached plan's config as a fresh dict: an override applies to its
+    own calls only, and mutating a returned config changes no later call."""
+    from m2la.kernels.latent_decode import triton as decode
+
+    q, cache, table, _ = make_case(3, 48, 16, [5, 40], 16, torch.float32, seed=1)
+    default, splits = decode.decode_plan(q, cache, 48, table)
+    assert default == decode.resolve_latent_pieces(decode.decode_config(3, 48, 16, interpret=True), 48)
+    assert splits == min(4, -(-table.shape[1] * 16 // default["BLOCK_N"]))
+    override, _ = decode.decode_plan(q, cache, 48, table, config=dict(BLOCK_N=32))
+    assert override == {**default, "BLOCK_N": 32}
+    override["BLOCK_N"] = 7
+    assert decode.decode_plan(q, cache, 48, table)[0] == default
+    assert decode.decode_plan(q, cache, 48, table, config=dict(BLOCK_N=32))[0]["BLOCK_N"] == 32
+    assert decode.decode_plan(q, cache, 48, table, num_splits=5)[1] == 5
 
 
 @settings(max_examples=200, deadline=None)

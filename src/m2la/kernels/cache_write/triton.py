@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from m2la.kernels._host import cdiv, next_power_of_2
 from m2la.quantization import is_fp8
 
 COMPILE_OPTIONS = {"enable_fp_fusion": False}  # launch options; the sm_90 compile check uses them too
@@ -113,12 +114,12 @@ def write_latent_cache_triton(
     if kv_scale is not None:  # eps = 2^-mantissa_bits, tiny = 2^min_normal_exp (e4m3: 3, -6; e5m2: 2, -14)
         fp8 = torch.finfo(kv_cache.dtype)
         fp8_max, mantissa, min_normal_exp = fp8.max, -int(math.log2(fp8.eps)), int(math.log2(fp8.tiny))
-    _cache_write_kernel[(triton.cdiv(num_tokens, block_t),)](
+    _cache_write_kernel[(cdiv(num_tokens, block_t),)](
         latent, k_rope, cos, sin, slot_mapping, kv_cache, scale,
         num_tokens, kv_rank, num_pairs, kv_cache.shape[1], fp8_max,
         latent.stride(0), k_rope.stride(0), cos.stride(0), sin.stride(0),
         kv_cache.stride(0), kv_cache.stride(1), scale.stride(0), scale.stride(1),
-        BLOCK_T=block_t, BLOCK_R=triton.next_power_of_2(kv_rank), BLOCK_P=triton.next_power_of_2(max(1, num_pairs)),
+        BLOCK_T=block_t, BLOCK_R=next_power_of_2(kv_rank), BLOCK_P=next_power_of_2(max(1, num_pairs)),
         HAS_SCALE=kv_scale is not None, FP8_MANTISSA=mantissa, FP8_MIN_NORMAL_EXP=min_normal_exp, num_warps=4,
         **COMPILE_OPTIONS,
     )  # fmt: skip

@@ -38,12 +38,16 @@ three for bf16; the query is shifted by a power of two into fp16's range).
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from m2la.backends import triton_interpreter_enabled
+from m2la.kernels._host import cdiv, next_power_of_2
 from m2la.kernels._paging import cache_capacity
 from m2la.quantization import is_fp8
 
@@ -473,7 +477,7 @@ def _decode_combine_kernel(
 def decode_config(num_heads: int, kv_rank: int, rope_dim: int, interpret: bool, fp8: bool = False) -> dict:
     """Tile sizes for the split kernel (interpreter: small tiles that exercise every loop); `fp8`: the
     cache is fp8 (tiles widened to q's dtype in registers)."""
-    pow2 = triton.next_power_of_2
+    pow2 = next_power_of_2
     if interpret:  # small tiles so the tests cover multi-tile loops, chunk masks and value tiles
         return dict(
             BLOCK_H=max(16, min(64, pow2(num_heads))), BLOCK_N=16, BLOCK_D=32,
@@ -523,7 +527,7 @@ def latent_pieces(kv_rank: int, max_pieces: int = 3, min_width: int = 16) -> tup
         pieces.append(width)
         covered += width
     if kv_rank > covered:
-        pieces.append(max(min_width, triton.next_power_of_2(kv_rank - covered)))
+        pieces.append(max(min_width, next_power_of_2(kv_rank - covered)))
     return tuple(pieces) + (0,) * (max_pieces - len(pieces))
 
 
@@ -541,7 +545,7 @@ def split_kernel_for(cfg: dict, kv_rank: int) -> tuple:
     BLOCK_N and PAGE_TILE, which the launch picks)."""
     latent_width = cfg["BLOCK_D"] + cfg["BLOCK_D1"] + cfg["BLOCK_D2"]
     single_d = latent_width >= kv_rank
-    values_from_keys = single_d and triton.cdiv(kv_rank, cfg["BLOCK_V"]) == 1 and cfg["BLOCK_V"] == latent_width
+    values_from_keys = single_d and cdiv(kv_rank, cfg["BLOCK_V"]) == 1 and cfg["BLOCK_V"] == latent_width
     tiles = {k: cfg[k] for k in ("BLOCK_H", "BLOCK_D", "BLOCK_D1", "BLOCK_D2", "BLOCK_ROPE")}
     if cfg["HEADS_ON_N"]:
         if not values_from_keys:
@@ -582,13 +586,12 @@ def programs_per_sm(cfg: dict, itemsize: int, device: torch.device) -> int:
     else:
         tile_bytes = max(1, cfg["num_stages"]) * cfg["BLOCK_N"] * loaded * itemsize
     # pieces (BLOCK_V = 448 at r = 448) take the registers of the padded tile
-    accumulator_per_thread = cfg["BLOCK_H"] * triton.next_power_of_2(cfg["BLOCK_V"]) // (32 * cfg["num_warps"])
+    accumulator_per_thread = cfg["BLOCK_H"] * next_power_of_2(cfg["BLOCK_V"]) // (32 * cfg["num_warps"])
     heavy = accumulator_per_thread >= 48 or itemsize == 1
     by_registers = max(1, registers // ((256 if heavy else 128) * 32 * cfg["num_warps"]))
     return max(1, min(smem // tile_bytes, threads // (32 * cfg["num_warps"]), by_registers))
 
 
-@functools.lru_cache(maxsize=4096)  # called every decode step with the same shapes
 def choose_num_splits(
     batch: int, work_tiles: int, capacity: int, block_n: int, row_bytes: int, partial_bytes: int,
     slots: int,
@@ -599,17 +602,22 @@ def choose_num_splits(
     take ceil(programs / slots) waves; a wave costs its longest program: `ceil(tiles / splits)` cache
     tiles plus the fp32 partial it writes and a fixed start-up (both in bytes). The combine reads all
     partials, spread over every slot. Fewer splits win ties (less combine traffic, same bytes).
-    Depends only on shapes, never on sequence lengths, so it needs no device sync.
+    Depends only on shapes, never on sequence lengths, so it needs no device sync; and on the
+    capacity only through its tile count, so a cache that grows a row a step (the contiguous
+    `[b, s, d]` rows of `M2LACache`) searches again once per `block_n` steps, not every step.
     """
-    tiles = triton.cdiv(capacity, block_n)
-    tile_bytes = block_n * row_bytes
+    return _splits_for_tiles(batch, work_tiles, cdiv(capacity, block_n), block_n * row_bytes, partial_bytes, slots)
+
+
+@functools.lru_cache(maxsize=4096)  # one search per shape and tile count (up to 4 * slots candidates)
+def _splits_for_tiles(batch: int, work_tiles: int, tiles: int, tile_bytes: int, partial_bytes: int, slots: int) -> int:
     fixed_bytes = 32 * 1024  # launch, query load and epilogue latency, in bytes of cache streamed
     programs_per_split = max(1, batch * work_tiles)
     best, best_cost = 1, float("inf")
     for splits in range(1, min(tiles, 4 * slots) + 1):
         programs = programs_per_split * splits
-        waves = triton.cdiv(programs, slots)
-        longest = triton.cdiv(tiles, splits) * tile_bytes + partial_bytes + fixed_bytes
+        waves = -(-programs // slots)
+        longest = -(-tiles // splits) * tile_bytes + partial_bytes + fixed_bytes
         combine = programs * partial_bytes / slots
         cost = waves * longest + combine
         if cost < best_cost * 0.999:
@@ -639,26 +647,59 @@ def _launch_split(kernel, grid, args, constexprs, block_n: int, key: tuple, may_
             _BLOCK_N_THAT_FITS[key] = block_n
 
 
+class _TilePlan(NamedTuple):
+    """What a decode call's launch needs that depends only on its static shapes (cached)."""
+
+    cfg: Mapping  # decode_config + overrides, pieces resolved
+    kernel: object  # the split kernel
+    tiles: Mapping  # its tile constexprs (all but BLOCK_N and PAGE_TILE)
+    head_tiles: int
+    value_tiles: int
+    partial_bytes: int  # one program's fp32 partial output
+
+
+@functools.lru_cache(maxsize=1024)
+def _tile_plan(num_heads: int, kv_rank: int, rope_dim: int, fp8: bool, interpret: bool, overrides: tuple) -> _TilePlan:
+    cfg = resolve_latent_pieces({**decode_config(num_heads, kv_rank, rope_dim, interpret, fp8), **dict(overrides)}, kv_rank)
+    kernel, tiles = split_kernel_for(cfg, kv_rank)
+    return _TilePlan(
+        MappingProxyType(cfg), kernel, MappingProxyType(tiles), cdiv(num_heads, cfg["BLOCK_H"]),
+        cdiv(kv_rank, cfg["BLOCK_V"]), cfg["BLOCK_H"] * min(cfg["BLOCK_V"], kv_rank) * 4,
+    )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=256)
+def _wave_slots(device: torch.device, plan_key: tuple, itemsize: int) -> int:
+    """Split-kernel programs the device runs at once: SMs x `programs_per_sm`."""
+    cfg = dict(_tile_plan(*plan_key).cfg)
+    return torch.cuda.get_device_properties(device).multi_processor_count * programs_per_sm(cfg, itemsize, device)
+
+
+def _plan(q, kv_cache, kv_rank, block_table, num_splits, config) -> tuple[_TilePlan, int]:
+    """The cached tile plan and the split count of a call (host arithmetic only: no sync)."""
+    batch, num_heads, width = q.shape
+    overrides = tuple(sorted(config.items())) if config else ()
+    key = (num_heads, kv_rank, width - kv_rank, is_fp8(kv_cache.dtype), triton_interpreter_enabled(), overrides)
+    plan = _tile_plan(*key)
+    if num_splits > 0:
+        return plan, num_splits
+    capacity = cache_capacity(kv_cache, block_table)
+    block_n = plan.cfg["BLOCK_N"]
+    if q.device.type != "cuda":  # interpreter: a few splits, so tests cover the combine
+        return plan, max(1, min(4, cdiv(capacity, block_n)))
+    slots = _wave_slots(q.device, key, kv_cache.element_size())
+    row_bytes = width * kv_cache.element_size()
+    work_tiles = plan.head_tiles * plan.value_tiles
+    return plan, choose_num_splits(batch, work_tiles, capacity, block_n, row_bytes, plan.partial_bytes, slots)
+
+
 def decode_plan(
     q: torch.Tensor, kv_cache: torch.Tensor, kv_rank: int, block_table: torch.Tensor | None,
     num_splits: int = 0, config: dict | None = None,
 ) -> tuple[dict, int]:  # fmt: skip
     """The tile config (`decode_config` with `config`'s overrides) and split count a call will use."""
-    batch, num_heads, width = q.shape
-    fp8 = is_fp8(kv_cache.dtype)
-    cfg = {**decode_config(num_heads, kv_rank, width - kv_rank, triton_interpreter_enabled(), fp8), **(config or {})}
-    cfg = resolve_latent_pieces(cfg, kv_rank)
-    if num_splits > 0:
-        return cfg, num_splits
-    capacity = cache_capacity(kv_cache, block_table)
-    if q.device.type != "cuda":  # interpreter: a few splits, so tests cover the combine
-        return cfg, max(1, min(4, triton.cdiv(capacity, cfg["BLOCK_N"])))
-    work_tiles = triton.cdiv(num_heads, cfg["BLOCK_H"]) * triton.cdiv(kv_rank, cfg["BLOCK_V"])
-    slots = torch.cuda.get_device_properties(q.device).multi_processor_count
-    slots *= programs_per_sm(cfg, kv_cache.element_size(), q.device)
-    partial_bytes = cfg["BLOCK_H"] * min(cfg["BLOCK_V"], kv_rank) * 4
-    row_bytes = width * kv_cache.element_size()
-    return cfg, choose_num_splits(batch, work_tiles, capacity, cfg["BLOCK_N"], row_bytes, partial_bytes, slots)
+    plan, num_splits = _plan(q, kv_cache, kv_rank, block_table, num_splits, config)
+    return dict(plan.cfg), num_splits
 
 
 def latent_decode_triton(
@@ -688,13 +729,13 @@ def latent_decode_triton(
     paged = block_table is not None
     if paged:
         assert block_table.dtype == torch.int32 and block_table.stride(-1) == 1
-    cfg, num_splits = decode_plan(q, kv_cache, kv_rank, block_table, num_splits, config)
+    plan, num_splits = _plan(q, kv_cache, kv_rank, block_table, num_splits, config)
+    cfg = plan.cfg
     if cfg.get("FP8_AS_FP16") and kv_scale is None:
         raise ValueError(f"FP8_AS_FP16 is for fp8 caches; this cache is {kv_cache.dtype}")
     capacity = cache_capacity(kv_cache, block_table)
-    head_tiles = triton.cdiv(num_heads, cfg["BLOCK_H"])
-    value_tiles = triton.cdiv(kv_rank, cfg["BLOCK_V"])
-    split_len = triton.cdiv(triton.cdiv(capacity, num_splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+    head_tiles, value_tiles = plan.head_tiles, plan.value_tiles
+    split_len = cdiv(cdiv(capacity, num_splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
 
     part_out = torch.empty(batch, num_heads, num_splits, kv_rank, device=q.device, dtype=torch.float32)
     part_lse = torch.empty(batch, num_heads, num_splits, device=q.device, dtype=torch.float32)
@@ -713,10 +754,10 @@ def latent_decode_triton(
         part_out.stride(0), part_out.stride(1), part_out.stride(2),
         part_lse.stride(0), part_lse.stride(1),
     )  # fmt: skip
-    kernel, tiles = split_kernel_for(cfg, kv_rank)
+    kernel = plan.kernel
     constexprs = dict(
         PAGED=paged, HAS_KV_START=kv_start is not None, HAS_SCALE=kv_scale is not None, DOT_PRECISION=dot_precision,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **tiles,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **plan.tiles,
     )  # fmt: skip
     grid = (batch, head_tiles, num_splits * value_tiles)
     key = (num_heads, kv_rank, rope_dim, q.dtype, kv_cache.dtype, paged, kv_start is not None, cfg["BLOCK_D1"])
@@ -730,14 +771,14 @@ def latent_decode_triton(
 
     out = torch.empty(batch, num_heads, kv_rank, device=q.device, dtype=q.dtype)
     lse = torch.empty(batch, num_heads, device=q.device, dtype=torch.float32)
-    combine_v = max(16, min(256, triton.next_power_of_2(kv_rank)))
-    _decode_combine_kernel[(batch * num_heads, triton.cdiv(kv_rank, combine_v))](
+    combine_v = max(16, min(256, next_power_of_2(kv_rank)))
+    _decode_combine_kernel[(batch * num_heads, cdiv(kv_rank, combine_v))](
         part_out, part_lse, out, lse,
         num_heads, num_splits, kv_rank,
         part_out.stride(0), part_out.stride(1), part_out.stride(2),
         part_lse.stride(0), part_lse.stride(1),
         out.stride(0), out.stride(1),
         lse.stride(0),
-        BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_V=combine_v,
+        BLOCK_S=max(2, next_power_of_2(num_splits)), BLOCK_V=combine_v,
     )  # fmt: skip
     return out, lse

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from m2la.backends import triton_interpreter_enabled
+from m2la.kernels._host import cdiv, next_power_of_2
 from m2la.kernels._paging import cache_capacity, gather_cache_rows
 from m2la.kernels._quant import gather_dequantized_rows
 from m2la.quantization import is_fp8
@@ -240,7 +241,7 @@ def prefill_config(value_dim: int, interpret: bool, nope_dim: int = 0) -> dict:
     """Tiles for `_prefill_kernel`. Query widths up to 256 (expanded mode: n = 128) stay resident
     (BLOCK_D = n) with 128-query tiles over 8 warps, the usual flash-attention shape on sm_90; wide
     absorbed queries (n = r) are chunked by 64 with 64-query tiles."""
-    pow2 = triton.next_power_of_2
+    pow2 = next_power_of_2
     block_v = max(16, min(128, pow2(value_dim)))
     if interpret:
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=32, BLOCK_V=min(64, block_v), num_warps=4, num_stages=1)
@@ -273,11 +274,11 @@ def _launch(q_nope, q_rope, k_nope, k_rope, v, block_table, cu_seqlens_q, cache_
     num_heads = q_nope.shape[1]
     nope_dim, rope_dim, value_dim = q_nope.shape[2], q_rope.shape[2], out.shape[2]
     cfg = {**prefill_config(value_dim, triton_interpreter_enabled(), nope_dim), **(config or {})}
-    value_tiles = triton.cdiv(value_dim, cfg["BLOCK_V"])
+    value_tiles = cdiv(value_dim, cfg["BLOCK_V"])
     paged = block_table is not None
     table = block_table if paged else cache_seqlens
     batch = cu_seqlens_q.shape[0] - 1
-    head_tiles, query_tiles = num_heads * value_tiles, triton.cdiv(max(1, max_seqlen_q), cfg["BLOCK_M"])
+    head_tiles, query_tiles = num_heads * value_tiles, cdiv(max(1, max_seqlen_q), cfg["BLOCK_M"])
     rows = cache_capacity(k_nope, block_table)  # key rows of one sequence
     per_head_width = nope_dim * (head_strides[0] != 0) + min(value_dim, cfg["BLOCK_V"]) * (head_strides[2] != 0)
     head_group = cfg.get("HEAD_GROUP") or prefill_head_group(head_tiles, rows * per_head_width * v.element_size())
@@ -296,7 +297,7 @@ def _launch(q_nope, q_rope, k_nope, k_rope, v, block_table, cu_seqlens_q, cache_
         table.stride(0), out.stride(0), out.stride(1), lse.stride(0),
         PAGED=paged, HAS_NOPE=nope_dim > 0, HAS_KV_START=kv_start is not None, HAS_SCALE=kv_scale is not None,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-        BLOCK_ROPE=max(16, triton.next_power_of_2(rope_dim)), BLOCK_V=cfg["BLOCK_V"],
+        BLOCK_ROPE=max(16, next_power_of_2(rope_dim)), BLOCK_V=cfg["BLOCK_V"],
         DOT_PRECISION="ieee" if q_rope.dtype == torch.float32 else "tf32",
         SINGLE_D=nope_dim > 0 and cfg["BLOCK_D"] >= nope_dim,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
