@@ -12,3 +12,11 @@ import os
 
 if os.environ.get("M2LA_TRITON_NATIVE") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Import triton now, while the setting holds: triton reads it when its own @jit functions are
+# defined, and a test that sets TRITON_INTERPRET=0 for a moment (to check the error a CPU call
+# without the interpreter gets) must not be the first to import it.
+try:
+    import triton  # noqa: F401
+except ImportError:  # the kernel tests skip without triton
+    pass

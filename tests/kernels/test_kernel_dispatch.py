@@ -161,3 +161,106 @@ def test_torch_compile_over_fp8_cache_ops():
     assert torch.equal(cache8.view(torch.uint8), eager_cache.view(torch.uint8))
     torch.testing.assert_close(scale, eager_scale)
     assert not torch.equal(scale, quantize_rows(cache.nan_to_num(0.0), torch.float8_e4m3fn)[1])  # the write landed
+
+
+def _op_calls(monkeypatch) -> list[str]:
+    """Record which public ops went through their registered custom op (the dispatcher route)."""
+    from m2la.kernels import ops
+
+    calls: list[str] = []
+    for name in ("_latent_decode_op", "_latent_prefill_op", "_write_latent_cache_op"):
+        real = getattr(ops, name)
+
+        def spy(*args, _real=real, _name=name):
+            calls.append(_name)
+            return _real(*args)
+
+        monkeypatch.setattr(ops, name, spy)
+    return calls
+
+
+def _three_ops(q, cache, lens, table, backend):
+    """decode, prefill (3 new tokens of sequence 2) and a cache write on the decode inputs."""
+    gen = torch.Generator().manual_seed(5)
+    heads = q.shape[1]
+    out, lse = decode_attention(q, cache, lens, 0.2, 32, table, backend=backend)
+    w_uk, w_uv = torch.randn(heads, 32, 8, generator=gen), torch.randn(heads, 32, 12, generator=gen)
+    q_nope, q_rope = torch.randn(3, heads, 8, generator=gen), q[:1, :, 32:].expand(3, heads, 16).contiguous()
+    cu, seqlens = torch.tensor([0, 0, 0, 3], dtype=torch.int32), lens.clone()
+    p_out, p_lse = prefill_attention(q_nope, q_rope, cache, w_uk, w_uv, cu, seqlens, 0.3, table, backend=backend)
+    written = torch.zeros(2, 8, 48)
+    latent, k_rope = torch.randn(3, 32, generator=gen), torch.randn(3, 16, generator=gen)
+    cos, sin = torch.rand(3, 8, generator=gen), torch.rand(3, 8, generator=gen)
+    write_latent_cache(written, latent, k_rope, cos, sin, torch.tensor([0, -1, 9]), backend=backend)
+    return out, lse, p_out, p_lse, written
+
+
+class _PassThroughMode(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_eager_calls_skip_the_dispatcher_with_the_same_result(monkeypatch, backend):
+    """Plain eager calls run the implementation directly (the custom op's Python dispatch costs
+    tens of microseconds a call); the result is bit for bit the custom op's."""
+    from m2la.kernels import ops
+
+    q, cache, lens, table = decode_inputs()
+    calls = _op_calls(monkeypatch)
+    direct = _three_ops(q, cache, lens, table, backend)
+    assert calls == []
+    monkeypatch.setattr(ops, "_dispatch_directly", lambda *tensors: False)
+    through_op = _three_ops(q, cache, lens, table, backend)
+    assert calls == ["_latent_decode_op", "_latent_prefill_op", "_write_latent_cache_op"]
+    for got, expected in zip(direct, through_op, strict=True):
+        assert torch.equal(got, expected)
+
+
+def test_tracing_keeps_the_dispatcher():
+    """Modes that trace or intercept calls (torch-function and dispatch modes, functorch
+    transforms), tensor subclasses and autograd keep the custom op."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from m2la.kernels import ops
+
+    x = torch.ones(2)
+    assert ops._dispatch_directly(x, None)
+    with _PassThroughMode():
+        assert not ops._dispatch_directly(x)
+    seen = []
+    make_fx(lambda t: seen.append(ops._dispatch_directly(t)) or t + 1)(x)
+    torch.vmap(lambda t: seen.append(ops._dispatch_directly(t)) or t)(torch.ones(2, 2))
+    assert seen == [False, False]
+    assert not ops._dispatch_directly(x, torch.ones(2, requires_grad=True))
+    assert not ops._dispatch_directly(x, torch.nn.Parameter(torch.ones(2)))
+    with torch.no_grad():  # no graph to lose
+        assert ops._dispatch_directly(x, torch.ones(2, requires_grad=True), torch.nn.Parameter(torch.ones(2)))
+    assert not ops._dispatch_directly(torch.ones(2).as_subclass(_TensorSubclass))
+
+
+class _TensorSubclass(torch.Tensor):
+    pass
+
+
+def test_dispatcher_kept_for_autograd_and_fake_tensors(monkeypatch):
+    """An input that requires grad goes through the custom op, which raises at backward (the ops
+    have no derivative) instead of a direct call that would silently drop the graph; fake tensors
+    (torch.compile's tracing) get the registered fake kernel."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, cache, lens, table = decode_inputs()
+    calls = _op_calls(monkeypatch)
+    out, _ = decode_attention(q.clone().requires_grad_(), cache, lens, 0.2, 32, table, backend="reference")
+    assert calls == ["_latent_decode_op"]
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        out.sum().backward()
+    with torch.no_grad():  # no graph to lose: direct
+        decode_attention(q, cache, lens, 0.2, 32, table, backend="reference")
+    assert calls == ["_latent_decode_op"]
+    with FakeTensorMode() as mode:
+        fake_q, fake_cache = mode.from_tensor(q), mode.from_tensor(cache)
+        fake_lens, fake_table = mode.from_tensor(lens), mode.from_tensor(table)
+        fake_out, fake_lse = decode_attention(fake_q, fake_cache, fake_lens, 0.2, 32, fake_table, backend="reference")
+    assert fake_out.shape == (3, 4, 32) and fake_lse.shape == (3, 4)
+    assert calls == ["_latent_decode_op"] * 2

@@ -2,12 +2,17 @@
 
 Each op is registered as `torch.ops.m2la.<name>` with a fake (meta) implementation; the resolved
 backend travels as a string argument, so the triton module is imported only when it runs.
+
+Plain eager calls skip the dispatcher and run the implementation directly (`_dispatch_directly`):
+the custom op's Python dispatch costs tens of microseconds a call on the host, about a whole
+decode kernel at short context. Tracing, tensor subclasses and autograd still go through the op.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.nn import Parameter
 
 from m2la.backends import resolve_backend
 from m2la.kernels._quant import check_cache_scale
@@ -15,11 +20,57 @@ from m2la.kernels.cache_write.reference import write_latent_cache_reference
 from m2la.kernels.latent_decode.reference import latent_decode_reference
 from m2la.kernels.latent_prefill.reference import latent_prefill_reference
 
+
+def _tracing_predicate():
+    """A function telling whether a torch dispatch or torch-function mode (user or infra: fake,
+    proxy, functional), or a functorch transform, is active. These torch hooks are private and move
+    between releases: where one is missing the predicate always says "active", so calls keep the
+    custom op."""
+    try:
+        C = torch._C
+        infra_keys = tuple(C._TorchDispatchModeKey.__members__.values())
+        user_modes, infra_mode, function_mode, functorch = (
+            C._len_torch_dispatch_stack, C._get_dispatch_mode, C._is_torch_function_mode_enabled,
+            C._are_functorch_transforms_active,
+        )  # fmt: skip
+        for probe in (user_modes, function_mode, functorch):
+            probe()
+        for key in infra_keys:
+            infra_mode(key)
+    except Exception:  # a torch without these hooks
+        return lambda: True
+
+    def active() -> bool:
+        return (
+            user_modes() > 0 or function_mode() or functorch()
+            or any(infra_mode(key) is not None for key in infra_keys)
+        )  # fmt: skip
+
+    return active
+
+
+_tracing_active = _tracing_predicate()
+
+
+def _dispatch_directly(*tensors: Tensor | None) -> bool:
+    """True when an op may call its implementation instead of the registered custom op: plain
+    eager tensors, nothing tracing. The op stays in the path for torch.compile / export, dispatch
+    and torch-function modes (make_fx, FakeTensorMode, `with torch.device(...)`), functorch
+    transforms, tensor subclasses, and inputs that require grad (the ops have no backward: the
+    dispatcher's error at backward time is the contract)."""
+    if torch.compiler.is_compiling() or _tracing_active():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and ((type(t) is not Tensor and type(t) is not Parameter) or (grad and t.requires_grad)):
+            return False
+    return True
+
+
 # ---------------------------------------------------------------- latent decode
 
 
-@torch.library.custom_op("m2la::latent_decode", mutates_args=())
-def _latent_decode_op(
+def _latent_decode_impl(
     q: Tensor,
     kv_cache: Tensor,
     cache_seqlens: Tensor,
@@ -39,6 +90,24 @@ def _latent_decode_op(
         )
     return latent_decode_reference(
         q, kv_cache, cache_seqlens, softmax_scale, kv_rank, block_table, kv_start, kv_scale
+    )
+
+
+@torch.library.custom_op("m2la::latent_decode", mutates_args=())
+def _latent_decode_op(
+    q: Tensor,
+    kv_cache: Tensor,
+    cache_seqlens: Tensor,
+    block_table: Tensor | None,
+    kv_start: Tensor | None,
+    kv_scale: Tensor | None,
+    softmax_scale: float,
+    kv_rank: int,
+    num_splits: int,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    return _latent_decode_impl(
+        q, kv_cache, cache_seqlens, block_table, kv_start, kv_scale, softmax_scale, kv_rank, num_splits, backend
     )
 
 
@@ -77,8 +146,10 @@ def decode_attention(
     if not 0 < kv_rank <= q.shape[-1]:
         raise ValueError(f"kv_rank={kv_rank} must be in (0, {q.shape[-1]}]")
     check_cache_scale(kv_cache, kv_scale)
-    chosen = resolve_backend(backend, q, kv_cache, cache_seqlens, block_table, kv_start, kv_scale)
-    return torch.ops.m2la.latent_decode(
+    tensors = (q, kv_cache, cache_seqlens, block_table, kv_start, kv_scale)
+    chosen = resolve_backend(backend, *tensors)
+    run = _latent_decode_impl if _dispatch_directly(*tensors) else _latent_decode_op
+    return run(
         q, kv_cache, cache_seqlens, block_table, kv_start, kv_scale, float(softmax_scale), int(kv_rank),
         int(num_splits), chosen,
     )  # fmt: skip
@@ -87,8 +158,7 @@ def decode_attention(
 # ---------------------------------------------------------------- latent prefill
 
 
-@torch.library.custom_op("m2la::latent_prefill", mutates_args=())
-def _latent_prefill_op(
+def _latent_prefill_impl(
     q_nope: Tensor,
     q_rope: Tensor,
     kv_cache: Tensor,
@@ -115,6 +185,30 @@ def _latent_prefill_op(
     return latent_prefill_reference(
         q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, softmax_scale, block_table, kv_start,
         kv_scale,
+    )  # fmt: skip
+
+
+@torch.library.custom_op("m2la::latent_prefill", mutates_args=())
+def _latent_prefill_op(
+    q_nope: Tensor,
+    q_rope: Tensor,
+    kv_cache: Tensor,
+    w_uk: Tensor,
+    w_uv: Tensor,
+    cu_seqlens_q: Tensor,
+    cache_seqlens: Tensor,
+    block_table: Tensor | None,
+    kv_start: Tensor | None,
+    kv_scale: Tensor | None,
+    softmax_scale: float,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    mode: str,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    return _latent_prefill_impl(
+        q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, block_table, kv_start, kv_scale,
+        softmax_scale, max_seqlen_q, max_seqlen_k, mode, backend,
     )  # fmt: skip
 
 
@@ -165,10 +259,10 @@ def prefill_attention(
     if kv_cache.shape[-1] != kv_rank + q_rope.shape[-1]:
         raise ValueError(f"cache width {kv_cache.shape[-1]} != r ({kv_rank}) + 2p ({q_rope.shape[-1]})")
     check_cache_scale(kv_cache, kv_scale)
-    chosen = resolve_backend(
-        backend, q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, block_table, kv_start, kv_scale
-    )
-    return torch.ops.m2la.latent_prefill(
+    tensors = (q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, block_table, kv_start, kv_scale)
+    chosen = resolve_backend(backend, *tensors)
+    run = _latent_prefill_impl if _dispatch_directly(*tensors) else _latent_prefill_op
+    return run(
         q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, block_table, kv_start, kv_scale,
         float(softmax_scale), int(max_seqlen_q), int(max_seqlen_k), mode, chosen,
     )  # fmt: skip
@@ -177,8 +271,7 @@ def prefill_attention(
 # ---------------------------------------------------------------- cache write
 
 
-@torch.library.custom_op("m2la::write_latent_cache", mutates_args=("kv_cache", "kv_scale"))
-def _write_latent_cache_op(
+def _write_latent_cache_impl(
     kv_cache: Tensor, latent: Tensor, k_rope: Tensor, cos: Tensor, sin: Tensor, slot_mapping: Tensor,
     kv_scale: Tensor | None, backend: str,
 ) -> None:  # fmt: skip
@@ -188,6 +281,14 @@ def _write_latent_cache_op(
         write_latent_cache_triton(kv_cache, latent, k_rope, cos, sin, slot_mapping, kv_scale)
     else:
         write_latent_cache_reference(kv_cache, latent, k_rope, cos, sin, slot_mapping, kv_scale)
+
+
+@torch.library.custom_op("m2la::write_latent_cache", mutates_args=("kv_cache", "kv_scale"))
+def _write_latent_cache_op(
+    kv_cache: Tensor, latent: Tensor, k_rope: Tensor, cos: Tensor, sin: Tensor, slot_mapping: Tensor,
+    kv_scale: Tensor | None, backend: str,
+) -> None:  # fmt: skip
+    _write_latent_cache_impl(kv_cache, latent, k_rope, cos, sin, slot_mapping, kv_scale, backend)
 
 
 @_write_latent_cache_op.register_fake
@@ -216,5 +317,7 @@ def write_latent_cache(
     if kv_cache.shape[-1] != latent.shape[-1] + k_rope.shape[-1] or k_rope.shape[-1] != 2 * cos.shape[-1]:
         raise ValueError("cache width must be r + 2p and cos/sin must have p = k_rope.shape[-1] // 2 columns")
     check_cache_scale(kv_cache, kv_scale)
-    chosen = resolve_backend(backend, kv_cache, latent, k_rope, cos, sin, slot_mapping, kv_scale)
-    torch.ops.m2la.write_latent_cache(kv_cache, latent, k_rope, cos, sin, slot_mapping, kv_scale, chosen)
+    tensors = (kv_cache, latent, k_rope, cos, sin, slot_mapping, kv_scale)
+    chosen = resolve_backend(backend, *tensors)
+    run = _write_latent_cache_impl if _dispatch_directly(*tensors) else _write_latent_cache_op
+    run(*tensors, chosen)
