@@ -1,0 +1,125 @@
+"""Host (Python) time per call of the Triton ops, with the kernels themselves left out.
+
+A decode step at short context runs its kernels in tens of microseconds, so what the host spends
+before the launch (checks, backend choice, the custom-op dispatcher, tile and split choice) is
+much of an eager step. This measures that part on any machine: the ops run with the Triton
+backend on CPU tensors under the interpreter, with every kernel launch replaced by a no-op.
+Triton's own launch cost (argument binding, the driver call) is not in these numbers; on a GPU
+the decode table's "eager ms" column holds everything.
+
+    python benchmarks/host_overhead.py                   # this tree
+    python benchmarks/host_overhead.py --against b85bcf9 # and a git revision's src, side by side
+
+Rows:
+- decode: `decode_attention`, InternVideo3's layout (32 heads, 896 + 128, bf16), b=8, paged 32K.
+- write: `write_latent_cache` of 8 rows (one decode step of b=8).
+- split choice, growing cache: `choose_num_splits` for a contiguous cache that grows one row a
+  step (M2LACache's rows in `generate()`), b=1 from 32K, 132 SMs: the mean over 512 steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPEATS = 7  # medians of 7 timed loops
+
+
+def _per_call_us(fn, calls: int) -> float:
+    fn()  # warm: imports, caches
+    times = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(times)
+
+
+def measure() -> dict[str, float]:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton's first import
+    import torch
+    import triton.runtime.interpreter as interpreter
+
+    interpreter.InterpretedFunction.run = lambda self, *args, **kwargs: None  # launches do nothing
+
+    import m2la
+    from m2la.kernels import decode_attention, write_latent_cache
+    from m2la.kernels.latent_decode.triton import choose_num_splits
+
+    torch.manual_seed(0)
+    batch, heads, kv_rank, rope_dim, block, context = 8, 32, 896, 128, 64, 32768
+    width = kv_rank + rope_dim
+    cache = torch.zeros(64, block, width, dtype=torch.bfloat16)  # the table may point anywhere: nothing reads
+    table = torch.randint(0, 64, (batch, context // block), dtype=torch.int32)
+    lens = torch.full((batch,), context, dtype=torch.int32)
+    q = torch.randn(batch, heads, width, dtype=torch.bfloat16)
+    rows = {"source": m2la.__file__}
+    rows["decode"] = _per_call_us(
+        lambda: decode_attention(q, cache, lens, 0.07, kv_rank, table, backend="triton"), 2000
+    )
+    latent, k_rope = torch.randn(batch, kv_rank, dtype=torch.bfloat16), torch.randn(batch, rope_dim, dtype=torch.bfloat16)
+    cos, sin = torch.rand(batch, rope_dim // 2), torch.rand(batch, rope_dim // 2)
+    slots = torch.arange(batch) * block
+    rows["write (8 rows)"] = _per_call_us(
+        lambda: write_latent_cache(cache, latent, k_rope, cos, sin, slots, backend="triton"), 2000
+    )
+    steps = iter(range(context, context + 10**7))
+    rows["split choice, cache growing a row a step"] = _per_call_us(
+        lambda: choose_num_splits(1, 1, next(steps), 64, width * 2, heads * kv_rank * 4, 132), 512 // REPEATS
+    )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--against", help="a git revision whose src/ to time as well, in a subprocess")
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # the subprocess's output
+    args = parser.parse_args()
+    if args.json:
+        import json
+
+        print(json.dumps(measure()))
+        return
+    columns = {"this tree": _run_in_subprocess(None)}
+    if args.against:
+        columns[args.against] = _run_in_subprocess(args.against)
+    names = list(columns)
+    for name in names:
+        print(f"<!-- {name}: m2la from {columns[name].pop('source')} -->")
+    print(f"Host us per call (median of {REPEATS} loops; kernel launches replaced by no-ops; Python {sys.version.split()[0]})\n")
+    header = "| call | " + " | ".join(names) + (" | ratio |" if args.against else " |")
+    print(header)
+    print("|---" * (len(names) + 1 + bool(args.against)) + "|")
+    for row in columns["this tree"]:
+        values = [columns[name][row] for name in names]
+        ratio = f" {values[1] / values[0]:.1f}x |" if args.against else ""
+        print(f"| {row} | " + " | ".join(f"{v:,.1f}" for v in values) + " |" + ratio)
+
+
+def _run_in_subprocess(revision: str | None) -> dict[str, float]:
+    """Time in a fresh interpreter (its own imports and caches), on this tree or `revision`'s src."""
+    import json
+
+    env = dict(os.environ)
+    with tempfile.TemporaryDirectory() as tmp:
+        if revision is not None:
+            root = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True)
+            archive = subprocess.run(
+                ["git", "-C", root.stdout.strip(), "archive", revision, "src"], capture_output=True, check=True
+            )
+            subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
+            env["PYTHONPATH"] = os.path.join(tmp, "src") + os.pathsep + env.get("PYTHONPATH", "")
+        out = subprocess.run(
+            [sys.executable, __file__, "--json"], capture_output=True, text=True, env=env, check=True
+        )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    main()
