@@ -15,6 +15,8 @@ into the query and ``W_uv`` after the weighted sum, so attention runs over the c
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 __all__ = [
@@ -262,14 +264,39 @@ def absorbed_from_rows(
     return out, lse
 
 
+# The last mask `causal_window_starts` checked: (weak reference to it, its version and the call's
+# shapes, the answer). Every layer of a forward gets the same mask object.
+_last_window_check: tuple | None = None
+
+
 def causal_window_starts(
     mask: torch.Tensor | None, batch: int, num_queries: int, num_keys: int, device: torch.device
 ) -> torch.Tensor | None:
-    """Per-sequence first visible key ``[b]`` if ``mask`` is "causal, keys before a start hidden".
+    """Per-sequence first visible key ``[b]`` int32 if ``mask`` is "causal, keys before a start hidden".
 
     That is the only mask form the fused kernels take (left padding); returns None for any other
     mask (e.g. sliding windows or holes), so callers can refuse rather than compute something else.
+    Checking a mask reads it on the host (two device syncs), so the answer for the last mask is
+    kept while that tensor lives unmodified (its version counter; inference tensors, which have
+    none, are checked every call): the other layers of the forward reuse it without a sync. The
+    returned tensor may be shared between calls: read it, do not modify it.
     """
+    global _last_window_check
+    if mask is None:
+        return torch.zeros(batch, dtype=torch.int32, device=device)
+    key = None if mask.is_inference() else (mask._version, batch, num_queries, num_keys, torch.device(device))
+    last = _last_window_check
+    if key is not None and last is not None and last[0]() is mask and last[1] == key:
+        return last[2]
+    starts = _check_causal_window(mask, batch, num_queries, num_keys, device)
+    if key is not None:
+        _last_window_check = (weakref.ref(mask), key, starts)
+    return starts
+
+
+def _check_causal_window(
+    mask: torch.Tensor, batch: int, num_queries: int, num_keys: int, device: torch.device
+) -> torch.Tensor | None:
     bias = attention_bias(mask, num_queries, num_keys, device, torch.float32)
     bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))  # [b|1, h|1, t, s]
     allowed = (bias == 0).expand(batch, -1, num_queries, num_keys)[:, 0]  # [b, t, s]

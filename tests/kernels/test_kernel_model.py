@@ -66,6 +66,49 @@ def test_causal_window_starts():
     assert causal_window_starts(window[None, None], 1, 4, 4, dev) is None  # 4-D: a full mask, not padding
 
 
+def test_causal_window_starts_checks_each_mask_once(monkeypatch):
+    """Every layer of a forward passes the same mask: its check (two device syncs) runs once, again
+    after the mask changes in place or for other shapes, and every call for inference tensors."""
+    from m2la import attention_math
+
+    checks = []
+    record_calls(monkeypatch, attention_math, "_check_causal_window", checks)
+    dev = torch.device("cpu")
+    pad = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    for _ in range(3):
+        assert causal_window_starts(pad, 2, 1, 5, dev).tolist() == [2, 0]
+    assert len(checks) == 1
+    pad[1, 0] = 0  # in place: a new version
+    assert causal_window_starts(pad, 2, 1, 5, dev).tolist() == [2, 1]
+    assert causal_window_starts(pad, 2, 5, 5, dev).tolist() == [2, 1]  # other shapes
+    assert causal_window_starts(pad.clone(), 2, 5, 5, dev).tolist() == [2, 1]  # another tensor
+    assert len(checks) == 4
+    with torch.inference_mode():
+        frozen = pad.clone()
+    assert [causal_window_starts(frozen, 2, 1, 5, dev).tolist() for _ in range(2)] == [[2, 1]] * 2
+    assert len(checks) == 6
+    holes = torch.tensor([[1, 0, 1, 1, 1]])
+    assert causal_window_starts(holes, 1, 1, 5, dev) is None and causal_window_starts(holes, 1, 1, 5, dev) is None
+    assert len(checks) == 7  # a refusal is remembered too
+
+
+def test_padding_mask_checked_once_per_forward(monkeypatch):
+    """A converted model's layers share the host's mask, so one forward checks it once, not once a
+    layer (each check syncs the device twice)."""
+    from m2la import attention_math
+
+    model = tiny_hf.build("llama", 3, 1, 16)
+    m2la.convert(model)
+    checks = []
+    record_calls(monkeypatch, attention_math, "_check_causal_window", checks)
+    ids = torch.randint(10, tiny_hf.VOCAB, (2, 7), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    with torch.no_grad(), use_backend("triton"):
+        model(input_ids=ids, attention_mask=mask)
+    assert model.config.num_hidden_layers >= 2 and len(checks) == 1
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_fp8_cache_generate_same_tokens_as_reference(family):
     """With an fp8 M2LACache the Triton path reads the stored fp8 rows and scales (the reference
