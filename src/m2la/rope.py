@@ -55,9 +55,10 @@ def rope_angles(
         raise ValueError(f"positions must be [b, t] or [axes, b, t], got shape {tuple(positions.shape)}")
     if axis is None:
         raise ValueError("3-D (M-RoPE) positions need a per-pair axis vector")
+    highest = int(axis.max())  # read where axis lives (the layers keep it on the CPU): no device sync
+    if highest >= positions.shape[0]:
+        raise ValueError(f"axis refers to position axis {highest} but positions has {positions.shape[0]}")
     axis = axis.to(device=positions.device, dtype=torch.long)
-    if int(axis.max()) >= positions.shape[0]:
-        raise ValueError(f"axis refers to position axis {int(axis.max())} but positions has {positions.shape[0]}")
     per_pair_positions = positions.to(dtype).permute(1, 2, 0)[..., axis]  # [b, t, p]
     return per_pair_positions * inv_freq
 
