@@ -166,6 +166,24 @@ def test_standalone_mrope_matches_host_tables(family):
     assert set(layer.rope_axis.tolist()) == {0, 1, 2}
 
 
+def test_rope_columns_copied_once_per_device():
+    """The host's cos/sin columns each pair reads are copied to the host's device once, not once a
+    layer a step (a host-to-device copy each), and again only when the table itself changes."""
+    model = tiny_hf.build("llama", 3, 1, 16)
+    m2la.convert(model)
+    attention = next(m for m in model.modules() if isinstance(m, hf.HFM2LAttention))
+    ids = torch.randint(10, tiny_hf.VOCAB, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids).logits
+        torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=0)
+    other = torch.device("meta")  # a device the table is not on: `.to` makes a new tensor each time
+    first = attention._rope_columns_on(other)
+    assert first.device == other and attention._rope_columns_on(other) is first
+    attention.rope_source_column = attention.rope_source_column.flip(0)
+    assert attention._rope_columns_on(other) is not first
+    assert torch.equal(attention._rope_columns_on(torch.device("cpu")), attention.rope_source_column)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3", "qwen2_5_vl"])
 def test_save_load_round_trip(tmp_path, family):
     model = tiny_hf.build(family)

@@ -281,10 +281,20 @@ class HFM2LAttention(M2LAttention):
                 "use attn_implementation='sdpa' or 'eager'"
             )
         host_cos, host_sin = position_embeddings
-        columns = self.rope_source_column.to(host_cos.device)
+        columns = self._rope_columns_on(host_cos.device)
         cos = host_cos.index_select(-1, columns)  # [b, t, p]
         sin = host_sin.index_select(-1, columns)
         return self.attend(hidden_states, cos, sin, attention_mask, cache), None
+
+    def _rope_columns_on(self, device: torch.device) -> torch.Tensor:
+        """`rope_source_column` on `device`, copied once per device (not a host-to-device copy per
+        layer per step; it stays a plain CPU tensor like the other RoPE tables)."""
+        copies = self.__dict__.setdefault("_rope_column_copies", {})  # device -> (source, copy)
+        source, columns = copies.get(device, (None, None))
+        if source is not self.rope_source_column:  # first call on this device, or a new table
+            columns = self.rope_source_column.to(device)
+            copies[device] = (self.rope_source_column, columns)
+        return columns
 
 
 # --- conversion -----------------------------------------------------------------------------------
