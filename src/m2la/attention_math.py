@@ -284,6 +284,8 @@ def causal_window_starts(
     global _last_window_check
     if mask is None:
         return torch.zeros(batch, dtype=torch.int32, device=device)
+    if torch.compiler.is_compiling():  # traced: the memo would only add graph breaks
+        return _check_causal_window(mask, batch, num_queries, num_keys, device)
     key = None if mask.is_inference() else (mask._version, batch, num_queries, num_keys, torch.device(device))
     last = _last_window_check
     if key is not None and last is not None and last[0]() is mask and last[1] == key:

@@ -92,6 +92,19 @@ def test_causal_window_starts_checks_each_mask_once(monkeypatch):
     assert len(checks) == 7  # a refusal is remembered too
 
 
+def test_causal_window_memo_adds_no_graph_break():
+    """Under torch.compile the check runs as traced code; the memo (weak reference, version
+    counter, module state) is skipped, so it adds no graph break to a compiled model."""
+    from m2la import attention_math
+
+    torch._dynamo.reset()
+    pad = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    args = (pad, 2, 1, 5, torch.device("cpu"))
+    with_memo = torch._dynamo.explain(causal_window_starts)(*args)
+    check_only = torch._dynamo.explain(attention_math._check_causal_window)(*args)
+    assert with_memo.graph_break_count == check_only.graph_break_count
+
+
 def test_padding_mask_checked_once_per_forward(monkeypatch):
     """A converted model's layers share the host's mask, so one forward checks it once, not once a
     layer (each check syncs the device twice)."""
