@@ -364,6 +364,17 @@ def expanded_prefill_attention(
     return out, lse
 
 
+def _absorption_product(equation: str, x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """`einsum(equation, x, weight)` in `out_dtype`. When the operands share a dtype the GEMM runs in
+    it (the tensor cores accumulate in fp32; torch's reduced-precision-reduction flags may round
+    split-K partial sums) instead of on fp32 copies of the weights made every call (2 x 3.7M values
+    at InternVideo3's layout). Otherwise in fp32: fp32 weights keep their precision, and so does
+    the absorbed kernel's fp32 output."""
+    if x.dtype == weight.dtype:
+        return torch.einsum(equation, x, weight).to(out_dtype)
+    return torch.einsum(equation, x.float(), weight.float()).to(out_dtype)
+
+
 def _latent_attention_through_decode(
     q_latent, q_rope, kv_cache, cu_seqlens_q, cache_seqlens, softmax_scale, block_table, kv_start, kv_scale,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
@@ -434,7 +445,7 @@ def latent_prefill_triton(
     if mode != "decode" and max_seqlen_q <= 0:  # host sync; pass it to stay sync-free
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()) if batch else 0
     if mode in ("decode", "absorbed"):
-        q_latent = torch.einsum("thn,hrn->thr", q_nope.float(), w_uk.float()).to(dtype)  # [tq, h, r]
+        q_latent = _absorption_product("thn,hrn->thr", q_nope, w_uk, dtype)  # [tq, h, r]
         if mode == "decode":
             out_latent, lse = _latent_attention_through_decode(
                 q_latent, q_rope, kv_cache, cu_seqlens_q, cache_seqlens, softmax_scale, block_table, kv_start,
@@ -447,8 +458,7 @@ def latent_prefill_triton(
             latent, k_rope = kv_cache[..., :kv_rank], kv_cache[..., kv_rank:]
             _launch(q_latent, q_rope, latent, k_rope, latent, block_table, cu_seqlens_q, cache_seqlens, kv_start,
                     out_latent, lse, softmax_scale, block_size, (0, 0, 0), max_seqlen_q, config, kv_scale)  # fmt: skip
-        out = torch.einsum("thr,hrv->thv", out_latent.float(), w_uv.float())  # [tq, h, v]
-        return out.to(q_nope.dtype), lse
+        return _absorption_product("thr,hrv->thv", out_latent, w_uv, q_nope.dtype), lse  # [tq, h, v]
     if mode != "expanded":
         raise ValueError(f"mode must be 'auto', 'decode', 'absorbed' or 'expanded', got {mode!r}")
     if max_seqlen_k <= 0:  # host sync; pass it to stay sync-free
