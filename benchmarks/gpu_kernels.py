@@ -173,6 +173,57 @@ def decode_rows(device, dtype, batches, contexts, bandwidth, repeats, configs=No
     return rows
 
 
+def _decode_entry_points(q, cache, lens, table, scale, kv_rank, backend) -> dict:
+    """The same decode call through each entry point a user may take."""
+    from m2la.kernels.latent_decode.triton import latent_decode_triton
+
+    return {
+        "decode_attention (eager calls skip the dispatcher)": lambda: decode_attention(
+            q, cache, lens, scale, kv_rank, table
+        ),
+        "torch.ops.m2la.latent_decode (through the dispatcher)": lambda: torch.ops.m2la.latent_decode(
+            q, cache, lens, table, None, None, scale, kv_rank, 0, backend
+        ),
+        "latent_decode_triton (the launcher alone)": lambda: latent_decode_triton(q, cache, lens, scale, kv_rank, table),
+    }
+
+
+def host_rows(device, dtype, context, repeats) -> list[tuple]:
+    """Eager decode at b=1 (kernels of tens of microseconds, so the host's share shows) through each
+    entry point, against the same call replayed from a CUDA graph. `torch.ops.m2la.latent_decode`
+    is the dispatcher route every eager call took before 2026-11-27 (eleventh session); eager calls
+    of `decode_attention` now skip it."""
+    from m2la.backends import resolve_backend
+
+    rows = []
+    for name, (kv_rank, rope_dim) in LAYOUTS.items():
+        cache = torch.empty(math.ceil(context / BLOCK_SIZE), BLOCK_SIZE, kv_rank + rope_dim, device=device, dtype=dtype)
+        cache.uniform_(-1, 1)
+        q, table, lens = paged_inputs(1, context, kv_rank, rope_dim, dtype, device, cache)
+        scale = (NOPE_DIM + rope_dim) ** -0.5
+        entry_points = _decode_entry_points(q, cache, lens, table, scale, kv_rank, resolve_backend(None, q))
+        reference = entry_points["decode_attention (eager calls skip the dispatcher)"]()[0].float()
+        for label, fn in entry_points.items():
+            diff = (fn()[0].float() - reference).abs().max().item()
+            rows.append((name, label, back_to_back_ms(fn, device, 10 * repeats), graph_ms(fn, device, repeats), diff))
+    return rows
+
+
+def back_to_back_ms(fn, device: torch.device, calls: int) -> float:
+    """Wall milliseconds per call over `calls` calls issued back to back, one sync at the end: the
+    larger of the host's time per call and the device's (no cache flush, unlike `timed_ms`, whose
+    flush kernel hides up to its own length of host time)."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / calls * 1e3
+
+
 def vllm_rows(device, dtype, batches, contexts, bandwidth, repeats):
     """vLLM's Triton MLA decode (benchmarks/vllm_triton_mla.py) on the same paged caches and queries
     as `decode_rows`, plus its max difference from ours; nothing when the kernel was not extracted."""
@@ -858,6 +909,13 @@ def main() -> None:
             for n, b, s, ms, gbs, pct, gms, gpct, tf in decode
         ]
         flush()
+        if contexts:
+            host = host_rows(device, dtype, contexts[0], repeats)
+            lines += ["", f"## Host share of an eager decode call (b=1, context {contexts[0]}; same inputs)", "",
+                      "| layout | entry point | back-to-back ms a call | graph ms | max diff vs decode_attention |", "|---|---|---|---|---|",
+                      *[f"| {n} | {e} | {fmt(ms, '.3f')} | {fmt(gms, '.3f')} | {d:.1e} |" for n, e, ms, gms, d in host],
+                      ""]  # fmt: skip
+            flush()
         sections.append("prefill")
         if "prefill" not in wanted:
             prefixes = []

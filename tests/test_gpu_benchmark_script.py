@@ -25,6 +25,10 @@ def test_gpu_benchmark_smoke(tmp_path):
     assert "| decode latent 60+16 (smoke) |" in report  # correctness against the fp32 reference
     assert "| latent 60+16 (smoke) fp8 e4m3 | 2 | 64 |" in report
     assert "Measured device copy bandwidth" in report
+    # the host-share table: the same decode through each entry point (one interpreter run among them)
+    entries = re.findall(r"\| latent 60\+16 \(smoke\) \| (\S+) [^|]*\| [\d.]+ \| n/a \| (\S+) \|", report)
+    assert [e for e, _ in entries] == ["decode_attention", "torch.ops.m2la.latent_decode", "latent_decode_triton"]
+    assert all(float(d) < 1e-4 for _, d in entries), entries
     # prefill: SDPA over the expanded K/V agrees with our expanded output, for every SDPA variant
     diffs = re.findall(r"\| latent 60\+16 \(smoke\), SDPA[^|]*\| (?:0|64) \| 32 \| [\d.]+ \| [\d.]+ \| (\S+) \|", report)
     assert len(diffs) == 6, report
