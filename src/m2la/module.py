@@ -29,6 +29,37 @@ class LatentCacheProtocol(Protocol):
         """
 
 
+# The last step's index tensors (see `_step_indices`): ((b, t, s, device), (slots, seqlens)).
+_last_step_indices: tuple | None = None
+
+
+def _step_indices(batch: int, new_tokens: int, total: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a step of `new_tokens` rows appended to contiguous rows `[b, total, d]` (addressed as `b`
+    pages of `total` slots): the new rows' cache slots `[b * t]` int64 (sequence i's token j ->
+    `i * total + total - t + j`) and every sequence's length `[b]` int32. Each layer of a step needs
+    the same two, so they are made once a step (two small device ops a layer before); callers read
+    them and never write them."""
+    global _last_step_indices
+    if torch.compiler.is_compiling():  # traced: the memo would only add graph breaks
+        return _make_step_indices(batch, new_tokens, total, device)
+    key = (batch, new_tokens, total, torch.device(device))
+    last = _last_step_indices
+    if last is not None and last[0] == key:
+        return last[1]
+    indices = _make_step_indices(batch, new_tokens, total, device)
+    _last_step_indices = (key, indices)
+    return indices
+
+
+def _make_step_indices(batch: int, new_tokens: int, total: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    if new_tokens == 1:  # decode: one op, not four
+        slots = torch.arange(total - 1, batch * total, total, device=device)  # [b] int64
+    else:
+        positions = torch.arange(total - new_tokens, total, device=device)
+        slots = (torch.arange(batch, device=device)[:, None] * total + positions).flatten()  # [b * t] int64
+    return slots, torch.full((batch,), total, dtype=torch.int32, device=device)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm over the last dim, computed in fp32 and cast back (as the source models do)."""
 
@@ -189,12 +220,7 @@ class M2LAttention(nn.Module):
         b, t, r = latent.shape
         p = cos.shape[-1]
         rows, scales = reserve(self.layer_idx, b, t, r + k_rope.shape[-1], latent.dtype, latent.device)
-        s = rows.shape[1]
-        if t == 1:  # decode: one op, not four
-            slots = torch.arange(s - 1, b * s, s, device=latent.device)  # [b] int64
-        else:
-            positions = torch.arange(s - t, s, device=latent.device)
-            slots = (torch.arange(b, device=latent.device)[:, None] * s + positions).flatten()  # [b * t] int64
+        slots, _ = _step_indices(b, t, rows.shape[1], latent.device)
         kernels.write_latent_cache(
             rows, latent.flatten(0, 1), k_rope.flatten(0, 1), cos.expand(b, t, p).reshape(b * t, p),
             sin.expand(b, t, p).reshape(b * t, p), slots, kv_scale=scales, backend="triton",
@@ -220,7 +246,7 @@ class M2LAttention(nn.Module):
                 "the triton backend takes causal masks with left padding only; use the reference backend "
                 "for other masks (sliding windows, custom masks)"
             )
-        seqlens = torch.full((b,), s, dtype=torch.int32, device=rows.device)
+        _, seqlens = _step_indices(b, t, s, rows.device)
         if t == 1:
             q = torch.cat((attention_math.absorb_query(q_nope, w_uk), q_rope), dim=-1)[:, 0]  # [b, h, r + 2p]
             out_latent, _ = kernels.decode_attention(

@@ -248,3 +248,20 @@ def test_fused_cache_write_is_skipped_while_autograd_records(monkeypatch):
     with use_backend("triton"):
         attention.attend(hidden, *attention.rope_cos_sin(torch.arange(5)[None]), cache=cache)
     assert cache.rows[0].requires_grad and cache.seq_length(0) == 5
+
+
+@pytest.mark.parametrize("batch,new_tokens,total", [(1, 1, 1), (3, 1, 17), (2, 5, 5), (4, 3, 70)])
+def test_step_indices_made_once_a_step(batch, new_tokens, total):
+    """The new rows' cache slots and the sequence lengths are the same for every layer of a step:
+    made once (the same tensors come back for the same step shape), with the values each layer
+    used to make for itself."""
+    from m2la import module
+
+    slots, seqlens = module._step_indices(batch, new_tokens, total, torch.device("cpu"))
+    expected = torch.tensor([i * total + total - new_tokens + j for i in range(batch) for j in range(new_tokens)])
+    assert torch.equal(slots, expected) and slots.dtype == torch.int64
+    assert seqlens.tolist() == [total] * batch and seqlens.dtype == torch.int32
+    again = module._step_indices(batch, new_tokens, total, "cpu")
+    assert again[0] is slots and again[1] is seqlens
+    other = module._step_indices(batch, new_tokens, total + 1, "cpu")
+    assert other[0] is not slots and other[1].tolist() == [total + 1] * batch
