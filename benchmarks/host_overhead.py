@@ -15,6 +15,10 @@ Rows:
 - write: `write_latent_cache` of 8 rows (one decode step of b=8).
 - split choice, growing cache: `choose_num_splits` for a contiguous cache that grows one row a
   step (M2LACache's rows in `generate()`), b=1 from 32K, 132 SMs: the mean over 512 steps.
+- torch ops per decode step of a converted llama (tests/tiny_hf.py, random weights, b=2 with left
+  padding, Triton backend): non-view aten ops (each a device launch on a GPU) and view ops, split
+  into a part per layer and a part per step by counting at 2 and 4 layers. Counted by a dispatch mode,
+  which keeps every m2la op on its custom-op route (one op each) in both trees.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import tempfile
 import time
 
 REPEATS = 7  # medians of 7 timed loops
+OPS_PREFIX = "decode step: "  # rows that count ops, not microseconds
 
 
 def _per_call_us(fn, calls: int) -> float:
@@ -73,6 +78,52 @@ def measure() -> dict[str, float]:
     rows["split choice, cache growing a row a step"] = _per_call_us(
         lambda: choose_num_splits(1, 1, next(steps), 64, width * 2, heads * kv_rank * 4, 132), 512 // REPEATS
     )
+    rows.update(_decode_step_ops())
+    return rows
+
+
+def _decode_step_ops() -> dict[str, float]:
+    """Aten ops one decode step of a converted llama issues, per layer and per step (launches stubbed)."""
+    import pathlib
+    from collections import Counter
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
+    import tiny_hf  # noqa: I001 (from tests/, after the path insert)
+
+    import m2la
+    from m2la.backends import use_backend
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.counts: Counter = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.counts["views" if getattr(func, "is_view", False) else "launches"] += 1
+            return func(*args, **(kwargs or {}))
+
+    def count(layers: int) -> Counter:
+        model = tiny_hf.build("llama", 3, 1, 16, layers=layers)
+        m2la.convert(model)
+        ids = torch.randint(10, tiny_hf.VOCAB, (2, 7), generator=torch.Generator().manual_seed(2))
+        mask = torch.ones_like(ids)
+        mask[1, :2] = 0
+        with torch.no_grad(), use_backend("triton"):
+            cache = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
+            mask = torch.cat((mask, torch.ones(2, 1, dtype=mask.dtype)), dim=1)
+            with CountOps() as counter:
+                model(input_ids=ids[:, -1:], attention_mask=mask, past_key_values=cache, use_cache=True)
+        return counter.counts
+
+    two, four = count(2), count(4)
+    rows = {}
+    for kind, label in (("launches", "non-view aten ops"), ("views", "view ops")):
+        per_layer = (four[kind] - two[kind]) / 2
+        rows[f"{OPS_PREFIX}{label} a layer"] = per_layer
+        rows[f"{OPS_PREFIX}{label} a step, besides the layers"] = two[kind] - 2 * per_layer
     return rows
 
 
@@ -92,14 +143,21 @@ def main() -> None:
     names = list(columns)
     for name in names:
         print(f"<!-- {name}: m2la from {columns[name].pop('source')} -->")
-    print(f"Host us per call (median of {REPEATS} loops; kernel launches replaced by no-ops; Python {sys.version.split()[0]})\n")
-    header = "| call | " + " | ".join(names) + (" | ratio |" if args.against else " |")
-    print(header)
-    print("|---" * (len(names) + 1 + bool(args.against)) + "|")
-    for row in columns["this tree"]:
+    timed = [row for row in columns["this tree"] if not row.startswith(OPS_PREFIX)]
+    counted = [row for row in columns["this tree"] if row.startswith(OPS_PREFIX)]
+    print(f"Host us per call (median of {REPEATS} loops; kernel launches replaced by no-ops; Python {sys.version.split()[0]})")
+    _table(columns, names, timed, "call", ",.1f", args.against)
+    print("\nTorch ops per decode step of a converted llama (b=2, left padding; Triton backend)")
+    _table(columns, names, counted, "ops", ".0f", args.against)
+
+
+def _table(columns, names, rows, first, spec, ratio) -> None:
+    print(f"\n| {first} | " + " | ".join(names) + (" | ratio |" if ratio else " |"))
+    print("|---" * (len(names) + 1 + bool(ratio)) + "|")
+    for row in rows:
         values = [columns[name][row] for name in names]
-        ratio = f" {values[1] / values[0]:.1f}x |" if args.against else ""
-        print(f"| {row} | " + " | ".join(f"{v:,.1f}" for v in values) + " |" + ratio)
+        tail = f" {values[1] / values[0]:.1f}x |" if ratio and values[0] else (" |" if ratio else "")
+        print(f"| {row.removeprefix(OPS_PREFIX)} | " + " | ".join(format(v, spec) for v in values) + " |" + tail)
 
 
 def _run_in_subprocess(revision: str | None) -> dict[str, float]:
