@@ -93,22 +93,9 @@ def _latent_decode_impl(
     )
 
 
-@torch.library.custom_op("m2la::latent_decode", mutates_args=())
-def _latent_decode_op(
-    q: Tensor,
-    kv_cache: Tensor,
-    cache_seqlens: Tensor,
-    block_table: Tensor | None,
-    kv_start: Tensor | None,
-    kv_scale: Tensor | None,
-    softmax_scale: float,
-    kv_rank: int,
-    num_splits: int,
-    backend: str,
-) -> tuple[Tensor, Tensor]:
-    return _latent_decode_impl(
-        q, kv_cache, cache_seqlens, block_table, kv_start, kv_scale, softmax_scale, kv_rank, num_splits, backend
-    )
+# Each op is registered from its implementation, so the dispatcher route (compile, tracing,
+# autograd) and the direct eager call run the same function.
+_latent_decode_op = torch.library.custom_op("m2la::latent_decode", mutates_args=())(_latent_decode_impl)
 
 
 @_latent_decode_op.register_fake
@@ -188,28 +175,7 @@ def _latent_prefill_impl(
     )  # fmt: skip
 
 
-@torch.library.custom_op("m2la::latent_prefill", mutates_args=())
-def _latent_prefill_op(
-    q_nope: Tensor,
-    q_rope: Tensor,
-    kv_cache: Tensor,
-    w_uk: Tensor,
-    w_uv: Tensor,
-    cu_seqlens_q: Tensor,
-    cache_seqlens: Tensor,
-    block_table: Tensor | None,
-    kv_start: Tensor | None,
-    kv_scale: Tensor | None,
-    softmax_scale: float,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    mode: str,
-    backend: str,
-) -> tuple[Tensor, Tensor]:
-    return _latent_prefill_impl(
-        q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, block_table, kv_start, kv_scale,
-        softmax_scale, max_seqlen_q, max_seqlen_k, mode, backend,
-    )  # fmt: skip
+_latent_prefill_op = torch.library.custom_op("m2la::latent_prefill", mutates_args=())(_latent_prefill_impl)
 
 
 @_latent_prefill_op.register_fake
@@ -283,12 +249,9 @@ def _write_latent_cache_impl(
         write_latent_cache_reference(kv_cache, latent, k_rope, cos, sin, slot_mapping, kv_scale)
 
 
-@torch.library.custom_op("m2la::write_latent_cache", mutates_args=("kv_cache", "kv_scale"))
-def _write_latent_cache_op(
-    kv_cache: Tensor, latent: Tensor, k_rope: Tensor, cos: Tensor, sin: Tensor, slot_mapping: Tensor,
-    kv_scale: Tensor | None, backend: str,
-) -> None:  # fmt: skip
-    _write_latent_cache_impl(kv_cache, latent, k_rope, cos, sin, slot_mapping, kv_scale, backend)
+_write_latent_cache_op = torch.library.custom_op(
+    "m2la::write_latent_cache", mutates_args=("kv_cache", "kv_scale")
+)(_write_latent_cache_impl)
 
 
 @_write_latent_cache_op.register_fake
