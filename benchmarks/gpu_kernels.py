@@ -632,7 +632,7 @@ def expanded_part_rows(name, inputs, chunk, total, flops, ours, device, repeats)
     - the attention kernel alone on expanded K/V (comparable to the SDPA rows), in the default
       launch order (head groups sized to L2, longest query tiles first) and the earlier one
       (`HEAD_GROUP=1`: one head's query tiles after another's)."""
-    from m2la.kernels.latent_prefill.triton import expand_cache_prefix, expanded_prefill_attention
+    from m2la.kernels.latent_prefill.triton import expand_cache_prefix, expanded_prefill_attention, expansion_weight
 
     q_nope, q_rope, cache, w_uk, w_uv, cu, lens, table = inputs
     kv_rank, prefix = w_uk.shape[1], total - chunk
@@ -661,6 +661,21 @@ def expanded_part_rows(name, inputs, chunk, total, flops, ours, device, repeats)
                  None, f"{diff:.1e} (keys vs 2 einsums)"))  # fmt: skip
     rows.append((f"{name}, m2la expansion, 2 einsums (earlier)", prefix, chunk,
                  timed_ms(expand_two_einsums, device, repeats), None, ""))  # fmt: skip
+    # where the expansion's time goes: the weight concatenation (a copy of h (n + v) r values each
+    # call) against the GEMM alone, and the weights in converted models' layout ([h, n, r] storage,
+    # passed as [h, r, n] views: `expansion_weight` then copies to [h, n + v, r], GEMM on B^T)
+    w_uk_hnr, w_uv_hnr = w_uk.mT.contiguous().mT, w_uv.mT.contiguous().mT
+    latent = gather_cache_rows(cache, table, total)[..., :kv_rank]
+    weight = expansion_weight(w_uk, w_uv, cache.dtype)
+    for label, fn in (
+        ("expansion, weights stored [h, n, r] as in converted models",
+         lambda: expand_cache_prefix(cache, w_uk_hnr, w_uv_hnr, table, 1, total, cache.dtype)),
+        ("expansion weight concatenation only", lambda: expansion_weight(w_uk, w_uv, cache.dtype)),
+        ("expansion weight concatenation only, [h, n, r] storage",
+         lambda: expansion_weight(w_uk_hnr, w_uv_hnr, cache.dtype)),
+        ("expansion GEMM only (gathered latent, weight ready)", lambda: latent @ weight),
+    ):  # fmt: skip
+        rows.append((f"{name}, m2la {label}", prefix, chunk, timed_ms(fn, device, repeats), None, ""))
     for label, config in (("default order", None), ("HEAD_GROUP=1, earlier order", dict(HEAD_GROUP=1))):
 
         def attend(config=config):
@@ -935,7 +950,7 @@ def main() -> None:
         flush()
         sections.append("extend")
         if "extend" in wanted:
-            batch, prefix, new_tokens = (2, 40, [1, 3]) if args.smoke else (8, 32768, [1, 4, 16, 64, 128])
+            batch, prefix, new_tokens = (2, 40, [1, 3]) if args.smoke else (8, 32768, [1, 4, 16, 32, 48, 64, 128])
             extend = extend_rows(device, dtype, batch, prefix, new_tokens, repeats)
             lines += ["", f"## Short extends ({batch} sequences, {prefix} cached tokens each; ms per call, all prefill modes)",
                       "", "| layout | new tokens a sequence | mode | ms | max diff vs decode route | auto |",

@@ -88,14 +88,14 @@ def test_triton_63_heads_contiguous_cache():
 
 
 def test_mode_rule():
-    # InternVideo3 (r=896, n=v=128, rope 128): expanded above 229376 / 3456 = 66.4 tokens a sequence
+    # InternVideo3 (r=896, n=v=128, rope 128): expanded above 229376 / 4416 = 51.9 tokens a sequence
     assert choose_prefill_mode(1, 1, 896, 128, 128, 128) == "decode"
-    assert choose_prefill_mode(66 * 8, 8, 896, 128, 128, 128) == "decode"
-    assert choose_prefill_mode(67 * 8, 8, 896, 128, 128, 128) == "expanded"
+    assert choose_prefill_mode(51 * 8, 8, 896, 128, 128, 128) == "decode"
+    assert choose_prefill_mode(52 * 8, 8, 896, 128, 128, 128) == "expanded"
     assert choose_prefill_mode(4096, 1, 896, 128, 128, 128) == "expanded"
-    # 448 + 64 (4x): 114688 / 1600 = 71.7
-    assert choose_prefill_mode(71, 1, 448, 128, 128, 64) == "decode"
-    assert choose_prefill_mode(72, 1, 448, 128, 128, 64) == "expanded"
+    # 448 + 64 (4x): 114688 / 2080 = 55.1
+    assert choose_prefill_mode(55, 1, 448, 128, 128, 64) == "decode"
+    assert choose_prefill_mode(56, 1, 448, 128, 128, 64) == "expanded"
     assert choose_prefill_mode(10**6, 1, 16, 128, 128) == "decode"  # 2c r <= n + v: never expand
 
 
@@ -174,11 +174,18 @@ def test_head_group_keeps_a_group_of_keys_within_the_l2_budget():
     assert prefill_head_group(32, 0) == 32  # absorbed: every head reads the same rows
 
 
-def test_expand_cache_prefix_matches_fp64_per_head_projections():
-    """One GEMM over [W_uk | W_uv] gives each head's keys and values, as strided views."""
-    from m2la.kernels.latent_prefill.triton import expand_cache_prefix
+@pytest.mark.parametrize("weight_layout", ["h r n", "h n r"])
+def test_expand_cache_prefix_matches_fp64_per_head_projections(weight_layout):
+    """One GEMM over [W_uk | W_uv] gives each head's keys and values, as strided views; weights
+    stored row-major as [h, r, n] or (converted models) as [h, n, r] and passed as [h, r, n] views."""
+    from m2la.kernels.latent_prefill.triton import expand_cache_prefix, expansion_weight
 
     q_nope, q_rope, cache, w_uk, w_uv, cu, seqlens, table = make_case(3, 48, 16, 16, 24, [5, 2], [58, 0], 16, torch.float32)
+    if weight_layout == "h n r":
+        w_uk, w_uv = w_uk.mT.contiguous().mT, w_uv.mT.contiguous().mT
+        assert expansion_weight(w_uk, w_uv, torch.float32).stride() == (1, 48)  # [h, n+v, r] read as B^T
+    else:
+        assert expansion_weight(w_uk, w_uv, torch.float32).stride() == (3 * 40, 1)
     k_nope, k_rope, values = expand_cache_prefix(cache, w_uk, w_uv, table, 2, 63, torch.float32)
     assert k_nope.shape == (2, 63, 3, 16) and values.shape == (2, 63, 3, 24) and k_rope.shape == (2, 63, 16)
     for seq, length in enumerate(seqlens.tolist()):

@@ -213,7 +213,7 @@ def prefill_attention(
     "decode" (absorbed: one split-KV decode per query token), "absorbed" (absorbed, the prefill
     kernel), "expanded" (keys and values up-projected per head, then flash attention) or "auto":
     `latent_prefill.triton.choose_prefill_mode`, a tensor-core cost count that sends chunks of up to
-    ~66 tokens a sequence (InternVideo3's layout) down the decode route and longer ones expanded.
+    ~52 tokens a sequence (InternVideo3's layout) down the decode route and longer ones expanded.
     `max_seqlen_q` (longest chunk) and `max_seqlen_k` (longest `cache_seqlens`, at least): 0 makes the
     Triton path read each from its tensor (one host sync each); with both given it never syncs (CUDA
     graphs). An fp8 cache takes `kv_scale` as in `decode_attention`; the Triton path then computes

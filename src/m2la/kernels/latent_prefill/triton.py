@@ -37,11 +37,13 @@ from m2la.quantization import is_fp8
 _LOG2E = 1.4426950408889634
 
 
-# Time per multiply-add of absorbed attention (MQA over the latent, 32-64 query rows a tile)
-# against the expanded path (GEMM + flash attention), H100, eighth session: the decode kernel
-# tops out near 150 TFLOPS at 896 + 128, the expanded prefill ran at 290-400 (a 2-2.7x ratio);
-# the absorbed prefill kernel measured 2.0-3.5x. The low end is used.
-ABSORBED_MAC_COST = 2.0
+# Time per multiply-add of absorbed attention (through the split-KV decode kernel) against the
+# expanded path (GEMM + flash attention). Fitted to where the modes cross in the short-extend rows
+# of the H100 run of 2026-11-27 (twelfth session; 8 sequences after a 32K prefix, benchmarks/
+# RESULTS.md): ~50 new tokens a sequence at 896 + 128 (c = 2.6 there) and ~61 at 448 + 64 (c = 2.3).
+# The earlier 2.0 (from kernel TFLOPS alone) sent 64-token extends down the decode route, 1.05-1.27x
+# slower than expanded.
+ABSORBED_MAC_COST = 2.5
 
 
 def choose_prefill_mode(
@@ -54,7 +56,7 @@ def choose_prefill_mode(
     expanded one `n + 2p + v`; expanding costs `r * (n + v)` MACs per (head, key) once. Counting the
     absorbed MACs at `ABSORBED_MAC_COST` times the expanded ones, with `t` new queries per sequence
     on average, expanded wins exactly when `t * (c * (2r + 2p) - (n + 2p + v)) > r * (n + v)`.
-    InternVideo3 (r=896, n=v=128, 2p=128): chunks above ~66 tokens go expanded; shorter extends
+    InternVideo3 (r=896, n=v=128, 2p=128): chunks above ~52 tokens go expanded; shorter extends
     (speculative tokens, short turns) take the decode route, which splits each query token's keys
     over the whole GPU where the prefill kernel would run one program per (head, 64 queries).
     """
@@ -330,9 +332,21 @@ def expand_cache_prefix(
         scale = kv_scale if block_table is not None else kv_scale[:batch]
         rows = gather_dequantized_rows(cache, scale, block_table, max(1, max_seqlen_k)).to(dtype)
     latent, k_rope = rows[..., :kv_rank], rows[..., kv_rank:]
-    weight = torch.cat((w_uk.transpose(0, 1), w_uv.transpose(0, 1)), dim=-1).to(dtype)  # [r, h, n+v]
-    keys_values = (latent @ weight.flatten(1)).unflatten(-1, weight.shape[1:])  # [b, s, h, n+v]
+    keys_values = (latent @ expansion_weight(w_uk, w_uv, dtype)).unflatten(-1, (w_uk.shape[0], -1))  # [b, s, h, n+v]
     return keys_values[..., :nope_dim], k_rope, keys_values[..., nope_dim:]
+
+
+def expansion_weight(w_uk: torch.Tensor, w_uv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`[W_uk_h | W_uv_h]` for every head as one `[r, h * (n + v)]` matrix in `dtype`, from w_uk
+    `[h, r, n]` and w_uv `[h, r, v]`, copied in whichever layout their strides make a contiguous
+    copy: `[r, h, n + v]` for row-major `[h, r, n]` weights, else `[h, n + v, r]` returned as a
+    transposed view (the GEMM reads it as B^T, no further copy). Converted models pass `[h, r, n]`
+    views of `[h, n, r]` projections (`M2LAttention`), the second case: there a `[r, h, n + v]`
+    copy would read the weights with a stride of r elements."""
+    if w_uk.stride(1) == 1 and w_uv.stride(1) == 1:  # [h, r, n] views of [h, n, r] storage
+        weight_t = torch.cat((w_uk.transpose(1, 2), w_uv.transpose(1, 2)), dim=1).to(dtype)  # [h, n+v, r]
+        return weight_t.flatten(0, 1).t()
+    return torch.cat((w_uk.transpose(0, 1), w_uv.transpose(0, 1)), dim=-1).to(dtype).flatten(1)  # [r, h(n+v)]
 
 
 def expanded_prefill_attention(
