@@ -268,6 +268,11 @@ def absorbed_from_rows(
 # shapes, the answer). Every layer of a forward gets the same mask object.
 _last_window_check: tuple | None = None
 
+NOT_LEFT_PADDING = (
+    "the triton backend takes causal masks with left padding only; use the reference backend "
+    "for other masks (sliding windows, custom masks)"
+)
+
 
 def causal_window_starts(
     mask: torch.Tensor | None, batch: int, num_queries: int, num_keys: int, device: torch.device
@@ -276,16 +281,22 @@ def causal_window_starts(
 
     That is the only mask form the fused kernels take (left padding); returns None for any other
     mask (e.g. sliding windows or holes), so callers can refuse rather than compute something else.
-    Checking a mask reads it on the host (two device syncs), so the answer for the last mask is
+    Checking a mask reads one flag on the host (a device sync), so the answer for the last mask is
     kept while that tensor lives unmodified (its version counter; inference tensors, which have
     none, are checked every call): the other layers of the forward reuse it without a sync. The
     returned tensor may be shared between calls: read it, do not modify it.
+
+    Under torch.compile the check cannot return None (a data-dependent branch is a graph break):
+    it asserts on the device instead (`torch._assert_async`, message `NOT_LEFT_PADDING`), and the
+    memo is skipped.
     """
     global _last_window_check
     if mask is None:
         return torch.zeros(batch, dtype=torch.int32, device=device)
-    if torch.compiler.is_compiling():  # traced: the memo would only add graph breaks
-        return _check_causal_window(mask, batch, num_queries, num_keys, device)
+    if torch.compiler.is_compiling():
+        starts, left_padding = causal_window(mask, batch, num_queries, num_keys, device)
+        torch._assert_async(left_padding, NOT_LEFT_PADDING)
+        return starts
     key = None if mask.is_inference() else (mask._version, batch, num_queries, num_keys, torch.device(device))
     last = _last_window_check
     if key is not None and last is not None and last[0]() is mask and last[1] == key:
@@ -299,18 +310,25 @@ def causal_window_starts(
 def _check_causal_window(
     mask: torch.Tensor, batch: int, num_queries: int, num_keys: int, device: torch.device
 ) -> torch.Tensor | None:
+    starts, left_padding = causal_window(mask, batch, num_queries, num_keys, device)
+    return starts if bool(left_padding) else None  # the one host sync
+
+
+def causal_window(
+    mask: torch.Tensor, batch: int, num_queries: int, num_keys: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(starts ``[b]`` int32: each sequence's first visible key, left_padding: 0-d bool, whether
+    ``mask`` is exactly "causal, keys before the start hidden" for every head), computed without a
+    host sync or a data-dependent shape. Queries before the start (padding queries) may see anything."""
     bias = attention_bias(mask, num_queries, num_keys, device, torch.float32)
     bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))  # [b|1, h|1, t, s]
+    same_for_every_head = (bias == bias[:, :1]).all()
     allowed = (bias == 0).expand(batch, -1, num_queries, num_keys)[:, 0]  # [b, t, s]
-    if bias.shape[1] > 1 and not (bias == bias[:, :1]).all():
-        return None  # head-dependent masks
     visible_last = allowed[:, -1]  # [b, s]: the last query sees every key it may see
     starts = torch.where(visible_last.any(-1), visible_last.float().argmax(-1), num_keys)  # [b]
     key_idx = torch.arange(num_keys, device=device)
     query_pos = torch.arange(num_queries, device=device)[:, None] + (num_keys - num_queries)  # [t, 1]
     expected = (key_idx[None, None, :] <= query_pos[None]) & (key_idx[None, None, :] >= starts[:, None, None])
-    # rows of queries before the start (padding queries) may be anything; compare the rest
     real_query = query_pos[None, :, 0] >= starts[:, None]  # [b, t]
-    if not torch.equal(allowed[real_query], expected[real_query]):
-        return None
-    return starts.to(torch.int32)
+    matches = ((allowed == expected) | ~real_query[..., None]).all()
+    return starts.to(torch.int32), same_for_every_head & matches

@@ -11,14 +11,24 @@ Every public op takes `backend="reference" | "triton" | "auto" | None`; `None` m
 
 Importing this module imports neither triton nor queries CUDA: the decision looks only at the
 devices of the tensors handed to a call.
+
+Under `torch.compile` the selection is process-wide: dynamo cannot read a ContextVar (a graph break
+in every layer), so traced code reads `use_backend`'s innermost active selection from a module
+global, which dynamo guards on (a compiled model recompiles when it changes). Selections that
+disagree across threads or asyncio tasks at the same time make traced code raise
+`BackendUnavailableError` rather than run one thread's backend for another. A thread with no
+`use_backend` block gets, in compiled code, the selection another thread holds ("auto" when none).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import functools
 import importlib
+import itertools
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -39,8 +49,46 @@ def _check_name(name: str) -> str:
     return name
 
 
+# What traced code reads instead of the ContextVar: the innermost active `use_backend` selection,
+# "auto" when none is active, _CONFLICTING when active selections of several threads/tasks differ.
+_CONFLICTING = "<conflicting use_backend selections>"
+_traced_selection = "auto"
+_active_selections: dict[int, tuple[tuple, str]] = {}  # entry number -> (owner, name), in entry order
+_selections_lock = threading.Lock()
+_entry_numbers = itertools.count()
+
+
+def _selection_owner() -> tuple:
+    """The thread and asyncio task (if any) a `use_backend` block runs in."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no running event loop in this thread
+        task = None
+    return threading.get_ident(), id(task) if task is not None else None
+
+
+def _refresh_traced_selection() -> None:
+    global _traced_selection
+    active = list(_active_selections.values())
+    if not active:
+        _traced_selection = "auto"
+    elif len({owner for owner, _ in active}) > 1 and len({name for _, name in active}) > 1:
+        _traced_selection = _CONFLICTING
+    else:  # one owner (properly nested blocks: the last entered is the innermost) or one name
+        _traced_selection = active[-1][1]
+
+
 def get_backend() -> str:
-    """The backend selected for the current thread / asyncio task (default "auto")."""
+    """The backend selected for the current thread / asyncio task (default "auto"); inside
+    torch.compile, the process-wide selection (see the module docstring)."""
+    if torch.compiler.is_compiling():
+        if _traced_selection == _CONFLICTING:
+            raise BackendUnavailableError(
+                "use_backend selections of several threads or tasks differ while a torch.compile'd m2la model "
+                "runs; compiled code has one process-wide backend: select the same one everywhere, or pass "
+                "backend= to the ops"
+            )
+        return _traced_selection
     return _selected_backend.get()
 
 
@@ -48,9 +96,16 @@ def get_backend() -> str:
 def use_backend(name: str) -> Iterator[str]:
     """Select a backend for the ops called inside the block; nests and restores on exit."""
     token = _selected_backend.set(_check_name(name))
+    with _selections_lock:
+        entry = next(_entry_numbers)
+        _active_selections[entry] = (_selection_owner(), name)
+        _refresh_traced_selection()
     try:
         yield name
     finally:
+        with _selections_lock:
+            del _active_selections[entry]
+            _refresh_traced_selection()
         _selected_backend.reset(token)
 
 

@@ -35,7 +35,7 @@ def records_grad(*tensors: torch.Tensor) -> bool:
 
 def reserve_rows(
     buffer: torch.Tensor | None, held: torch.Tensor | None, new_shape: tuple[int, int, int], dtype: torch.dtype,
-    device: torch.device,
+    device: torch.device, prefix_view: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Room for ``t`` rows after ``held [b, s, w]`` (``new_shape = (b, t, w)``) -> (``buffer [b, capacity, w]``,
     rows ``[b, s + t, w]``) whose last ``t`` rows are unwritten: the caller fills them (a fused cache-write kernel).
@@ -44,10 +44,15 @@ def reserve_rows(
     moves. Anything else (a full buffer, a reordered or offloaded copy) moves into a new buffer:
     exactly ``s + t`` long for a first write, with growth room (GROWTH_*) when it replaces a full one.
     The rows always live in memory this function allocated, never in the caller's tensors.
+
+    ``prefix_view``: whether the caller knows ``held`` to be such a view (it tracks the rows it was
+    handed); None compares data pointers (:func:`views_prefix_of`), which torch.compile cannot trace.
     """
     b, t, width = new_shape
     s = held.shape[1] if held is not None and held.dim() == 3 else 0
-    if s and views_prefix_of(held, buffer) and s + t <= buffer.shape[1]:
+    if prefix_view is None:
+        prefix_view = views_prefix_of(held, buffer)
+    if s and prefix_view and s + t <= buffer.shape[1]:
         return buffer, buffer[:, : s + t]
     room = max(GROWTH_MIN_TOKENS, (s + t) // GROWTH_FRACTION) if s else 0
     grown = torch.empty((b, s + t + room, width), dtype=dtype, device=device)
@@ -57,19 +62,19 @@ def reserve_rows(
 
 
 def append_rows(
-    buffer: torch.Tensor | None, held: torch.Tensor | None, new: torch.Tensor
+    buffer: torch.Tensor | None, held: torch.Tensor | None, new: torch.Tensor, prefix_view: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Append ``new [b, t, w]`` after ``held [b, s, w]`` -> (``buffer [b, capacity, w]``, rows ``[b, s + t, w]``).
 
-    :func:`reserve_rows`, then ``new`` written into the reserved rows: a decode step costs O(t)
-    instead of torch.cat's O(s). While autograd records, rows are concatenated instead: in-place
-    writes would invalidate tensors saved for backward.
+    :func:`reserve_rows` (``prefix_view`` as there), then ``new`` written into the reserved rows: a
+    decode step costs O(t) instead of torch.cat's O(s). While autograd records, rows are
+    concatenated instead: in-place writes would invalidate tensors saved for backward.
     """
     s = held.shape[1] if held is not None and held.dim() == 3 else 0
     if s and records_grad(new, held):
         rows = torch.cat((held, new), dim=1)
         return rows, rows
-    buffer, rows = reserve_rows(buffer, held, tuple(new.shape), new.dtype, new.device)
+    buffer, rows = reserve_rows(buffer, held, tuple(new.shape), new.dtype, new.device, prefix_view)
     rows[:, s:] = new
     return buffer, rows
 
@@ -100,6 +105,13 @@ class LatentCache:
         self.scales: list[torch.Tensor | None] = [None] * num_layers  # [b, s] fp32, fp8 caches only
         self._row_buffers: list[torch.Tensor | None] = [None] * num_layers  # [b, capacity, r + 2p]
         self._scale_buffers: list[torch.Tensor | None] = [None] * num_layers  # [b, capacity, 1]
+        # the (rows, scales) objects last stored per layer: still there = still prefix views of the
+        # buffers (an identity test, which torch.compile traces; data pointers it cannot)
+        self._stored: list[tuple | None] = [None] * num_layers
+
+    def _holds_stored_views(self, i: int) -> bool:
+        stored = self._stored[i]
+        return stored is not None and stored[0] is self.rows[i] and stored[1] is self.scales[i]
 
     def append_latent(self, layer_idx: int, rows: torch.Tensor, dequantize: bool = True) -> torch.Tensor | None:
         """Append ``rows [b, t, r + 2p]``; return the layer's rows so far ``[b, s, r + 2p]`` in ``rows.dtype``.
@@ -108,14 +120,17 @@ class LatentCache:
         """
         i, held = layer_idx, self.rows[layer_idx]
         check_rows_shape(held, i, rows.shape[0], rows.shape[2])
+        stored = self._holds_stored_views(i)
         if self.dtype is None:
-            self._row_buffers[i], self.rows[i] = append_rows(self._row_buffers[i], held, rows)
+            self._row_buffers[i], self.rows[i] = append_rows(self._row_buffers[i], held, rows, stored)
+            self._stored[i] = (self.rows[i], None)
             return self.rows[i]
         quantized, scale = quantize_rows(rows, self.dtype)
-        self._row_buffers[i], self.rows[i] = append_rows(self._row_buffers[i], held, quantized)
+        self._row_buffers[i], self.rows[i] = append_rows(self._row_buffers[i], held, quantized, stored)
         scales = None if self.scales[i] is None else self.scales[i][..., None]  # [b, s, 1]
-        self._scale_buffers[i], scales = append_rows(self._scale_buffers[i], scales, scale[..., None])
+        self._scale_buffers[i], scales = append_rows(self._scale_buffers[i], scales, scale[..., None], stored)
         self.scales[i] = scales[..., 0]
+        self._stored[i] = (self.rows[i], self.scales[i])
         if not dequantize:
             return None
         return dequantize_rows(self.rows[i], self.scales[i], rows.dtype)
@@ -129,16 +144,19 @@ class LatentCache:
         i = layer_idx
         check_rows_shape(self.rows[i], i, batch, width)
         shape = (batch, num_tokens, width)
+        stored = self._holds_stored_views(i)
         self._row_buffers[i], self.rows[i] = reserve_rows(
-            self._row_buffers[i], self.rows[i], shape, self.dtype or dtype, device
+            self._row_buffers[i], self.rows[i], shape, self.dtype or dtype, device, stored
         )
         if self.dtype is None:
+            self._stored[i] = (self.rows[i], None)
             return self.rows[i], None
         scales = None if self.scales[i] is None else self.scales[i][..., None]  # [b, s, 1]
         self._scale_buffers[i], scales = reserve_rows(
-            self._scale_buffers[i], scales, (batch, num_tokens, 1), torch.float32, device
+            self._scale_buffers[i], scales, (batch, num_tokens, 1), torch.float32, device, stored
         )
         self.scales[i] = scales[..., 0]
+        self._stored[i] = (self.rows[i], self.scales[i])
         return self.rows[i], self.scales[i]
 
     def quantized_rows(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:

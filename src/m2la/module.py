@@ -242,10 +242,7 @@ class M2LAttention(nn.Module):
         s = rows.shape[1]
         starts = attention_math.causal_window_starts(attention_mask, b, t, s, rows.device)
         if starts is None:
-            raise ValueError(
-                "the triton backend takes causal masks with left padding only; use the reference backend "
-                "for other masks (sliding windows, custom masks)"
-            )
+            raise ValueError(attention_math.NOT_LEFT_PADDING)
         _, seqlens = _step_indices(b, t, s, rows.device)
         if t == 1:
             q = torch.cat((attention_math.absorb_query(q_nope, w_uk), q_rope), dim=-1)[:, 0]  # [b, h, r + 2p]

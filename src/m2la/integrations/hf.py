@@ -81,16 +81,26 @@ class M2LACheckpointError(ValueError):
 
 
 def _buffered_rows(name: str) -> property:
-    """``keys`` / ``values`` of a LatentCacheLayer: rows in ``_<name>``, their buffer in ``_<name>_buffer``;
-    assigning rows that do not view the buffer releases it."""
-    rows_attr, buffer_attr = f"_{name}", f"_{name}_buffer"
+    """``keys`` / ``values`` of a LatentCacheLayer. Rows kept in a buffer with growth room are held as
+    ``_<name>_buffer [b, capacity, w]`` plus their length ``_<name>_length`` (and, for eager reads, the
+    view ``_<name>``); assigning anything that is not a prefix view of that buffer keeps it as is in
+    ``_<name>`` and releases the buffer.
+
+    Traced code (torch.compile) reads the rows as a slice of the buffer made inside the graph: AOT
+    autograd cannot take inputs that view other inputs with dynamic sizes (a shape-guard error)."""
+    rows_attr, buffer_attr, length_attr = f"_{name}", f"_{name}_buffer", f"_{name}_length"
 
     def get(self) -> torch.Tensor | None:
+        buffer = getattr(self, buffer_attr)
+        if buffer is not None and torch.compiler.is_compiling():
+            return buffer[:, : getattr(self, length_attr)]
         return getattr(self, rows_attr)
 
     def put(self, rows: torch.Tensor | None) -> None:
         setattr(self, rows_attr, rows)
-        if not views_prefix_of(rows, getattr(self, buffer_attr)):
+        if views_prefix_of(rows, getattr(self, buffer_attr)):
+            setattr(self, length_attr, rows.shape[1])  # e.g. a crop: the buffer stays
+        else:
             setattr(self, buffer_attr, None)
 
     return property(get, put)
@@ -108,14 +118,26 @@ class LatentCacheLayer(DynamicLayer):
     """
 
     _keys = _values = _keys_buffer = _values_buffer = None
+    _keys_length = _values_length = 0
     keys = _buffered_rows("keys")
     values = _buffered_rows("values")
+    # Invariant: a buffer that is not None holds the rows as its first `_<name>_length` rows (the
+    # setters above release it otherwise), so appends pass `prefix_view` rather than compare data
+    # pointers: torch.compile traces a forward of a converted model without graph breaks.
+
+    def _store(self, name: str, buffer: torch.Tensor, rows: torch.Tensor) -> None:
+        """Rows ``[b, s, w]`` that are the first ``s`` rows of ``buffer`` (append_rows / reserve_rows)."""
+        setattr(self, f"_{name}_buffer", buffer)
+        setattr(self, f"_{name}_length", rows.shape[1])
+        setattr(self, f"_{name}", rows)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self._keys_buffer, self.keys = append_rows(self._keys_buffer, self.keys, key_states)
-        self._values_buffer, self.values = append_rows(self._values_buffer, self.values, value_states)
+        self._store("keys", *append_rows(self._keys_buffer, self.keys, key_states, self._keys_buffer is not None))
+        self._store(
+            "values", *append_rows(self._values_buffer, self.values, value_states, self._values_buffer is not None)
+        )
         return self.keys, self.values
 
     def reserve(
@@ -129,9 +151,13 @@ class LatentCacheLayer(DynamicLayer):
             self.lazy_initialization(
                 torch.empty(0, dtype=key_dtype, device=device), torch.empty(0, dtype=value_dtype, device=device)
             )
-        self._keys_buffer, self.keys = reserve_rows(self._keys_buffer, self.keys, key_shape, key_dtype, device)
-        self._values_buffer, self.values = reserve_rows(
-            self._values_buffer, self.values, (b, t, value_width), value_dtype, device
+        self._store(
+            "keys", *reserve_rows(self._keys_buffer, self.keys, key_shape, key_dtype, device, self._keys_buffer is not None)
+        )
+        values_shape = (b, t, value_width)
+        self._store(
+            "values",
+            *reserve_rows(self._values_buffer, self.values, values_shape, value_dtype, device, self._values_buffer is not None),
         )
         return self.keys, self.values
 
@@ -288,7 +314,12 @@ class HFM2LAttention(M2LAttention):
 
     def _rope_columns_on(self, device: torch.device) -> torch.Tensor:
         """`rope_source_column` on `device`, copied once per device (not a host-to-device copy per
-        layer per step; it stays a plain CPU tensor like the other RoPE tables)."""
+        layer per step; it stays a plain CPU tensor like the other RoPE tables). Traced code
+        (torch.compile) reads a copy eager calls made but never stores one: dynamo could not trace
+        storing a tensor made in the graph into this memo (seen on an H100, fullgraph=True)."""
+        if torch.compiler.is_compiling():
+            source, columns = getattr(self, "_rope_column_copies", {}).get(device, (None, None))
+            return columns if source is self.rope_source_column else self.rope_source_column.to(device)
         copies = self.__dict__.setdefault("_rope_column_copies", {})  # device -> (source, copy)
         source, columns = copies.get(device, (None, None))
         if source is not self.rope_source_column:  # first call on this device, or a new table

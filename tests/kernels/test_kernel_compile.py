@@ -1,0 +1,187 @@
+"""torch.compile of a converted transformers model (CPU; the Triton backend through the interpreter).
+
+A converted model traces as one graph per forward (prefill and decode, left padding included), for
+both backends; compiled steps give the eager logits; the backend selected by `use_backend` is
+guarded on, so switching it recompiles; conflicting selections across threads raise.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+pytest.importorskip("transformers")
+import m2la  # noqa: E402
+import tiny_hf  # noqa: E402
+from m2la import attention_math, backends  # noqa: E402
+from m2la.backends import BackendUnavailableError, use_backend  # noqa: E402
+from m2la.integrations.hf import M2LACache  # noqa: E402
+
+
+def padded_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(10, tiny_hf.VOCAB, (2, 9), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding: kv_start in the fused kernels
+    return ids, mask
+
+
+def greedy_steps(model, ids, mask, steps: int = 3) -> list[torch.Tensor]:
+    """Prefill, then `steps - 1` greedy decode steps through one M2LACache: every step's logits."""
+    cache = M2LACache.for_model(model)
+    logits = []
+    for _ in range(steps):
+        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        logits.append(out.logits)
+        ids = out.logits[:, -1:].argmax(-1)
+        mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
+    return logits
+
+
+def m2la_op_calls(graph_module: torch.fx.GraphModule) -> int:
+    return sum("m2la" in str(node.target) for node in graph_module.graph.nodes)
+
+
+@pytest.fixture
+def converted():
+    model = tiny_hf.build("llama", 3, 1, 16)
+    m2la.convert(model)
+    torch._dynamo.reset()
+    yield model
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_converted_model_traces_without_graph_breaks(converted, backend):
+    ids, mask = padded_batch()
+    with torch.no_grad(), use_backend(backend):
+        cache = converted(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
+        decode_mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
+        for kwargs in (
+            dict(input_ids=ids, attention_mask=mask, use_cache=True),
+            dict(input_ids=ids[:, -1:], attention_mask=decode_mask, past_key_values=cache, use_cache=True),
+        ):
+            explained = torch._dynamo.explain(converted)(**kwargs)
+            assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
+            assert explained.graph_count == 1
+
+
+def test_compiled_steps_match_eager_and_backend_switch_recompiles(converted):
+    """aot_eager runs AOT autograd's functionalization of the in-place cache appends and of the
+    mutating cache-write op, so the cache is a real compiled input. Each backend compiles its own
+    graphs: only the Triton ones call m2la's ops."""
+    graphs = []
+
+    def recording_aot_eager(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return torch._dynamo.backends.common.aot_autograd(fw_compiler=lambda gm, _: gm)(graph_module, example_inputs)
+
+    compiled = torch.compile(converted, backend=recording_aot_eager, fullgraph=True)
+    ids, mask = padded_batch(1)
+    with torch.no_grad():
+        for backend in ("reference", "triton"):
+            with use_backend(backend):
+                expected = greedy_steps(converted, ids, mask)
+                seen = len(graphs)
+                got = greedy_steps(compiled, ids, mask)
+            for want, have in zip(expected, got, strict=True):
+                torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-5)
+            new = graphs[seen:]
+            assert new, f"switching to {backend} reused the other backend's graphs"
+            assert all((m2la_op_calls(g) > 0) == (backend == "triton") for g in new)
+
+
+def test_inductor_compiled_triton_backend_matches_eager(converted):
+    ids, mask = padded_batch(2)
+    compiled = torch.compile(converted, fullgraph=True)
+    with torch.no_grad(), use_backend("triton"):
+        expected = greedy_steps(converted, ids, mask, steps=2)
+        got = greedy_steps(compiled, ids, mask, steps=2)
+    for want, have in zip(expected, got, strict=True):
+        torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-5)
+
+
+def test_traced_mask_check_asserts_instead_of_returning_none():
+    """Compiled, a mask the kernels cannot take fails on the device with the eager error's text."""
+    torch._dynamo.reset()
+    check = torch.compile(attention_math.causal_window_starts, backend="aot_eager", fullgraph=True)
+    cpu = torch.device("cpu")
+    pad = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert check(pad, 2, 1, 5, cpu).tolist() == [2, 0]
+    holes = torch.tensor([[1, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert attention_math.causal_window_starts(holes, 2, 1, 5, cpu) is None  # eager: None
+    with pytest.raises(RuntimeError, match="causal masks with left padding only"):
+        check(holes, 2, 1, 5, cpu)
+    torch._dynamo.reset()
+
+
+def test_traced_selection_follows_the_innermost_block_and_flags_conflicts():
+    assert backends._traced_selection == "auto"
+    with use_backend("triton"):
+        assert backends._traced_selection == "triton"
+        with use_backend("reference"):
+            assert backends._traced_selection == "reference"
+        assert backends._traced_selection == "triton"
+        entered, release = threading.Event(), threading.Event()
+
+        def other_thread(name: str) -> None:
+            with use_backend(name):
+                entered.set()
+                release.wait(10)
+
+        for name, expected in (("triton", "triton"), ("reference", backends._CONFLICTING)):
+            entered.clear(), release.clear()
+            worker = threading.Thread(target=other_thread, args=(name,))
+            worker.start()
+            assert entered.wait(10)
+            assert backends._traced_selection == expected  # same name: no conflict
+            release.set()
+            worker.join()
+            assert backends._traced_selection == "triton"
+    assert backends._traced_selection == "auto"
+
+
+def test_compiled_code_refuses_conflicting_selections():
+    torch._dynamo.reset()
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def selected(x):
+        return x + (1 if backends.get_backend() == "triton" else 2)
+
+    entered, release = threading.Event(), threading.Event()
+
+    def other_thread() -> None:
+        with use_backend("reference"):
+            entered.set()
+            release.wait(10)
+
+    with use_backend("triton"):
+        assert selected(torch.zeros(1)).item() == 1
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        try:
+            assert entered.wait(10)
+            with pytest.raises((BackendUnavailableError, torch._dynamo.exc.TorchDynamoException), match="use_backend"):
+                selected(torch.zeros(1))  # the guard on the selection fails; retracing raises
+        finally:
+            release.set()
+            worker.join()
+        assert selected(torch.zeros(1)).item() == 1
+    torch._dynamo.reset()
+
+
+def test_compiled_first_call_leaves_the_rope_column_memo_alone(converted):
+    """Traced code reads the per-device RoPE column copies but never stores one (storing a tensor
+    made in the graph into the memo failed under fullgraph on an H100, where the copy is a new
+    tensor); the eager calls that follow still fill it."""
+    ids, mask = padded_batch(3)
+    attention = [m for m in converted.modules() if hasattr(m, "_rope_columns_on")]
+    compiled = torch.compile(converted, backend="aot_eager", fullgraph=True)
+    with torch.no_grad(), use_backend("triton"):
+        got = compiled(input_ids=ids, attention_mask=mask).logits
+        assert attention and not any("_rope_column_copies" in m.__dict__ for m in attention)
+        expected = converted(input_ids=ids, attention_mask=mask).logits
+    assert all("_rope_column_copies" in m.__dict__ for m in attention)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
