@@ -140,10 +140,10 @@ def prefill_case(value_dim, rope_dim, nope_dim, dtype="fp16", cache_dtype=None, 
     """Expanded mode: `nope_dim` 128 (per-head keys, resident queries); absorbed: `nope_dim` = r.
     `cache_dtype` "fp8e4nv": absorbed mode over an fp8 cache (keys and values), queries in `dtype`.
     `overrides`: entries of `prefill_config`, as `config=` gives them."""
-    cfg = {**prefill.prefill_config(value_dim, interpret=False, nope_dim=nope_dim), **overrides}
-    consts = dict(PAGED=paged, HAS_NOPE=True, HAS_KV_START=True, DOT_PRECISION="tf32",
+    cfg = {**prefill.prefill_config(value_dim, interpret=False, nope_dim=nope_dim, rope_dim=rope_dim), **overrides}
+    consts = dict(PAGED=paged, HAS_NOPE=nope_dim > 0, HAS_KV_START=True, DOT_PRECISION="tf32",
                   BLOCK_ROPE=max(16, triton.next_power_of_2(rope_dim)), HAS_SCALE=cache_dtype is not None,
-                  SINGLE_D=cfg["BLOCK_D"] >= nope_dim)  # fmt: skip
+                  SINGLE_D=nope_dim > 0 and cfg["BLOCK_D"] >= nope_dim)  # fmt: skip
     consts.update({k: v for k, v in cfg.items() if k.startswith("BLOCK")})
     ptrs = {"block_table_ptr": "*i32", "cu_seqlens_q_ptr": "*i32", "seqlens_ptr": "*i32", "kv_start_ptr": "*i32",
             "kv_scale_ptr": "*fp32", "out_ptr": "*fp32", "lse_ptr": "*fp32"}  # fmt: skip
@@ -205,6 +205,9 @@ def main() -> None:
             32, 448, 64, "bf16", "fp8e4nv", LATENT_PIECES=True, FP8_AS_FP16=False
         ),
         "prefill_absorbed_r512_rope64_fp8": prefill_case(512, 64, 512, "bf16", "fp8e4nv"),
+        # lossless conversions of GQA models: every key dim carries RoPE (n = 0, 2p = kv heads x 128)
+        "prefill_v128_rope512_lossless": prefill_case(128, 512, 0, "bf16", paged=False),
+        "prefill_v128_rope1024_lossless": prefill_case(128, 1024, 0, "bf16", paged=False),
         "cache_write_r448_rope64_fp8": cache_write_case(448, 64),
     }
     print(json.dumps(results))

@@ -45,6 +45,8 @@ WGMMA_CASES = [
     "prefill_v128_rope128",
     "decode_h32_r896_rope128_fp8_heads_on_n",
     "prefill_absorbed_r512_rope64_fp8",
+    "prefill_v128_rope512_lossless",
+    "prefill_v128_rope1024_lossless",
 ]
 ALL_CASES = [
     "decode_h32_r896_rope128",
@@ -74,7 +76,12 @@ def test_sm90_uses_wgmma(compiled, case):
     assert compiled[case]["wgmma"] > 0, f"{case}: no wgmma in PTX ({compiled[case]})"
 
 
-@pytest.mark.parametrize("case", ALL_CASES)
+# 2p = 1024 fits sm_90's shared memory only with one stage at 64-query tiles (`fit_prefill_tiles`
+# keeps wgmma over a second stage); chunking the RoPE dims in the kernel would pipeline it.
+UNPIPELINED_CASES = ["prefill_v128_rope1024_lossless"]
+
+
+@pytest.mark.parametrize("case", [c for c in ALL_CASES if c not in UNPIPELINED_CASES])
 def test_sm90_cache_loads_are_pipelined(compiled, case):
     """Cache tiles stream through cp.async into shared memory (software pipelining), not through
     scalar or register loads; with 16-divisible strides, as the launcher's JIT specialises them."""

@@ -291,3 +291,25 @@ def test_max_seqlen_k_shorter_than_a_sequence_is_an_error():
     case = make_case(2, *SHAPES["r48"], [5, 3], [10, 20], 16, torch.float32)
     with pytest.raises(RuntimeError, match="max_seqlen_k=22 < the longest cache_seqlens"):
         prefill_attention(*case[:7], 0.15, case[7], mode="expanded", max_seqlen_k=22, backend="triton")
+
+
+def test_prefill_tiles_shrink_only_where_shared_memory_would_not_fit():
+    """The measured layouts keep their H100 defaults; a lossless GQA conversion's wide RoPE keys
+    (2p = 512: 368 KiB at the defaults, an OutOfResources launch on an H100) get smaller tiles
+    whose estimate fits. The estimate matched the sm_90 compile on these shapes (compile_sm90.py)."""
+    from m2la.kernels.latent_prefill.triton import PREFILL_SHARED_BUDGET, prefill_config, prefill_shared_bytes
+
+    tiles = ("BLOCK_M", "BLOCK_N", "num_stages", "num_warps")
+    for nope, rope in ((128, 128), (128, 64), (896, 128), (448, 64)):  # expanded and absorbed modes
+        cfg = prefill_config(128, False, nope, rope)
+        expected = (128, 64, 3, 8) if nope == 128 else (64, 64, 2, 4)
+        assert tuple(cfg[k] for k in tiles) == expected
+    assert prefill_shared_bytes(prefill_config(128, False, 128, 128), 128, 128) == 208 * 1024  # sm_90: 212992 B
+    wide = prefill_config(128, False, 0, 512)
+    assert prefill_shared_bytes(dict(wide, BLOCK_M=128, BLOCK_N=64, num_stages=3), 0, 512) == 368 * 1024
+    assert tuple(wide[k] for k in tiles) == (128, 32, 2, 8)
+    widest = prefill_config(128, False, 0, 1024)
+    assert tuple(widest[k] for k in tiles) == (64, 32, 1, 4)
+    for cfg, rope in ((wide, 512), (widest, 1024)):
+        assert prefill_shared_bytes(cfg, 0, rope) <= PREFILL_SHARED_BUDGET
+    assert prefill_config(128, True, 0, 1024)["BLOCK_M"] == 16  # the interpreter's tiles are untouched

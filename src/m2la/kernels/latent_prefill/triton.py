@@ -239,10 +239,12 @@ def _prefill_kernel(
         tl.store(lse_ptr + tokens * stride_l_t + head, lse, mask=row_ok)
 
 
-def prefill_config(value_dim: int, interpret: bool, nope_dim: int = 0) -> dict:
+def prefill_config(value_dim: int, interpret: bool, nope_dim: int = 0, rope_dim: int = 0, itemsize: int = 2) -> dict:
     """Tiles for `_prefill_kernel`. Query widths up to 256 (expanded mode: n = 128) stay resident
     (BLOCK_D = n) with 128-query tiles over 8 warps, the usual flash-attention shape on sm_90; wide
-    absorbed queries (n = r) are chunked by 64 with 64-query tiles."""
+    absorbed queries (n = r) are chunked by 64 with 64-query tiles. Wide RoPE keys (a lossless
+    conversion of a GQA model: 2p = kv heads x head dim, up to 1024) shrink the tiles until they fit
+    sm_90's shared memory (`fit_prefill_tiles`)."""
     pow2 = next_power_of_2
     block_v = max(16, min(128, pow2(value_dim)))
     if interpret:
@@ -251,9 +253,47 @@ def prefill_config(value_dim: int, interpret: bool, nope_dim: int = 0) -> dict:
         # 3 stages where they fit (n <= 128: 168-208 KiB): 0.81-0.85x the time of 2 stages at a 16K
         # prefix on both H100 runs of 2026-11-27; at prefix 0 (about 1 ms) the two runs disagreed.
         block_d = max(16, pow2(nope_dim))
-        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=block_d, BLOCK_V=block_v, num_warps=8,
-                    num_stages=3 if block_d <= 128 else 2)  # fmt: skip
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, BLOCK_V=block_v, num_warps=4, num_stages=2)
+        cfg = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=block_d, BLOCK_V=block_v, num_warps=8,
+                   num_stages=3 if block_d <= 128 else 2)  # fmt: skip
+    else:
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, BLOCK_V=block_v, num_warps=4, num_stages=2)
+    return fit_prefill_tiles(cfg, nope_dim, rope_dim, itemsize)
+
+
+# sm_90 allows 227 KiB of shared memory a block; the estimate below was within 4% of the compiled
+# kernels' figures (benchmarks/RESULTS.md), so the budget leaves that much room.
+PREFILL_SHARED_BUDGET = 216 * 1024
+
+# Smaller tiles in order of preference (BLOCK_M, BLOCK_N, num_stages): keep pipelining (2 stages)
+# before the query tile; never larger than the default in any entry.
+_SMALLER_PREFILL_TILES = [(128, 64, 3), (128, 64, 2), (128, 32, 2), (128, 64, 1), (64, 64, 2), (64, 32, 2),
+                          (64, 64, 1), (64, 32, 1), (32, 32, 1), (16, 16, 1)]  # fmt: skip
+
+
+def prefill_shared_bytes(cfg: dict, nope_dim: int, rope_dim: int, itemsize: int = 2) -> int:
+    """Estimated shared memory of `_prefill_kernel` on sm_90: the resident query tile (its nope part
+    when resident, and the RoPE part) plus `num_stages` buffers of the key (nope, RoPE) and value tiles."""
+    block_rope = max(16, next_power_of_2(rope_dim))
+    nope = cfg["BLOCK_D"] if nope_dim > 0 else 0
+    query = cfg["BLOCK_M"] * ((nope if cfg["BLOCK_D"] >= nope_dim else 0) + block_rope)
+    keys_values = max(1, cfg["num_stages"]) * cfg["BLOCK_N"] * (nope + block_rope + cfg["BLOCK_V"])
+    return (query + keys_values) * itemsize
+
+
+def fit_prefill_tiles(cfg: dict, nope_dim: int, rope_dim: int, itemsize: int = 2) -> dict:
+    """`cfg`, or the first smaller (BLOCK_M, BLOCK_N, num_stages) whose `prefill_shared_bytes` fits
+    `PREFILL_SHARED_BUDGET` (4 warps below 128-query tiles); the smallest if none does."""
+    if prefill_shared_bytes(cfg, nope_dim, rope_dim, itemsize) <= PREFILL_SHARED_BUDGET:
+        return cfg
+    smaller = [
+        dict(cfg, BLOCK_M=m, BLOCK_N=n, num_stages=stages, num_warps=cfg["num_warps"] if m == 128 else 4)
+        for m, n, stages in _SMALLER_PREFILL_TILES
+        if m <= cfg["BLOCK_M"] and n <= cfg["BLOCK_N"] and stages <= cfg["num_stages"]
+    ]
+    for candidate in smaller:
+        if prefill_shared_bytes(candidate, nope_dim, rope_dim, itemsize) <= PREFILL_SHARED_BUDGET:
+            return candidate
+    return smaller[-1] if smaller else cfg
 
 
 # Keys and values one launch group of head tiles may keep in L2: half an H100's 50 MB, leaving room
@@ -275,7 +315,8 @@ def _launch(q_nope, q_rope, k_nope, k_rope, v, block_table, cu_seqlens_q, cache_
     `kv_scale [blocks|b, tokens]` (fp8 keys/values only)."""
     num_heads = q_nope.shape[1]
     nope_dim, rope_dim, value_dim = q_nope.shape[2], q_rope.shape[2], out.shape[2]
-    cfg = {**prefill_config(value_dim, triton_interpreter_enabled(), nope_dim), **(config or {})}
+    itemsize = max(q_rope.element_size(), k_rope.element_size())  # fp8 keys: the queries stay 16-bit
+    cfg = {**prefill_config(value_dim, triton_interpreter_enabled(), nope_dim, rope_dim, itemsize), **(config or {})}
     value_tiles = cdiv(value_dim, cfg["BLOCK_V"])
     paged = block_table is not None
     table = block_table if paged else cache_seqlens
