@@ -83,7 +83,9 @@ def timing_rows(name: str, kv_rank: int, rope_dim: int, prefix: int, chunk: int,
             "weight copy (earlier code)": lambda uk=uk, uv=uv: old_weight(uk, uv, dtype),
             "GEMM only (expansion_weight's layout)": lambda w=new_w: latent @ w,
             "GEMM only (earlier layout)": lambda w=old_w: latent @ w,
-            "whole expand_cache_prefix": lambda uk=uk, uv=uv: expand_cache_prefix(cache, uk, uv, table, 1, total, dtype),
+            "whole expand_cache_prefix": lambda uk=uk, uv=uv: expand_cache_prefix(
+                cache, uk, uv, table, 1, total, dtype
+            ),
         }
         for part, fn in parts.items():
             cols = []

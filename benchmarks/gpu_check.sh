@@ -10,7 +10,8 @@
 # Usage (repo root): bash benchmarks/gpu_check.sh
 # Environment: M2LA_SWEEP_SET=fp8 times the fp8-tile sweep (gpu_kernels.SWEEP_FP8) instead of the
 # full one, M2LA_SWEEP_SET=overlap the two-programs-per-SM tiles (gpu_kernels.SWEEP_OVERLAP);
-# M2LA_SECTIONS picks benchmark sections (default: all); M2LA_REGISTER_FACTS=0 skips the ptxas table.
+# M2LA_SECTIONS picks benchmark sections (default: all of gpu_kernels.py's; add "compiled" for
+# benchmarks/compiled_decode.py, eager against torch.compile); M2LA_REGISTER_FACTS=0 skips the ptxas table.
 # vLLM's kernel is timed only when benchmarks/_third_party/ holds it (git-ignored): run
 # `python benchmarks/vllm_triton_mla.py <vllm wheel>` here first and pass
 # carry=["benchmarks/_third_party"] to the device call.
@@ -47,5 +48,9 @@ echo "== benchmark =="
 timeout 330 python benchmarks/gpu_kernels.py --seconds "${M2LA_BENCH_SECONDS:-290}" --sweep-seconds 130 \
     --sweep-set "$sweep_set" --sections "$sections" --warm-workers 0 --use-best --contexts 4096 32768 131072 2>&1 \
     | tee "$OUT/gpu_kernels.log"
+if [[ ",$sections," == *",compiled,"* ]]; then  # not in the default sections: ~2-3 minutes of compiles
+    echo "== compiled decode (eager vs torch.compile of a converted Llama) =="
+    timeout 200 python benchmarks/compiled_decode.py --batches 1 8 --seconds 110 2>&1 | tail -8
+fi
 if [ -n "$facts_pid" ]; then wait "$facts_pid" || echo "register facts failed (see $OUT/register_facts.err)"; fi
 echo "== total ${SECONDS} s =="

@@ -71,3 +71,16 @@ def test_launch_order_model_runs_each_program_once_longest_first_in_a_group():
     assert sorted(order) == [(m, h) for m in range(5) for h in range(7)]
     assert order[:3] == [(4, 0), (4, 1), (4, 2)] and order[15:18] == [(4, 3), (4, 4), (4, 5)]
     assert order[30:] == [(4, 6), (3, 6), (2, 6), (1, 6), (0, 6)]
+
+
+def test_compiled_decode_benchmark_smoke(tmp_path):
+    """`benchmarks/compiled_decode.py --smoke`: a tiny converted Llama, eager against inductor, on CPU."""
+    script = SCRIPT.with_name("compiled_decode.py")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OUT": str(tmp_path)}
+    args = ["--smoke", "--layers", "2", "--batches", "2", "--prompt", "8", "--steps", "6"]
+    proc = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = re.search(r"^\| 2 \| [\d.]+ \| [\d.]+ \| [\d.]+x \| (\S+) \| (\d)/2 sequences \| \d+ \|$",
+                    (tmp_path / "compiled_decode.md").read_text(), re.M)  # fmt: skip
+    assert row, (tmp_path / "compiled_decode.md").read_text()
+    assert float(row.group(1)) < 1e-4 and row.group(2) == "2"  # compiled = eager: same logits and tokens
