@@ -313,3 +313,32 @@ def test_prefill_tiles_shrink_only_where_shared_memory_would_not_fit():
     for cfg, rope in ((wide, 512), (widest, 1024)):
         assert prefill_shared_bytes(cfg, 0, rope) <= PREFILL_SHARED_BUDGET
     assert prefill_config(128, True, 0, 1024)["BLOCK_M"] == 16  # the interpreter's tiles are untouched
+
+
+def test_prefill_launch_retries_smaller_tiles_when_shared_memory_runs_out(monkeypatch):
+    """A shape the estimate misjudges still launches: each OutOfResources steps to the next smaller
+    tiles, and the tiles that launched are reused for that shape. A caller's explicit tiles are
+    never changed."""
+    from triton.runtime.errors import OutOfResources
+
+    from m2la.kernels.latent_prefill import triton as prefill
+
+    monkeypatch.setattr(prefill, "_PREFILL_TILES_THAT_FIT", {})
+    tried = []
+
+    def launch(cfg):  # "fits" only at 64 x 32 x 2 or smaller
+        tried.append((cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_stages"], cfg["num_warps"]))
+        if cfg["BLOCK_M"] * cfg["BLOCK_N"] * cfg["num_stages"] > 64 * 32 * 2:
+            raise OutOfResources(300_000, 232_448, "shared memory")
+
+    default = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=128, BLOCK_V=128, num_warps=8, num_stages=3)
+    prefill.launch_fitting_tiles(launch, default, True, "shape")
+    assert tried == [(128, 64, 3, 8), (128, 64, 2, 8), (128, 32, 2, 8), (64, 32, 2, 4)]  # never larger in any entry
+    tried.clear()
+    prefill.launch_fitting_tiles(launch, default, True, "shape")  # remembered: one launch
+    assert tried == [(64, 32, 2, 4)]
+    with pytest.raises(OutOfResources):
+        prefill.launch_fitting_tiles(launch, default, False, "explicit tiles")
+    tried.clear()
+    with pytest.raises(OutOfResources):  # nothing smaller than the smallest
+        prefill.launch_fitting_tiles(lambda cfg: launch(dict(cfg, BLOCK_M=1024)), default, True, "never fits")

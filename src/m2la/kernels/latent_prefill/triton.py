@@ -321,30 +321,62 @@ def _launch(q_nope, q_rope, k_nope, k_rope, v, block_table, cu_seqlens_q, cache_
     paged = block_table is not None
     table = block_table if paged else cache_seqlens
     batch = cu_seqlens_q.shape[0] - 1
-    head_tiles, query_tiles = num_heads * value_tiles, cdiv(max(1, max_seqlen_q), cfg["BLOCK_M"])
     rows = cache_capacity(k_nope, block_table)  # key rows of one sequence
     per_head_width = nope_dim * (head_strides[0] != 0) + min(value_dim, cfg["BLOCK_V"]) * (head_strides[2] != 0)
+    head_tiles = num_heads * value_tiles
     head_group = cfg.get("HEAD_GROUP") or prefill_head_group(head_tiles, rows * per_head_width * v.element_size())
-    grid = (query_tiles * head_tiles, batch)
     scale = kv_scale if kv_scale is not None else lse  # any 2-d fp32 tensor: unused without HAS_SCALE
-    _prefill_kernel[grid](
-        q_nope, q_rope, k_nope, k_rope, v, table, cu_seqlens_q, cache_seqlens,
-        kv_start if kv_start is not None else cache_seqlens, scale, out, lse,
-        softmax_scale * _LOG2E,
-        nope_dim, rope_dim, value_dim, block_size, value_tiles, head_tiles, query_tiles, head_group,
-        q_nope.stride(0), q_nope.stride(1), q_rope.stride(0), q_rope.stride(1),
-        k_nope.stride(0), k_nope.stride(1), head_strides[0],
-        k_rope.stride(0), k_rope.stride(1), head_strides[1],
-        v.stride(0), v.stride(1), head_strides[2],
-        scale.stride(0), scale.stride(1),
-        table.stride(0), out.stride(0), out.stride(1), lse.stride(0),
-        PAGED=paged, HAS_NOPE=nope_dim > 0, HAS_KV_START=kv_start is not None, HAS_SCALE=kv_scale is not None,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-        BLOCK_ROPE=max(16, next_power_of_2(rope_dim)), BLOCK_V=cfg["BLOCK_V"],
-        DOT_PRECISION="ieee" if q_rope.dtype == torch.float32 else "tf32",
-        SINGLE_D=nope_dim > 0 and cfg["BLOCK_D"] >= nope_dim,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )  # fmt: skip
+
+    def launch(cfg: dict) -> None:
+        query_tiles = cdiv(max(1, max_seqlen_q), cfg["BLOCK_M"])
+        _prefill_kernel[(query_tiles * head_tiles, batch)](
+            q_nope, q_rope, k_nope, k_rope, v, table, cu_seqlens_q, cache_seqlens,
+            kv_start if kv_start is not None else cache_seqlens, scale, out, lse,
+            softmax_scale * _LOG2E,
+            nope_dim, rope_dim, value_dim, block_size, value_tiles, head_tiles, query_tiles, head_group,
+            q_nope.stride(0), q_nope.stride(1), q_rope.stride(0), q_rope.stride(1),
+            k_nope.stride(0), k_nope.stride(1), head_strides[0],
+            k_rope.stride(0), k_rope.stride(1), head_strides[1],
+            v.stride(0), v.stride(1), head_strides[2],
+            scale.stride(0), scale.stride(1),
+            table.stride(0), out.stride(0), out.stride(1), lse.stride(0),
+            PAGED=paged, HAS_NOPE=nope_dim > 0, HAS_KV_START=kv_start is not None, HAS_SCALE=kv_scale is not None,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+            BLOCK_ROPE=max(16, next_power_of_2(rope_dim)), BLOCK_V=cfg["BLOCK_V"],
+            DOT_PRECISION="ieee" if q_rope.dtype == torch.float32 else "tf32",
+            SINGLE_D=nope_dim > 0 and cfg["BLOCK_D"] >= nope_dim,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )  # fmt: skip
+
+    may_shrink = not (config and any(k in config for k in ("BLOCK_M", "BLOCK_N", "num_stages")))
+    key = (nope_dim, rope_dim, value_dim, q_rope.dtype, k_rope.dtype, paged, kv_start is not None, kv_scale is not None)
+    launch_fitting_tiles(launch, cfg, may_shrink, key)
+
+
+_PREFILL_TILES_THAT_FIT: dict[tuple, dict] = {}  # launch key -> the smaller tiles that launched
+
+
+def launch_fitting_tiles(launch, cfg: dict, may_shrink: bool, key: tuple) -> None:
+    """`launch(cfg)`; when it runs out of shared memory (a shape `prefill_shared_bytes` misjudged),
+    retry with the next smaller (BLOCK_M, BLOCK_N, num_stages) of `_SMALLER_PREFILL_TILES` and
+    remember what launched for `key`. Tiles the caller's `config` set are never changed."""
+    from triton.runtime.errors import OutOfResources
+
+    if may_shrink and key in _PREFILL_TILES_THAT_FIT:
+        cfg = {**cfg, **_PREFILL_TILES_THAT_FIT[key]}
+    while True:
+        try:
+            launch(cfg)
+            return
+        except OutOfResources:
+            current = (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_stages"])
+            smaller = [t for t in _SMALLER_PREFILL_TILES if t != current and all(a <= b for a, b in zip(t, current, strict=True))]
+            if not may_shrink or not smaller:
+                raise
+            m, n, stages = smaller[0]
+            tiles = dict(BLOCK_M=m, BLOCK_N=n, num_stages=stages, num_warps=cfg["num_warps"] if m == 128 else 4)
+            _PREFILL_TILES_THAT_FIT[key] = tiles
+            cfg = {**cfg, **tiles}
 
 
 def expand_cache_prefix(
