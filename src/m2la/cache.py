@@ -97,6 +97,11 @@ class LatentCache:
     ``dtype=torch.float8_e4m3fn`` (or ``float8_e5m2``) stores each row in fp8 with one fp32 scale per
     token (:mod:`m2la.quantization`); attention then reads the dequantized rows, so the quality cost
     of the fp8 cache is part of every result.
+
+    ``rows`` and ``scales`` are views of buffers with growth room. Code traced by torch.compile reads
+    the buffers and the lengths the cache stored, not those lists: assigning ``rows[i]`` by hand
+    between compiled calls is seen by eager calls (which then copy the rows into a new buffer) but
+    not by compiled ones.
     """
 
     def __init__(self, num_layers: int, dtype: torch.dtype | None = None) -> None:
@@ -108,32 +113,46 @@ class LatentCache:
         # the (rows, scales) objects last stored per layer: still there = still prefix views of the
         # buffers (an identity test, which torch.compile traces; data pointers it cannot)
         self._stored: list[tuple | None] = [None] * num_layers
+        self._lengths: list[int] = [0] * num_layers  # rows of the buffers those views hold
 
-    def _holds_stored_views(self, i: int) -> bool:
+    def _held(self, i: int) -> tuple[torch.Tensor | None, torch.Tensor | None, bool]:
+        """Layer ``i``'s rows ``[b, s, w]`` and, for fp8, scales ``[b, s, 1]`` as an append reads them,
+        and whether they are the first ``s`` rows of the buffers. Traced code (torch.compile) slices
+        the buffers: AOT autograd rejects inputs that view other inputs with dynamic sizes."""
         stored = self._stored[i]
-        return stored is not None and stored[0] is self.rows[i] and stored[1] is self.scales[i]
+        if stored is not None and torch.compiler.is_compiling():  # see the class docstring
+            n, scale_buffer = self._lengths[i], self._scale_buffers[i]
+            return self._row_buffers[i][:, :n], None if scale_buffer is None else scale_buffer[:, :n], True
+        held_scales = None if self.scales[i] is None else self.scales[i][..., None]  # [b, s, 1]
+        stored = stored is not None and stored[0] is self.rows[i] and stored[1] is self.scales[i]
+        return self.rows[i], held_scales, stored
+
+    def _store(self, i: int, rows: torch.Tensor, scales: torch.Tensor | None) -> None:
+        """Rows ``[b, s, w]`` (and scales ``[b, s, 1]``) that are the first ``s`` rows of the buffers."""
+        self.rows[i] = rows
+        self.scales[i] = None if scales is None else scales[..., 0]
+        self._stored[i] = (self.rows[i], self.scales[i])
+        self._lengths[i] = rows.shape[1]
 
     def append_latent(self, layer_idx: int, rows: torch.Tensor, dequantize: bool = True) -> torch.Tensor | None:
         """Append ``rows [b, t, r + 2p]``; return the layer's rows so far ``[b, s, r + 2p]`` in ``rows.dtype``.
 
         ``dequantize=False``: an fp8 cache returns None instead (for callers that read ``quantized_rows``).
         """
-        i, held = layer_idx, self.rows[layer_idx]
+        i = layer_idx
+        held, held_scales, stored = self._held(i)
         check_rows_shape(held, i, rows.shape[0], rows.shape[2])
-        stored = self._holds_stored_views(i)
         if self.dtype is None:
-            self._row_buffers[i], self.rows[i] = append_rows(self._row_buffers[i], held, rows, stored)
-            self._stored[i] = (self.rows[i], None)
-            return self.rows[i]
+            self._row_buffers[i], new_rows = append_rows(self._row_buffers[i], held, rows, stored)
+            self._store(i, new_rows, None)
+            return new_rows
         quantized, scale = quantize_rows(rows, self.dtype)
-        self._row_buffers[i], self.rows[i] = append_rows(self._row_buffers[i], held, quantized, stored)
-        scales = None if self.scales[i] is None else self.scales[i][..., None]  # [b, s, 1]
-        self._scale_buffers[i], scales = append_rows(self._scale_buffers[i], scales, scale[..., None], stored)
-        self.scales[i] = scales[..., 0]
-        self._stored[i] = (self.rows[i], self.scales[i])
+        self._row_buffers[i], new_rows = append_rows(self._row_buffers[i], held, quantized, stored)
+        self._scale_buffers[i], scales = append_rows(self._scale_buffers[i], held_scales, scale[..., None], stored)
+        self._store(i, new_rows, scales)
         if not dequantize:
             return None
-        return dequantize_rows(self.rows[i], self.scales[i], rows.dtype)
+        return dequantize_rows(new_rows, self.scales[i], rows.dtype)
 
     def reserve_latent(
         self, layer_idx: int, batch: int, num_tokens: int, width: int, dtype: torch.dtype, device: torch.device
@@ -142,22 +161,18 @@ class LatentCache:
         return the layer's rows ``[b, s, width]`` and, for fp8, scales ``[b, s]``, whose last
         ``num_tokens`` entries the caller writes (``m2la.kernels.write_latent_cache``), in place."""
         i = layer_idx
-        check_rows_shape(self.rows[i], i, batch, width)
+        held, held_scales, stored = self._held(i)
+        check_rows_shape(held, i, batch, width)
         shape = (batch, num_tokens, width)
-        stored = self._holds_stored_views(i)
-        self._row_buffers[i], self.rows[i] = reserve_rows(
-            self._row_buffers[i], self.rows[i], shape, self.dtype or dtype, device, stored
-        )
+        self._row_buffers[i], new_rows = reserve_rows(self._row_buffers[i], held, shape, self.dtype or dtype, device, stored)
         if self.dtype is None:
-            self._stored[i] = (self.rows[i], None)
-            return self.rows[i], None
-        scales = None if self.scales[i] is None else self.scales[i][..., None]  # [b, s, 1]
+            self._store(i, new_rows, None)
+            return new_rows, None
         self._scale_buffers[i], scales = reserve_rows(
-            self._scale_buffers[i], scales, (batch, num_tokens, 1), torch.float32, device, stored
+            self._scale_buffers[i], held_scales, (batch, num_tokens, 1), torch.float32, device, stored
         )
-        self.scales[i] = scales[..., 0]
-        self._stored[i] = (self.rows[i], self.scales[i])
-        return self.rows[i], self.scales[i]
+        self._store(i, new_rows, scales)
+        return new_rows, self.scales[i]
 
     def quantized_rows(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """fp8 caches: the stored ``rows [b, s, r + 2p]`` and ``scales [b, s]`` (what the kernels read); else None."""

@@ -185,3 +185,31 @@ def test_compiled_first_call_leaves_the_rope_column_memo_alone(converted):
         expected = converted(input_ids=ids, attention_mask=mask).logits
     assert all("_rope_column_copies" in m.__dict__ for m in attention)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cache_dtype", [None, torch.float8_e4m3fn])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_compiled_module_with_latent_cache_matches_eager(backend, cache_dtype):
+    """The core LatentCache under AOT autograd: traced code reads its buffers and lengths (views of
+    other inputs with dynamic sizes fail there), and the appends stay in place in the buffers."""
+    from m2la import LatentCache, M2LAConfig, M2LAttention
+
+    config = M2LAConfig(
+        hidden_size=24, num_heads=3, kv_rank=16, rope_dim=8, qk_nope_dim=8, v_head_dim=8, softmax_scale=0.3,
+        rope_inv_freq=[1.0, 0.5, 0.25, 0.125], rope_axis=[0] * 4, rope_source_column=[0, 1, 2, 3],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    module = M2LAttention(config)
+    torch._dynamo.reset()
+    compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+    eager_cache, compiled_cache = LatentCache(1, cache_dtype), LatentCache(1, cache_dtype)
+    with torch.no_grad(), use_backend(backend):
+        for step in range(5):
+            t = 6 if step == 0 else 1
+            hidden = torch.randn(2, t, 24)
+            positions = torch.arange(eager_cache.seq_length(), eager_cache.seq_length() + t).expand(2, -1)
+            want = module(hidden, positions, cache=eager_cache)
+            torch.testing.assert_close(compiled(hidden, positions, cache=compiled_cache), want, rtol=1e-6, atol=1e-6)
+    assert compiled_cache.seq_length() == 10 and compiled_cache._row_buffers[0].shape[1] > 10
+    assert compiled_cache.rows[0].data_ptr() == compiled_cache._row_buffers[0].data_ptr()  # decode steps wrote in place
+    torch._dynamo.reset()
