@@ -213,3 +213,13 @@ def test_compiled_module_with_latent_cache_matches_eager(backend, cache_dtype):
     assert compiled_cache.seq_length() == 10 and compiled_cache._row_buffers[0].shape[1] > 10
     assert compiled_cache.rows[0].data_ptr() == compiled_cache._row_buffers[0].data_ptr()  # decode steps wrote in place
     torch._dynamo.reset()
+
+
+def test_generate_with_a_compiled_forward_gives_the_eager_tokens(converted):
+    """transformers' generate() (left padding, greedy) through a fullgraph-compiled forward."""
+    ids, mask = padded_batch(4)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with use_backend("triton"):
+        expected = converted.generate(**kwargs)
+        converted.forward = torch.compile(converted.forward, backend="aot_eager", fullgraph=True)
+        assert torch.equal(converted.generate(**kwargs), expected)
