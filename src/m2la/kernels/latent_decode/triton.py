@@ -48,6 +48,7 @@ import triton.language as tl
 
 from m2la.backends import triton_interpreter_enabled
 from m2la.kernels._host import cdiv, next_power_of_2
+from m2la.kernels._launch import launch_shrinking
 from m2la.kernels._paging import cache_capacity
 from m2la.quantization import is_fp8
 
@@ -625,26 +626,22 @@ def _splits_for_tiles(batch: int, work_tiles: int, tiles: int, tile_bytes: int, 
     return best
 
 
-_BLOCK_N_THAT_FITS: dict[tuple, int] = {}  # launch key -> BLOCK_N that compiled within shared memory
+_BLOCK_N_THAT_FITS: dict[tuple, dict] = {}  # launch key -> {"BLOCK_N": what compiled within shared memory}
+
+
+def _halved_block_n(tiles: dict) -> dict | None:
+    return {"BLOCK_N": tiles["BLOCK_N"] // 2} if tiles["BLOCK_N"] > 16 else None
 
 
 def _launch_split(kernel, grid, args, constexprs, block_n: int, key: tuple, may_shrink: bool, page_tile_for) -> None:
     """Launch the split kernel; when a default tile needs more shared memory than the GPU has, halve
-    BLOCK_N (down to 16) and remember what fit. An explicit `config` BLOCK_N is never changed.
-    split_len stays a multiple of every smaller BLOCK_N, so the result is unchanged."""
-    from triton.runtime.errors import OutOfResources
+    BLOCK_N (down to 16) and remember what fit (`launch_shrinking`). An explicit `config` BLOCK_N is
+    never changed. split_len stays a multiple of every smaller BLOCK_N, so the result is unchanged."""
 
-    if may_shrink:
-        block_n = min(block_n, _BLOCK_N_THAT_FITS.get(key, block_n))
-    while True:
-        try:
-            kernel[grid](*args, BLOCK_N=block_n, PAGE_TILE=page_tile_for(block_n), **constexprs)
-            return
-        except OutOfResources:
-            if not may_shrink or block_n <= 16:
-                raise
-            block_n //= 2
-            _BLOCK_N_THAT_FITS[key] = block_n
+    def launch(tiles: dict) -> None:
+        kernel[grid](*args, BLOCK_N=tiles["BLOCK_N"], PAGE_TILE=page_tile_for(tiles["BLOCK_N"]), **constexprs)
+
+    launch_shrinking(launch, {"BLOCK_N": block_n}, _halved_block_n, _BLOCK_N_THAT_FITS, key, may_shrink)
 
 
 class _TilePlan(NamedTuple):

@@ -30,6 +30,7 @@ import triton.language as tl
 
 from m2la.backends import triton_interpreter_enabled
 from m2la.kernels._host import cdiv, next_power_of_2
+from m2la.kernels._launch import launch_shrinking
 from m2la.kernels._paging import cache_capacity, gather_cache_rows
 from m2la.kernels._quant import gather_dequantized_rows
 from m2la.quantization import is_fp8
@@ -280,16 +281,23 @@ def prefill_shared_bytes(cfg: dict, nope_dim: int, rope_dim: int, itemsize: int 
     return (query + keys_values) * itemsize
 
 
+def _smaller_prefill_tiles(cfg: dict) -> list[dict]:
+    """The entries of `_SMALLER_PREFILL_TILES` below `cfg`'s (none larger in any entry), as
+    BLOCK_M / BLOCK_N / num_stages / num_warps overrides (4 warps below 128-query tiles)."""
+    current = (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_stages"])
+    return [
+        dict(BLOCK_M=m, BLOCK_N=n, num_stages=stages, num_warps=cfg["num_warps"] if m == 128 else 4)
+        for m, n, stages in _SMALLER_PREFILL_TILES
+        if (m, n, stages) != current and m <= current[0] and n <= current[1] and stages <= current[2]
+    ]
+
+
 def fit_prefill_tiles(cfg: dict, nope_dim: int, rope_dim: int, itemsize: int = 2) -> dict:
-    """`cfg`, or the first smaller (BLOCK_M, BLOCK_N, num_stages) whose `prefill_shared_bytes` fits
-    `PREFILL_SHARED_BUDGET` (4 warps below 128-query tiles); the smallest if none does."""
+    """`cfg`, or with the first smaller tiles (`_smaller_prefill_tiles`) whose `prefill_shared_bytes`
+    fits `PREFILL_SHARED_BUDGET`; the smallest if none does."""
     if prefill_shared_bytes(cfg, nope_dim, rope_dim, itemsize) <= PREFILL_SHARED_BUDGET:
         return cfg
-    smaller = [
-        dict(cfg, BLOCK_M=m, BLOCK_N=n, num_stages=stages, num_warps=cfg["num_warps"] if m == 128 else 4)
-        for m, n, stages in _SMALLER_PREFILL_TILES
-        if m <= cfg["BLOCK_M"] and n <= cfg["BLOCK_N"] and stages <= cfg["num_stages"]
-    ]
+    smaller = [{**cfg, **tiles} for tiles in _smaller_prefill_tiles(cfg)]
     for candidate in smaller:
         if prefill_shared_bytes(candidate, nope_dim, rope_dim, itemsize) <= PREFILL_SHARED_BUDGET:
             return candidate
@@ -358,25 +366,14 @@ _PREFILL_TILES_THAT_FIT: dict[tuple, dict] = {}  # launch key -> the smaller til
 
 def launch_fitting_tiles(launch, cfg: dict, may_shrink: bool, key: tuple) -> None:
     """`launch(cfg)`; when it runs out of shared memory (a shape `prefill_shared_bytes` misjudged),
-    retry with the next smaller (BLOCK_M, BLOCK_N, num_stages) of `_SMALLER_PREFILL_TILES` and
-    remember what launched for `key`. Tiles the caller's `config` set are never changed."""
-    from triton.runtime.errors import OutOfResources
+    retry with the next smaller tiles (`_smaller_prefill_tiles`) and remember what launched for
+    `key`. Tiles the caller's `config` set are never changed."""
 
-    if may_shrink and key in _PREFILL_TILES_THAT_FIT:
-        cfg = {**cfg, **_PREFILL_TILES_THAT_FIT[key]}
-    while True:
-        try:
-            launch(cfg)
-            return
-        except OutOfResources:
-            current = (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_stages"])
-            smaller = [t for t in _SMALLER_PREFILL_TILES if t != current and all(a <= b for a, b in zip(t, current, strict=True))]
-            if not may_shrink or not smaller:
-                raise
-            m, n, stages = smaller[0]
-            tiles = dict(BLOCK_M=m, BLOCK_N=n, num_stages=stages, num_warps=cfg["num_warps"] if m == 128 else 4)
-            _PREFILL_TILES_THAT_FIT[key] = tiles
-            cfg = {**cfg, **tiles}
+    def next_smaller(tiles: dict) -> dict | None:
+        smaller = _smaller_prefill_tiles(tiles)
+        return smaller[0] if smaller else None
+
+    launch_shrinking(launch, cfg, next_smaller, _PREFILL_TILES_THAT_FIT, key, may_shrink)
 
 
 def expand_cache_prefix(
