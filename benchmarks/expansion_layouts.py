@@ -16,49 +16,29 @@ from __future__ import annotations
 
 import os
 import pathlib
-import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from gpu_kernels import LAYOUTS, prefill_inputs  # noqa: E402  (same inputs as the prefill table)
+from gpu_kernels import LAYOUTS, capture_graph, prefill_inputs, timed_ms  # noqa: E402  (the prefill table's inputs)
 from m2la.kernels._paging import gather_cache_rows  # noqa: E402
 from m2la.kernels.latent_prefill.triton import expand_cache_prefix, expansion_weight  # noqa: E402
 
+CUDA = torch.device("cuda")
 
-def event_ms(fn, repeats: int = 40) -> float:
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times)
+
+# the three timings of each row (see the module docstring), through gpu_kernels' timers
+def event_ms(fn) -> float:
+    return timed_ms(fn, CUDA, 40, warmup=5, flush_l2=False)
 
 
 def flushed_ms(fn) -> float:
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=25, rep=100)
+    return timed_ms(fn, CUDA, 10)  # do_bench: 25 ms warm-up, 100 ms timed
 
 
-def graph_ms(fn, replays: int = 40) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return event_ms(graph.replay, replays)
+def graph_ms(fn) -> float:
+    return event_ms(capture_graph(fn, warmups=3).replay)
 
 
 def old_weight(w_uk, w_uv, dtype):  # the code before 2026-11-27 (twelfth session), whatever the strides
@@ -98,15 +78,14 @@ def timing_rows(name: str, kv_rank: int, rope_dim: int, prefix: int, chunk: int,
 
 
 def main() -> None:
-    device = torch.device("cuda")
     dtype = torch.bfloat16
-    lines = [f"# Expansion timing by weight storage ({torch.cuda.get_device_name(device)}, {dtype}, torch {torch.__version__})",
+    lines = [f"# Expansion timing by weight storage ({torch.cuda.get_device_name(CUDA)}, {dtype}, torch {torch.__version__})",
              "", "ms: min / median / max over 3 rounds.", "",
              "| layout | prefix | storage | part | event ms (warm L2) | do_bench ms (L2 flushed) | graph ms |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, (kv_rank, rope_dim) in LAYOUTS.items():
         for prefix in (0, 16384):
-            lines += timing_rows(name, kv_rank, rope_dim, prefix, 4096, dtype, device)
+            lines += timing_rows(name, kv_rank, rope_dim, prefix, 4096, dtype, CUDA)
     out = pathlib.Path(os.environ.get("OUT", "/tmp/m2la-out"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "expansion_layouts.md").write_text("\n".join(lines) + "\n")

@@ -30,10 +30,11 @@ LAYOUTS = {"latent 896+128 (InternVideo3)": (896, 128), "latent 448+64 (4x)": (4
 BLOCK_SIZE = 64
 
 
-def timed_ms(fn, device: torch.device, repeats: int = 20, warmup: int = 3) -> float:
+def timed_ms(fn, device: torch.device, repeats: int = 20, warmup: int = 3, flush_l2: bool = True) -> float:
     """Milliseconds per call. CUDA: `triton.testing.do_bench` (L2 flushed before every call, so
-    short contexts are not served from the 50 MB L2; mean over ~`repeats * 10` ms). Else: median wall."""
-    if device.type == "cuda":
+    short contexts are not served from the 50 MB L2; mean over ~`repeats * 10` ms), or with
+    `flush_l2=False` the median of `repeats` CUDA-event timings (warm L2). Else: median wall."""
+    if device.type == "cuda" and flush_l2:
         from triton.testing import do_bench
 
         return do_bench(fn, warmup=25, rep=max(50, 10 * repeats))
@@ -55,19 +56,25 @@ def timed_ms(fn, device: torch.device, repeats: int = 20, warmup: int = 3) -> fl
     return statistics.median(samples)
 
 
-def graph_ms(fn, device: torch.device, repeats: int) -> float | None:
-    """Milliseconds per call replayed from a CUDA graph (no Python/launch overhead); None off CUDA."""
-    if device.type != "cuda":
-        return None
+def capture_graph(fn, warmups: int = 1) -> torch.cuda.CUDAGraph:
+    """`fn` captured in a CUDA graph, after `warmups` calls on a side stream."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        fn()
+        for _ in range(warmups):
+            fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return timed_ms(graph.replay, device, repeats)
+    return graph
+
+
+def graph_ms(fn, device: torch.device, repeats: int) -> float | None:
+    """Milliseconds per call replayed from a CUDA graph (no Python/launch overhead); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return timed_ms(capture_graph(fn).replay, device, repeats)
 
 
 NOT_MEASURED = (None,) * 6  # a decode row's measured fields, for skipped cases
