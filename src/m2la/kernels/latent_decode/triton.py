@@ -617,8 +617,8 @@ def _splits_for_tiles(batch: int, work_tiles: int, tiles: int, tile_bytes: int, 
     best, best_cost = 1, float("inf")
     for splits in range(1, min(tiles, 4 * slots) + 1):
         programs = programs_per_split * splits
-        waves = -(-programs // slots)
-        longest = -(-tiles // splits) * tile_bytes + partial_bytes + fixed_bytes
+        waves = cdiv(programs, slots)
+        longest = cdiv(tiles, splits) * tile_bytes + partial_bytes + fixed_bytes
         combine = programs * partial_bytes / slots
         cost = waves * longest + combine
         if cost < best_cost * 0.999:
