@@ -1,4 +1,5 @@
-"""Builders for kernel test inputs: paged caches with NaN in every unused slot, permuted tables."""
+"""Builders for kernel test inputs (paged caches with NaN in every unused slot, permuted tables),
+and a call recorder for the tests that check which route ran."""
 
 from __future__ import annotations
 
@@ -7,6 +8,12 @@ import math
 import torch
 
 NAN = float("nan")
+
+
+def record_calls(monkeypatch, module, name: str, calls: list) -> None:
+    """Wrap `module.name` so that each call appends `name` to `calls`, then runs it."""
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **kw: calls.append(name) or real(*a, **kw))
 
 
 def random_paged_cache(

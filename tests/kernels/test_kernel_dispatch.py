@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from kernel_cases import random_paged_cache
+from kernel_cases import random_paged_cache, record_calls
 
 import m2la.backends as backends
 from m2la.backends import BackendUnavailableError, get_backend, resolve_backend, use_backend
@@ -169,13 +169,7 @@ def _op_calls(monkeypatch) -> list[str]:
 
     calls: list[str] = []
     for name in ("_latent_decode_op", "_latent_prefill_op", "_write_latent_cache_op"):
-        real = getattr(ops, name)
-
-        def spy(*args, _real=real, _name=name):
-            calls.append(_name)
-            return _real(*args)
-
-        monkeypatch.setattr(ops, name, spy)
+        record_calls(monkeypatch, ops, name, calls)
     return calls
 
 

@@ -7,16 +7,12 @@ import torch
 
 pytest.importorskip("triton")
 pytest.importorskip("transformers")
+from kernel_cases import record_calls  # noqa: E402
+
 import m2la  # noqa: E402
 import tiny_hf  # noqa: E402
 from m2la.attention_math import causal_window_starts  # noqa: E402
 from m2la.backends import use_backend  # noqa: E402
-
-
-def record_calls(monkeypatch, module, name: str, calls: list) -> None:
-    """Wrap `module.name` so that each call appends `name` to `calls`, then runs it."""
-    kernel = getattr(module, name)
-    monkeypatch.setattr(module, name, lambda *a, **kw: calls.append(name) or kernel(*a, **kw))
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
