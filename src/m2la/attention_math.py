@@ -275,9 +275,13 @@ NOT_LEFT_PADDING = (
 
 
 def causal_window_starts(
-    mask: torch.Tensor | None, batch: int, num_queries: int, num_keys: int, device: torch.device
-) -> torch.Tensor | None:
+    mask: torch.Tensor | None, batch: int, num_queries: int, num_keys: int, device: torch.device,
+    query_offset: torch.Tensor | None = None,
+) -> torch.Tensor | None:  # fmt: skip
     """Per-sequence first visible key ``[b]`` int32 if ``mask`` is "causal, keys before a start hidden".
+
+    ``query_offset``: the first query's key position, a 0-d tensor (a static-capacity cache, whose
+    keys past the queries are unfilled capacity); None puts the queries at the end of the keys.
 
     That is the only mask form the fused kernels take (left padding); returns None for any other
     mask (e.g. sliding windows or holes), so callers can refuse rather than compute something else.
@@ -294,9 +298,11 @@ def causal_window_starts(
     if mask is None:
         return torch.zeros(batch, dtype=torch.int32, device=device)
     if torch.compiler.is_compiling():
-        starts, left_padding = causal_window(mask, batch, num_queries, num_keys, device)
+        starts, left_padding = causal_window(mask, batch, num_queries, num_keys, device, query_offset)
         torch._assert_async(left_padding, NOT_LEFT_PADDING)
         return starts
+    if query_offset is not None:  # the memo keys on shapes, not on an offset's value
+        return _check_causal_window(mask, batch, num_queries, num_keys, device, query_offset)
     key = None if mask.is_inference() else (mask._version, batch, num_queries, num_keys, torch.device(device))
     last = _last_window_check
     if key is not None and last is not None and last[0]() is mask and last[1] == key:
@@ -308,18 +314,21 @@ def causal_window_starts(
 
 
 def _check_causal_window(
-    mask: torch.Tensor, batch: int, num_queries: int, num_keys: int, device: torch.device
-) -> torch.Tensor | None:
-    starts, left_padding = causal_window(mask, batch, num_queries, num_keys, device)
+    mask: torch.Tensor, batch: int, num_queries: int, num_keys: int, device: torch.device,
+    query_offset: torch.Tensor | None = None,
+) -> torch.Tensor | None:  # fmt: skip
+    starts, left_padding = causal_window(mask, batch, num_queries, num_keys, device, query_offset)
     return starts if bool(left_padding) else None  # the one host sync
 
 
 def causal_window(
-    mask: torch.Tensor, batch: int, num_queries: int, num_keys: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
+    mask: torch.Tensor, batch: int, num_queries: int, num_keys: int, device: torch.device,
+    query_offset: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(starts ``[b]`` int32: each sequence's first visible key, left_padding: 0-d bool, whether
     ``mask`` is exactly "causal, keys before the start hidden" for every head), computed without a
-    host sync or a data-dependent shape. Queries before the start (padding queries) may see anything."""
+    host sync or a data-dependent shape. Queries before the start (padding queries) may see anything.
+    ``query_offset`` (0-d tensor): the first query's key position; None = the last ``t`` keys."""
     bias = attention_bias(mask, num_queries, num_keys, device, torch.float32)
     bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))  # [b|1, h|1, t, s]
     same_for_every_head = (bias == bias[:, :1]).all()
@@ -327,7 +336,8 @@ def causal_window(
     visible_last = allowed[:, -1]  # [b, s]: the last query sees every key it may see
     starts = torch.where(visible_last.any(-1), visible_last.float().argmax(-1), num_keys)  # [b]
     key_idx = torch.arange(num_keys, device=device)
-    query_pos = torch.arange(num_queries, device=device)[:, None] + (num_keys - num_queries)  # [t, 1]
+    offset = num_keys - num_queries if query_offset is None else query_offset
+    query_pos = torch.arange(num_queries, device=device)[:, None] + offset  # [t, 1]
     expected = (key_idx[None, None, :] <= query_pos[None]) & (key_idx[None, None, :] >= starts[:, None, None])
     real_query = query_pos[None, :, 0] >= starts[:, None]  # [b, t]
     matches = ((allowed == expected) | ~real_query[..., None]).all()

@@ -26,6 +26,12 @@ class LatentCacheProtocol(Protocol):
         A cache may also offer ``reserve_latent(layer_idx, b, t, width, dtype, device) -> (rows [b, s, width],
         scales [b, s] | None)``, whose last ``t`` rows (and fp8 scales) are left for the caller to write:
         the Triton backend then rotates, quantizes and stores the new rows with one fused kernel.
+
+        A static-capacity cache (fixed shapes, for torch.compile and CUDA graphs) also offers
+        ``static_length(layer_idx) -> Tensor``: a 0-d int64 count of the rows held, updated in place.
+        Its ``append_latent`` / ``reserve_latent`` / ``quantized_rows`` then return all ``capacity``
+        rows ``[b, capacity, r + 2p]``; the new rows end at ``static_length`` after the call, and
+        attention reads only up to there.
         """
 
 
@@ -58,6 +64,34 @@ def _make_step_indices(batch: int, new_tokens: int, total: int, device) -> tuple
         positions = torch.arange(total - new_tokens, total, device=device)
         slots = (torch.arange(batch, device=device)[:, None] * total + positions).flatten()  # [b * t] int64
     return slots, torch.full((batch,), total, dtype=torch.int32, device=device)
+
+
+def _filled_rows(
+    end: torch.Tensor, new_tokens: int, rows: torch.Tensor, quantized: tuple | None, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, tuple | None, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+    """What attention reads of a static-capacity cache's rows ``[b, capacity, w]`` (fp8: ``quantized``
+    rows and scales ``[b, capacity]``) once the ``new_tokens`` queries' rows are written, ``end``
+    (0-d tensor) rows being held -> (rows, quantized, mask, query_offset).
+
+    Eager: reads ``end`` on the host (one sync) and keeps the first ``end`` rows and mask columns,
+    so the queries are the last keys as with a growing cache (query_offset None). Traced
+    (torch.compile): keeps every row, so shapes stay fixed, and returns the first query's position
+    ``end - new_tokens`` as a tensor; with no mask, a causal one from that position hides the
+    unfilled rows."""
+    capacity = rows.shape[1]
+    if torch.compiler.is_compiling():
+        offset = end - new_tokens
+        if mask is None:
+            query_pos = torch.arange(new_tokens, device=rows.device)[:, None] + offset
+            mask = torch.arange(capacity, device=rows.device) <= query_pos  # [t, capacity]
+        return rows, quantized, mask, offset
+    filled = int(end)
+    rows = rows[:, :filled]
+    if quantized is not None:
+        quantized = (quantized[0][:, :filled], quantized[1][:, :filled])
+    if mask is not None and mask.shape[-1] == capacity:  # a mask over the whole capacity (transformers')
+        mask = mask[..., :filled]  # a new view each layer: the Triton path checks it each layer (a sync)
+    return rows, quantized, mask, None
 
 
 class RMSNorm(nn.Module):
@@ -179,9 +213,10 @@ class M2LAttention(nn.Module):
         fused = resolve_backend(None, hidden) == "triton"
         reserve = getattr(cache, "reserve_latent", None) if fused and not records_grad(latent, k_rope) else None
         stored = getattr(cache, "quantized_rows", None) if fused else None
+        static_length = getattr(cache, "static_length", None)  # static-capacity caches only
         quantized = None
         if reserve is not None:  # one fused kernel rotates, quantizes and writes the new rows in place
-            rows, scales = self._write_cache_fused(reserve, latent, k_rope, cos, sin)
+            rows, scales = self._write_cache_fused(reserve, latent, k_rope, cos, sin, static_length)
             quantized = (rows, scales) if scales is not None else None
         else:
             rows = torch.cat((latent, rope.apply_rope_half(k_rope, cos, sin)), dim=-1)  # [b, t, r + 2p]
@@ -191,9 +226,14 @@ class M2LAttention(nn.Module):
                 quantized = stored(self.layer_idx)
             elif cache is not None:
                 rows = cache.append_latent(self.layer_idx, rows)  # [b, s, r + 2p]
+        query_offset = None  # None: the queries are the last t keys
+        if static_length is not None:
+            rows, quantized, attention_mask, query_offset = _filled_rows(
+                static_length(self.layer_idx), hidden.shape[1], rows, quantized, attention_mask
+            )
         w_uk, w_uv, v_bias = self.up_projections()
         if fused:
-            out = self._attend_fused(q_nope, q_rope, rows, w_uk, w_uv, attention_mask, quantized)
+            out = self._attend_fused(q_nope, q_rope, rows, w_uk, w_uv, attention_mask, quantized, query_offset)
             if v_bias is not None:
                 out = out + v_bias.to(out.dtype)
         elif absorbed if absorbed is not None else self.use_absorbed(hidden.shape[1]):
@@ -208,31 +248,41 @@ class M2LAttention(nn.Module):
             )
         return self.o_proj(out.to(hidden.dtype).flatten(-2))
 
-    def _write_cache_fused(self, reserve, latent, k_rope, cos, sin) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _write_cache_fused(
+        self, reserve, latent, k_rope, cos, sin, static_length=None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
         """Store ``[latent [b, t, r] | RoPE(k_rope [b, t, 2p])]`` into the cache with the fused write kernel.
 
         ``reserve``: the cache's ``reserve_latent``. Returns the layer's rows ``[b, s, r + 2p]`` (and fp8
         scales ``[b, s]``), the new ones last. Those rows are a paged cache of ``b`` blocks of ``s`` slots,
-        so sequence ``i``'s token ``j`` goes to slot ``i * s + s - t + j``.
+        so sequence ``i``'s token ``j`` goes to slot ``i * s + s - t + j``. A static-capacity cache
+        (``static_length``) returns all its rows instead; the new ones end at its length (a tensor).
         """
         from . import kernels
 
         b, t, r = latent.shape
         p = cos.shape[-1]
         rows, scales = reserve(self.layer_idx, b, t, r + k_rope.shape[-1], latent.dtype, latent.device)
-        slots, _ = _step_indices(b, t, rows.shape[1], latent.device)
+        if static_length is None:
+            slots, _ = _step_indices(b, t, rows.shape[1], latent.device)
+        else:  # no host read: the slots come from the length tensor
+            positions = static_length(self.layer_idx) - t + torch.arange(t, device=latent.device)  # [t]
+            slots = (torch.arange(b, device=latent.device)[:, None] * rows.shape[1] + positions).flatten()
         kernels.write_latent_cache(
             rows, latent.flatten(0, 1), k_rope.flatten(0, 1), cos.expand(b, t, p).reshape(b * t, p),
             sin.expand(b, t, p).reshape(b * t, p), slots, kv_scale=scales, backend="triton",
         )  # fmt: skip
         return rows, scales
 
-    def _attend_fused(self, q_nope, q_rope, rows, w_uk, w_uv, attention_mask, quantized=None) -> torch.Tensor:
+    def _attend_fused(
+        self, q_nope, q_rope, rows, w_uk, w_uv, attention_mask, quantized=None, query_offset=None
+    ) -> torch.Tensor:  # fmt: skip
         """The Triton kernels over the contiguous cache rows: decode for one query, chunked prefill otherwise.
 
         q_nope ``[b, t, h, n]``, q_rope ``[b, t, h, 2p]``, rows ``[b, s, r + 2p]``; returns ``[b, t, h, v]``
         without the value bias. ``quantized``: an fp8 cache's stored ``(rows, scales [b, s])``, which
-        the kernels then read instead of ``rows`` (then None).
+        the kernels then read instead of ``rows`` (then None). ``query_offset`` (0-d tensor): the first
+        query's row, the rows after the queries being unfilled capacity; None: the queries are the last rows.
         """
         from . import kernels
 
@@ -240,10 +290,13 @@ class M2LAttention(nn.Module):
         b, t, h = q_rope.shape[:3]
         rows, kv_scale = quantized if quantized is not None else (rows, None)
         s = rows.shape[1]
-        starts = attention_math.causal_window_starts(attention_mask, b, t, s, rows.device)
+        starts = attention_math.causal_window_starts(attention_mask, b, t, s, rows.device, query_offset)
         if starts is None:
             raise ValueError(attention_math.NOT_LEFT_PADDING)
-        _, seqlens = _step_indices(b, t, s, rows.device)
+        if query_offset is None:
+            _, seqlens = _step_indices(b, t, s, rows.device)
+        else:  # every sequence holds the rows up to its last query
+            seqlens = (query_offset + t).to(torch.int32).reshape(1).expand(b).contiguous()  # [b]
         if t == 1:
             q = torch.cat((attention_math.absorb_query(q_nope, w_uk), q_rope), dim=-1)[:, 0]  # [b, h, r + 2p]
             out_latent, _ = kernels.decode_attention(

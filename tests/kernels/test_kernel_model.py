@@ -62,6 +62,21 @@ def test_causal_window_starts():
     assert causal_window_starts(window[None, None], 1, 4, 4, dev) is None  # 4-D: a full mask, not padding
 
 
+def test_causal_window_starts_over_a_static_capacity():
+    """A static cache's mask covers its whole capacity: with the first query's position given, the
+    unfilled keys after the queries must be hidden, and the padding start is found as before."""
+    dev = torch.device("cpu")
+    offset = torch.tensor(3)  # 2 queries at keys 3 and 4 of a capacity of 7
+    causal = (torch.arange(7)[None] <= (offset + torch.arange(2))[:, None])[None, None]  # [1, 1, t, s]
+    padding = torch.tensor([[False, True] + [True] * 5, [True] * 7])[:, None, None]  # sequence 0 starts at 1
+    assert causal_window_starts(causal & padding, 2, 2, 7, dev, offset).tolist() == [1, 0]
+    assert causal_window_starts(causal, 2, 2, 7, dev, offset).tolist() == [0, 0]
+    assert causal_window_starts(causal, 2, 2, 7, dev) is None  # read as "queries last" it is not causal
+    sees_unfilled = causal.clone()
+    sees_unfilled[..., 1, 6] = True
+    assert causal_window_starts(sees_unfilled, 2, 2, 7, dev, offset) is None
+
+
 def test_causal_window_starts_checks_each_mask_once(monkeypatch):
     """Every layer of a forward passes the same mask: its check (two device syncs) runs once, again
     after the mask changes in place or for other shapes, and every call for inference tensors."""
