@@ -22,6 +22,7 @@ __all__ = [
     "M2LACache",
     "M2LACheckpointError",
     "M2LAConfig",
+    "M2LAStaticCache",
     "M2LAConfigError",
     "M2LAttention",
     "SourceAttention",
@@ -31,10 +32,16 @@ __all__ = [
     "save_pretrained",
 ]
 
-_HF_EXPORTS = {"ConversionReport", "M2LACache", "M2LACheckpointError", "UnsupportedModelError"}
+_HF_EXPORTS = {"ConversionReport", "M2LACache", "M2LACheckpointError", "M2LAStaticCache", "UnsupportedModelError"}
 
 if TYPE_CHECKING:
-    from .integrations.hf import ConversionReport, M2LACache, M2LACheckpointError, UnsupportedModelError
+    from .integrations.hf import (
+        ConversionReport,
+        M2LACache,
+        M2LACheckpointError,
+        M2LAStaticCache,
+        UnsupportedModelError,
+    )
 
 
 def convert(model: Any, **kwargs: Any) -> ConversionReport:

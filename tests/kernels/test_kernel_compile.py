@@ -2,7 +2,8 @@
 
 A converted model traces as one graph per forward (prefill and decode, left padding included), for
 both backends; compiled steps give the eager logits; the backend selected by `use_backend` is
-guarded on, so switching it recompiles; conflicting selections across threads raise.
+guarded on, so switching it recompiles; conflicting selections across threads raise. Over an
+M2LAStaticCache, every decode step of a run is one graph (what CUDA graphs replay).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import m2la  # noqa: E402
 import tiny_hf  # noqa: E402
 from m2la import attention_math, backends  # noqa: E402
 from m2la.backends import BackendUnavailableError, use_backend  # noqa: E402
-from m2la.integrations.hf import M2LACache  # noqa: E402
+from m2la.integrations.hf import M2LACache, M2LAStaticCache  # noqa: E402
 
 
 def padded_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,15 +29,24 @@ def padded_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def greedy_steps(model, ids, mask, steps: int = 3) -> list[torch.Tensor]:
-    """Prefill, then `steps - 1` greedy decode steps through one M2LACache: every step's logits."""
-    cache = M2LACache.for_model(model)
-    logits = []
+def greedy_steps(model, ids, mask, steps: int = 3, cache=None) -> list[torch.Tensor]:
+    """Prefill, then `steps - 1` greedy decode steps through one cache (default: an M2LACache):
+    every step's logits. An M2LAStaticCache gets a padding mask over its whole capacity, so every
+    decode step has the same input shapes."""
+    cache = M2LACache.for_model(model) if cache is None else cache
+    if isinstance(cache, M2LAStaticCache):
+        mask = torch.cat((mask, mask.new_zeros(mask.shape[0], cache.get_max_length() - mask.shape[1])), dim=1)
+    held, logits = ids.shape[1], []
     for _ in range(steps):
-        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
         logits.append(out.logits)
         ids = out.logits[:, -1:].argmax(-1)
-        mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
+        if isinstance(cache, M2LAStaticCache):
+            mask = mask.clone()
+            mask[:, held] = 1
+        else:
+            mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
+        held += 1
     return logits
 
 
@@ -223,3 +233,58 @@ def test_generate_with_a_compiled_forward_gives_the_eager_tokens(converted):
         expected = converted.generate(**kwargs)
         converted.forward = torch.compile(converted.forward, backend="aot_eager", fullgraph=True)
         assert torch.equal(converted.generate(**kwargs), expected)
+
+
+def recording_aot_eager(graphs: list):
+    def compile_fn(graph_module, example_inputs, **_):
+        graphs.append(graph_module)
+        return torch._dynamo.backends.common.aot_autograd(fw_compiler=lambda gm, _: gm)(graph_module, example_inputs)
+
+    return compile_fn
+
+
+@pytest.mark.parametrize(
+    "backend,cache_dtype", [("reference", None), ("triton", None), ("triton", torch.float8_e4m3fn)],
+    ids=["reference", "triton", "triton-fp8"],
+)  # fmt: skip
+def test_compiled_static_cache_decodes_every_step_in_one_graph(converted, backend, cache_dtype):
+    """Over an M2LAStaticCache a fullgraph, dynamic=False compile makes two graphs for a whole run,
+    prefill and decode (every decode step replays the second, as a CUDA graph would), and gives the
+    growing cache's eager logits. Traced, a full cache fails the device-side assert."""
+    graphs = []
+    compiled = torch.compile(converted, backend=recording_aot_eager(graphs), fullgraph=True, dynamic=False)
+    ids, mask = padded_batch(5)
+    with torch.no_grad(), use_backend(backend):
+        expected = greedy_steps(converted, ids, mask, steps=6, cache=M2LACache.for_model(converted, cache_dtype))
+        static = M2LAStaticCache.for_model(converted, 16, batch_size=2, dtype=cache_dtype)
+        got = greedy_steps(compiled, ids, mask, steps=6, cache=static)
+        assert len(graphs) == 2 and int(static.get_seq_length()) == 14
+        for want, have in zip(expected, got, strict=True):
+            torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-5)
+        assert all((m2la_op_calls(g) > 0) == (backend == "triton") for g in graphs)
+        step = dict(input_ids=ids[:, :1].clone(), attention_mask=torch.ones(2, 16, dtype=torch.long), cache=static)
+        compiled(**step, use_cache=True)  # 15 of 16
+        compiled(**step, use_cache=True)  # 16 of 16
+        with pytest.raises(RuntimeError, match="static latent cache is full"):
+            compiled(**step, use_cache=True)
+        assert len(graphs) == 2
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_generate_compiles_decode_over_a_static_cache(converted, backend):
+    """transformers' auto-compile (forced on CPU) of generate() with cache_implementation="static"
+    or an M2LAStaticCache: one decode graph a run, the eager tokens."""
+    from transformers import CompileConfig
+
+    graphs = []
+    compile_config = CompileConfig(backend=recording_aot_eager(graphs), fullgraph=True, dynamic=False)
+    compile_config._compile_all_devices = True  # transformers compiles on GPUs only unless told
+    ids, mask = padded_batch(6)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with use_backend(backend):
+        expected = converted.generate(**kwargs)
+        static = converted.generate(**kwargs, cache_implementation="static", compile_config=compile_config)
+        assert torch.equal(static, expected) and len(graphs) == 1
+        cache = M2LAStaticCache.for_model(converted, 20)
+        assert torch.equal(converted.generate(**kwargs, cache=cache, compile_config=compile_config), expected)
+        assert len(graphs) == 2 and int(cache.get_seq_length()) == 14

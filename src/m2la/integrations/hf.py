@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCache, StaticLayer
 
 from .. import rope
 from ..cache import append_rows, check_rows_shape, reserve_rows, tensor_nbytes, views_prefix_of
@@ -38,6 +38,7 @@ __all__ = [
     "LayerReport",
     "M2LACache",
     "M2LACheckpointError",
+    "M2LAStaticCache",
     "HFM2LAttention",
     "UnsupportedModelError",
     "convert",
@@ -177,33 +178,115 @@ class LatentCacheLayer(DynamicLayer):
         return key_bytes + tensor_nbytes(self._values_buffer if self._values_buffer is not None else self.values)
 
 
-class M2LACache(DynamicCache):
-    """transformers cache holding, per layer, only the latent and the rotated shared RoPE key.
+class StaticLatentLayer(StaticLayer):
+    """One layer's latent rows in fixed buffers: ``keys [b, capacity, r + 2p]`` and ``values
+    [b, capacity, 0]`` (fp8 caches: the per-token scales ``[b, capacity, 1]``), zero where unfilled,
+    and ``cumulative_length``, a 0-d tensor counting the rows held, updated in place.
 
-    ``dtype=torch.float8_e4m3fn`` (or ``float8_e5m2``) keeps the rows in fp8 with one fp32 scale per
-    token (:mod:`m2la.quantization`) in ``values [b, s, 1]``; attention reads them (dequantized by the
-    reference path, as fp8 by the Triton kernels), so perplexity measured through this cache includes
-    the fp8 error.
+    Every shape and address stays fixed from step to step, so a compiled decode step is one graph
+    that CUDA graphs can replay (``torch.compile(mode="reduce-overhead")``); the kernels read the
+    length from the tensor. transformers' mask covers the whole capacity (``get_mask_sizes``).
     """
 
-    def __init__(self, num_layers: int, dtype: torch.dtype | None = None) -> None:
-        self.dtype = check_cache_dtype(dtype)
-        Cache.__init__(self, layers=[LatentCacheLayer() for _ in range(num_layers)])
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Allocate from the first rows ``[b, t, w]`` and values ``[b, t, 0 | 1]``."""
+        if key_states.dim() != 3 or value_states.dim() != 3:
+            raise ValueError(
+                f"latent cache layers take rows [b, t, width], got {tuple(key_states.shape)}; "
+                "allocate an M2LAStaticCache with M2LAStaticCache.for_model(model, max_cache_len, batch_size)"
+            )
+        self.allocate(
+            key_states.shape[0], key_states.shape[2], key_states.dtype, value_states.shape[2], value_states.dtype,
+            key_states.device,
+        )  # fmt: skip
 
-    @classmethod
-    def for_model(cls, model: nn.Module, dtype: torch.dtype | None = None) -> M2LACache:
-        """An empty cache for a converted model (one layer per m2la attention module); pass it as
-        ``cache=`` (``past_key_values=`` before transformers 5) to ``model(...)`` or ``model.generate(...)``."""
-        num_layers = _num_decoder_layers(model)
-        if num_layers == 0:
-            raise ValueError(f"{type(model).__name__} has no m2la attention layers; convert it first")
-        return cls(num_layers, dtype)
+    def allocate(
+        self, batch: int, width: int, dtype: torch.dtype, value_width: int, value_dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:  # fmt: skip
+        self.device = device
+        self.keys = torch.zeros((batch, self.max_cache_len, width), dtype=dtype, device=device)
+        self.values = torch.zeros((batch, self.max_cache_len, value_width), dtype=value_dtype, device=device)
+        self.cumulative_length = self.cumulative_length.to(device)
+        if not torch.compiler.is_compiling():  # fixed addresses: CUDA graphs need not copy the buffers
+            for tensor in (self.keys, self.values, self.cumulative_length):
+                torch._dynamo.mark_static_address(tensor)
+        self.is_initialized = True
+
+    def _advance(self, num_tokens: int) -> torch.Tensor:
+        """Count ``num_tokens`` more rows; return their positions ``[t]`` int64."""
+        length = self.cumulative_length
+        if torch.compiler.is_compiling():
+            torch._assert_async(length + num_tokens <= self.max_cache_len, "static latent cache is full")
+        else:
+            held = int(length)  # a host read: eager calls get an error that names the sizes
+            if held + num_tokens > self.max_cache_len:
+                raise ValueError(
+                    f"static latent cache holds {held} of {self.max_cache_len} tokens and cannot take "
+                    f"{num_tokens} more; allocate it with a larger max_cache_len"
+                )
+        positions = length + torch.arange(num_tokens, device=length.device)
+        length.add_(num_tokens)  # in place: the address stays fixed
+        return positions
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write rows ``[b, t, w]`` (and values ``[b, t, 0 | 1]``) after those held; return all the buffers."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        positions = self._advance(key_states.shape[1])
+        _copy_rows_at(self.keys, positions, key_states)
+        _copy_rows_at(self.values, positions, value_states)
+        return self.keys, self.values
+
+    def reserve(
+        self, key_shape: tuple[int, int, int], key_dtype: torch.dtype, value_width: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Count ``t`` more rows (``key_shape = (b, t, w)``) and return the buffers; the caller writes
+        the rows ending at ``cumulative_length`` in place."""
+        b, t, width = key_shape
+        if not self.is_initialized:
+            value_dtype = torch.float32 if value_width else key_dtype
+            self.allocate(b, width, key_dtype, value_width, value_dtype, device)
+        self._advance(t)
+        return self.keys, self.values
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the rows held (the format's cost; reads the length on the host)."""
+        if not self.is_initialized:
+            return 0
+        held = int(self.cumulative_length)
+        return held * (self.keys[0, 0].nbytes + self.values[0, 0].nbytes) * self.keys.shape[0]
+
+    @property
+    def reserved_nbytes(self) -> int:
+        """Bytes allocated: the whole capacity."""
+        return tensor_nbytes(self.keys) + tensor_nbytes(self.values) if self.is_initialized else 0
+
+
+def _copy_rows_at(buffer: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> None:
+    """``buffer[:, positions] = rows`` for ``buffer [b, capacity, w]``, ``rows [b, t, w]``, in place.
+    fp8 rows are copied as bytes: CPU torch has no fp8 index_copy_."""
+    rows = rows.to(buffer.dtype)
+    if buffer.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        buffer, rows = buffer.view(torch.uint8), rows.view(torch.uint8)
+    buffer.index_copy_(1, positions, rows)
+
+
+class _LatentRows:
+    """The latent-cache methods :class:`M2LACache` and :class:`M2LAStaticCache` share; their layers
+    hold the rows in ``keys`` and fp8 scales in ``values`` and offer ``update`` and ``reserve``."""
+
+    dtype: torch.dtype | None
+    layers: list
 
     def append_latent(self, layer_idx: int, rows: torch.Tensor, dequantize: bool = True) -> torch.Tensor | None:
         """Append ``rows [b, t, r + 2p]`` to layer ``layer_idx``; return ``[b, s, r + 2p]`` in ``rows.dtype``.
 
         ``dequantize=False``: an fp8 cache returns None instead (for callers that read ``quantized_rows``).
         """
+        layer = self.layers[layer_idx]
+        check_rows_shape(layer.keys if layer.is_initialized else None, layer_idx, rows.shape[0], rows.shape[2])
         if self.dtype is None:
             keys, _ = self.layers[layer_idx].update(rows, rows[..., :0])
             return keys
@@ -234,7 +317,7 @@ class M2LACache(DynamicCache):
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         raise TypeError(
-            "M2LACache stores latent rows, not decompressed keys and values; "
+            f"{type(self).__name__} stores latent rows, not decompressed keys and values; "
             "only m2la attention layers (append_latent) can write to it"
         )
 
@@ -245,8 +328,79 @@ class M2LACache(DynamicCache):
 
     @property
     def reserved_nbytes(self) -> int:
-        """Bytes allocated (all layers), growth room included: at most 1/16 or 256 tokens a layer more."""
+        """Bytes allocated (all layers), growth room included."""
         return sum(layer.reserved_nbytes for layer in self.layers)
+
+
+class M2LACache(_LatentRows, DynamicCache):
+    """transformers cache holding, per layer, only the latent and the rotated shared RoPE key.
+
+    ``dtype=torch.float8_e4m3fn`` (or ``float8_e5m2``) keeps the rows in fp8 with one fp32 scale per
+    token (:mod:`m2la.quantization`) in ``values [b, s, 1]``; attention reads them (dequantized by the
+    reference path, as fp8 by the Triton kernels), so perplexity measured through this cache includes
+    the fp8 error. Layers grow by at most 1/16 or 256 tokens over the rows they hold.
+    """
+
+    def __init__(self, num_layers: int, dtype: torch.dtype | None = None) -> None:
+        self.dtype = check_cache_dtype(dtype)
+        Cache.__init__(self, layers=[LatentCacheLayer() for _ in range(num_layers)])
+
+    @classmethod
+    def for_model(cls, model: nn.Module, dtype: torch.dtype | None = None) -> M2LACache:
+        """An empty cache for a converted model (one layer per m2la attention module); pass it as
+        ``cache=`` (``past_key_values=`` before transformers 5) to ``model(...)`` or ``model.generate(...)``."""
+        return cls(_checked_num_layers(model), dtype)
+
+
+class M2LAStaticCache(_LatentRows, Cache):
+    """A fixed-capacity :class:`M2LACache`: each layer's rows live in ``[b, max_cache_len, r + 2p]``
+    buffers allocated once (:class:`StaticLatentLayer`), the analogue of transformers' StaticCache.
+
+    Shapes and addresses do not change between decode steps, so ``torch.compile`` makes one graph for
+    every step and ``mode="reduce-overhead"`` replays it as a CUDA graph, which removes the host cost
+    of launching each layer's kernels. ``generate(..., cache=M2LAStaticCache.for_model(model, n))``
+    on a GPU compiles the decode step this way by itself (transformers' auto-compile), as does
+    ``generate(..., cache_implementation="static")``, whose empty StaticCache a converted model
+    swaps for this one. Eager calls sync with the host up to three times a layer (the capacity check,
+    the length, and with the Triton backend the mask check), so use it compiled; compiled calls never
+    sync, and a full cache fails a device-side assert instead of raising.
+    """
+
+    def __init__(self, num_layers: int, max_cache_len: int, dtype: torch.dtype | None = None) -> None:
+        if max_cache_len < 1:
+            raise ValueError(f"max_cache_len must be positive, got {max_cache_len}")
+        self.dtype = check_cache_dtype(dtype)
+        Cache.__init__(self, layers=[StaticLatentLayer(max_cache_len) for _ in range(num_layers)])
+
+    @classmethod
+    def for_model(
+        cls, model: nn.Module, max_cache_len: int, batch_size: int | None = None, dtype: torch.dtype | None = None
+    ) -> M2LAStaticCache:  # fmt: skip
+        """An empty cache for a converted model. With ``batch_size`` the buffers are allocated now, in the
+        model's dtype and on its device (so a compiled first call finds them at fixed addresses);
+        otherwise on the first write."""
+        cache = cls(_checked_num_layers(model), max_cache_len, dtype)
+        if batch_size is not None:
+            modules = [m for m in model.modules() if isinstance(m, HFM2LAttention)]
+            for layer, module in zip(cache.layers, modules, strict=True):
+                weight = module.kv_a_proj.weight
+                fp8 = cache.dtype is not None
+                layer.allocate(
+                    batch_size, module.config.cache_width, cache.dtype or weight.dtype, int(fp8),
+                    torch.float32 if fp8 else weight.dtype, weight.device,
+                )  # fmt: skip
+        return cache
+
+    def static_length(self, layer_idx: int) -> torch.Tensor:
+        """Rows layer ``layer_idx`` holds: a 0-d int64 tensor, updated in place (see LatentCacheProtocol)."""
+        return self.layers[layer_idx].cumulative_length
+
+
+def _checked_num_layers(model: nn.Module) -> int:
+    num_layers = _num_decoder_layers(model)
+    if num_layers == 0:
+        raise ValueError(f"{type(model).__name__} has no m2la attention layers; convert it first")
+    return num_layers
 
 
 def _num_decoder_layers(model: nn.Module) -> int:
@@ -254,9 +408,11 @@ def _num_decoder_layers(model: nn.Module) -> int:
 
 
 def _inject_latent_cache(model: nn.Module, args: tuple, kwargs: dict[str, Any]):
-    """Forward pre-hook: give the model an M2LACache where it would build a K/V cache."""
+    """Forward pre-hook: give the model an M2LACache where it would build a K/V cache, and an
+    M2LAStaticCache of the same capacity for an empty transformers StaticCache
+    (``generate(cache_implementation="static")``)."""
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    if isinstance(cache, M2LACache):
+    if isinstance(cache, (M2LACache, M2LAStaticCache)):
         return None
     if cache is None:
         use_cache = kwargs.get("use_cache")
@@ -268,10 +424,18 @@ def _inject_latent_cache(model: nn.Module, args: tuple, kwargs: dict[str, Any]):
     elif not isinstance(cache, Cache) or cache.get_seq_length() > 0:
         raise TypeError(
             f"an m2la-converted model got a {type(cache).__name__} holding decompressed keys/values; "
-            "pass an m2la.M2LACache (or no cache) instead"
+            "pass an m2la.M2LACache or M2LAStaticCache (or no cache) instead"
         )
     kwargs.pop("past_key_values", None)
-    kwargs["cache"] = M2LACache(_num_decoder_layers(model))
+    if isinstance(cache, StaticCache):
+        if any(cache.is_sliding):  # its sliding layers hold the window only, not the whole length
+            raise ValueError(
+                "transformers' static cache for sliding-window layers keeps only the window, and m2la's "
+                "static cache keeps every token: pass cache=m2la.M2LAStaticCache.for_model(model, max_cache_len)"
+            )
+        kwargs["cache"] = M2LAStaticCache(_num_decoder_layers(model), cache.get_max_length())
+    else:
+        kwargs["cache"] = M2LACache(_num_decoder_layers(model))
     return args, kwargs
 
 
@@ -297,9 +461,10 @@ class HFM2LAttention(M2LAttention):
         cache = cache if cache is not None else past_key_values
         if position_embeddings is None:
             raise ValueError("m2la attention needs the host model's position_embeddings (cos, sin)")
-        if cache is not None and not isinstance(cache, M2LACache):
+        if cache is not None and not isinstance(cache, (M2LACache, M2LAStaticCache)):
             raise TypeError(
-                f"m2la attention got a {type(cache).__name__}; converted models cache latents in an M2LACache"
+                f"m2la attention got a {type(cache).__name__}; converted models cache latents in an "
+                "M2LACache or M2LAStaticCache"
             )
         if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
             raise TypeError(
