@@ -11,7 +11,9 @@
 # Environment: M2LA_SWEEP_SET=fp8 times the fp8-tile sweep (gpu_kernels.SWEEP_FP8) instead of the
 # full one, M2LA_SWEEP_SET=overlap the two-programs-per-SM tiles (gpu_kernels.SWEEP_OVERLAP);
 # M2LA_SECTIONS picks benchmark sections (default: all of gpu_kernels.py's; add "compiled" for
-# benchmarks/compiled_decode.py, eager against torch.compile); M2LA_REGISTER_FACTS=0 skips the ptxas table.
+# benchmarks/compiled_decode.py: eager against torch.compile, and a static cache under CUDA graphs);
+# M2LA_REGISTER_FACTS=0 skips the ptxas table; M2LA_GPU_TESTS=0 skips the GPU tests. The sweep
+# precompile runs only when the sections hold "sweep" or "decode".
 # vLLM's kernel is timed only when benchmarks/_third_party/ holds it (git-ignored): run
 # `python benchmarks/vllm_triton_mla.py <vllm wheel>` here first and pass
 # carry=["benchmarks/_third_party"] to the device call.
@@ -33,24 +35,31 @@ if [ "${M2LA_REGISTER_FACTS:-1}" != 0 ]; then
     timeout 300 python benchmarks/decode_register_facts.py > "$OUT/register_facts.md" 2> "$OUT/register_facts.err" &
     facts_pid=$!
 fi
-M2LA_TRITON_NATIVE=1 timeout 240 python -m pytest tests/kernels/test_kernel_gpu.py -q -p no:cacheprovider \
-    > "$OUT/gpu_tests.txt" 2>&1 &
-tests_pid=$!
+tests_pid=""
+if [ "${M2LA_GPU_TESTS:-1}" != 0 ]; then
+    M2LA_TRITON_NATIVE=1 timeout 240 python -m pytest tests/kernels/test_kernel_gpu.py -q -p no:cacheprovider \
+        > "$OUT/gpu_tests.txt" 2>&1 &
+    tests_pid=$!
+fi
 sweep_set="${M2LA_SWEEP_SET:-all}"
 sections="${M2LA_SECTIONS:-sweep,decode,fp8,vllm,prefill,prefill_sweep,extend}"
-timeout 240 python benchmarks/gpu_kernels.py --warm-only --sweep-set "$sweep_set" --warm-workers "${M2LA_WARM_WORKERS:-12}" 2>&1 \
-    | tail -3 | tee "$OUT/warm.log" || echo "warm compile failed or timed out; the sweep compiles as it goes"
-wait "$tests_pid" || echo "GPU TESTS FAILED (see $OUT/gpu_tests.txt); benchmarking anyway"
-tail -25 "$OUT/gpu_tests.txt"
+if [[ ",$sections," == *",sweep,"* || ",$sections," == *",decode,"* ]]; then
+    timeout 240 python benchmarks/gpu_kernels.py --warm-only --sweep-set "$sweep_set" --warm-workers "${M2LA_WARM_WORKERS:-12}" 2>&1 \
+        | tail -3 | tee "$OUT/warm.log" || echo "warm compile failed or timed out; the sweep compiles as it goes"
+fi
+if [ -n "$tests_pid" ]; then
+    wait "$tests_pid" || echo "GPU TESTS FAILED (see $OUT/gpu_tests.txt); benchmarking anyway"
+    tail -25 "$OUT/gpu_tests.txt"
+fi
 echo "== tests + compile took ${SECONDS} s =="
 
 echo "== benchmark =="
 timeout 330 python benchmarks/gpu_kernels.py --seconds "${M2LA_BENCH_SECONDS:-290}" --sweep-seconds 130 \
     --sweep-set "$sweep_set" --sections "$sections" --warm-workers 0 --use-best --contexts 4096 32768 131072 2>&1 \
     | tee "$OUT/gpu_kernels.log"
-if [[ ",$sections," == *",compiled,"* ]]; then  # not in the default sections: ~2-3 minutes of compiles
-    echo "== compiled decode (eager vs torch.compile of a converted Llama) =="
-    timeout 200 python benchmarks/compiled_decode.py --batches 1 8 --seconds 110 2>&1 | tail -8
+if [[ ",$sections," == *",compiled,"* ]]; then  # not in the default sections: ~3-4 minutes of compiles
+    echo "== compiled decode (eager vs torch.compile of a converted Llama, growing and static caches) =="
+    timeout 300 python benchmarks/compiled_decode.py --batches 1 8 --seconds 170 2>&1 | tail -8
 fi
 if [ -n "$facts_pid" ]; then wait "$facts_pid" || echo "register facts failed (see $OUT/register_facts.err)"; fi
 echo "== total ${SECONDS} s =="
