@@ -147,3 +147,39 @@ def test_reserve_latent_leaves_the_new_rows_to_the_caller(dtype):
     assert torch.equal(again[:, 5].float(), torch.zeros(2, 12))
     with pytest.raises(ValueError, match=r"caches \[b=2, width=12\] rows, got \[b=2, width=10\]"):
         cache.reserve_latent(0, 2, 1, 10, torch.float32, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float8_e4m3fn], ids=["plain", "fp8"])
+def test_static_latent_cache_holds_what_the_growing_cache_holds(dtype):
+    """StaticLatentCache: rows written after those held, in buffers that never move, zero past the
+    length; the same stored bytes as LatentCache; reserve counts rows for the caller; reset keeps
+    the buffers; overfilling and mismatched shapes are refused."""
+    from m2la import StaticLatentCache
+
+    growing, static = LatentCache(1, dtype), StaticLatentCache(1, 12, dtype)
+    chunks = [torch.randn(2, 5, 8), torch.randn(2, 1, 8), torch.randn(2, 3, 8)]
+    for chunk in chunks:
+        want = growing.append_latent(0, chunk)
+        got = static.append_latent(0, chunk)
+        held = growing.seq_length(0)
+        assert got.shape == (2, 12, 8) and torch.equal(got[:, :held], want) and not got[:, held:].any()
+        assert static.seq_length(0) == int(static.static_length(0)) == held
+    pointer = static.rows[0].data_ptr()
+    assert static.nbytes == growing.nbytes and static.reserved_nbytes == 12 * growing.nbytes // 9
+    if dtype is not None:
+        assert torch.equal(static.quantized_rows(0)[0][:, :9].view(torch.uint8), growing.rows[0].view(torch.uint8))
+        assert static.append_latent(0, torch.randn(2, 1, 8), dequantize=False) is None
+    else:
+        assert static.quantized_rows(0) is None
+        static.append_latent(0, torch.randn(2, 1, 8))
+    rows, scales = static.reserve_latent(0, 2, 2, 8, torch.float32, torch.device("cpu"))
+    assert rows.data_ptr() == pointer and rows.shape == (2, 12, 8) and static.seq_length(0) == 12
+    assert (scales is None) == (dtype is None)
+    with pytest.raises(ValueError, match="holds 12 of 12 tokens and cannot take 1 more"):
+        static.append_latent(0, torch.randn(2, 1, 8))
+    static.reset()
+    assert static.seq_length(0) == 0 and not static.rows[0].any() and static.rows[0].data_ptr() == pointer
+    with pytest.raises(ValueError, match=r"caches \[b=2, width=8\] rows, got \[b=2, width=6\]"):
+        static.append_latent(0, torch.randn(2, 1, 6))
+    with pytest.raises(ValueError, match="max_cache_len must be positive"):
+        StaticLatentCache(1, 0)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .cache import LatentCache
+from .cache import LatentCache, StaticLatentCache
 from .config import M2LAConfig, M2LAConfigError
 from .conversion import ConversionError, SourceAttention
 from .module import M2LAttention
@@ -26,6 +26,7 @@ __all__ = [
     "M2LAConfigError",
     "M2LAttention",
     "SourceAttention",
+    "StaticLatentCache",
     "UnsupportedModelError",
     "convert",
     "from_pretrained",

@@ -6,7 +6,8 @@ import torch
 
 from .quantization import check_cache_dtype, dequantize_rows, quantize_rows
 
-__all__ = ["LatentCache", "append_rows", "reserve_rows", "views_prefix_of"]
+__all__ = ["LatentCache", "StaticLatentCache", "advance_length", "append_rows", "copy_rows_at", "reserve_rows",
+           "views_prefix_of"]
 
 # Growth of a full buffer: room for max(GROWTH_MIN_TOKENS, length / GROWTH_FRACTION) more tokens, so
 # memory over the live rows stays <= 1/16 (or 256 tokens) and decode copies amortize to <= 16 rows a step.
@@ -193,3 +194,135 @@ class LatentCache:
     def reserved_nbytes(self) -> int:
         """Bytes allocated, growth room included (at most 1/16 or 256 tokens a layer over `nbytes`)."""
         return sum(map(tensor_nbytes, (*self._row_buffers, *self._scale_buffers)))
+
+
+# --- fixed capacity (torch.compile / CUDA graphs) ------------------------------------------------
+
+
+def advance_length(length: torch.Tensor, num_tokens: int, capacity: int) -> torch.Tensor:
+    """Count ``num_tokens`` more rows in ``length`` (0-d int64, in place, so its address stays fixed);
+    return their positions ``[t]``. Eager calls read the length on the host and raise when the rows
+    would pass ``capacity``; traced calls (torch.compile) assert on the device instead."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(length + num_tokens <= capacity, "static latent cache is full")
+    else:
+        held = int(length)
+        if held + num_tokens > capacity:
+            raise ValueError(
+                f"static latent cache holds {held} of {capacity} tokens and cannot take {num_tokens} more; "
+                "allocate it with a larger max_cache_len"
+            )
+    positions = length + torch.arange(num_tokens, device=length.device)
+    length.add_(num_tokens)
+    return positions
+
+
+def copy_rows_at(buffer: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> None:
+    """``buffer[:, positions] = rows`` for ``buffer [b, capacity, w]``, ``rows [b, t, w]``, in place.
+    fp8 rows are copied as bytes: CPU torch has no fp8 index_copy_."""
+    rows = rows.to(buffer.dtype)
+    if buffer.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        buffer, rows = buffer.view(torch.uint8), rows.view(torch.uint8)
+    buffer.index_copy_(1, positions, rows)
+
+
+def zeroed_static_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed buffer marked as a fixed address for torch.compile (CUDA graphs then read it in place)."""
+    buffer = torch.zeros(shape, dtype=dtype, device=device)
+    if not torch.compiler.is_compiling():
+        torch._dynamo.mark_static_address(buffer)
+    return buffer
+
+
+class StaticLatentCache:
+    """Fixed-capacity per-layer store of ``[b, max_cache_len, r + 2p]`` rows (for use without transformers;
+    the transformers one is ``m2la.M2LAStaticCache``).
+
+    Buffers are zeroed and allocated on a layer's first write (or by :meth:`allocate`), and each
+    layer counts its rows in a 0-d device tensor, so shapes and addresses never change: a compiled
+    decode step is one graph, replayable as a CUDA graph. Implements the static part of
+    ``m2la.module.LatentCacheProtocol`` (``static_length``). fp8 ``dtype`` as in :class:`LatentCache`.
+    """
+
+    def __init__(self, num_layers: int, max_cache_len: int, dtype: torch.dtype | None = None) -> None:
+        if max_cache_len < 1:
+            raise ValueError(f"max_cache_len must be positive, got {max_cache_len}")
+        self.dtype = check_cache_dtype(dtype)
+        self.max_cache_len = max_cache_len
+        self.rows: list[torch.Tensor | None] = [None] * num_layers  # [b, capacity, w]
+        self.scales: list[torch.Tensor | None] = [None] * num_layers  # [b, capacity, 1] fp32, fp8 only
+        self.lengths: list[torch.Tensor | None] = [None] * num_layers  # [] int64: rows held
+
+    def allocate(self, layer_idx: int, batch: int, width: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Allocate layer ``layer_idx`` for ``batch`` sequences of rows ``width`` wide (in ``dtype``, or the fp8 dtype)."""
+        i, capacity = layer_idx, self.max_cache_len
+        self.rows[i] = zeroed_static_buffer((batch, capacity, width), self.dtype or dtype, device)
+        if self.dtype is not None:
+            self.scales[i] = zeroed_static_buffer((batch, capacity, 1), torch.float32, device)
+        self.lengths[i] = zeroed_static_buffer((), torch.int64, device)
+
+    def _ready(self, i: int, batch: int, width: int, dtype: torch.dtype, device: torch.device) -> None:
+        if self.rows[i] is None:
+            self.allocate(i, batch, width, dtype, device)
+        check_rows_shape(self.rows[i], i, batch, width)
+
+    def append_latent(self, layer_idx: int, rows: torch.Tensor, dequantize: bool = True) -> torch.Tensor | None:
+        """Write ``rows [b, t, r + 2p]`` after those held; return every row ``[b, capacity, r + 2p]`` in
+        ``rows.dtype`` (zero past the rows held). ``dequantize=False``: an fp8 cache returns None."""
+        i = layer_idx
+        self._ready(i, rows.shape[0], rows.shape[2], rows.dtype, rows.device)
+        positions = advance_length(self.lengths[i], rows.shape[1], self.max_cache_len)
+        if self.dtype is None:
+            copy_rows_at(self.rows[i], positions, rows)
+            return self.rows[i]
+        quantized, scale = quantize_rows(rows, self.dtype)
+        copy_rows_at(self.rows[i], positions, quantized)
+        copy_rows_at(self.scales[i], positions, scale[..., None])
+        return dequantize_rows(self.rows[i], self.scales[i][..., 0], rows.dtype) if dequantize else None
+
+    def reserve_latent(
+        self, layer_idx: int, batch: int, num_tokens: int, width: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """Count ``num_tokens`` more rows; return every row ``[b, capacity, width]`` (and fp8 scales
+        ``[b, capacity]``): the caller writes the ``num_tokens`` ending at ``static_length``, in place."""
+        i = layer_idx
+        self._ready(i, batch, width, dtype, device)
+        advance_length(self.lengths[i], num_tokens, self.max_cache_len)
+        return self.rows[i], None if self.scales[i] is None else self.scales[i][..., 0]
+
+    def quantized_rows(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """fp8 caches: every stored row ``[b, capacity, r + 2p]`` and scale ``[b, capacity]``; else None."""
+        if self.dtype is None or self.rows[layer_idx] is None:
+            return None
+        return self.rows[layer_idx], self.scales[layer_idx][..., 0]
+
+    def static_length(self, layer_idx: int) -> torch.Tensor:
+        """Rows layer ``layer_idx`` holds: a 0-d int64 tensor, updated in place."""
+        return self.lengths[layer_idx]
+
+    def seq_length(self, layer_idx: int = 0) -> int:
+        """Rows layer ``layer_idx`` holds (a host read)."""
+        length = self.lengths[layer_idx]
+        return 0 if length is None else int(length)
+
+    def reset(self) -> None:
+        """Forget every row, keeping the buffers (and their addresses)."""
+        for tensors in (self.rows, self.scales, self.lengths):
+            for tensor in tensors:
+                if tensor is not None:
+                    tensor.zero_()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the rows held (and, for fp8, their scales): the format's cost (reads lengths on the host)."""
+        total = 0
+        for i, rows in enumerate(self.rows):
+            if rows is not None:
+                per_token = rows[:, 0].nbytes + (0 if self.scales[i] is None else self.scales[i][:, 0].nbytes)
+                total += self.seq_length(i) * per_token
+        return total
+
+    @property
+    def reserved_nbytes(self) -> int:
+        """Bytes allocated: the whole capacity."""
+        return sum(map(tensor_nbytes, (*self.rows, *self.scales)))

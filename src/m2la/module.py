@@ -83,7 +83,7 @@ def _filled_rows(
         offset = end - new_tokens
         if mask is None:
             query_pos = torch.arange(new_tokens, device=rows.device)[:, None] + offset
-            mask = torch.arange(capacity, device=rows.device) <= query_pos  # [t, capacity]
+            mask = (torch.arange(capacity, device=rows.device) <= query_pos)[None, None]  # [1, 1, t, capacity]
         return rows, quantized, mask, offset
     filled = int(end)
     rows = rows[:, :filled]

@@ -197,19 +197,25 @@ def test_compiled_first_call_leaves_the_rope_column_memo_alone(converted):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("cache_dtype", [None, torch.float8_e4m3fn])
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_compiled_module_with_latent_cache_matches_eager(backend, cache_dtype):
-    """The core LatentCache under AOT autograd: traced code reads its buffers and lengths (views of
-    other inputs with dynamic sizes fail there), and the appends stay in place in the buffers."""
-    from m2la import LatentCache, M2LAConfig, M2LAttention
+def small_attention_module():
+    from m2la import M2LAConfig, M2LAttention
 
     config = M2LAConfig(
         hidden_size=24, num_heads=3, kv_rank=16, rope_dim=8, qk_nope_dim=8, v_head_dim=8, softmax_scale=0.3,
         rope_inv_freq=[1.0, 0.5, 0.25, 0.125], rope_axis=[0] * 4, rope_source_column=[0, 1, 2, 3],
     )  # fmt: skip
     torch.manual_seed(0)
-    module = M2LAttention(config)
+    return M2LAttention(config)
+
+
+@pytest.mark.parametrize("cache_dtype", [None, torch.float8_e4m3fn])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_compiled_module_with_latent_cache_matches_eager(backend, cache_dtype):
+    """The core LatentCache under AOT autograd: traced code reads its buffers and lengths (views of
+    other inputs with dynamic sizes fail there), and the appends stay in place in the buffers."""
+    from m2la import LatentCache
+
+    module = small_attention_module()
     torch._dynamo.reset()
     compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
     eager_cache, compiled_cache = LatentCache(1, cache_dtype), LatentCache(1, cache_dtype)
@@ -288,3 +294,31 @@ def test_generate_compiles_decode_over_a_static_cache(converted, backend):
         cache = M2LAStaticCache.for_model(converted, 20)
         assert torch.equal(converted.generate(**kwargs, cache=cache, compile_config=compile_config), expected)
         assert len(graphs) == 2 and int(cache.get_seq_length()) == 14
+
+
+@pytest.mark.parametrize(
+    "backend,cache_dtype", [("reference", None), ("triton", None), ("triton", torch.float8_e4m3fn)],
+    ids=["reference", "triton", "triton-fp8"],
+)  # fmt: skip
+def test_compiled_module_with_static_latent_cache_decodes_in_one_graph(backend, cache_dtype):
+    """The core StaticLatentCache: eager and compiled (dynamic=False) M2LAttention give the growing
+    LatentCache's outputs, and every compiled decode step reuses one graph."""
+    from m2la import LatentCache, StaticLatentCache
+
+    module = small_attention_module()
+    graphs = []
+    torch._dynamo.reset()
+    compiled = torch.compile(module, backend=recording_aot_eager(graphs), fullgraph=True, dynamic=False)
+    growing = LatentCache(1, cache_dtype)
+    eager_static, compiled_static = StaticLatentCache(1, 12, cache_dtype), StaticLatentCache(1, 12, cache_dtype)
+    with torch.no_grad(), use_backend(backend):
+        for step in range(6):
+            t = 6 if step == 0 else 1
+            hidden = torch.randn(2, t, 24)
+            positions = torch.arange(growing.seq_length(), growing.seq_length() + t).expand(2, -1).contiguous()
+            want = module(hidden, positions, cache=growing)
+            torch.testing.assert_close(module(hidden, positions, cache=eager_static), want, rtol=1e-6, atol=1e-6)
+            got = compiled(hidden, positions, cache=compiled_static)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert len(graphs) == 2 and compiled_static.seq_length(0) == 11  # prefill + one decode graph
+    torch._dynamo.reset()

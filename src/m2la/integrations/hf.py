@@ -26,7 +26,16 @@ from transformers import AutoConfig, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCache, StaticLayer
 
 from .. import rope
-from ..cache import append_rows, check_rows_shape, reserve_rows, tensor_nbytes, views_prefix_of
+from ..cache import (
+    advance_length,
+    append_rows,
+    check_rows_shape,
+    copy_rows_at,
+    reserve_rows,
+    tensor_nbytes,
+    views_prefix_of,
+    zeroed_static_buffer,
+)
 from ..config import M2LAConfig, M2LAConfigError
 from ..conversion import ConversionError, SourceAttention, lossless_config, lossless_state_dict, source_cache_width
 from ..module import M2LAttention
@@ -205,37 +214,20 @@ class StaticLatentLayer(StaticLayer):
         device: torch.device,
     ) -> None:  # fmt: skip
         self.device = device
-        self.keys = torch.zeros((batch, self.max_cache_len, width), dtype=dtype, device=device)
-        self.values = torch.zeros((batch, self.max_cache_len, value_width), dtype=value_dtype, device=device)
+        self.keys = zeroed_static_buffer((batch, self.max_cache_len, width), dtype, device)
+        self.values = zeroed_static_buffer((batch, self.max_cache_len, value_width), value_dtype, device)
         self.cumulative_length = self.cumulative_length.to(device)
-        if not torch.compiler.is_compiling():  # fixed addresses: CUDA graphs need not copy the buffers
-            for tensor in (self.keys, self.values, self.cumulative_length):
-                torch._dynamo.mark_static_address(tensor)
+        if not torch.compiler.is_compiling():  # a fixed address: CUDA graphs read it in place
+            torch._dynamo.mark_static_address(self.cumulative_length)
         self.is_initialized = True
-
-    def _advance(self, num_tokens: int) -> torch.Tensor:
-        """Count ``num_tokens`` more rows; return their positions ``[t]`` int64."""
-        length = self.cumulative_length
-        if torch.compiler.is_compiling():
-            torch._assert_async(length + num_tokens <= self.max_cache_len, "static latent cache is full")
-        else:
-            held = int(length)  # a host read: eager calls get an error that names the sizes
-            if held + num_tokens > self.max_cache_len:
-                raise ValueError(
-                    f"static latent cache holds {held} of {self.max_cache_len} tokens and cannot take "
-                    f"{num_tokens} more; allocate it with a larger max_cache_len"
-                )
-        positions = length + torch.arange(num_tokens, device=length.device)
-        length.add_(num_tokens)  # in place: the address stays fixed
-        return positions
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Write rows ``[b, t, w]`` (and values ``[b, t, 0 | 1]``) after those held; return all the buffers."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        positions = self._advance(key_states.shape[1])
-        _copy_rows_at(self.keys, positions, key_states)
-        _copy_rows_at(self.values, positions, value_states)
+        positions = advance_length(self.cumulative_length, key_states.shape[1], self.max_cache_len)
+        copy_rows_at(self.keys, positions, key_states)
+        copy_rows_at(self.values, positions, value_states)
         return self.keys, self.values
 
     def reserve(
@@ -247,7 +239,7 @@ class StaticLatentLayer(StaticLayer):
         if not self.is_initialized:
             value_dtype = torch.float32 if value_width else key_dtype
             self.allocate(b, width, key_dtype, value_width, value_dtype, device)
-        self._advance(t)
+        advance_length(self.cumulative_length, t, self.max_cache_len)
         return self.keys, self.values
 
     @property
@@ -262,15 +254,6 @@ class StaticLatentLayer(StaticLayer):
     def reserved_nbytes(self) -> int:
         """Bytes allocated: the whole capacity."""
         return tensor_nbytes(self.keys) + tensor_nbytes(self.values) if self.is_initialized else 0
-
-
-def _copy_rows_at(buffer: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> None:
-    """``buffer[:, positions] = rows`` for ``buffer [b, capacity, w]``, ``rows [b, t, w]``, in place.
-    fp8 rows are copied as bytes: CPU torch has no fp8 index_copy_."""
-    rows = rows.to(buffer.dtype)
-    if buffer.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-        buffer, rows = buffer.view(torch.uint8), rows.view(torch.uint8)
-    buffer.index_copy_(1, positions, rows)
 
 
 class _LatentRows:
