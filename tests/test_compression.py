@@ -23,7 +23,7 @@ from m2la.evaluation import cache_bytes_per_token  # noqa: E402
 from m2la.integrations import hf  # noqa: E402
 from reference_gqa import gqa_attention, random_source  # noqa: E402
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+FAMILIES = tiny_hf.FAMILIES
 MROPE_AXES = rope.mrope_axes_sectioned([2, 2, 2])  # 6 pairs of a 12-dim head: t, t, h, h, w, w
 
 

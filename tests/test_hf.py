@@ -14,7 +14,7 @@ import m2la  # noqa: E402
 import tiny_hf  # noqa: E402
 from m2la.integrations import hf  # noqa: E402
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+FAMILIES = tiny_hf.FAMILIES
 TEXT_FAMILIES = FAMILIES[:4]
 SHAPES = {  # (query heads, KV heads, head_dim): GQA ratios 1, 3 and 7, odd counts, head_dim 48
     "mha": (3, 3, 16),
@@ -24,10 +24,7 @@ SHAPES = {  # (query heads, KV heads, head_dim): GQA ratios 1, 3 and 7, odd coun
 
 
 def _inputs(model, family, batch=2, length=13):
-    if family.endswith("_vl"):
-        return tiny_hf.image_inputs(model, batch=batch)
-    g = torch.Generator().manual_seed(7)
-    return dict(input_ids=torch.randint(10, tiny_hf.VOCAB, (batch, length), generator=g))
+    return tiny_hf.family_inputs(model, family, batch, length)
 
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
@@ -70,12 +67,7 @@ def test_greedy_generate_identical_and_cache_is_latent(family):
 @pytest.mark.parametrize("family", TEXT_FAMILIES)
 def test_left_padded_batch_generate(family):
     model = tiny_hf.build(family)
-    g = torch.Generator().manual_seed(11)
-    ids = torch.randint(10, tiny_hf.VOCAB, (3, 9), generator=g)
-    mask = torch.ones_like(ids)
-    mask[0, :4] = 0
-    mask[1, :1] = 0
-    ids = ids.masked_fill(mask == 0, 0)
+    ids, mask = tiny_hf.left_padded_ids()
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
     expected = model.generate(**kwargs)
     with torch.no_grad():

@@ -15,25 +15,17 @@ import m2la  # noqa: E402
 import tiny_hf  # noqa: E402
 from m2la.integrations import hf  # noqa: E402
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
-
-
-def _inputs(model, family, batch=1, length=11):
-    if family.endswith("_vl"):
-        return tiny_hf.image_inputs(model, batch=batch)
-    return dict(input_ids=torch.randint(10, tiny_hf.VOCAB, (batch, length), generator=torch.Generator().manual_seed(7)))
-
 
 def _cache_widths(model) -> list[int]:
     return [m.config.cache_width for m in model.modules() if isinstance(m, m2la.M2LAttention)]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", tiny_hf.FAMILIES)
 def test_static_cache_generate_matches_the_original(family):
     """Both routes to a static latent cache give the source model's greedy tokens: an
     M2LAStaticCache passed in, and transformers' cache_implementation="static" (swapped for one)."""
     model = tiny_hf.build(family)
-    inputs = _inputs(model, family)
+    inputs = tiny_hf.family_inputs(model, family, batch=1, length=11)
     expected = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     m2la.convert(model)
     capacity = expected.shape[1] + 3
@@ -57,11 +49,7 @@ def test_static_cache_generate_matches_the_original(family):
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_static_cache_left_padded_batch_and_beam_search(family):
     model = tiny_hf.build(family)
-    ids = torch.randint(10, tiny_hf.VOCAB, (3, 9), generator=torch.Generator().manual_seed(11))
-    mask = torch.ones_like(ids)
-    mask[0, :4] = 0
-    mask[1, :1] = 0
-    ids = ids.masked_fill(mask == 0, 0)
+    ids, mask = tiny_hf.left_padded_ids()
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=7, do_sample=False, pad_token_id=0)
     expected = model.generate(**kwargs)
     beams = model.generate(**kwargs, num_beams=3)

@@ -6,6 +6,7 @@ import torch
 
 IMAGE_TOKEN, VISION_START, VISION_END, VIDEO_TOKEN = 5, 4, 7, 6
 VOCAB = 97
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 
 
 def _text(heads: int, kv_heads: int, head_dim: int, layers: int = 2, **extra):
@@ -88,3 +89,19 @@ def image_inputs(model, batch: int = 1, grid_h: int = 4, grid_w: int = 6, text_b
                   attention_mask=torch.ones_like(input_ids))
     inputs["mm_token_type_ids"] = (input_ids == IMAGE_TOKEN).int()
     return inputs
+
+
+def family_inputs(model, family: str, batch: int, length: int) -> dict:
+    """Model inputs for `family`: image + text for the VL families, else `[batch, length]` random ids."""
+    if family.endswith("_vl"):
+        return image_inputs(model, batch=batch)
+    return dict(input_ids=torch.randint(10, VOCAB, (batch, length), generator=torch.Generator().manual_seed(7)))
+
+
+def left_padded_ids() -> tuple[torch.Tensor, torch.Tensor]:
+    """3 sequences of 9 ids padded (id 0) on the left by 4, 1 and 0 tokens -> (ids, attention mask)."""
+    ids = torch.randint(10, VOCAB, (3, 9), generator=torch.Generator().manual_seed(11))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    mask[1, :1] = 0
+    return ids.masked_fill(mask == 0, 0), mask

@@ -50,6 +50,15 @@ def greedy_steps(model, ids, mask, steps: int = 3, cache=None) -> list[torch.Ten
     return logits
 
 
+def recording_aot_eager(graphs: list):
+    """aot_eager that appends every graph it compiles to `graphs`."""
+    def compile_fn(graph_module, example_inputs, **_):
+        graphs.append(graph_module)
+        return torch._dynamo.backends.common.aot_autograd(fw_compiler=lambda gm, _: gm)(graph_module, example_inputs)
+
+    return compile_fn
+
+
 def m2la_op_calls(graph_module: torch.fx.GraphModule) -> int:
     return sum("m2la" in str(node.target) for node in graph_module.graph.nodes)
 
@@ -83,12 +92,7 @@ def test_compiled_steps_match_eager_and_backend_switch_recompiles(converted):
     mutating cache-write op, so the cache is a real compiled input. Each backend compiles its own
     graphs: only the Triton ones call m2la's ops."""
     graphs = []
-
-    def recording_aot_eager(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return torch._dynamo.backends.common.aot_autograd(fw_compiler=lambda gm, _: gm)(graph_module, example_inputs)
-
-    compiled = torch.compile(converted, backend=recording_aot_eager, fullgraph=True)
+    compiled = torch.compile(converted, backend=recording_aot_eager(graphs), fullgraph=True)
     ids, mask = padded_batch(1)
     with torch.no_grad():
         for backend in ("reference", "triton"):
@@ -239,14 +243,6 @@ def test_generate_with_a_compiled_forward_gives_the_eager_tokens(converted):
         expected = converted.generate(**kwargs)
         converted.forward = torch.compile(converted.forward, backend="aot_eager", fullgraph=True)
         assert torch.equal(converted.generate(**kwargs), expected)
-
-
-def recording_aot_eager(graphs: list):
-    def compile_fn(graph_module, example_inputs, **_):
-        graphs.append(graph_module)
-        return torch._dynamo.backends.common.aot_autograd(fw_compiler=lambda gm, _: gm)(graph_module, example_inputs)
-
-    return compile_fn
 
 
 @pytest.mark.parametrize(

@@ -216,9 +216,7 @@ class StaticLatentLayer(StaticLayer):
         self.device = device
         self.keys = zeroed_static_buffer((batch, self.max_cache_len, width), dtype, device)
         self.values = zeroed_static_buffer((batch, self.max_cache_len, value_width), value_dtype, device)
-        self.cumulative_length = self.cumulative_length.to(device)
-        if not torch.compiler.is_compiling():  # a fixed address: CUDA graphs read it in place
-            torch._dynamo.mark_static_address(self.cumulative_length)
+        self.cumulative_length = zeroed_static_buffer((), torch.int64, device)  # nothing held before allocation
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -271,10 +269,10 @@ class _LatentRows:
         layer = self.layers[layer_idx]
         check_rows_shape(layer.keys if layer.is_initialized else None, layer_idx, rows.shape[0], rows.shape[2])
         if self.dtype is None:
-            keys, _ = self.layers[layer_idx].update(rows, rows[..., :0])
+            keys, _ = layer.update(rows, rows[..., :0])
             return keys
         quantized, scale = quantize_rows(rows, self.dtype)
-        keys, scales = self.layers[layer_idx].update(quantized, scale[..., None])
+        keys, scales = layer.update(quantized, scale[..., None])
         if not dequantize:
             return None
         return dequantize_rows(keys, scales[..., 0], rows.dtype)
