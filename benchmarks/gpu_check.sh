@@ -42,7 +42,7 @@ if [ "${M2LA_GPU_TESTS:-1}" != 0 ]; then
     tests_pid=$!
 fi
 sweep_set="${M2LA_SWEEP_SET:-all}"
-sections="${M2LA_SECTIONS:-sweep,decode,fp8,vllm,prefill,prefill_sweep,extend}"
+sections="${M2LA_SECTIONS:-sweep,decode,fp8,vllm,splits,prefill,prefill_sweep,extend}"
 if [[ ",$sections," == *",sweep,"* || ",$sections," == *",decode,"* ]]; then
     timeout 240 python benchmarks/gpu_kernels.py --warm-only --sweep-set "$sweep_set" --warm-workers "${M2LA_WARM_WORKERS:-12}" 2>&1 \
         | tail -3 | tee "$OUT/warm.log" || echo "warm compile failed or timed out; the sweep compiles as it goes"

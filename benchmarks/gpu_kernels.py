@@ -11,6 +11,7 @@ InternVideo3's latent 896 + rope 128 and a 4x-compressed 448 + 64. Writes a mark
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import pathlib
@@ -177,6 +178,62 @@ def decode_rows(device, dtype, batches, contexts, bandwidth, repeats, configs=No
                 flops = latent_decode_flops(batch, context, kv_rank, rope_dim)
                 rows.append((label, batch, context, *_measure(run, device, repeats, nbytes, bandwidth, flops)))
         del cache
+    return rows
+
+
+def split_rows(device, dtype, bandwidth, repeats, smoke: bool) -> list[tuple]:
+    """Split placement side by side, same inputs: each sequence's own length cut into the splits
+    (`SPLIT_BY_LENGTH`, the default) against the capacity cut into them (the earlier kernel). Cases
+    where they differ: short sequences in a long static cache (`M2LAStaticCache`; a contiguous
+    `[b, capacity, r+2p]` cache, graph-replayed as under `mode="reduce-overhead"`) and a ragged paged
+    batch (lengths spread evenly up to the capacity). Bytes = cache rows read (visible tokens only).
+    Rows: (case, batch, capacity, lengths, ms by length, ms by capacity, % of copy BW by length,
+    speedup, max diff)."""
+    from m2la.kernels.latent_decode.triton import latent_decode_triton
+
+    rows = []
+    capacity = 256 if smoke else 32768
+    static_lengths = [40, 100] if smoke else [1024, 4096, 16384]
+    batches = [2] if smoke else [1, 8]
+    for name, (kv_rank, rope_dim) in LAYOUTS.items():
+        width = kv_rank + rope_dim
+        scale = (NOPE_DIM + rope_dim) ** -0.5
+        cases = []
+        for batch in batches:
+            cache = torch.empty(batch, capacity, width, device=device, dtype=dtype).uniform_(-1, 1)
+            for length in static_lengths:
+                lens = torch.full((batch,), length, dtype=torch.int32, device=device)
+                cases.append(("static cache", batch, cache, None, lens))
+        ragged_batch = 2 if smoke else 8
+        pages = torch.empty(ragged_batch * math.ceil(capacity / BLOCK_SIZE), BLOCK_SIZE, width, device=device,
+                            dtype=dtype).uniform_(-1, 1)  # fmt: skip
+        _, table, _ = paged_inputs(ragged_batch, capacity, kv_rank, rope_dim, dtype, device, pages)
+        ragged = [capacity * (i + 1) // ragged_batch for i in range(ragged_batch)]
+        cases.append(("ragged paged batch", ragged_batch, pages, table, torch.tensor(ragged, dtype=torch.int32,
+                                                                                     device=device)))  # fmt: skip
+        for case, batch, cache, table, lens in cases:
+            if _out_of_time():
+                rows.append((f"{name}, {case}", batch, capacity, "n/a", *NOT_MEASURED[:5]))
+                continue
+            q = torch.randn(batch, HEADS, width, device=device, dtype=dtype)
+
+            def run(by_length, q=q, cache=cache, table=table, lens=lens, kv_rank=kv_rank, scale=scale):
+                config = dict(SPLIT_BY_LENGTH=by_length)
+                return latent_decode_triton(q, cache, lens, scale, kv_rank, table, config=config)
+
+            diff = (run(True)[0].float() - run(False)[0].float()).abs().max().item()
+            times = {}
+            for by_length in (True, False):
+                fn = functools.partial(run, by_length)
+                times[by_length] = graph_ms(fn, device, repeats) if device.type == "cuda" else None
+                times[by_length] = times[by_length] or timed_ms(fn, device, repeats, warmup=1)
+            nbytes = int(lens.sum()) * width * dtype.itemsize
+            shown = ",".join(str(n) for n in lens.tolist()) if case == "ragged paged batch" else str(int(lens[0]))
+            rows.append((
+                f"{name}, {case}", batch, capacity, shown, times[True], times[False],
+                100 * nbytes / times[True] / 1e6 / bandwidth, times[False] / times[True], diff,
+            ))  # fmt: skip
+        del cases, pages
     return rows
 
 
@@ -838,7 +895,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, any device: checks the script")
     parser.add_argument("--seconds", type=float, default=270, help="time box; later cases are reported n/a")
     parser.add_argument("--sweep-seconds", type=float, default=70, help="time box of the decode tile sweep")
-    parser.add_argument("--sections", default="sweep,decode,fp8,vllm,prefill,prefill_sweep,extend", help="comma-separated subset to run")
+    parser.add_argument("--sections", default="sweep,decode,fp8,vllm,splits,prefill,prefill_sweep,extend", help="comma-separated subset to run")
     parser.add_argument("--contexts", type=int, nargs="+", default=None, help="decode contexts (default 4K..128K)")
     parser.add_argument("--warm-workers", type=int, default=12, help="processes compiling the sweep first (0: off)")
     parser.add_argument("--warm-only", action="store_true", help="only compile the sweep cases (fills triton's cache)")
@@ -937,6 +994,16 @@ def main() -> None:
                       "| layout | entry point | back-to-back ms a call | graph ms | max diff vs decode_attention |", "|---|---|---|---|---|",
                       *[f"| {n} | {e} | {fmt(ms, '.3f')} | {fmt(gms, '.3f')} | {d:.1e} |" for n, e, ms, gms, d in host],
                       ""]  # fmt: skip
+            flush()
+        sections.append("splits")
+        if "splits" in wanted:
+            splits = split_rows(device, dtype, bandwidth, repeats, args.smoke)
+            lines += ["", "## Split placement: by each sequence's length (default) against by capacity (same inputs)", "",
+                      "Short sequences in a long static cache and a ragged paged batch; graph ms on a GPU.", "",
+                      "| case | batch | capacity | lengths | ms by length | ms by capacity | % of copy BW by length "
+                      "| speedup | max diff |", "|---|---|---|---|---|---|---|---|---|",
+                      *[f"| {n} | {b} | {c} | {ln} | {fmt(a, '.3f')} | {fmt(o, '.3f')} | {fmt(p, '.0f')} | "
+                        f"{fmt(x, '.2f')} | {fmt(d, '.1e')} |" for n, b, c, ln, a, o, p, x, d in splits]]  # fmt: skip
             flush()
         sections.append("prefill")
         if "prefill" not in wanted:

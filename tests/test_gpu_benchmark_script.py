@@ -17,7 +17,7 @@ SCRIPT = pathlib.Path(__file__).parents[1] / "benchmarks" / "gpu_kernels.py"
 
 def test_gpu_benchmark_smoke(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1", "OUT": str(tmp_path)}
-    args = ["--smoke", "--sections", "decode,fp8,prefill,extend", "--contexts", "64", "--warm-workers", "0"]
+    args = ["--smoke", "--sections", "decode,fp8,splits,prefill,extend", "--contexts", "64", "--warm-workers", "0"]
     proc = subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = (tmp_path / "kernels.md").read_text()
@@ -29,6 +29,10 @@ def test_gpu_benchmark_smoke(tmp_path):
     entries = re.findall(r"\| latent 60\+16 \(smoke\) \| (\S+) [^|]*\| [\d.]+ \| n/a \| (\S+) \|", report)
     assert [e for e, _ in entries] == ["decode_attention", "torch.ops.m2la.latent_decode", "latent_decode_triton"]
     assert all(float(d) < 1e-4 for _, d in entries), entries
+    # split placement: by length and by capacity agree on every static-cache and ragged case
+    placements = re.findall(r"\| latent 60\+16 \(smoke\), (static cache|ragged paged batch) \|.* \| (\S+) \|\n", report)
+    assert [c for c, _ in placements] == ["static cache"] * 2 + ["ragged paged batch"], report
+    assert all(float(d) < 1e-4 for _, d in placements), placements
     # prefill: SDPA over the expanded K/V agrees with our expanded output, for every SDPA variant
     diffs = re.findall(r"\| latent 60\+16 \(smoke\), SDPA[^|]*\| (?:0|64) \| 32 \| [\d.]+ \| [\d.]+ \| (\S+) \|", report)
     assert len(diffs) == 6, report

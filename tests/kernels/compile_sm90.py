@@ -125,7 +125,8 @@ def decode_case(heads, kv_rank, rope_dim, dtype="fp16", cache_dtype=None, **over
     cfg = decode.resolve_latent_pieces(cfg, kv_rank)
     kernel, tiles = decode.split_kernel_for(cfg, kv_rank)
     consts = dict(PAGED=True, PAGE_TILE=cfg["PAGE_TILE"], HAS_KV_START=False, DOT_PRECISION="tf32",
-                  HAS_SCALE=cache_dtype is not None, BLOCK_N=cfg["BLOCK_N"], **tiles)  # fmt: skip
+                  HAS_SCALE=cache_dtype is not None, SPLIT_BY_LENGTH=cfg.get("SPLIT_BY_LENGTH", True),
+                  BLOCK_N=cfg["BLOCK_N"], **tiles)  # fmt: skip
     ptrs = {"q_ptr": f"*{dtype}", "kv_ptr": f"*{cache_dtype or dtype}", "block_table_ptr": "*i32",
             "seqlens_ptr": "*i32", "kv_start_ptr": "*i32", "kv_scale_ptr": "*fp32", "part_out_ptr": "*fp32",
             "part_lse_ptr": "*fp32"}  # fmt: skip

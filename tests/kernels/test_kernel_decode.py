@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -202,6 +204,83 @@ def test_launcher_halves_block_n_when_shared_memory_runs_out(monkeypatch, fresh_
     assert tried[3:] == [32]  # remembered
     with pytest.raises(OutOfResources):
         decode.latent_decode_triton(q, cache, lens, 0.3, 48, table, config=dict(BLOCK_N=64))
+
+
+@pytest.fixture
+def poisoned_partials(monkeypatch):
+    """The split kernel's partial buffers, filled with NaN before each launch and kept for the test."""
+    from m2la.kernels.latent_decode import triton as decode
+
+    kept = []
+    real = decode._split_partials
+
+    def poisoned(*args):
+        part_out, part_lse = real(*args)
+        part_out.fill_(float("nan"))
+        part_lse.fill_(float("nan"))
+        kept.append((part_out, part_lse))
+        return part_out, part_lse
+
+    monkeypatch.setattr(decode, "_split_partials", poisoned)
+    return kept
+
+
+def expected_filled_splits(seqlen: int, first: int, num_splits: int, block_n: int, by_length: bool, capacity: int):
+    """Splits that hold a visible token: by length, the visible range (first rounded down to a tile)
+    cut into `num_splits` runs of whole tiles; by capacity, the capacity cut into runs."""
+    def whole_tiles(tokens: int) -> int:  # ceil(tokens / num_splits), rounded up to whole tiles
+        return math.ceil(math.ceil(tokens / num_splits) / block_n) * block_n
+
+    base = first // block_n * block_n
+    if by_length:
+        run = whole_tiles(max(seqlen - base, 0))
+        bounds = [(base + s * run, min(base + (s + 1) * run, seqlen)) for s in range(num_splits)]
+    else:
+        run = whole_tiles(capacity)
+        bounds = [(max(s * run, base), min((s + 1) * run, seqlen)) for s in range(num_splits)]
+    return sum(1 for lo, hi in bounds if max(lo, first) < hi)
+
+
+@pytest.mark.parametrize("heads_on_n", [False, True], ids=["heads-on-m", "heads-on-n"])
+@pytest.mark.parametrize("by_length", [True, False], ids=["by-length", "by-capacity"])
+@pytest.mark.parametrize("paged", [True, False], ids=["paged", "contiguous"])
+def test_splits_spread_each_sequence_and_skip_empty_partials(by_length, paged, heads_on_n, poisoned_partials):
+    """A short sequence in a long cache (a static cache, a ragged batch, a sliding window): by length,
+    its visible tokens spread over every split; by capacity, only the first few splits get work.
+    Either way the result matches the fp64 oracle with NaN in the partial buffers, so no empty split's
+    unwritten partial is read; and every split writes its LSE."""
+    from m2la.kernels.latent_decode.triton import decode_plan, latent_decode_triton
+
+    seqlens, kv_start = [0, 1, 63, 100, 130, 17], [0, 0, 3, 0, 100, 17]  # last: everything padded out
+    num_splits = 6
+    if paged:
+        q, cache, table, lens = make_case(7, 48, 16, seqlens, 16, torch.float32, seed=21)
+        capacity = table.shape[1] * 16
+    else:
+        capacity = 208
+        cache = random_contiguous_cache(seqlens, 64, capacity, torch.float32, kv_start, seed=21)
+        q, table = torch.randn(len(seqlens), 7, 64, generator=torch.Generator().manual_seed(22)), None
+        lens = torch.tensor(seqlens, dtype=torch.int32)
+    start = torch.tensor(kv_start, dtype=torch.int32)
+    config = dict(SPLIT_BY_LENGTH=by_length)
+    if heads_on_n:
+        config.update(HEADS_ON_N=True, BLOCK_D=64, BLOCK_V=64)
+    block_n = decode_plan(q, cache, 48, table, config=config)[0]["BLOCK_N"]
+    out, lse = latent_decode_triton(q, cache, lens, 0.2, 48, table, start, num_splits=num_splits, config=config)
+    ref_out, ref_lse = decode_fp64(q, cache, table, seqlens, 0.2, 48, kv_start)
+    assert_close_with_lse(out, lse, ref_out, ref_lse, atol=2e-5)
+
+    (part_out, part_lse), = poisoned_partials
+    assert not part_lse.isnan().any()  # every split wrote its LSE
+    filled = torch.isfinite(part_lse)  # [b, h, splits]
+    assert (filled == filled[:, :1]).all()  # all heads of a sequence share its splits
+    for seq, (length, first) in enumerate(zip(seqlens, kv_start, strict=True)):
+        expected = expected_filled_splits(length, first, num_splits, block_n, by_length, capacity)
+        assert int(filled[seq, 0].sum()) == expected, (seq, length, first)
+        assert not part_out[seq][filled[seq]].isnan().any()
+    # 16-token tiles: 63 tokens fill 4 splits by length, 2 by capacity; the 30-token window 3, 1 or 2
+    by_capacity = {160: [0, 1, 2, 4, 2, 0], 208: [0, 1, 2, 3, 1, 0]}[capacity]
+    assert filled[:, 0].sum(-1).tolist() == ([0, 1, 4, 4, 3, 0] if by_length else by_capacity)
 
 
 @pytest.mark.parametrize("heads_on_n", [False, True], ids=["heads-on-m", "heads-on-n"])

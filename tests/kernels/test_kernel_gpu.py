@@ -66,10 +66,11 @@ def test_decode_gpu(heads, kv_rank, rope_dim, dtype):
         dict(HEADS_ON_N=False, LATENT_PIECES=True, num_warps=8),
         dict(PAGE_TILE=False),
         dict(HEADS_ON_N=False, LATENT_PIECES=True, BLOCK_H=16, num_warps=4, BLOCK_N=32),
+        dict(SPLIT_BY_LENGTH=False),  # the split placement the benchmark compares against
     ],
     ids=[
         "heads-on-n", "heads-on-n-4warps", "latent-pieces", "latent-pieces-heads-on-m", "row-gather",
-        "16-head-tiles-4warps",
+        "16-head-tiles-4warps", "splits-by-capacity",
     ],  # fmt: skip
 )
 @pytest.mark.parametrize("kv_rank,rope_dim", [(448, 64), (896, 128)])

@@ -7,8 +7,12 @@ Two kernels:
    dimension of both matmuls), one contiguous slice of the sequence and one `BLOCK_V`-wide slice of
    the latent value columns. It streams `BLOCK_N` cache rows at a time (through the block table when
    paged), computes scores over `[latent | rope]`, runs an online softmax in base 2 and writes a
-   normalised partial output plus its log-sum-exp.
-2. `_decode_combine_kernel`, grid `(b * h, value tiles)`: merges the splits by their LSEs.
+   normalised partial output plus its log-sum-exp. The split count comes from the cache capacity
+   (host shapes only, so no sync and one CUDA graph for every step); each sequence cuts its own
+   visible range into that many runs on the device (`SPLIT_BY_LENGTH`), so a short sequence in a
+   long static cache or a ragged batch still spreads over every split.
+2. `_decode_combine_kernel`, grid `(b * h, value tiles)`: merges the splits by their LSEs, reading
+   only splits that saw a token (empty splits write no partial output).
 
 Two tilings (see `decode_config`):
 
@@ -56,15 +60,25 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _split_token_range(seqlens_ptr, kv_start_ptr, seq, split, split_len, HAS_KV_START: tl.constexpr,
-                       BLOCK_N: tl.constexpr):  # fmt: skip
-    """First visible position and the `[lo, hi)` token range of this split (lo a multiple of BLOCK_N)."""
+def _split_token_range(seqlens_ptr, kv_start_ptr, seq, split, split_len, num_splits, HAS_KV_START: tl.constexpr,
+                       SPLIT_BY_LENGTH: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """First visible position and the `[lo, hi)` token range of this split (lo a multiple of BLOCK_N).
+
+    SPLIT_BY_LENGTH: the sequence's own visible range `[first, seqlen)` (first rounded down to
+    BLOCK_N) is cut into `num_splits` equal runs of whole tiles, so every split of a short sequence
+    in a long cache (a static cache, a ragged batch, a sliding window) gets work. Else the cache
+    capacity is cut into runs of `split_len` (host-computed) and splits past the length are empty."""
     seqlen = tl.load(seqlens_ptr + seq)
     first = 0
     if HAS_KV_START:
         first = tl.load(kv_start_ptr + seq)
-    lo = tl.maximum(split * split_len, (first // BLOCK_N) * BLOCK_N)
-    hi = tl.minimum((split + 1) * split_len, seqlen)
+    base = (first // BLOCK_N) * BLOCK_N
+    origin = 0  # where split 0 starts
+    if SPLIT_BY_LENGTH:
+        origin = base
+        split_len = tl.cdiv(tl.maximum(seqlen - base, 0), num_splits * BLOCK_N) * BLOCK_N  # whole tiles
+    lo = tl.maximum(origin + split * split_len, base)
+    hi = tl.minimum(origin + (split + 1) * split_len, seqlen)
     return first, lo, hi
 
 
@@ -159,22 +173,22 @@ def _load_query_piece(q_rows, start: tl.constexpr, WIDTH: tl.constexpr, head_ok,
 
 
 @triton.jit
-def _store_output_piece(po, start: tl.constexpr, WIDTH: tl.constexpr, acc, norm, head_ok, kv_rank):
+def _store_output_piece(po, start: tl.constexpr, WIDTH: tl.constexpr, acc, norm, head_mask, kv_rank):
     offs = start + tl.arange(0, WIDTH)
-    tl.store(po + offs[None, :], acc / norm[:, None], mask=head_ok[:, None] & (offs[None, :] < kv_rank))
+    tl.store(po + offs[None, :], acc / norm[:, None], mask=head_mask[:, None] & (offs[None, :] < kv_rank))
 
 
 @triton.jit
-def _store_output_piece_t(po, start: tl.constexpr, WIDTH: tl.constexpr, acc_t, norm, head_ok, kv_rank):
+def _store_output_piece_t(po, start: tl.constexpr, WIDTH: tl.constexpr, acc_t, norm, head_mask, kv_rank):
     offs = start + tl.arange(0, WIDTH)
-    tl.store(po + offs[:, None], acc_t / norm[None, :], mask=(offs[:, None] < kv_rank) & head_ok[None, :])
+    tl.store(po + offs[:, None], acc_t / norm[None, :], mask=(offs[:, None] < kv_rank) & head_mask[None, :])
 
 
 @triton.jit
 def _decode_split_kernel(
     q_ptr, kv_ptr, block_table_ptr, seqlens_ptr, kv_start_ptr, kv_scale_ptr, part_out_ptr, part_lse_ptr,
     scale_log2,
-    num_heads, kv_rank, rope_dim, block_size, split_len, num_value_tiles,
+    num_heads, kv_rank, rope_dim, block_size, split_len, num_splits, num_value_tiles,
     stride_q_b, stride_q_h,
     stride_kv_blk, stride_kv_tok,
     stride_sc_blk, stride_sc_tok,
@@ -182,6 +196,7 @@ def _decode_split_kernel(
     stride_po_b, stride_po_h, stride_po_s,
     stride_pl_b, stride_pl_h,
     PAGED: tl.constexpr, PAGE_TILE: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_SCALE: tl.constexpr,
+    SPLIT_BY_LENGTH: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr,
     BLOCK_D2: tl.constexpr, BLOCK_ROPE: tl.constexpr, BLOCK_V: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SINGLE_D: tl.constexpr, VALUES_FROM_KEYS: tl.constexpr, TRANSPOSED_KEYS: tl.constexpr,
@@ -212,7 +227,9 @@ def _decode_split_kernel(
     offs_v = value_tile * BLOCK_V + tl.arange(0, BLOCK_V)
     value_ok = offs_v < kv_rank
 
-    first, lo, hi = _split_token_range(seqlens_ptr, kv_start_ptr, seq, split, split_len, HAS_KV_START, BLOCK_N)
+    first, lo, hi = _split_token_range(
+        seqlens_ptr, kv_start_ptr, seq, split, split_len, num_splits, HAS_KV_START, SPLIT_BY_LENGTH, BLOCK_N
+    )
 
     q_rows = q_ptr + seq * stride_q_b + offs_h[:, None] * stride_q_h  # [BLOCK_H, 1]
     q_rope = tl.load(
@@ -331,11 +348,12 @@ def _decode_split_kernel(
     norm, lse = _softmax_norm_and_lse(m_i, l_i)
     out = acc / norm[:, None]
     po = part_out_ptr + seq * stride_po_b + offs_h[:, None] * stride_po_h + split * stride_po_s
-    tl.store(po + offs_v[None, :], out, mask=head_ok[:, None] & value_ok[None, :])
+    written = head_ok & (l_i > 0.0)  # heads that saw no token write only their LSE (-inf); the combine skips them
+    tl.store(po + offs_v[None, :], out, mask=written[:, None] & value_ok[None, :])
     if BLOCK_D1 > 0:
-        _store_output_piece(po, D1_START, BLOCK_D1, acc1, norm, head_ok, kv_rank)
+        _store_output_piece(po, D1_START, BLOCK_D1, acc1, norm, written, kv_rank)
     if BLOCK_D2 > 0:
-        _store_output_piece(po, D2_START, BLOCK_D2, acc2, norm, head_ok, kv_rank)
+        _store_output_piece(po, D2_START, BLOCK_D2, acc2, norm, written, kv_rank)
     pl = part_lse_ptr + seq * stride_pl_b + offs_h * stride_pl_h + split
     if value_tile == 0:  # every value tile computed the same LSE
         tl.store(pl, lse, mask=head_ok)
@@ -345,7 +363,7 @@ def _decode_split_kernel(
 def _decode_split_kernel_heads_on_n(
     q_ptr, kv_ptr, block_table_ptr, seqlens_ptr, kv_start_ptr, kv_scale_ptr, part_out_ptr, part_lse_ptr,
     scale_log2,
-    num_heads, kv_rank, rope_dim, block_size, split_len, num_value_tiles,
+    num_heads, kv_rank, rope_dim, block_size, split_len, num_splits, num_value_tiles,
     stride_q_b, stride_q_h,
     stride_kv_blk, stride_kv_tok,
     stride_sc_blk, stride_sc_tok,
@@ -353,6 +371,7 @@ def _decode_split_kernel_heads_on_n(
     stride_po_b, stride_po_h, stride_po_s,
     stride_pl_b, stride_pl_h,
     PAGED: tl.constexpr, PAGE_TILE: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_SCALE: tl.constexpr,
+    SPLIT_BY_LENGTH: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr,
     BLOCK_D2: tl.constexpr, BLOCK_ROPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -375,7 +394,9 @@ def _decode_split_kernel_heads_on_n(
     head_ok = offs_h < num_heads
     offs_rope = tl.arange(0, BLOCK_ROPE)
 
-    first, lo, hi = _split_token_range(seqlens_ptr, kv_start_ptr, seq, split, split_len, HAS_KV_START, BLOCK_N)
+    first, lo, hi = _split_token_range(
+        seqlens_ptr, kv_start_ptr, seq, split, split_len, num_splits, HAS_KV_START, SPLIT_BY_LENGTH, BLOCK_N
+    )
 
     q_cols = q_ptr + seq * stride_q_b + offs_h[None, :] * stride_q_h  # [1, BLOCK_H]
     q0_t = _load_query_piece_t(q_cols, 0, BLOCK_D, head_ok, kv_rank)  # [BLOCK_D, BLOCK_H]
@@ -431,11 +452,12 @@ def _decode_split_kernel_heads_on_n(
 
     norm, lse = _softmax_norm_and_lse(m_i, l_i)
     po = part_out_ptr + seq * stride_po_b + offs_h[None, :] * stride_po_h + split * stride_po_s
-    _store_output_piece_t(po, 0, BLOCK_D, acc0_t, norm, head_ok, kv_rank)
+    written = head_ok & (l_i > 0.0)  # heads that saw no token write only their LSE (-inf); the combine skips them
+    _store_output_piece_t(po, 0, BLOCK_D, acc0_t, norm, written, kv_rank)
     if BLOCK_D1 > 0:
-        _store_output_piece_t(po, D1_START, BLOCK_D1, acc1_t, norm, head_ok, kv_rank)
+        _store_output_piece_t(po, D1_START, BLOCK_D1, acc1_t, norm, written, kv_rank)
     if BLOCK_D2 > 0:
-        _store_output_piece_t(po, D2_START, BLOCK_D2, acc2_t, norm, head_ok, kv_rank)
+        _store_output_piece_t(po, D2_START, BLOCK_D2, acc2_t, norm, written, kv_rank)
     tl.store(part_lse_ptr + seq * stride_pl_b + offs_h * stride_pl_h + split, lse, mask=head_ok)
 
 
@@ -463,9 +485,10 @@ def _decode_combine_kernel(
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     weights = tl.exp(lse - m_safe)  # empty splits weigh 0
     total = tl.sum(weights, axis=0)
+    filled = lse > float("-inf")  # empty splits may not have written their partial (garbage, even NaN)
     parts = tl.load(
         part_out_ptr + seq * stride_po_b + head * stride_po_h + offs_s[:, None] * stride_po_s + offs_v[None, :],
-        mask=split_ok[:, None] & value_ok[None, :],
+        mask=filled[:, None] & value_ok[None, :],
         other=0.0,
     )  # [BLOCK_S, BLOCK_V]
     out = tl.sum(parts * weights[:, None], axis=0) / tl.where(total > 0.0, total, 1.0)
@@ -636,7 +659,8 @@ def _halved_block_n(tiles: dict) -> dict | None:
 def _launch_split(kernel, grid, args, constexprs, block_n: int, key: tuple, may_shrink: bool, page_tile_for) -> None:
     """Launch the split kernel; when a default tile needs more shared memory than the GPU has, halve
     BLOCK_N (down to 16) and remember what fit (`launch_shrinking`). An explicit `config` BLOCK_N is
-    never changed. split_len stays a multiple of every smaller BLOCK_N, so the result is unchanged."""
+    never changed. Split boundaries stay multiples of the smaller BLOCK_N (under SPLIT_BY_LENGTH they
+move with it, which changes the result by rounding only)."""
 
     def launch(tiles: dict) -> None:
         kernel[grid](*args, BLOCK_N=tiles["BLOCK_N"], PAGE_TILE=page_tile_for(tiles["BLOCK_N"]), **constexprs)
@@ -699,6 +723,14 @@ def decode_plan(
     return dict(plan.cfg), num_splits
 
 
+def _split_partials(batch: int, num_heads: int, num_splits: int, kv_rank: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialised fp32 partial outputs `[b, h, splits, r]` and LSEs `[b, h, splits]`: every split
+    writes its LSE; only non-empty splits write outputs (tests poison these buffers)."""
+    part_out = torch.empty(batch, num_heads, num_splits, kv_rank, device=device, dtype=torch.float32)
+    part_lse = torch.empty(batch, num_heads, num_splits, device=device, dtype=torch.float32)
+    return part_out, part_lse
+
+
 def latent_decode_triton(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -713,7 +745,9 @@ def latent_decode_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `latent_decode_reference`; `num_splits=0` picks a split count.
 
-    `config` overrides entries of `decode_config` (tile sizes, warps, stages) for tuning sweeps.
+    `config` overrides entries of `decode_config` (tile sizes, warps, stages) for tuning sweeps;
+    `SPLIT_BY_LENGTH=False` cuts the capacity instead of each sequence's length into the splits (the
+    behaviour before the fourteenth session, kept for side-by-side benchmarks).
     An fp8 cache (with `kv_scale`) is read as fp8 and widened to q's dtype in registers; otherwise
     q and the cache share a dtype.
     """
@@ -734,8 +768,7 @@ def latent_decode_triton(
     head_tiles, value_tiles = plan.head_tiles, plan.value_tiles
     split_len = cdiv(cdiv(capacity, num_splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
 
-    part_out = torch.empty(batch, num_heads, num_splits, kv_rank, device=q.device, dtype=torch.float32)
-    part_lse = torch.empty(batch, num_heads, num_splits, device=q.device, dtype=torch.float32)
+    part_out, part_lse = _split_partials(batch, num_heads, num_splits, kv_rank, q.device)
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
     table = block_table if paged else cache_seqlens  # any tensor: unused when not PAGED
     start = kv_start if kv_start is not None else cache_seqlens
@@ -743,7 +776,7 @@ def latent_decode_triton(
     args = (
         q, kv_cache, table, cache_seqlens, start, scale, part_out, part_lse,
         softmax_scale * _LOG2E,
-        num_heads, kv_rank, rope_dim, kv_cache.shape[1] if paged else 1, split_len, value_tiles,
+        num_heads, kv_rank, rope_dim, kv_cache.shape[1] if paged else 1, split_len, num_splits, value_tiles,
         q.stride(0), q.stride(1),
         kv_cache.stride(0), kv_cache.stride(1),
         scale.stride(0), scale.stride(1),
@@ -754,6 +787,7 @@ def latent_decode_triton(
     kernel = plan.kernel
     constexprs = dict(
         PAGED=paged, HAS_KV_START=kv_start is not None, HAS_SCALE=kv_scale is not None, DOT_PRECISION=dot_precision,
+        SPLIT_BY_LENGTH=cfg.get("SPLIT_BY_LENGTH", True),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **plan.tiles,
     )  # fmt: skip
     grid = (batch, head_tiles, num_splits * value_tiles)
