@@ -91,3 +91,15 @@ def test_compiled_decode_benchmark_smoke(tmp_path):
     assert row, (tmp_path / "compiled_decode.md").read_text()
     # both compiled runs = eager: same logits and tokens
     assert max(map(float, row.group(1, 2))) < 1e-4 and row.group(3, 4) == ("2", "2")
+
+
+def test_tma_decode_probe_matches_the_reference_in_the_interpreter():
+    """`benchmarks/tma_decode_probe.py --run --smoke`: the TMA probe (tensor-descriptor loads) computes
+    the decode the library's reference computes, so its GPU timing measures the right work."""
+    script = SCRIPT.with_name("tma_decode_probe.py")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, str(script), "--run", "--smoke"], env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    diff = re.search(r"^\| 1 \| 64 \| (\S+) \|", proc.stdout, re.M)
+    assert diff and float(diff.group(1)) < 1e-4, proc.stdout
