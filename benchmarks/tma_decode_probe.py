@@ -18,6 +18,7 @@ Usage: python benchmarks/tma_decode_probe.py [--run [--smoke]]
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import pathlib
 import re
@@ -72,7 +73,7 @@ def _tma_decode_probe(desc_wide, desc_narrow, q_ptr, part_out_ptr, part_lse_ptr,
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(probs_t, axis=0)
         probs_t = probs_t.to(k0.dtype)
-        acc0 = tl.dot(tl.trans(k0), probs_t, acc0 * alpha[None, :])
+        acc0 = tl.dot(tl.trans(k0), probs_t, acc0 * alpha[None, :])  # [256, BLOCK_H] += K^T P^T
         acc1 = tl.dot(tl.trans(k1), probs_t, acc1 * alpha[None, :])
         acc2 = tl.dot(tl.trans(k2), probs_t, acc2 * alpha[None, :])
         acc3 = tl.dot(tl.trans(k3), probs_t, acc3 * alpha[None, :])
@@ -122,7 +123,8 @@ def run_probe(q, cache, split_len, softmax_scale, block_n, num_warps, num_stages
     part_lse = torch.empty(batch, splits, q.shape[1], device=q.device, dtype=torch.float32)
     _tma_decode_probe[(batch, splits)](
         wide, narrow, q, part_out, part_lse, rows, split_len, softmax_scale * 1.4426950408889634,
-        q.stride(0), q.stride(1), BLOCK_N=block_n, BLOCK_H=q.shape[1], num_warps=num_warps, num_stages=num_stages,
+        q.stride(0), q.stride(1), BLOCK_N=block_n, BLOCK_H=q.shape[1],
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return part_out, part_lse
 
@@ -133,47 +135,69 @@ def combine(part_out, part_lse):
     return (part_out * weights[..., None]).sum(1)
 
 
-def run(smoke: bool) -> None:
+# (BLOCK_N, warps, stages): the probe variants compiled, and those timed (they fit sm_90's shared memory)
+VARIANTS = [(64, 8, 1), (64, 8, 2), (64, 4, 1), (64, 16, 1), (32, 4, 2)]
+TIMED = [(64, 8, 1), (64, 4, 1), (64, 16, 1)]
+
+
+def case_rows(batch: int, context: int, variants: list, device, dtype, bandwidth: float | None) -> list[str]:
+    """One decode shape: the library default and each probe variant, checked against the fp32
+    reference and (with `bandwidth`, on CUDA) timed from CUDA graphs. Table rows."""
     from m2la.kernels import decode_attention
     from m2la.kernels.latent_decode.triton import decode_plan, latent_decode_triton
 
+    scale = 192**-0.5
+    cache = torch.randn(batch, context, 1024, device=device).to(dtype)
+    q = torch.randn(batch, 32, 1024, device=device).to(dtype)
+    lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+    ref, _ = decode_attention(q.float(), cache.float(), lens, scale, 896, None, backend="reference")
+    nbytes = batch * context * 1024 * dtype.itemsize
+    rows, library_ms = [], None
+
+    def report(name, timed_fn, output_fn) -> float | None:
+        diff = (output_fn().float() - ref).abs().max().item()
+        assert diff < (3e-2 if bandwidth else 1e-3), (name, diff)
+        if not bandwidth:
+            rows.append(f"| {batch} | {context} | {name} | {diff:.1e} | n/a | n/a | n/a |")
+            return None
+        import gpu_kernels  # noqa: PLC0415  (timing helpers; same folder)
+
+        ms = gpu_kernels.graph_ms(timed_fn, device, 20)
+        ratio = f"{library_ms / ms:.2f}" if library_ms else "1.00"
+        rows.append(f"| {batch} | {context} | {name} | {diff:.1e} | {ms:.3f} | {100 * nbytes / ms / 1e6 / bandwidth:.0f} "
+                    f"| {ratio} |")  # fmt: skip
+        return ms
+
+    def library():
+        return latent_decode_triton(q, cache, lens, scale, 896)[0]
+
+    library_ms = report("library default (split + combine kernels)", library, library)
+    splits = decode_plan(q, cache, 896, None)[1]
+    for block_n, num_warps, num_stages in variants:
+        split_len = max(block_n, context // splits // block_n * block_n)
+        while context % split_len:  # the probe has no masks: whole splits of whole tiles only
+            split_len -= block_n
+        probe_call = functools.partial(run_probe, q, cache, split_len, scale, block_n, num_warps, num_stages)
+        name = f"TMA probe: {block_n} tokens, {num_warps} warps, {num_stages} stage{'s' if num_stages > 1 else ''}"
+        report(name + " (split kernel only)", probe_call, lambda call=probe_call: combine(*call()))
+    return rows
+
+
+def run(smoke: bool) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    block_n, num_warps, num_stages = (16, 4, 1) if smoke else (64, 8, 1)
+    variants = [(16, 4, 1), (16, 8, 1)] if smoke else TIMED
     cases = [(1, 64)] if smoke else [(1, 32768), (8, 32768), (32, 32768), (8, 131072)]
-    scale = 192**-0.5
+    bandwidth = None
     if device.type == "cuda":
         import gpu_kernels  # noqa: PLC0415  (timing helpers; same folder)
 
         bandwidth = gpu_kernels.copy_bandwidth_gbs(device, 2**30)
-        print(f"{torch.cuda.get_device_name(device)}, copy bandwidth {bandwidth:.0f} GB/s, triton {triton.__version__}")
-    print("| batch | context | max diff vs reference | library ms | library % of copy BW | probe ms (no combine) "
-          "| probe % of copy BW | library / probe |")
-    print("|---|---|---|---|---|---|---|---|")
+        print(f"{torch.cuda.get_device_name(device)}, copy bandwidth {bandwidth:.0f} GB/s, triton {triton.__version__}\n")
+    print("| batch | context | kernel | max diff vs fp32 reference | graph ms | % of copy BW | library / this |")
+    print("|---|---|---|---|---|---|---|")
     for batch, context in cases:
-        cache = torch.randn(batch, context, 1024, device=device).to(dtype)
-        q = torch.randn(batch, 32, 1024, device=device).to(dtype)
-        lens = torch.full((batch,), context, dtype=torch.int32, device=device)
-        splits = decode_plan(q, cache, 896, None)[1]
-        split_len = context // splits // block_n * block_n
-        while context % split_len:  # the probe has no masks: whole splits of whole tiles only
-            split_len -= block_n
-        out = combine(*run_probe(q, cache, split_len, scale, block_n, num_warps, num_stages))
-        ref, _ = decode_attention(q.float(), cache.float(), lens, scale, 896, None, backend="reference")
-        diff = (out - ref).abs().max().item()
-        if device.type != "cuda":
-            print(f"| {batch} | {context} | {diff:.1e} | n/a | n/a | n/a | n/a | n/a |")
-            assert diff < 1e-3, diff
-            continue
-        assert diff < 3e-2, diff
-        nbytes = batch * context * 1024 * dtype.itemsize
-        ours = gpu_kernels.graph_ms(lambda: latent_decode_triton(q, cache, lens, scale, 896), device, 20)  # noqa: B023
-        probe_ms = gpu_kernels.graph_ms(
-            lambda: run_probe(q, cache, split_len, scale, block_n, num_warps, num_stages), device, 20  # noqa: B023
-        )
-        pct = [100 * nbytes / ms / 1e6 / bandwidth for ms in (ours, probe_ms)]
-        print(f"| {batch} | {context} | {diff:.1e} | {ours:.3f} | {pct[0]:.0f} | {probe_ms:.3f} | {pct[1]:.0f} "
-              f"| {ours / probe_ms:.2f} |")  # fmt: skip
+        print("\n".join(case_rows(batch, context, variants, device, dtype, bandwidth)), flush=True)
 
 
 def main() -> None:
@@ -187,10 +211,11 @@ def main() -> None:
     print(f"triton {triton.__version__}, sm_90, bf16, 32 heads, 896 + 128\n")
     print("| BLOCK_N | warps | stages | registers | spill stores B | shared KiB | wgmma | mma.sync | TMA copies | buffers |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for block_n, num_warps, num_stages in [(64, 8, 1), (64, 8, 2), (64, 4, 1), (64, 16, 1), (32, 4, 2)]:
+    for block_n, num_warps, num_stages in VARIANTS:
         f = probe(block_n, num_warps, num_stages)
-        print(f"| {block_n} | {num_warps} | {num_stages} | {f['registers']} | {f['spill_stores']} | {f['shared_kib']:.0f} "
-              f"| {f['wgmma']} | {f['mma_sync']} | {f['tma_copies']} | {f['buffers']} |")  # fmt: skip
+        print(f"| {block_n} | {num_warps} | {num_stages} | {f['registers']} "
+              f"| {f['spill_stores']} | {f['shared_kib']:.0f} | {f['wgmma']} | {f['mma_sync']} | {f['tma_copies']} "
+              f"| {f['buffers']} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -211,6 +211,10 @@ def main() -> None:
         "prefill_v128_rope1024_lossless": prefill_case(128, 1024, 0, "bf16", paged=False),
         "cache_write_r448_rope64_fp8": cache_write_case(448, 64),
     }
+    # arguments that change with lengths, which the launcher must not value-specialise (new variants)
+    kernels = {"decode": decode._decode_split_kernel, "decode_heads_on_n": decode._decode_split_kernel_heads_on_n,
+               "prefill": prefill._prefill_kernel}  # fmt: skip
+    results["not_specialised"] = {name: [p.name for p in k.params if p.do_not_specialize] for name, k in kernels.items()}
     print(json.dumps(results))
 
 

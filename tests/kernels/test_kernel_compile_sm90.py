@@ -158,3 +158,12 @@ def test_sm90_cache_tiles_are_double_buffered(compiled, case):
     iteration instead (benchmarks/RESULTS.md), which this test leaves out until one does not."""
     assert compiled[case]["buffers"] >= 2, compiled[case]
 
+
+
+def test_length_dependent_arguments_are_not_value_specialised(compiled):
+    """Triton compiles a new variant for an int argument that becomes 1 or a multiple of 16. The
+    decode split count follows the cache's tile count (1, 2, ... 128 as a growing cache fills) and
+    the prefill grid arguments follow the chunk and context lengths, so none may be specialised."""
+    assert compiled["not_specialised"] == {
+        "decode": ["num_splits"], "decode_heads_on_n": ["num_splits"], "prefill": ["num_query_tiles", "head_group"],
+    }  # fmt: skip

@@ -184,7 +184,9 @@ def _store_output_piece_t(po, start: tl.constexpr, WIDTH: tl.constexpr, acc_t, n
     tl.store(po + offs[:, None], acc_t / norm[None, :], mask=(offs[:, None] < kv_rank) & head_mask[None, :])
 
 
-@triton.jit
+# num_splits follows the cache's tile count: no value specialisation (== 1, multiple of 16), so a
+# growing cache never compiles new variants of the kernel.
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_split_kernel(
     q_ptr, kv_ptr, block_table_ptr, seqlens_ptr, kv_start_ptr, kv_scale_ptr, part_out_ptr, part_lse_ptr,
     scale_log2,
@@ -359,7 +361,7 @@ def _decode_split_kernel(
         tl.store(pl, lse, mask=head_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])  # as `_decode_split_kernel`
 def _decode_split_kernel_heads_on_n(
     q_ptr, kv_ptr, block_table_ptr, seqlens_ptr, kv_start_ptr, kv_scale_ptr, part_out_ptr, part_lse_ptr,
     scale_log2,
@@ -660,7 +662,7 @@ def _launch_split(kernel, grid, args, constexprs, block_n: int, key: tuple, may_
     """Launch the split kernel; when a default tile needs more shared memory than the GPU has, halve
     BLOCK_N (down to 16) and remember what fit (`launch_shrinking`). An explicit `config` BLOCK_N is
     never changed. Split boundaries stay multiples of the smaller BLOCK_N (under SPLIT_BY_LENGTH they
-move with it, which changes the result by rounding only)."""
+    move with it, which changes the result by rounding only)."""
 
     def launch(tiles: dict) -> None:
         kernel[grid](*args, BLOCK_N=tiles["BLOCK_N"], PAGE_TILE=page_tile_for(tiles["BLOCK_N"]), **constexprs)
