@@ -1,6 +1,7 @@
 """Probe: could a TMA + wgmma decode tile serve 896 + 128? Compile facts on CPU; on a GPU, a timing.
 
-Not a library kernel. A stripped heads-on-N decode loop for InternVideo3's layout (32 heads, r = 896
+The probe is not a library kernel (the library's tile is `config=dict(TMA=True, ...)`, timed beside
+it with `--run`). A stripped heads-on-N decode loop for InternVideo3's layout (32 heads, r = 896
 as 256 + 256 + 256 + 128, 2p = 128; no masks, no paging) that loads each cache tile with tensor
 descriptors (TMA) straight into shared memory, so both MMAs read it there as wgmma operands. The
 library's default 896 tile instead runs mma.sync over pointer loads (benchmarks/RESULTS.md). Prints
@@ -8,8 +9,9 @@ registers, spills, shared memory, wgmma and TMA counts per (BLOCK_N, warps, stag
 
 `--run` (CUDA, or the interpreter with TRITON_INTERPRET=1 and tiny shapes via `--smoke`): checks the
 probe against the library's reference decode, then times it beside `latent_decode_triton` (the
-library default, same contiguous cache, same split count; graph replay) and reports both against
-the copy bandwidth. The probe's time leaves out the combine of its partials (a torch op here), so
+library default, and the library's own TMA tile, `config=TMA=True`, which handles masks, kv_start
+and both split placements; same contiguous cache, same split count; graph replay) and reports all
+against the copy bandwidth. The probe's time leaves out the combine of its partials (a torch op here), so
 it is an upper bound on what a full TMA tile would gain, not a library result.
 
 Usage: python benchmarks/tma_decode_probe.py [--run [--smoke]]
@@ -140,7 +142,8 @@ VARIANTS = [(64, 8, 1), (64, 8, 2), (64, 4, 1), (64, 16, 1), (32, 4, 2)]
 TIMED = [(64, 8, 1), (64, 4, 1), (64, 16, 1)]
 
 
-def case_rows(batch: int, context: int, variants: list, device, dtype, bandwidth: float | None) -> list[str]:
+def case_rows(batch: int, context: int, variants: list, device, dtype, bandwidth: float | None,
+              smoke_tma: bool = False) -> list[str]:
     """One decode shape: the library default and each probe variant, checked against the fp32
     reference and (with `bandwidth`, on CUDA) timed from CUDA graphs. Table rows."""
     from m2la.kernels import decode_attention
@@ -171,7 +174,14 @@ def case_rows(batch: int, context: int, variants: list, device, dtype, bandwidth
     def library():
         return latent_decode_triton(q, cache, lens, scale, 896)[0]
 
+    def library_tma():
+        return latent_decode_triton(q, cache, lens, scale, 896, config=compile_sm90.TMA_896)[0]
+
     library_ms = report("library default (split + combine kernels)", library, library)
+    if bandwidth or smoke_tma:  # the library's TMA tile (config TMA=True), same cache
+        tile = compile_sm90.TMA_896
+        name = f"library TMA tile: {tile['BLOCK_N']} tokens, {tile['num_warps']} warps, {tile['num_stages']} stage"
+        report(name + " (split + combine kernels)", library_tma, library_tma)
     splits = decode_plan(q, cache, 896, None)[1]
     for block_n, num_warps, num_stages in variants:
         split_len = max(block_n, context // splits // block_n * block_n)
@@ -197,7 +207,7 @@ def run(smoke: bool) -> None:
     print("| batch | context | kernel | max diff vs fp32 reference | graph ms | % of copy BW | library / this |")
     print("|---|---|---|---|---|---|---|")
     for batch, context in cases:
-        print("\n".join(case_rows(batch, context, variants, device, dtype, bandwidth)), flush=True)
+        print("\n".join(case_rows(batch, context, variants, device, dtype, bandwidth, smoke_tma=smoke)), flush=True)
 
 
 def main() -> None:

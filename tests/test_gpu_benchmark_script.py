@@ -94,13 +94,15 @@ def test_compiled_decode_benchmark_smoke(tmp_path):
 
 
 def test_tma_decode_probe_matches_the_reference_in_the_interpreter():
-    """`benchmarks/tma_decode_probe.py --run --smoke`: the TMA probe (tensor-descriptor loads) computes
-    the decode the library's reference computes, so its GPU timing measures the right work."""
+    """`benchmarks/tma_decode_probe.py --run --smoke`: the library default, the library's TMA tile and
+    the TMA probe (tensor-descriptor loads) compute the decode the reference computes, so the GPU
+    timings compare the same work."""
     script = SCRIPT.with_name("tma_decode_probe.py")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, str(script), "--run", "--smoke"], env=env, capture_output=True, text=True,
                           timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     diffs = re.findall(r"^\| 1 \| 64 \| ([^|]+) \| (\S+) \| n/a \|", proc.stdout, re.M)
-    assert [name.split(":")[0] for name, _ in diffs] == ["library default (split + combine kernels)", "TMA probe", "TMA probe"]
+    names = [name.split(":")[0] for name, _ in diffs]
+    assert names == ["library default (split + combine kernels)", "library TMA tile", "TMA probe", "TMA probe"]
     assert all(float(diff) < 1e-4 for _, diff in diffs), proc.stdout

@@ -109,6 +109,7 @@ def compile_sm90(kernel, pointer_types, constexprs, num_warps, num_stages, **opt
         "wgmma": len(re.findall(r"wgmma\.mma_async", ptx)),
         "mma_sync": len(re.findall(r"\bmma\.sync", ptx)),
         "cp_async": len(re.findall(r"\bcp\.async\.(?:ca|cg)", ptx)),  # pipelined global -> shared copies
+        "tma": len(re.findall(r"\bcp\.async\.bulk\.tensor", ptx)),  # TMA copies (tensor descriptors)
         "ld_global": len(re.findall(r"\bld\.global", ptx)),
         "cvt_bf16_f16": len(re.findall(r"\bcvt\.bf16\.f16", ptx)),  # the 2nd step of fp8 -> bf16 widening
         "float_negations": float_negations(compiled.asm["ttgir"]),
@@ -118,13 +119,20 @@ def compile_sm90(kernel, pointer_types, constexprs, num_warps, num_stages, **opt
     }
 
 
-def decode_case(heads, kv_rank, rope_dim, dtype="fp16", cache_dtype=None, **overrides):
-    """`cache_dtype` "fp8e4nv": an fp8 cache with per-token scales, q in `dtype`."""
+# The TMA tile configs the GPU probe times (`benchmarks/tma_decode_probe.py`): heads on N, latent
+# pieces, one stage (two copies of a 64-token 896 + 128 tile do not fit), 8 and 4 warps.
+TMA_896 = dict(HEADS_ON_N=True, LATENT_PIECES=True, TMA=True, BLOCK_N=64, num_warps=8, num_stages=1)
+TMA_448 = dict(HEADS_ON_N=True, LATENT_PIECES=True, TMA=True, BLOCK_N=64, num_warps=4, num_stages=2)
+
+
+def decode_case(heads, kv_rank, rope_dim, dtype="fp16", cache_dtype=None, paged=True, **overrides):
+    """`cache_dtype` "fp8e4nv": an fp8 cache with per-token scales, q in `dtype`; `paged=False`: a
+    contiguous `[b, s, r + 2p]` cache (what TMA tiles read)."""
     fp8 = cache_dtype is not None and cache_dtype.startswith("fp8")
     cfg = {**decode.decode_config(heads, kv_rank, rope_dim, interpret=False, fp8=fp8), **overrides}
     cfg = decode.resolve_latent_pieces(cfg, kv_rank)
     kernel, tiles = decode.split_kernel_for(cfg, kv_rank)
-    consts = dict(PAGED=True, PAGE_TILE=cfg["PAGE_TILE"], HAS_KV_START=False, DOT_PRECISION="tf32",
+    consts = dict(PAGED=paged, PAGE_TILE=cfg["PAGE_TILE"], HAS_KV_START=False, DOT_PRECISION="tf32",
                   HAS_SCALE=cache_dtype is not None, SPLIT_BY_LENGTH=cfg.get("SPLIT_BY_LENGTH", True),
                   BLOCK_N=cfg["BLOCK_N"], **tiles)  # fmt: skip
     ptrs = {"q_ptr": f"*{dtype}", "kv_ptr": f"*{cache_dtype or dtype}", "block_table_ptr": "*i32",
@@ -210,6 +218,9 @@ def main() -> None:
         "prefill_v128_rope512_lossless": prefill_case(128, 512, 0, "bf16", paged=False),
         "prefill_v128_rope1024_lossless": prefill_case(128, 1024, 0, "bf16", paged=False),
         "cache_write_r448_rope64_fp8": cache_write_case(448, 64),
+        # TMA tiles (contiguous caches): the cache tile goes global -> shared by TMA, both MMAs wgmma
+        "decode_h32_r896_rope128_bf16_tma": decode_case(32, 896, 128, "bf16", paged=False, **TMA_896),
+        "decode_h32_r448_rope64_bf16_tma": decode_case(32, 448, 64, "bf16", paged=False, **TMA_448),
     }
     # arguments that change with lengths, which the launcher must not value-specialise (new variants)
     kernels = {"decode": decode._decode_split_kernel, "decode_heads_on_n": decode._decode_split_kernel_heads_on_n,

@@ -47,6 +47,8 @@ WGMMA_CASES = [
     "prefill_absorbed_r512_rope64_fp8",
     "prefill_v128_rope512_lossless",
     "prefill_v128_rope1024_lossless",
+    "decode_h32_r896_rope128_bf16_tma",
+    "decode_h32_r448_rope64_bf16_tma",
 ]
 ALL_CASES = [
     "decode_h32_r896_rope128",
@@ -81,7 +83,10 @@ def test_sm90_uses_wgmma(compiled, case):
 UNPIPELINED_CASES = ["prefill_v128_rope1024_lossless"]
 
 
-@pytest.mark.parametrize("case", [c for c in ALL_CASES if c not in UNPIPELINED_CASES])
+TMA_CASES = ["decode_h32_r896_rope128_bf16_tma", "decode_h32_r448_rope64_bf16_tma"]  # copies by TMA instead
+
+
+@pytest.mark.parametrize("case", [c for c in ALL_CASES if c not in UNPIPELINED_CASES + TMA_CASES])
 def test_sm90_cache_loads_are_pipelined(compiled, case):
     """Cache tiles stream through cp.async into shared memory (software pipelining), not through
     scalar or register loads; with 16-divisible strides, as the launcher's JIT specialises them."""
@@ -167,3 +172,13 @@ def test_length_dependent_arguments_are_not_value_specialised(compiled):
     assert compiled["not_specialised"] == {
         "decode": ["num_splits"], "decode_heads_on_n": ["num_splits"], "prefill": ["num_query_tiles", "head_group"],
     }  # fmt: skip
+
+
+@pytest.mark.parametrize("case", TMA_CASES)
+def test_sm90_tma_tiles_copy_the_cache_by_tma_and_multiply_on_wgmma_alone(compiled, case):
+    """TMA tiles: every cache tile goes global -> shared through tensor-descriptor copies (no
+    cp.async, no register staging) and both MMAs are wgmma. Spills depend on the triton version
+    (896 + 128: 8 B with 3.6, 880 B with 3.9; benchmarks/RESULTS.md), so they are not asserted."""
+    facts = compiled[case]
+    assert facts["tma"] > 0 and facts["cp_async"] == 0, facts
+    assert facts["wgmma"] > 0 and facts["mma_sync"] == 0, facts

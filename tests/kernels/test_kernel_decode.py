@@ -283,6 +283,58 @@ def test_splits_spread_each_sequence_and_skip_empty_partials(by_length, paged, h
     assert filled[:, 0].sum(-1).tolist() == ([0, 1, 4, 4, 3, 0] if by_length else by_capacity)
 
 
+TMA_CONFIGS = {
+    "pieces": dict(HEADS_ON_N=True, LATENT_PIECES=True, TMA=True),  # r = 60: 32 + 16 + 16, 4 columns past r
+    "one-piece": dict(HEADS_ON_N=True, BLOCK_D=64, BLOCK_V=64, TMA=True),
+    "16-head-tiles": dict(HEADS_ON_N=True, LATENT_PIECES=True, TMA=True, BLOCK_H=16, BLOCK_N=32),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("tile", list(TMA_CONFIGS))
+@pytest.mark.parametrize("by_length", [True, False], ids=["by-length", "by-capacity"])
+def test_tma_tiles_match_fp64(tile, by_length, dtype):
+    """TMA tiles (tensor descriptors over each sequence's visible rows) on contiguous caches: NaN in
+    every hidden row (left padding, the tail past the length), empty and single-token sequences, 33
+    heads in 16-head tiles, latent pieces that read past r into the RoPE columns."""
+    from m2la.kernels.latent_decode.triton import latent_decode_triton
+
+    kv_rank = 60 if dtype == torch.float32 else 48  # fp16 rows of 76 values are not 16-byte multiples
+    seqlens, kv_start = [0, 1, 5, 63, 100, 40], [0, 0, 2, 0, 37, 40]
+    cache = random_contiguous_cache(seqlens, kv_rank + 16, 128, dtype, kv_start, seed=7)
+    heads = 33 if tile == "16-head-tiles" else 7
+    q = torch.randn(len(seqlens), heads, kv_rank + 16, generator=torch.Generator().manual_seed(8)).to(dtype)
+    lens, start = torch.tensor(seqlens, dtype=torch.int32), torch.tensor(kv_start, dtype=torch.int32)
+    config = dict(TMA_CONFIGS[tile], SPLIT_BY_LENGTH=by_length)
+    out, lse = latent_decode_triton(q, cache, lens, 0.2, kv_rank, None, start, num_splits=3, config=config)
+    ref_out, ref_lse = decode_fp64(q, cache, None, seqlens, 0.2, kv_rank, kv_start)
+    assert_close_with_lse(out, lse, ref_out.to(dtype), ref_lse.float(), atol=TOL[dtype], rtol=TOL[dtype])
+    plain = {k: v for k, v in config.items() if k != "TMA"}  # the same tile through pointer loads
+    out_plain, _ = latent_decode_triton(q, cache, lens, 0.2, kv_rank, None, start, num_splits=3, config=plain)
+    torch.testing.assert_close(out, out_plain, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_tma_tiles_refuse_what_they_cannot_read():
+    """Paged and fp8 caches, rows TMA cannot address, and heads-on-M tiles raise, naming the problem."""
+    from m2la.kernels.latent_decode.triton import latent_decode_triton
+    from m2la.quantization import quantize_rows
+
+    tma = dict(HEADS_ON_N=True, LATENT_PIECES=True, TMA=True)
+    q, paged, table, lens = make_case(3, 48, 16, [5, 9], 16, torch.float32, seed=1)
+    with pytest.raises(ValueError, match="block table"):
+        latent_decode_triton(q, paged, lens, 0.2, 48, table, config=tma)
+    cache = random_contiguous_cache([5, 9], 64, 16, torch.float32)
+    fp8, scale = quantize_rows(cache.nan_to_num(0.0), torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="fp8"):
+        latent_decode_triton(q, fp8, lens, 0.2, 48, None, kv_scale=scale, config=tma)
+    odd = random_contiguous_cache([5, 9], 76, 16, torch.float16)  # 152-byte rows
+    q_odd = torch.randn(2, 3, 76).to(torch.float16)
+    with pytest.raises(ValueError, match="16-byte"):
+        latent_decode_triton(q_odd, odd, lens, 0.2, 60, None, config=tma)
+    with pytest.raises(ValueError, match="HEADS_ON_N"):
+        latent_decode_triton(q, cache, lens, 0.2, 48, None, config=dict(TMA=True, HEADS_ON_N=False))
+
+
 @pytest.mark.parametrize("heads_on_n", [False, True], ids=["heads-on-m", "heads-on-n"])
 @pytest.mark.parametrize("page_tile", [True, False], ids=["page-tile", "row-gather"])
 @pytest.mark.parametrize("block_size,block_n", [(16, 16), (32, 16), (48, 16), (16, 32)])

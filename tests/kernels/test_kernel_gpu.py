@@ -22,10 +22,14 @@ pytestmark = [
 LOWP = [torch.bfloat16, torch.float16]
 
 
-def decode_lowp_torch(q, cache, table, lens, scale, kv_rank):
-    """The decode math in q's dtype with plain torch ops (the precision yardstick)."""
-    rows = gather_cache_rows(cache, table, table.shape[1] * cache.shape[1])  # [b, s, d]
-    visible = torch.arange(rows.shape[1], device=q.device)[None, :] < lens[:, None]
+def decode_lowp_torch(q, cache, table, lens, scale, kv_rank, kv_start=None):
+    """The decode math in q's dtype with plain torch ops (the precision yardstick); `table` None: a
+    contiguous cache `[b, s, d]`."""
+    rows = cache if table is None else gather_cache_rows(cache, table, table.shape[1] * cache.shape[1])  # [b, s, d]
+    positions = torch.arange(rows.shape[1], device=q.device)[None, :]
+    visible = positions < lens[:, None]
+    if kv_start is not None:
+        visible &= positions >= kv_start[:, None]
     rows = torch.where(visible[..., None], rows, 0)
     scores = torch.einsum("bhd,bsd->bhs", q, rows) * scale
     probs = torch.softmax(scores.masked_fill(~visible[:, None], float("-inf")), dim=-1)
@@ -91,6 +95,31 @@ def test_decode_variants_gpu(kv_rank, rope_dim, config):
     finite = torch.isfinite(ref_lse)
     torch.testing.assert_close(lse[finite], ref_lse[finite], atol=2e-2, rtol=1e-3)
     within_budget(out, decode_lowp_torch(q, cache, table, lens, scale, kv_rank), ref_out, f"decode {config}")
+
+
+@pytest.mark.parametrize("kv_rank,rope_dim,num_warps,num_stages", [(896, 128, 8, 1), (448, 64, 4, 2)])
+def test_decode_tma_tiles_gpu(kv_rank, rope_dim, num_warps, num_stages):
+    """TMA tiles (device-side tensor descriptors, contiguous cache) in bf16 within the error budget,
+    with NaN in the hidden rows (left padding and past each length) and an empty sequence."""
+    from kernel_cases import random_contiguous_cache
+
+    from m2la.kernels.latent_decode.triton import latent_decode_triton
+
+    seqlens, kv_start = [0, 1, 63, 1000, 4097], [0, 0, 5, 300, 0]
+    width = kv_rank + rope_dim
+    cache = random_contiguous_cache(seqlens, width, 4160, torch.bfloat16, kv_start, seed=kv_rank).cuda()
+    q = torch.randn(len(seqlens), 32, width, device="cuda").to(torch.bfloat16)
+    lens = torch.tensor(seqlens, dtype=torch.int32, device="cuda")
+    start = torch.tensor(kv_start, dtype=torch.int32, device="cuda")
+    scale = (128 + rope_dim) ** -0.5
+    config = dict(HEADS_ON_N=True, LATENT_PIECES=True, TMA=True, BLOCK_N=64, num_warps=num_warps, num_stages=num_stages)
+    out, lse = latent_decode_triton(q, cache, lens, scale, kv_rank, None, start, config=config)
+    ref_out, ref_lse = decode_attention(q.float(), cache.float(), lens, scale, kv_rank, None, start, backend="reference")
+    assert torch.isfinite(out).all() and torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[finite], ref_lse[finite], atol=2e-2, rtol=1e-3)
+    lowp = decode_lowp_torch(q, cache, None, lens, scale, kv_rank, start)
+    within_budget(out, lowp, ref_out, f"TMA decode {kv_rank}")
 
 
 def prefill_lowp_torch(q_nope, q_rope, cache, w_uk, w_uv, cu, lens, scale, table):

@@ -37,10 +37,17 @@ their own (`decode_config(fp8=True)`). Two options of the heads-on-M tiling targ
 fp8 loads into shared memory instead of transposing a widened tile in registers) and
 `FP8_AS_FP16` (the MMAs run in fp16, one widening instruction per pair of fp8 values instead of
 three for bf16; the query is shifted by a power of two into fp16's range).
+
+`TMA` (heads-on-N tiles, contiguous 16- or 32-bit caches; not a default, not yet timed): the cache
+tiles load through device-side tensor descriptors bounded to each sequence's visible rows, straight
+into shared memory, so both MMAs run on wgmma without staging the tile through registers (the sm_90
+compile of the 896 + 128 tile: 8 B of spills with triton 3.6, no mma.sync). Rows out of bounds read
+as zeros, so the loads need no masks. `benchmarks/tma_decode_probe.py --run` times it on a GPU.
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -375,7 +382,7 @@ def _decode_split_kernel_heads_on_n(
     PAGED: tl.constexpr, PAGE_TILE: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_SCALE: tl.constexpr,
     SPLIT_BY_LENGTH: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr,
-    BLOCK_D2: tl.constexpr, BLOCK_ROPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_D2: tl.constexpr, BLOCK_ROPE: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     """The resident tiling transposed: tokens and latent columns are the M dimension of the two
     matmuls and heads the N dimension (scores^T = K q^T, out^T = K^T p^T), so 32 heads fill whole
@@ -384,7 +391,13 @@ def _decode_split_kernel_heads_on_n(
 
     The latent columns come in up to three power-of-two pieces `BLOCK_D, BLOCK_D1, BLOCK_D2` (0 =
     absent; see `latent_pieces`): 448 = 256 + 128 + 64 and 896 = 512 + 256 + 128 exactly, where one
-    padded tile of next_pow2(r) spends 1/8 of its MMA work and shared memory on zero columns."""
+    padded tile of next_pow2(r) spends 1/8 of its MMA work and shared memory on zero columns.
+
+    TMA (contiguous 16-bit caches, not paged, no fp8): the cache tiles load through device-side
+    tensor descriptors over this sequence's visible rows `[first, seqlen)`, straight into shared
+    memory where both MMAs read them (wgmma on sm_90); rows outside those bounds read as zeros, so
+    no tile needs a mask on its loads (hidden rows may hold NaN) and only the scores are masked.
+    Latent pieces read past r into the RoPE columns, which the zero query columns cancel."""
     compute_dtype = q_ptr.dtype.element_ty
     seq = tl.program_id(0)
     head_tile = tl.program_id(1)
@@ -413,25 +426,49 @@ def _decode_split_kernel_heads_on_n(
         q_cols + kv_rank + offs_rope[:, None], mask=(offs_rope[:, None] < rope_dim) & head_ok[None, :], other=0.0
     )  # [BLOCK_ROPE, BLOCK_H]
 
+    if TMA:  # descriptors over rows [first, seqlen) of this sequence, `[BLOCK_N, piece]` boxes
+        visible_rows = kv_ptr + seq.to(tl.int64) * stride_kv_blk + first * stride_kv_tok
+        bounds = [tl.maximum(tl.load(seqlens_ptr + seq) - first, 0), kv_rank + rope_dim]
+        desc0 = tl.make_tensor_descriptor(visible_rows, bounds, [stride_kv_tok, 1], [BLOCK_N, BLOCK_D])
+        if BLOCK_D1 > 0:
+            desc1 = tl.make_tensor_descriptor(visible_rows, bounds, [stride_kv_tok, 1], [BLOCK_N, BLOCK_D1])
+        if BLOCK_D2 > 0:
+            desc2 = tl.make_tensor_descriptor(visible_rows, bounds, [stride_kv_tok, 1], [BLOCK_N, BLOCK_D2])
+        desc_rope = tl.make_tensor_descriptor(visible_rows, bounds, [stride_kv_tok, 1], [BLOCK_N, BLOCK_ROPE])
+
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)  # running max per head, base-2 scaled
     l_i = tl.zeros([BLOCK_H], tl.float32)
     for start in range(lo, hi, BLOCK_N):
-        offs_n, visible, block, slot = _tile_slots(
-            block_table_ptr, seq, start, first, hi, block_size, stride_bt_b, PAGED, PAGE_TILE, BLOCK_N
-        )
-        rows = kv_ptr + (block * stride_kv_blk + slot * stride_kv_tok)[:, None]  # [BLOCK_N, 1]
-        token_scale = _token_scales(kv_scale_ptr, block, slot, visible, stride_sc_blk, stride_sc_tok, HAS_SCALE)
-        k0 = _load_latent_piece(rows, 0, BLOCK_D, visible, kv_rank, compute_dtype)  # [BLOCK_N, BLOCK_D]
+        if TMA:
+            offs_n = start + tl.arange(0, BLOCK_N)
+            visible = (offs_n < hi) & (offs_n >= first)
+            k0 = desc0.load([start - first, 0])  # [BLOCK_N, BLOCK_D]; rows before `first` read as 0
+        else:
+            offs_n, visible, block, slot = _tile_slots(
+                block_table_ptr, seq, start, first, hi, block_size, stride_bt_b, PAGED, PAGE_TILE, BLOCK_N
+            )
+            rows = kv_ptr + (block * stride_kv_blk + slot * stride_kv_tok)[:, None]  # [BLOCK_N, 1]
+            token_scale = _token_scales(kv_scale_ptr, block, slot, visible, stride_sc_blk, stride_sc_tok, HAS_SCALE)
+            k0 = _load_latent_piece(rows, 0, BLOCK_D, visible, kv_rank, compute_dtype)  # [BLOCK_N, BLOCK_D]
         scores_t = tl.dot(k0, q0_t, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_H]
         if BLOCK_D1 > 0:
-            k1 = _load_latent_piece(rows, D1_START, BLOCK_D1, visible, kv_rank, compute_dtype)
+            if TMA:
+                k1 = desc1.load([start - first, D1_START])
+            else:
+                k1 = _load_latent_piece(rows, D1_START, BLOCK_D1, visible, kv_rank, compute_dtype)
             scores_t += tl.dot(k1, q1_t, input_precision=DOT_PRECISION)
         if BLOCK_D2 > 0:
-            k2 = _load_latent_piece(rows, D2_START, BLOCK_D2, visible, kv_rank, compute_dtype)
+            if TMA:
+                k2 = desc2.load([start - first, D2_START])
+            else:
+                k2 = _load_latent_piece(rows, D2_START, BLOCK_D2, visible, kv_rank, compute_dtype)
             scores_t += tl.dot(k2, q2_t, input_precision=DOT_PRECISION)
-        k_rope = tl.load(
-            rows + kv_rank + offs_rope[None, :], mask=visible[:, None] & (offs_rope[None, :] < rope_dim), other=0.0
-        ).to(compute_dtype)  # [BLOCK_N, BLOCK_ROPE]
+        if TMA:
+            k_rope = desc_rope.load([start - first, kv_rank])  # columns past r + 2p read as 0
+        else:
+            k_rope = tl.load(
+                rows + kv_rank + offs_rope[None, :], mask=visible[:, None] & (offs_rope[None, :] < rope_dim), other=0.0
+            ).to(compute_dtype)  # [BLOCK_N, BLOCK_ROPE]
         scores_t += tl.dot(k_rope, q_rope_t, input_precision=DOT_PRECISION)
         if HAS_SCALE:
             scores_t = scores_t * token_scale[:, None]
@@ -576,7 +613,9 @@ def split_kernel_for(cfg: dict, kv_rank: int) -> tuple:
     if cfg["HEADS_ON_N"]:
         if not values_from_keys:
             raise ValueError(f"HEADS_ON_N needs BLOCK_D = BLOCK_V >= kv_rank ({kv_rank}); got {cfg}")
-        return _decode_split_kernel_heads_on_n, tiles
+        return _decode_split_kernel_heads_on_n, dict(tiles, TMA=bool(cfg.get("TMA")))
+    if cfg.get("TMA"):
+        raise ValueError(f"TMA tiles are heads-on-N tiles (HEADS_ON_N=True); got {cfg}")
     # with pieces, BLOCK_V is piece 0's accumulator (pieces 1 and 2 have their own)
     block_v = cfg["BLOCK_D"] if cfg["BLOCK_D1"] else cfg["BLOCK_V"]
     transposed_keys, fp8_as_fp16 = bool(cfg.get("TRANSPOSED_KEYS")), bool(cfg.get("FP8_AS_FP16"))
@@ -725,6 +764,36 @@ def decode_plan(
     return dict(plan.cfg), num_splits
 
 
+def _check_tma_cache(kv_cache: torch.Tensor, block_table: torch.Tensor | None, kv_scale: torch.Tensor | None) -> None:
+    """TMA tiles read a contiguous 16-bit cache `[b, s, r + 2p]` whose rows and base TMA can address
+    (16-byte aligned); anything else raises, naming what the tile cannot read."""
+    if block_table is not None:
+        raise ValueError("TMA tiles read contiguous caches [b, s, r + 2p]; this call passes a block table (paged)")
+    if kv_scale is not None:
+        raise ValueError(f"TMA tiles read 16- or 32-bit caches; this cache is {kv_cache.dtype} (fp8)")
+    itemsize = kv_cache.element_size()
+    strides = (kv_cache.stride(0) * itemsize, kv_cache.stride(1) * itemsize)
+    if kv_cache.data_ptr() % 16 or any(stride % 16 for stride in strides):
+        raise ValueError(
+            f"TMA needs a 16-byte aligned cache with 16-byte multiple strides; got address % 16 = "
+            f"{kv_cache.data_ptr() % 16} and strides of {strides} bytes"
+        )
+
+
+def _with_scratch_allocator(device: torch.device, launch, *args) -> None:
+    """Run `launch(*args)` with triton's global-scratch allocator (device-side tensor descriptors
+    live there) set to torch's, inside a copied context: the caller's own setting is untouched."""
+
+    def allocate(size: int, alignment: int, stream) -> torch.Tensor:
+        return torch.empty(size, dtype=torch.int8, device=device)
+
+    def run() -> None:
+        triton.set_allocator(allocate)
+        launch(*args)
+
+    contextvars.copy_context().run(run)
+
+
 def _split_partials(batch: int, num_heads: int, num_splits: int, kv_rank: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Uninitialised fp32 partial outputs `[b, h, splits, r]` and LSEs `[b, h, splits]`: every split
     writes its LSE; only non-empty splits write outputs (tests poison these buffers)."""
@@ -766,6 +835,8 @@ def latent_decode_triton(
     cfg = plan.cfg
     if cfg.get("FP8_AS_FP16") and kv_scale is None:
         raise ValueError(f"FP8_AS_FP16 is for fp8 caches; this cache is {kv_cache.dtype}")
+    if cfg.get("TMA"):
+        _check_tma_cache(kv_cache, block_table, kv_scale)
     capacity = cache_capacity(kv_cache, block_table)
     head_tiles, value_tiles = plan.head_tiles, plan.value_tiles
     split_len = cdiv(cdiv(capacity, num_splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
@@ -800,7 +871,11 @@ def latent_decode_triton(
         return paged and cfg["PAGE_TILE"] and block_size % block_n == 0
 
     may_shrink = config is None or "BLOCK_N" not in config
-    _launch_split(kernel, grid, args, constexprs, cfg["BLOCK_N"], key + (kernel,), may_shrink, page_tile_for)
+    launch_args = (kernel, grid, args, constexprs, cfg["BLOCK_N"], key + (kernel, cfg.get("TMA")), may_shrink, page_tile_for)
+    if cfg.get("TMA"):
+        _with_scratch_allocator(q.device, _launch_split, *launch_args)
+    else:
+        _launch_split(*launch_args)
 
     out = torch.empty(batch, num_heads, kv_rank, device=q.device, dtype=q.dtype)
     lse = torch.empty(batch, num_heads, device=q.device, dtype=torch.float32)
