@@ -12,8 +12,8 @@
 # full one, M2LA_SWEEP_SET=overlap the two-programs-per-SM tiles (gpu_kernels.SWEEP_OVERLAP);
 # M2LA_SECTIONS picks benchmark sections (default: all of gpu_kernels.py's; add "compiled" for
 # benchmarks/compiled_decode.py: eager against torch.compile, and a static cache under CUDA graphs;
-# "tma_probe" for benchmarks/tma_decode_probe.py --run: a TMA + wgmma 896 + 128 decode loop timed
-# beside the library default);
+# "tma_probe" for benchmarks/tma_decode_probe.py --run: the library's TMA decode tile and a stripped
+# TMA + wgmma loop for 896 + 128, timed beside the library default);
 # M2LA_REGISTER_FACTS=0 skips the ptxas table; M2LA_GPU_TESTS=0 skips the GPU tests. The sweep
 # precompile runs only when the sections hold "sweep" or "decode".
 # vLLM's kernel is timed only when benchmarks/_third_party/ holds it (git-ignored): run
@@ -60,7 +60,7 @@ timeout 330 python benchmarks/gpu_kernels.py --seconds "${M2LA_BENCH_SECONDS:-29
     --sweep-set "$sweep_set" --sections "$sections" --warm-workers 0 --use-best --contexts 4096 32768 131072 2>&1 \
     | tee "$OUT/gpu_kernels.log"
 if [[ ",$sections," == *",tma_probe,"* ]]; then  # not in the default sections: ~1-2 minutes
-    echo "== TMA + wgmma decode probe for 896 + 128 against the library default (benchmarks/tma_decode_probe.py) =="
+    echo "== TMA decode tile and probe for 896 + 128 against the library default (benchmarks/tma_decode_probe.py) =="
     timeout 180 python benchmarks/tma_decode_probe.py --run 2>&1 | tee "$OUT/tma_probe.md"
 fi
 if [[ ",$sections," == *",compiled,"* ]]; then  # not in the default sections: ~3-4 minutes of compiles

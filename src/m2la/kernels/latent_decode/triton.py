@@ -393,7 +393,7 @@ def _decode_split_kernel_heads_on_n(
     absent; see `latent_pieces`): 448 = 256 + 128 + 64 and 896 = 512 + 256 + 128 exactly, where one
     padded tile of next_pow2(r) spends 1/8 of its MMA work and shared memory on zero columns.
 
-    TMA (contiguous 16-bit caches, not paged, no fp8): the cache tiles load through device-side
+    TMA (contiguous 16- or 32-bit caches, not paged, no fp8): the cache tiles load through device-side
     tensor descriptors over this sequence's visible rows `[first, seqlen)`, straight into shared
     memory where both MMAs read them (wgmma on sm_90); rows outside those bounds read as zeros, so
     no tile needs a mask on its loads (hidden rows may hold NaN) and only the scores are masked.
@@ -765,8 +765,8 @@ def decode_plan(
 
 
 def _check_tma_cache(kv_cache: torch.Tensor, block_table: torch.Tensor | None, kv_scale: torch.Tensor | None) -> None:
-    """TMA tiles read a contiguous 16-bit cache `[b, s, r + 2p]` whose rows and base TMA can address
-    (16-byte aligned); anything else raises, naming what the tile cannot read."""
+    """TMA tiles read a contiguous 16- or 32-bit cache `[b, s, r + 2p]` whose rows and base TMA can
+    address (16-byte aligned); anything else raises, naming what the tile cannot read."""
     if block_table is not None:
         raise ValueError("TMA tiles read contiguous caches [b, s, r + 2p]; this call passes a block table (paged)")
     if kv_scale is not None:
