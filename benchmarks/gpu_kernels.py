@@ -225,8 +225,7 @@ def split_rows(device, dtype, bandwidth, repeats, smoke: bool) -> list[tuple]:
             times = {}
             for by_length in (True, False):
                 fn = functools.partial(run, by_length)
-                times[by_length] = graph_ms(fn, device, repeats) if device.type == "cuda" else None
-                times[by_length] = times[by_length] or timed_ms(fn, device, repeats, warmup=1)
+                times[by_length] = graph_ms(fn, device, repeats) or timed_ms(fn, device, repeats, warmup=1)
             nbytes = int(lens.sum()) * width * dtype.itemsize
             shown = ",".join(str(n) for n in lens.tolist()) if case == "ragged paged batch" else str(int(lens[0]))
             rows.append((

@@ -23,7 +23,6 @@ import argparse
 import functools
 import math
 import pathlib
-import re
 import sys
 
 import torch
@@ -99,16 +98,7 @@ def probe(block_n: int, num_warps: int, num_stages: int) -> dict:
     divisible = {(i,): [["tt.divisibility", 16]] for i in (2, 3, 4, 5, 6, 8, 9)}
     src = ASTSource(fn=_tma_decode_probe, signature=signature, constexprs={"BLOCK_N": block_n, "BLOCK_H": 32},
                     attrs=divisible)  # fmt: skip
-    compiled, log = compile_sm90.ptxas_compile(src, num_warps, num_stages)
-    ptx = compiled.asm["ptx"]
-    return {
-        **compile_sm90.register_facts(log),
-        "shared_kib": compiled.metadata.shared / 1024,
-        "wgmma": len(re.findall(r"wgmma\.mma_async", ptx)),
-        "mma_sync": len(re.findall(r"\bmma\.sync", ptx)),
-        "tma_copies": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
-        "buffers": compile_sm90.pipelined_buffers(compiled.asm["ttgir"]),
-    }
+    return compile_sm90.compile_facts(*compile_sm90.ptxas_compile(src, num_warps, num_stages))
 
 
 def run_probe(q, cache, split_len, softmax_scale, block_n, num_warps, num_stages):
@@ -142,8 +132,7 @@ VARIANTS = [(64, 8, 1), (64, 8, 2), (64, 4, 1), (64, 16, 1), (32, 4, 2)]
 TIMED = [(64, 8, 1), (64, 4, 1), (64, 16, 1)]
 
 
-def case_rows(batch: int, context: int, variants: list, device, dtype, bandwidth: float | None,
-              smoke_tma: bool = False) -> list[str]:
+def case_rows(batch: int, context: int, variants: list, device, dtype, bandwidth: float | None) -> list[str]:
     """One decode shape: the library default and each probe variant, checked against the fp32
     reference and (with `bandwidth`, on CUDA) timed from CUDA graphs. Table rows."""
     from m2la.kernels import decode_attention
@@ -174,14 +163,13 @@ def case_rows(batch: int, context: int, variants: list, device, dtype, bandwidth
     def library():
         return latent_decode_triton(q, cache, lens, scale, 896)[0]
 
-    def library_tma():
+    def library_tma():  # the library's TMA tile (config TMA=True), same cache
         return latent_decode_triton(q, cache, lens, scale, 896, config=compile_sm90.TMA_896)[0]
 
     library_ms = report("library default (split + combine kernels)", library, library)
-    if bandwidth or smoke_tma:  # the library's TMA tile (config TMA=True), same cache
-        tile = compile_sm90.TMA_896
-        name = f"library TMA tile: {tile['BLOCK_N']} tokens, {tile['num_warps']} warps, {tile['num_stages']} stage"
-        report(name + " (split + combine kernels)", library_tma, library_tma)
+    tile = compile_sm90.TMA_896
+    name = f"library TMA tile: {tile['BLOCK_N']} tokens, {tile['num_warps']} warps, {tile['num_stages']} stage"
+    report(name + " (split + combine kernels)", library_tma, library_tma)
     splits = decode_plan(q, cache, 896, None)[1]
     for block_n, num_warps, num_stages in variants:
         split_len = max(block_n, context // splits // block_n * block_n)
@@ -207,7 +195,7 @@ def run(smoke: bool) -> None:
     print("| batch | context | kernel | max diff vs fp32 reference | graph ms | % of copy BW | library / this |")
     print("|---|---|---|---|---|---|---|")
     for batch, context in cases:
-        print("\n".join(case_rows(batch, context, variants, device, dtype, bandwidth, smoke_tma=smoke)), flush=True)
+        print("\n".join(case_rows(batch, context, variants, device, dtype, bandwidth)), flush=True)
 
 
 def main() -> None:
@@ -224,7 +212,7 @@ def main() -> None:
     for block_n, num_warps, num_stages in VARIANTS:
         f = probe(block_n, num_warps, num_stages)
         print(f"| {block_n} | {num_warps} | {num_stages} | {f['registers']} "
-              f"| {f['spill_stores']} | {f['shared_kib']:.0f} | {f['wgmma']} | {f['mma_sync']} | {f['tma_copies']} "
+              f"| {f['spill_stores']} | {f['shared'] / 1024:.0f} | {f['wgmma']} | {f['mma_sync']} | {f['tma']} "
               f"| {f['buffers']} |")  # fmt: skip
 
 

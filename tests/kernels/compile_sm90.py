@@ -100,7 +100,11 @@ def float_negations(ttgir: str) -> int:
 def compile_sm90(kernel, pointer_types, constexprs, num_warps, num_stages, **options):
     sig = signature(kernel, pointer_types, constexprs)
     src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=divisibility_attrs(kernel, sig))
-    compiled, ptxas_log = ptxas_compile(src, num_warps, num_stages, **options)
+    return compile_facts(*ptxas_compile(src, num_warps, num_stages, **options))
+
+
+def compile_facts(compiled, ptxas_log: str) -> dict:
+    """Registers, spills, buffers, shared memory and instruction counts of one sm_90 compile."""
     ptx = compiled.asm["ptx"]
     return {
         **register_facts(ptxas_log),

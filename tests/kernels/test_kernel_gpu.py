@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_cases import random_paged_cache, random_quantized_paged_cache
+from kernel_cases import random_contiguous_cache, random_paged_cache, random_quantized_paged_cache
 
 from m2la.backends import triton_interpreter_enabled
 from m2la.kernels import decode_attention, prefill_attention, write_latent_cache
@@ -101,8 +101,6 @@ def test_decode_variants_gpu(kv_rank, rope_dim, config):
 def test_decode_tma_tiles_gpu(kv_rank, rope_dim, num_warps, num_stages):
     """TMA tiles (device-side tensor descriptors, contiguous cache) in bf16 within the error budget,
     with NaN in the hidden rows (left padding and past each length) and an empty sequence."""
-    from kernel_cases import random_contiguous_cache
-
     from m2la.kernels.latent_decode.triton import latent_decode_triton
 
     seqlens, kv_start = [0, 1, 63, 1000, 4097], [0, 0, 5, 300, 0]
