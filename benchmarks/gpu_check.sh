@@ -14,11 +14,14 @@
 # benchmarks/compiled_decode.py: eager against torch.compile, and a static cache under CUDA graphs;
 # "tma_probe" for benchmarks/tma_decode_probe.py --run: the library's TMA decode tile and a stripped
 # TMA + wgmma loop for 896 + 128, timed beside the library default);
+# "flashmla" for benchmarks/flashmla_baseline.py run: FlashMLA's compiled decode (from vLLM's wheel)
+# against ours on DeepSeek's 512 + 64 layout, in a process of its own);
 # M2LA_REGISTER_FACTS=0 skips the ptxas table; M2LA_GPU_TESTS=0 skips the GPU tests. The sweep
 # precompile runs only when the sections hold "sweep" or "decode".
 # vLLM's kernel is timed only when benchmarks/_third_party/ holds it (git-ignored): run
 # `python benchmarks/vllm_triton_mla.py <vllm wheel>` here first and pass
-# carry=["benchmarks/_third_party"] to the device call.
+# carry=["benchmarks/_third_party"] to the device call. FlashMLA likewise: `python
+# benchmarks/flashmla_baseline.py extract <vllm wheel>` puts it in the same folder.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/m2la-out}"
@@ -62,6 +65,10 @@ timeout 330 python benchmarks/gpu_kernels.py --seconds "${M2LA_BENCH_SECONDS:-29
 if [[ ",$sections," == *",tma_probe,"* ]]; then  # not in the default sections: ~1-2 minutes
     echo "== TMA decode tile and probe for 896 + 128 against the library default (benchmarks/tma_decode_probe.py) =="
     timeout 180 python benchmarks/tma_decode_probe.py --run 2>&1 | tee "$OUT/tma_probe.md"
+fi
+if [[ ",$sections," == *",flashmla,"* ]]; then  # not in the default sections: ~1-2 minutes
+    echo "== FlashMLA's dense decode beside m2la's on DeepSeek's 512 + 64 layout (benchmarks/flashmla_baseline.py) =="
+    timeout 240 python benchmarks/flashmla_baseline.py run 2>&1 | tee "$OUT/flashmla.md"
 fi
 if [[ ",$sections," == *",compiled,"* ]]; then  # not in the default sections: ~3-4 minutes of compiles
     echo "== compiled decode (eager vs torch.compile of a converted Llama, growing and static caches) =="

@@ -106,3 +106,75 @@ def test_tma_decode_probe_matches_the_reference_in_the_interpreter():
     names = [name.split(":")[0] for name, _ in diffs]
     assert names == ["library default (split + combine kernels)", "library TMA tile", "TMA probe", "TMA probe"]
     assert all(float(diff) < 1e-4 for _, diff in diffs), proc.stdout
+
+
+def _flashmla_baseline():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import flashmla_baseline
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    return flashmla_baseline
+
+
+def test_flashmla_baseline_smoke_agrees_with_the_reference():
+    """`flashmla_baseline.py run --smoke`: m2la's Triton decode (interpreter) and the plain-torch
+    stand-in for FlashMLA's interface both match the fp32 reference on FlashMLA's paging (64-token
+    pages, shuffled tables, ragged lengths), so the GPU run compares the same work."""
+    script = SCRIPT.with_name("flashmla_baseline.py")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, str(script), "run", "--smoke"], env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = re.findall(r"^\| (\d+) \| (\d) \| 200 \| ([^|]+) \| (\S+) \| (\S+) \| n/a \|", proc.stdout, re.M)
+    kernels = ["FlashMLA", "m2la", "m2la, 64-head tile (candidate)"]
+    # 70 heads: the candidate's second 64-head tile holds 6 heads
+    assert [(h, b, k.strip()) for h, b, k, _, _ in rows] == [("3", "1", k) for k in kernels] + [
+        ("70", "3", k) for k in kernels
+    ]
+    assert all(float(e) < 1e-4 and float(le) < 1e-4 for *_, e, le in rows), proc.stdout
+
+
+def test_flashmla_adapter_reuses_the_schedule_and_keeps_flashmla_shapes():
+    """`decode` hands FlashMLA 4-d tensors, returns m2la's `[b, h, r]` / `[b, h]`, and makes the
+    scheduler metadata once per schedule (the graph replays reuse it)."""
+    baseline = _flashmla_baseline()
+    torch = pytest.importorskip("torch")
+    stand_in = baseline.TorchStandIn()
+    cache = torch.randn(6, baseline.PAGE_SIZE, 20, dtype=torch.float64)
+    table = torch.tensor([[4, 1], [0, 5]], dtype=torch.int32)
+    lens = torch.tensor([70, 3], dtype=torch.int32)
+    q = torch.randn(2, 5, 20, dtype=torch.float64)
+    schedule: dict = {}
+    out, lse = baseline.decode(stand_in, q, cache, table, lens, 0.3, schedule, kv_rank=12)
+    baseline.decode(stand_in, q, cache, table, lens, 0.3, schedule, kv_rank=12)
+    assert stand_in.schedules_made == 1 and set(schedule) == {"metadata", "num_splits"}
+    assert out.shape == (2, 5, 12) and lse.shape == (2, 5)
+    keys = cache[0, :3]  # row 1: 3 tokens, the first page of its table is page 0
+    scores = q[1] @ keys.T * 0.3  # [h, 3]
+    torch.testing.assert_close(out[1], scores.softmax(-1) @ keys[:, :12])
+    torch.testing.assert_close(lse[1], torch.logsumexp(scores, -1).float())
+
+
+def test_flashmla_extract_checks_the_wheel(tmp_path, monkeypatch):
+    """`extract` writes the extension (and where it came from) or names what the wheel lacks."""
+    import zipfile
+
+    baseline = _flashmla_baseline()
+    monkeypatch.setattr(baseline, "DEST", tmp_path / "third_party" / "flashmla" / "_flashmla_C.abi3.so")
+    wheel = tmp_path / "vllm-0.33.0-cp38-abi3-manylinux_2_28_x86_64.whl"
+    binary = b"\x7fELF" + b"\0" * 16 + baseline.SCHEMA + b"..."
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(baseline.SOURCE, binary)
+        archive.writestr("vllm-0.33.0.dist-info/METADATA", "Name: vllm\n")
+    assert baseline.extract(wheel).read_bytes() == binary
+    assert "vLLM 0.33.0" in baseline.DEST.with_name("SOURCE.txt").read_text()
+    for name, content, message in [("other.so", binary, "no vllm/_flashmla_C"),
+                                   (baseline.SOURCE, b"\x7fELF renamed op", "has no op dense_decode_fwd")]:  # fmt: skip
+        broken = tmp_path / f"broken-{len(content)}.whl"
+        with zipfile.ZipFile(broken, "w") as archive:
+            archive.writestr(name, content)
+        with pytest.raises(ValueError, match=message):
+            baseline.extract(broken)
+    monkeypatch.setattr(baseline, "DEST", tmp_path / "missing.so")
+    assert baseline.load() is None
