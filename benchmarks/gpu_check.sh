@@ -68,7 +68,7 @@ if [[ ",$sections," == *",tma_probe,"* ]]; then  # not in the default sections: 
 fi
 if [[ ",$sections," == *",flashmla,"* ]]; then  # not in the default sections: ~1-2 minutes
     echo "== FlashMLA's dense decode beside m2la's on DeepSeek's 512 + 64 layout (benchmarks/flashmla_baseline.py) =="
-    timeout 240 python benchmarks/flashmla_baseline.py run 2>&1 | tee "$OUT/flashmla.md"
+    timeout 180 python benchmarks/flashmla_baseline.py run 2>&1 | tee "$OUT/flashmla.md"
 fi
 if [[ ",$sections," == *",compiled,"* ]]; then  # not in the default sections: ~3-4 minutes of compiles
     echo "== compiled decode (eager vs torch.compile of a converted Llama, growing and static caches) =="
