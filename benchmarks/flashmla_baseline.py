@@ -31,6 +31,7 @@ shapes and the report are checked without a GPU.
 from __future__ import annotations
 
 import argparse
+import functools
 import pathlib
 import sys
 import zipfile
@@ -124,16 +125,18 @@ def _max_diff(a, b) -> float:
     return (a.double() - b.double())[both].abs().max().item() if both.any() else 0.0
 
 
-def many_heads_tile(kv_rank: int) -> dict:
-    """A decode tile for more than 32 heads, timed beside the default (not a default: not yet timed).
+def many_heads_tiles(kv_rank: int) -> dict[str, dict]:
+    """Decode tiles for more than 32 heads, timed beside the default (not defaults: not yet timed).
 
     64 heads on the MMA M dimension, the whole latent resident (one key tile serves as the values),
-    64-token tiles, 8 warps, 2 stages. For 128 heads at 512 + 64, sm_90 with triton 3.6 gives
-    0 spills, 216 KiB of shared memory and wgmma only. The default for more than 32 heads chunks the
-    scores over r and tiles the values, re-reading each key tile per value tile (68 B of spills)."""
+    8 warps, 2 stages, 64- or 32-token tiles. For 64 or 128 heads at 512 + 64, sm_90 with triton 3.6
+    gives 0 spills and wgmma only: 247 registers and 216 KiB of shared memory at 64 tokens, 214 and
+    144 KiB at 32. The default for more than 32 heads chunks the scores over r and splits the values
+    into two tiles, each recomputing the scores (68 B of spills, 64 KiB)."""
     width = triton.next_power_of_2(kv_rank)
-    return dict(BLOCK_H=64, BLOCK_N=64, BLOCK_D=width, BLOCK_V=width, HEADS_ON_N=False, LATENT_PIECES=False,
-                num_warps=8, num_stages=2)  # fmt: skip
+    tile = dict(BLOCK_H=64, BLOCK_D=width, BLOCK_V=width, HEADS_ON_N=False, LATENT_PIECES=False, num_warps=8,
+                num_stages=2)  # fmt: skip
+    return {f"64-head tile, {n} tokens": dict(tile, BLOCK_N=n) for n in (64, 32)}
 
 
 def case_rows(ops, heads, batch, context, kv_rank, rope_dim, device, dtype, bandwidth, cache) -> list[str]:
@@ -159,15 +162,16 @@ def case_rows(ops, heads, batch, context, kv_rank, rope_dim, device, dtype, band
     def m2la():
         return decode_attention(q, cache, lens, scale, kv_rank, table, backend="triton")
 
-    def m2la_many_heads():
-        return latent_decode_triton(q, cache, lens, scale, kv_rank, table, config=many_heads_tile(kv_rank))
+    def m2la_tile(config):
+        return latent_decode_triton(q, cache, lens, scale, kv_rank, table, config=config)
 
     ref, ref_lse = decode_attention(q.float(), cache.float(), lens, scale, kv_rank, table, backend="reference")
     nbytes = int(lens.sum()) * width * cache.element_size() + q.numel() * q.element_size() * (1 + kv_rank / width)
     rows, timings = [], {}
     kernels = [("FlashMLA", flashmla), ("m2la", m2la)]
     if heads > 32 or not bandwidth:  # (the default tile already holds up to 32 heads whole)
-        kernels.append(("m2la, 64-head tile (candidate)", m2la_many_heads))
+        kernels += [(f"m2la, {name} (candidate)", functools.partial(m2la_tile, config))
+                    for name, config in many_heads_tiles(kv_rank).items()]  # fmt: skip
     for name, fn in kernels:
         out, lse = fn()
         err, lse_err = _max_diff(out, ref), _max_diff(lse, ref_lse)
