@@ -739,7 +739,11 @@ def expanded_part_rows(name, inputs, chunk, total, flops, ours, device, repeats)
         ("expansion GEMM only (gathered latent, weight ready)", lambda: latent @ weight),
     ):  # fmt: skip
         rows.append((f"{name}, m2la {label}", prefix, chunk, timed_ms(fn, device, repeats), None, ""))
-    for label, config in (("default order", None), ("HEAD_GROUP=1, earlier order", dict(HEAD_GROUP=1))):
+    for label, config in (
+        ("default order", None),
+        ("HEAD_GROUP=1, earlier order", dict(HEAD_GROUP=1)),
+        ("TMA tile (opt-in)", dict(TMA=True, BLOCK_D=NOPE_DIM)),  # keys and values by TMA, no cp.async
+    ):
 
         def attend(config=config):
             return expanded_prefill_attention(q_nope, q_rope, k_nope, k_rope, values, cu, lens, 0.1, chunk, config=config)
@@ -810,6 +814,7 @@ PREFILL_SWEEP = [
     dict(BLOCK_N=128, num_stages=2),
     dict(BLOCK_M=64, num_warps=4),
     dict(BLOCK_N=32, num_stages=3),
+    dict(TMA=True),  # keys and values through tensor descriptors (opt-in; fifteenth session)
 ]
 
 

@@ -37,9 +37,9 @@ def test_gpu_benchmark_smoke(tmp_path):
     diffs = re.findall(r"\| latent 60\+16 \(smoke\), SDPA[^|]*\| (?:0|64) \| 32 \| [\d.]+ \| [\d.]+ \| (\S+) \|", report)
     assert len(diffs) == 6, report
     assert all(float(d) < 1e-4 for d in diffs), diffs
-    # our expanded prefill in parts (the kernel alone, both launch orders) agrees with the whole call
+    # our expanded prefill in parts (the kernel alone: both launch orders and the TMA tile) agrees with the whole call
     parts = re.findall(r"\| latent 60\+16 \(smoke\), m2la attention only, [^|]*\| (?:0|64) \| 32 \| [\d.]+ \| [\d.]+ \| (\S+) \|", report)
-    assert len(parts) == 4 and all(float(d) < 1e-4 for d in parts), report
+    assert len(parts) == 6 and all(float(d) < 1e-4 for d in parts), report  # 3 variants, 2 prefixes
     assert len(re.findall(r"m2la expansion only \(gather \+ 1 GEMM\)", report)) == 2
     # short extends: every mode at each length, agreeing with the decode route; auto marks one
     extends = re.findall(r"\| latent 60\+16 \(smoke\) \| (\d+) \| (\w+) \| [\d.]+ \| (\S+) \| (auto)? \|", report)

@@ -158,6 +158,7 @@ def prefill_case(value_dim, rope_dim, nope_dim, dtype="fp16", cache_dtype=None, 
                   BLOCK_ROPE=max(16, triton.next_power_of_2(rope_dim)), HAS_SCALE=cache_dtype is not None,
                   SINGLE_D=nope_dim > 0 and cfg["BLOCK_D"] >= nope_dim)  # fmt: skip
     consts.update({k: v for k, v in cfg.items() if k.startswith("BLOCK")})
+    consts["TMA"] = bool(cfg.get("TMA"))
     ptrs = {"block_table_ptr": "*i32", "cu_seqlens_q_ptr": "*i32", "seqlens_ptr": "*i32", "kv_start_ptr": "*i32",
             "kv_scale_ptr": "*fp32", "out_ptr": "*fp32", "lse_ptr": "*fp32"}  # fmt: skip
     ptrs.update({n: f"*{dtype}" for n in ("q_nope_ptr", "q_rope_ptr")})
@@ -225,6 +226,8 @@ def main() -> None:
         # TMA tiles (contiguous caches): the cache tile goes global -> shared by TMA, both MMAs wgmma
         "decode_h32_r896_rope128_bf16_tma": decode_case(32, 896, 128, "bf16", paged=False, **TMA_896),
         "decode_h32_r448_rope64_bf16_tma": decode_case(32, 448, 64, "bf16", paged=False, **TMA_448),
+        # expanded prefill with its keys and values by TMA (`config=dict(TMA=True)`)
+        "prefill_v128_rope128_tma": prefill_case(128, 128, 128, "bf16", paged=False, TMA=True),
     }
     # arguments that change with lengths, which the launcher must not value-specialise (new variants)
     kernels = {"decode": decode._decode_split_kernel, "decode_heads_on_n": decode._decode_split_kernel_heads_on_n,

@@ -175,6 +175,24 @@ def test_prefill_gpu(mode, dtype):
     within_budget(out, lowp_out, ref_out, f"prefill {mode}")
 
 
+def test_prefill_tma_tile_gpu():
+    """The expanded prefill with keys and values by TMA (`config=dict(TMA=True)`), bf16, within the
+    error budget, over a paged cache (expanded mode gathers it, so TMA reads contiguous rows)."""
+    from m2la.kernels.latent_prefill.triton import latent_prefill_triton
+
+    cache, table = random_paged_cache(PREFILL_SEQLENS, PREFILL_RANK + PREFILL_ROPE, 64, torch.bfloat16)
+    cache, table = cache.cuda(), table.cuda()
+    q_nope, q_rope, w_uk, w_uv, args = prefill_gpu_inputs(torch.bfloat16, table)
+    cu, lens = args[:2]
+    out, lse = latent_prefill_triton(q_nope, q_rope, cache, w_uk, w_uv, *args, mode="expanded", config=dict(TMA=True))
+    f32 = [t.float() for t in (q_nope, q_rope, cache, w_uk, w_uv)]
+    ref_out, ref_lse = prefill_attention(*f32, *args, backend="reference")
+    lowp_out = prefill_lowp_torch(q_nope, q_rope, cache, w_uk, w_uv, cu, lens, args[2], table)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(lse, ref_lse, atol=5e-2, rtol=1e-3)
+    within_budget(out, lowp_out, ref_out, "prefill expanded, TMA tile")
+
+
 @pytest.mark.parametrize("head_group", [1, 3])
 def test_prefill_launch_order_changes_no_bit_gpu(head_group):
     """The launch order (head groups of 3 over 8 heads: a short last group; 1: the earlier order)

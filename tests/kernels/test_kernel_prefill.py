@@ -342,3 +342,74 @@ def test_prefill_launch_retries_smaller_tiles_when_shared_memory_runs_out(monkey
     tried.clear()
     with pytest.raises(OutOfResources):  # nothing smaller than the smallest
         prefill.launch_fitting_tiles(lambda cfg: launch(dict(cfg, BLOCK_M=1024)), default, True, "never fits")
+
+
+def contiguous_poisoned(cache, table, seqlens, kv_start, extra_rows=5):
+    """The paged rows laid out `[b, s_max + extra_rows, r + 2p]`, NaN before each kv_start and past
+    each sequence's end: rows a TMA tile must never let through."""
+    s_max = int(seqlens.max()) + extra_rows
+    dense = torch.full((len(seqlens), s_max, cache.shape[-1]), float("nan"), dtype=cache.dtype)
+    for seq, length in enumerate(seqlens.tolist()):
+        dense[seq, :length] = rows_of(cache, table, seq, length)
+        dense[seq, : kv_start[seq]] = float("nan")
+    return dense
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    new_lens=st.lists(st.integers(0, 40), min_size=1, max_size=3),
+    cached=st.lists(st.integers(0, 50), min_size=3, max_size=3),
+    start_frac=st.floats(0.0, 1.0),
+    block_n=st.sampled_from([16, 32]),
+    mode=st.sampled_from(["absorbed", "expanded"]),
+    value_tiles=st.sampled_from([1, 2]),
+)
+def test_tma_prefill_tiles_match_fp64(new_lens, cached, start_frac, block_n, mode, value_tiles):
+    """TMA tiles (`config=dict(TMA=True)`): keys and values load through descriptors over each
+    sequence's rows [kv_start, seqlen), which read rows outside as zeros; NaN there (before kv_start,
+    past the end) must not reach the result, in all three key-tile regions and both modes."""
+    from m2la.kernels.latent_prefill.triton import latent_prefill_triton
+
+    cached = cached[: len(new_lens)]
+    case = make_case(3, *SHAPES["r48"], new_lens, cached, 16, torch.float32, seed=sum(new_lens) * 7 + sum(cached))
+    q_nope, q_rope, cache, w_uk, w_uv, cu, seqlens, table = case
+    kv_start = [int(start_frac * length) for length in seqlens.tolist()]
+    ref_out, ref_lse = prefill_fp64_absorbed(*case[:7], 0.15, table, kv_start)
+    dense = contiguous_poisoned(cache, table, seqlens, kv_start)
+    config = dict(TMA=True, BLOCK_N=block_n, BLOCK_D=64, BLOCK_V=32 // value_tiles)
+    start = torch.tensor(kv_start, dtype=torch.int32)
+    out, lse = latent_prefill_triton(q_nope, q_rope, dense, w_uk, w_uv, cu, seqlens, 0.15, None, mode=mode,
+                                     kv_start=start, config=config)  # fmt: skip
+    assert_close_with_lse(out, lse, ref_out, ref_lse, atol=TOL[torch.float32])
+
+
+@pytest.mark.parametrize("mode", ["absorbed", "expanded"])
+def test_tma_prefill_tiles_fp16(mode):
+    from m2la.kernels.latent_prefill.triton import latent_prefill_triton
+
+    case = make_case(5, *SHAPES["r48"], [33, 0, 20], [0, 30, 43], 16, torch.float16, seed=31)
+    q_nope, q_rope, cache, w_uk, w_uv, cu, seqlens, table = case
+    kv_start = [0, 4, 17]
+    dense = contiguous_poisoned(cache, table, seqlens, kv_start)
+    start = torch.tensor(kv_start, dtype=torch.int32)
+    args = (q_nope, q_rope, dense, w_uk, w_uv, cu, seqlens, 0.15, None)
+    out, lse = latent_prefill_triton(*args, mode=mode, kv_start=start, config=dict(TMA=True, BLOCK_D=64))
+    ref_out, ref_lse = latent_prefill_triton(*args, mode=mode, kv_start=start, config=dict(BLOCK_D=64))
+    assert_close_with_lse(out, lse, ref_out, ref_lse, atol=2e-3, rtol=2e-3)
+
+
+def test_tma_prefill_tiles_refuse_what_they_cannot_read():
+    from m2la.kernels.latent_prefill.triton import latent_prefill_triton
+
+    case = make_case(3, *SHAPES["r48"], [5, 3], [4, 0], 16, torch.float32)
+    q_nope, q_rope, cache, w_uk, w_uv, cu, seqlens, table = case
+    dense = contiguous_poisoned(cache, table, seqlens, [0, 0])
+    tma = dict(TMA=True, BLOCK_D=64)
+    with pytest.raises(ValueError, match="paged"):  # (expanded mode gathers a paged cache: TMA reads that)
+        latent_prefill_triton(q_nope, q_rope, cache, w_uk, w_uv, cu, seqlens, 0.15, table, mode="absorbed", config=tma)
+    with pytest.raises(ValueError, match="resident"):
+        latent_prefill_triton(q_nope, q_rope, dense, w_uk, w_uv, cu, seqlens, 0.15, mode="absorbed",
+                              config=dict(TMA=True, BLOCK_D=32))  # fmt: skip
+    with pytest.raises(ValueError, match="16-byte"):  # rows of 63 fp32 values: 252 bytes
+        latent_prefill_triton(q_nope, q_rope, dense[..., 1:].contiguous(), w_uk[:, 1:], w_uv[:, 1:], cu, seqlens,
+                              0.15, mode="absorbed", config=tma)  # fmt: skip

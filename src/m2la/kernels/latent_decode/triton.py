@@ -47,7 +47,6 @@ as zeros, so the loads need no masks. `benchmarks/tma_decode_probe.py --run` tim
 
 from __future__ import annotations
 
-import contextvars
 import functools
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -59,7 +58,7 @@ import triton.language as tl
 
 from m2la.backends import triton_interpreter_enabled
 from m2la.kernels._host import cdiv, next_power_of_2
-from m2la.kernels._launch import launch_shrinking
+from m2la.kernels._launch import launch_shrinking, tma_misalignment, with_scratch_allocator
 from m2la.kernels._paging import cache_capacity
 from m2la.quantization import is_fp8
 
@@ -771,27 +770,9 @@ def _check_tma_cache(kv_cache: torch.Tensor, block_table: torch.Tensor | None, k
         raise ValueError("TMA tiles read contiguous caches [b, s, r + 2p]; this call passes a block table (paged)")
     if kv_scale is not None:
         raise ValueError(f"TMA tiles read 16- or 32-bit caches; this cache is {kv_cache.dtype} (fp8)")
-    itemsize = kv_cache.element_size()
-    strides = (kv_cache.stride(0) * itemsize, kv_cache.stride(1) * itemsize)
-    if kv_cache.data_ptr() % 16 or any(stride % 16 for stride in strides):
-        raise ValueError(
-            f"TMA needs a 16-byte aligned cache with 16-byte multiple strides; got address % 16 = "
-            f"{kv_cache.data_ptr() % 16} and strides of {strides} bytes"
-        )
-
-
-def _with_scratch_allocator(device: torch.device, launch, *args) -> None:
-    """Run `launch(*args)` with triton's global-scratch allocator (device-side tensor descriptors
-    live there) set to torch's, inside a copied context: the caller's own setting is untouched."""
-
-    def allocate(size: int, alignment: int, stream) -> torch.Tensor:
-        return torch.empty(size, dtype=torch.int8, device=device)
-
-    def run() -> None:
-        triton.set_allocator(allocate)
-        launch(*args)
-
-    contextvars.copy_context().run(run)
+    problem = tma_misalignment("the cache", kv_cache)
+    if problem:
+        raise ValueError(problem)
 
 
 def _split_partials(batch: int, num_heads: int, num_splits: int, kv_rank: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -873,7 +854,7 @@ def latent_decode_triton(
     may_shrink = config is None or "BLOCK_N" not in config
     launch_args = (kernel, grid, args, constexprs, cfg["BLOCK_N"], key + (kernel, cfg.get("TMA")), may_shrink, page_tile_for)
     if cfg.get("TMA"):
-        _with_scratch_allocator(q.device, _launch_split, *launch_args)
+        with_scratch_allocator(q.device, _launch_split, *launch_args)
     else:
         _launch_split(*launch_args)
 

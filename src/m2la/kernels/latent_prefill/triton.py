@@ -20,6 +20,9 @@ GPU where this kernel would not. See `choose_prefill_mode` for the rule between 
 fp8 caches: absorbed mode reads the fp8 rows and widens them to the query dtype in registers, each
 token's scale multiplying its score and value weight (`HAS_SCALE`); expanded mode dequantizes the
 gathered prefix in torch before the expansion GEMMs.
+
+`config=dict(TMA=True)` (opt-in, not yet timed): keys and values through device-side tensor
+descriptors (`_prefill_step_tma`), for contiguous 16- or 32-bit operands with a resident nope query.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import triton.language as tl
 
 from m2la.backends import triton_interpreter_enabled
 from m2la.kernels._host import cdiv, next_power_of_2
-from m2la.kernels._launch import launch_shrinking
+from m2la.kernels._launch import launch_shrinking, tma_misalignment, with_scratch_allocator
 from m2la.kernels._paging import cache_capacity, gather_cache_rows
 from m2la.kernels._quant import gather_dequantized_rows
 from m2la.quantization import is_fp8
@@ -69,6 +72,40 @@ def choose_prefill_mode(
 @triton.jit
 def _prefill_step(
     acc, m_i, l_i, start, q_nope, q_rope, qn_rows, row_ok, query_pos, first, hi, seq, head,
+    block_table_ptr, k_nope_ptr, k_rope_ptr, v_ptr, kv_scale_ptr, kn_desc, kr_desc, v_desc,
+    scale_log2, nope_dim, block_size, offs_rope, rope_ok, offs_v, value_ok,
+    stride_kn_blk, stride_kn_tok, stride_kn_h, stride_kr_blk, stride_kr_tok, stride_kr_h,
+    stride_v_blk, stride_v_tok, stride_v_h, stride_sc_blk, stride_sc_tok, stride_bt_b,
+    MASKED: tl.constexpr, PAGED: tl.constexpr, HAS_NOPE: tl.constexpr, HAS_SCALE: tl.constexpr,
+    SINGLE_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
+):  # fmt: skip
+    """One `BLOCK_N`-key tile of the online softmax. MASKED=False: every key of the tile is visible
+    to every query row (inside `[first, hi)` and before the tile's first query), so no mask.
+    TMA: keys and values load through the descriptors `kn_desc`, `kr_desc`, `v_desc` (rows from
+    `first`; rows outside the sequence's visible ones read as zeros), not the pointers."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    key_ok = (offs_n < hi) & (offs_n >= first)
+    if TMA:
+        acc, m_i, l_i = _prefill_step_tma(
+            acc, m_i, l_i, offs_n, key_ok, start - first, q_nope, q_rope, query_pos, kn_desc, kr_desc, v_desc,
+            scale_log2, MASKED, HAS_NOPE, DOT_PRECISION,
+        )  # fmt: skip
+    else:
+        acc, m_i, l_i = _prefill_step_pointers(
+            acc, m_i, l_i, offs_n, key_ok, q_nope, q_rope, qn_rows, row_ok, query_pos, seq, head,
+            block_table_ptr, k_nope_ptr, k_rope_ptr, v_ptr, kv_scale_ptr,
+            scale_log2, nope_dim, block_size, offs_rope, rope_ok, offs_v, value_ok,
+            stride_kn_blk, stride_kn_tok, stride_kn_h, stride_kr_blk, stride_kr_tok, stride_kr_h,
+            stride_v_blk, stride_v_tok, stride_v_h, stride_sc_blk, stride_sc_tok, stride_bt_b,
+            MASKED, PAGED, HAS_NOPE, HAS_SCALE, SINGLE_D, BLOCK_N, BLOCK_D, DOT_PRECISION,
+        )  # fmt: skip
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _prefill_step_pointers(
+    acc, m_i, l_i, offs_n, key_ok, q_nope, q_rope, qn_rows, row_ok, query_pos, seq, head,
     block_table_ptr, k_nope_ptr, k_rope_ptr, v_ptr, kv_scale_ptr,
     scale_log2, nope_dim, block_size, offs_rope, rope_ok, offs_v, value_ok,
     stride_kn_blk, stride_kn_tok, stride_kn_h, stride_kr_blk, stride_kr_tok, stride_kr_h,
@@ -76,11 +113,9 @@ def _prefill_step(
     MASKED: tl.constexpr, PAGED: tl.constexpr, HAS_NOPE: tl.constexpr, HAS_SCALE: tl.constexpr,
     SINGLE_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """One `BLOCK_N`-key tile of the online softmax. MASKED=False: every key of the tile is visible
-    to every query row (inside `[first, hi)` and before the tile's first query), so no mask."""
+    """`_prefill_step` with the key and value tiles loaded through pointers (paged or contiguous,
+    masked loads, fp8 widening)."""
     compute_dtype = q_rope.dtype
-    offs_n = start + tl.arange(0, BLOCK_N)
-    key_ok = (offs_n < hi) & (offs_n >= first)
     if PAGED:
         if MASKED:
             blk = tl.load(block_table_ptr + seq * stride_bt_b + offs_n // block_size, mask=key_ok, other=0)
@@ -131,6 +166,35 @@ def _prefill_step(
     return acc, m_new, l_i
 
 
+@triton.jit
+def _prefill_step_tma(
+    acc, m_i, l_i, offs_n, key_ok, row, q_nope, q_rope, query_pos, kn_desc, kr_desc, v_desc, scale_log2,
+    MASKED: tl.constexpr, HAS_NOPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """`_prefill_step` with the key and value tiles loaded by TMA at descriptor row `row` (global ->
+    shared, no registers, no masks: hidden rows read as zeros, so even NaN there never reaches a
+    value product). Contiguous 16- or 32-bit operands with a resident nope query only."""
+    compute_dtype = q_rope.dtype
+    scores = tl.dot(q_rope, tl.trans(kr_desc.load([row, 0])), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+    if HAS_NOPE:
+        scores += tl.dot(q_nope, tl.trans(kn_desc.load([row, 0])), input_precision=DOT_PRECISION)
+    if MASKED:
+        visible = key_ok[None, :] & (offs_n[None, :] <= query_pos[:, None])
+        scores = tl.where(visible, scores * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet: avoid -inf - -inf
+    else:
+        scores = scores * scale_log2
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_safe = m_new
+    probs = tl.exp2(scores - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(probs, axis=1)
+    values = v_desc.load([row, 0])  # [BLOCK_N, BLOCK_V]
+    acc = acc * alpha[:, None] + tl.dot(probs.to(compute_dtype), values, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
 # The chunk's query-tile count and the head group change with the call's lengths: no value
 # specialisation (== 1, multiple of 16), so new lengths never compile new variants of the kernel.
 @triton.jit(do_not_specialize=["num_query_tiles", "head_group"])
@@ -148,8 +212,12 @@ def _prefill_kernel(
     PAGED: tl.constexpr, HAS_NOPE: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_ROPE: tl.constexpr, BLOCK_V: tl.constexpr, DOT_PRECISION: tl.constexpr, SINGLE_D: tl.constexpr,
+    TMA: tl.constexpr = False,
 ):  # fmt: skip
     # HAS_SCALE: fp8 keys/values (absorbed mode), widened to the query dtype; per-token scales.
+    # TMA (contiguous, not fp8, resident nope query; opt-in, not yet timed): keys and values load
+    # through device-side tensor descriptors over this sequence's rows [first, seqlen) and this
+    # head's columns.
     # SINGLE_D (HAS_NOPE and BLOCK_D >= n): the nope query stays in registers for the whole key loop.
     # Launch order (axis 0, fastest first): groups of `head_group` head tiles (a head tile = one
     # head's value tile); inside a group, query tiles from the last (the most causal keys) to the
@@ -200,35 +268,55 @@ def _prefill_kernel(
         offs_d = tl.arange(0, BLOCK_D)
         q_nope = tl.load(qn_rows + offs_d[None, :], mask=row_ok[:, None] & (offs_d[None, :] < nope_dim), other=0.0)
 
+    kn_desc = k_rope_ptr  # placeholders (never read) without TMA
+    kr_desc = k_rope_ptr
+    v_desc = k_rope_ptr
+    if TMA:  # rows [first, seqlen) of this sequence: rows outside read as zeros, never masked loads
+        visible_rows = tl.maximum(seqlen - first, 0)
+        seq_rows = seq.to(tl.int64)
+        kr_desc = tl.make_tensor_descriptor(
+            k_rope_ptr + seq_rows * stride_kr_blk + head * stride_kr_h + first * stride_kr_tok,
+            [visible_rows, rope_dim], [stride_kr_tok, 1], [BLOCK_N, BLOCK_ROPE],
+        )  # fmt: skip
+        if HAS_NOPE:
+            kn_desc = tl.make_tensor_descriptor(
+                k_nope_ptr + seq_rows * stride_kn_blk + head * stride_kn_h + first * stride_kn_tok,
+                [visible_rows, nope_dim], [stride_kn_tok, 1], [BLOCK_N, BLOCK_D],
+            )  # fmt: skip
+        v_desc = tl.make_tensor_descriptor(
+            v_ptr + seq_rows * stride_v_blk + head * stride_v_h + first * stride_v_tok + value_tile * BLOCK_V,
+            [visible_rows, value_dim - value_tile * BLOCK_V], [stride_v_tok, 1], [BLOCK_N, BLOCK_V],
+        )  # fmt: skip
+
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
     for start in range(lo, tl.minimum(lo_full, hi), BLOCK_N):
         acc, m_i, l_i = _prefill_step(
             acc, m_i, l_i, start, q_nope, q_rope, qn_rows, row_ok, query_pos, first, hi, seq, head,
-            block_table_ptr, k_nope_ptr, k_rope_ptr, v_ptr, kv_scale_ptr,
+            block_table_ptr, k_nope_ptr, k_rope_ptr, v_ptr, kv_scale_ptr, kn_desc, kr_desc, v_desc,
             scale_log2, nope_dim, block_size, offs_rope, rope_ok, offs_v, value_ok,
             stride_kn_blk, stride_kn_tok, stride_kn_h, stride_kr_blk, stride_kr_tok, stride_kr_h,
             stride_v_blk, stride_v_tok, stride_v_h, stride_sc_blk, stride_sc_tok, stride_bt_b,
-            True, PAGED, HAS_NOPE, HAS_SCALE, SINGLE_D, BLOCK_N, BLOCK_D, DOT_PRECISION,
+            True, PAGED, HAS_NOPE, HAS_SCALE, SINGLE_D, BLOCK_N, BLOCK_D, DOT_PRECISION, TMA,
         )  # fmt: skip
     for start in range(lo_full, diag, BLOCK_N):
         acc, m_i, l_i = _prefill_step(
             acc, m_i, l_i, start, q_nope, q_rope, qn_rows, row_ok, query_pos, first, hi, seq, head,
-            block_table_ptr, k_nope_ptr, k_rope_ptr, v_ptr, kv_scale_ptr,
+            block_table_ptr, k_nope_ptr, k_rope_ptr, v_ptr, kv_scale_ptr, kn_desc, kr_desc, v_desc,
             scale_log2, nope_dim, block_size, offs_rope, rope_ok, offs_v, value_ok,
             stride_kn_blk, stride_kn_tok, stride_kn_h, stride_kr_blk, stride_kr_tok, stride_kr_h,
             stride_v_blk, stride_v_tok, stride_v_h, stride_sc_blk, stride_sc_tok, stride_bt_b,
-            False, PAGED, HAS_NOPE, HAS_SCALE, SINGLE_D, BLOCK_N, BLOCK_D, DOT_PRECISION,
+            False, PAGED, HAS_NOPE, HAS_SCALE, SINGLE_D, BLOCK_N, BLOCK_D, DOT_PRECISION, TMA,
         )  # fmt: skip
     for start in range(diag, hi, BLOCK_N):
         acc, m_i, l_i = _prefill_step(
             acc, m_i, l_i, start, q_nope, q_rope, qn_rows, row_ok, query_pos, first, hi, seq, head,
-            block_table_ptr, k_nope_ptr, k_rope_ptr, v_ptr, kv_scale_ptr,
+            block_table_ptr, k_nope_ptr, k_rope_ptr, v_ptr, kv_scale_ptr, kn_desc, kr_desc, v_desc,
             scale_log2, nope_dim, block_size, offs_rope, rope_ok, offs_v, value_ok,
             stride_kn_blk, stride_kn_tok, stride_kn_h, stride_kr_blk, stride_kr_tok, stride_kr_h,
             stride_v_blk, stride_v_tok, stride_v_h, stride_sc_blk, stride_sc_tok, stride_bt_b,
-            True, PAGED, HAS_NOPE, HAS_SCALE, SINGLE_D, BLOCK_N, BLOCK_D, DOT_PRECISION,
+            True, PAGED, HAS_NOPE, HAS_SCALE, SINGLE_D, BLOCK_N, BLOCK_D, DOT_PRECISION, TMA,
         )  # fmt: skip
 
     nonempty = l_i > 0.0
@@ -335,6 +423,10 @@ def _launch(q_nope, q_rope, k_nope, k_rope, v, block_table, cu_seqlens_q, cache_
     head_group = cfg.get("HEAD_GROUP") or prefill_head_group(head_tiles, rows * per_head_width * v.element_size())
     scale = kv_scale if kv_scale is not None else lse  # any 2-d fp32 tensor: unused without HAS_SCALE
 
+    tma = bool(cfg.get("TMA"))
+    if tma:
+        _check_tma_operands(k_nope, k_rope, v, paged, kv_scale, nope_dim, cfg)
+
     def launch(cfg: dict) -> None:
         query_tiles = cdiv(max(1, max_seqlen_q), cfg["BLOCK_M"])
         _prefill_kernel[(query_tiles * head_tiles, batch)](
@@ -353,12 +445,34 @@ def _launch(q_nope, q_rope, k_nope, k_rope, v, block_table, cu_seqlens_q, cache_
             BLOCK_ROPE=max(16, next_power_of_2(rope_dim)), BLOCK_V=cfg["BLOCK_V"],
             DOT_PRECISION="ieee" if q_rope.dtype == torch.float32 else "tf32",
             SINGLE_D=nope_dim > 0 and cfg["BLOCK_D"] >= nope_dim,
+            TMA=tma,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )  # fmt: skip
 
     may_shrink = not (config and any(k in config for k in ("BLOCK_M", "BLOCK_N", "num_stages")))
-    key = (nope_dim, rope_dim, value_dim, q_rope.dtype, k_rope.dtype, paged, kv_start is not None, kv_scale is not None)
-    launch_fitting_tiles(launch, cfg, may_shrink, key)
+    key = (nope_dim, rope_dim, value_dim, q_rope.dtype, k_rope.dtype, paged, kv_start is not None, kv_scale is not None,
+           tma)  # fmt: skip
+    if tma:  # device-side descriptors live in triton's global scratch
+        with_scratch_allocator(q_rope.device, launch_fitting_tiles, launch, cfg, may_shrink, key)
+    else:
+        launch_fitting_tiles(launch, cfg, may_shrink, key)
+
+
+def _check_tma_operands(k_nope, k_rope, v, paged: bool, kv_scale, nope_dim: int, cfg: dict) -> None:
+    """TMA tiles (`config=dict(TMA=True)`) read contiguous 16- or 32-bit keys and values that TMA can
+    address, with the nope query resident (BLOCK_D >= n): expanded mode, or absorbed over a latent of
+    at most BLOCK_D columns. Anything else raises, naming what the tile cannot read."""
+    if paged:
+        raise ValueError("TMA prefill tiles read contiguous keys and values; this call passes a block table (paged)")
+    if kv_scale is not None:
+        raise ValueError(f"TMA prefill tiles read 16- or 32-bit keys and values; these are {k_rope.dtype} (fp8)")
+    if nope_dim > cfg["BLOCK_D"]:
+        raise ValueError(f"TMA prefill tiles keep the nope query resident: BLOCK_D={cfg['BLOCK_D']} < n={nope_dim}")
+    operands = (("the RoPE keys", k_rope), ("the values", v)) + ((("the nope keys", k_nope),) if nope_dim else ())
+    for name, tensor in operands:
+        problem = tma_misalignment(name, tensor)
+        if problem:
+            raise ValueError(problem)
 
 
 _PREFILL_TILES_THAT_FIT: dict[tuple, dict] = {}  # launch key -> the smaller tiles that launched
