@@ -16,7 +16,9 @@
 # TMA + wgmma loop for 896 + 128, timed beside the library default);
 # "flashmla" for benchmarks/flashmla_baseline.py run: FlashMLA's compiled decode (from vLLM's wheel)
 # against ours on DeepSeek's 512 + 64 layout, in a process of its own);
-# M2LA_REGISTER_FACTS=0 skips the ptxas table; M2LA_GPU_TESTS=0 skips the GPU tests. The sweep
+# M2LA_REGISTER_FACTS=0 skips the ptxas table; M2LA_GPU_TESTS=0 skips the GPU tests and
+# M2LA_GPU_TESTS_K="<pytest -k expression>" runs a subset of them (say, leaving out the
+# model-level tests that compile with inductor: "not converted and not static and not inductor"). The sweep
 # precompile runs only when the sections hold "sweep" or "decode".
 # vLLM's kernel is timed only when benchmarks/_third_party/ holds it (git-ignored): run
 # `python benchmarks/vllm_triton_mla.py <vllm wheel>` here first and pass
@@ -43,6 +45,7 @@ fi
 tests_pid=""
 if [ "${M2LA_GPU_TESTS:-1}" != 0 ]; then
     M2LA_TRITON_NATIVE=1 timeout 240 python -m pytest tests/kernels/test_kernel_gpu.py -q -p no:cacheprovider \
+        ${M2LA_GPU_TESTS_K:+-k "$M2LA_GPU_TESTS_K"} \
         > "$OUT/gpu_tests.txt" 2>&1 &
     tests_pid=$!
 fi
