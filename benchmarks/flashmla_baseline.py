@@ -10,7 +10,8 @@ of them (checked with `nm` against the torch 2.11.0+cu130 wheel; RESULTS.md, fif
 That folder is git-ignored and never committed; pass it to the device with `carry`. `load`
 registers the ops (`torch.ops._flashmla_C`) and `decode` calls `dense_decode_fwd` the way
 FlashMLA's `flash_mla_with_kvcache` does. `run` checks both kernels against the fp32 reference and
-times them side by side from CUDA graphs on the same paged cache. It runs in a process of its own
+times them side by side from CUDA graphs on the same paged cache, with vLLM's Triton MLA decode as a
+third when `vllm_triton_mla.py` has extracted it. It runs in a process of its own
 (gpu_check.sh's `flashmla` section), so a FlashMLA that fails to load or faults cannot take the
 other benchmarks down.
 
@@ -139,10 +140,11 @@ def many_heads_tiles(kv_rank: int) -> dict[str, dict]:
     return {f"64-head tile, {n} tokens": dict(tile, BLOCK_N=n) for n in (64, 32)}
 
 
-def case_rows(ops, heads, batch, context, kv_rank, rope_dim, device, dtype, bandwidth, cache) -> list[str]:
-    """One shape on one paged cache: FlashMLA and m2la's `decode_attention` on the same queries and
-    shuffled block table, both checked against the fp32 reference (output and LSE) and, on CUDA,
-    timed from CUDA graphs. Table rows."""
+def case_rows(ops, heads, batch, context, kv_rank, rope_dim, device, dtype, bandwidth, cache, vllm=None) -> list[str]:
+    """One shape on one paged cache: FlashMLA and m2la's `decode_attention` (and vLLM's Triton MLA
+    decode when `vllm`, from `vllm_triton_mla.load()`) on the same queries and shuffled block table,
+    each checked against the fp32 reference (output and LSE) and, on CUDA, timed from CUDA graphs.
+    Table rows."""
     from m2la.kernels import decode_attention
     from m2la.kernels.latent_decode.triton import latent_decode_triton
 
@@ -165,6 +167,12 @@ def case_rows(ops, heads, batch, context, kv_rank, rope_dim, device, dtype, band
     def m2la_tile(config):
         return latent_decode_triton(q, cache, lens, scale, kv_rank, table, config=config)
 
+    def vllm_triton_mla():
+        import vllm_triton_mla  # noqa: PLC0415  (same folder)
+
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        return vllm_triton_mla.decode(vllm, q, cache, table, lens, scale, kv_rank, context, sms)
+
     ref, ref_lse = decode_attention(q.float(), cache.float(), lens, scale, kv_rank, table, backend="reference")
     nbytes = int(lens.sum()) * width * cache.element_size() + q.numel() * q.element_size() * (1 + kv_rank / width)
     rows, timings = [], {}
@@ -172,6 +180,8 @@ def case_rows(ops, heads, batch, context, kv_rank, rope_dim, device, dtype, band
     if heads > 32 or not bandwidth:  # (the default tile already holds up to 32 heads whole)
         kernels += [(f"m2la, {name} (candidate)", functools.partial(m2la_tile, config))
                     for name, config in many_heads_tiles(kv_rank).items()]  # fmt: skip
+    if vllm is not None:
+        kernels.append(("vLLM Triton MLA", vllm_triton_mla))
     for name, fn in kernels:
         out, lse = fn()
         err, lse_err = _max_diff(out, ref), _max_diff(lse, ref_lse)
@@ -232,9 +242,12 @@ def run(smoke: bool, stand_in: bool = False) -> int:
     width = kv_rank + rope_dim
     max_blocks = max(b * -(-s // PAGE_SIZE) for _, b, s in cases)
     cache = torch.empty(max_blocks + 8, PAGE_SIZE, width, device=device).uniform_(-1, 1).to(dtype)
+    import vllm_triton_mla  # noqa: PLC0415  (same folder; its kernel when extracted, else None)
+
+    vllm = None if smoke else vllm_triton_mla.load()
     for heads, batch, context in cases:
-        print("\n".join(case_rows(ops, heads, batch, context, kv_rank, rope_dim, device, dtype, bandwidth, cache)),
-              flush=True)  # fmt: skip
+        rows = case_rows(ops, heads, batch, context, kv_rank, rope_dim, device, dtype, bandwidth, cache, vllm)
+        print("\n".join(rows), flush=True)
     return 0
 
 
