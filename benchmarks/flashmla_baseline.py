@@ -183,20 +183,23 @@ def case_rows(ops, heads, batch, context, kv_rank, rope_dim, device, dtype, band
     if vllm is not None:
         kernels.append(("vLLM Triton MLA", vllm_triton_mla))
     for name, fn in kernels:
-        out, lse = fn()
-        err, lse_err = _max_diff(out, ref), _max_diff(lse, ref_lse)
-        ms = gbs = None
-        if bandwidth:
-            import gpu_kernels  # noqa: PLC0415  (timing helpers; same folder)
+        try:
+            out, lse = fn()
+            err, lse_err = f"{_max_diff(out, ref):.1e}", f"{_max_diff(lse, ref_lse):.1e}"
+            ms = gbs = None
+            if bandwidth:
+                import gpu_kernels  # noqa: PLC0415  (timing helpers; same folder)
 
-            ms = timings[name] = gpu_kernels.graph_ms(fn, device, 20)
-            gbs = nbytes / ms / 1e6
+                ms = timings[name] = gpu_kernels.graph_ms(fn, device, 20)
+                gbs = nbytes / ms / 1e6
+        except RuntimeError as error:  # reported in its row; the other kernels still run
+            err, lse_err, ms, gbs = f"{type(error).__name__}: {str(error).splitlines()[0][:80]}", "-", None, None
         rows.append((name, err, lse_err, ms, gbs))
     lines = []
     for name, err, lse_err, ms, gbs in rows:
         pct = f"{100 * gbs / bandwidth:.0f}" if gbs else "n/a"
-        speed = f"{timings['FlashMLA'] / ms:.2f}" if ms else "n/a"  # FlashMLA time / this time
-        lines.append(f"| {heads} | {batch} | {context} | {name} | {err:.1e} | {lse_err:.1e} | "
+        speed = f"{timings['FlashMLA'] / ms:.2f}" if ms and "FlashMLA" in timings else "n/a"  # FlashMLA's / this
+        lines.append(f"| {heads} | {batch} | {context} | {name} | {err} | {lse_err} | "
                      f"{f'{ms:.3f}' if ms else 'n/a'} | {f'{gbs:.0f}' if gbs else 'n/a'} | {pct} | {speed} |")  # fmt: skip
     return lines
 

@@ -178,3 +178,26 @@ def test_flashmla_extract_checks_the_wheel(tmp_path, monkeypatch):
             baseline.extract(broken)
     monkeypatch.setattr(baseline, "DEST", tmp_path / "missing.so")
     assert baseline.load() is None
+
+
+def test_flashmla_run_reports_a_kernel_error_in_its_row_and_goes_on():
+    """A baseline that refuses a shape (FlashMLA raises for head counts it lacks) is reported in its
+    row; m2la's rows are still checked, so one refusal does not lose a device call's other figures."""
+    code = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import flashmla_baseline as f
+class Refusing(f.TorchStandIn):
+    def dense_decode_fwd(self, *args):
+        raise RuntimeError("Unsupported h_q: 5\\nmore")
+cache = torch.empty(20, 64, 76).uniform_(-1, 1)
+print("\\n".join(f.case_rows(Refusing(), 5, 2, 100, 60, 16, torch.device("cpu"), torch.float32, None, cache)))
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", code, str(SCRIPT.parent)], env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split(" | ")[3:6] for line in proc.stdout.splitlines() if line.startswith("| 5 | 2 | 100 |")]
+    assert rows[0] == ["FlashMLA", "RuntimeError: Unsupported h_q: 5", "-"], rows
+    assert [name for name, *_ in rows[1:]] == ["m2la"] + [f"m2la, 64-head tile, {n} tokens (candidate)" for n in (64, 32)]
+    assert all(float(err) < 1e-4 and float(lse_err) < 1e-4 for _, err, lse_err in rows[1:]), rows
