@@ -70,6 +70,25 @@ def choose_prefill_mode(
 
 
 @triton.jit
+def _online_softmax(scores, m_i, l_i, offs_n, key_ok, query_pos, scale_log2, MASKED: tl.constexpr):
+    """One key tile's online-softmax update: `scores [BLOCK_M, BLOCK_N]` (unscaled) -> (probs,
+    alpha, m_new, l_i), base 2. MASKED: keys outside `key_ok` or past each query's position count as
+    -inf (rows that see nothing yet keep a running max of -inf)."""
+    if MASKED:
+        visible = key_ok[None, :] & (offs_n[None, :] <= query_pos[:, None])
+        scores = tl.where(visible, scores * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet: avoid -inf - -inf
+    else:
+        scores = scores * scale_log2
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_safe = m_new
+    probs = tl.exp2(scores - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    return probs, alpha, m_new, l_i * alpha + tl.sum(probs, axis=1)
+
+
+@triton.jit
 def _prefill_step(
     acc, m_i, l_i, start, q_nope, q_rope, qn_rows, row_ok, query_pos, first, hi, seq, head,
     block_table_ptr, k_nope_ptr, k_rope_ptr, v_ptr, kv_scale_ptr, kn_desc, kr_desc, v_desc,
@@ -147,18 +166,7 @@ def _prefill_step_pointers(
     if HAS_SCALE:
         key_scale = tl.load(kv_scale_ptr + blk * stride_sc_blk + tok * stride_sc_tok, mask=key_ok, other=0.0)
         scores = scores * key_scale[None, :]
-    if MASKED:
-        visible = key_ok[None, :] & (offs_n[None, :] <= query_pos[:, None])
-        scores = tl.where(visible, scores * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet: avoid -inf - -inf
-    else:
-        scores = scores * scale_log2
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        m_safe = m_new
-    probs = tl.exp2(scores - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(probs, axis=1)
+    probs, alpha, m_new, l_i = _online_softmax(scores, m_i, l_i, offs_n, key_ok, query_pos, scale_log2, MASKED)
     values = tl.load(v_rows + offs_v[None, :], mask=key_ok[:, None] & value_ok[None, :], other=0.0)
     if HAS_SCALE:
         probs = probs * key_scale[None, :]  # value weights; l_i keeps the unscaled sum
@@ -178,18 +186,7 @@ def _prefill_step_tma(
     scores = tl.dot(q_rope, tl.trans(kr_desc.load([row, 0])), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
     if HAS_NOPE:
         scores += tl.dot(q_nope, tl.trans(kn_desc.load([row, 0])), input_precision=DOT_PRECISION)
-    if MASKED:
-        visible = key_ok[None, :] & (offs_n[None, :] <= query_pos[:, None])
-        scores = tl.where(visible, scores * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet: avoid -inf - -inf
-    else:
-        scores = scores * scale_log2
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        m_safe = m_new
-    probs = tl.exp2(scores - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(probs, axis=1)
+    probs, alpha, m_new, l_i = _online_softmax(scores, m_i, l_i, offs_n, key_ok, query_pos, scale_log2, MASKED)
     values = v_desc.load([row, 0])  # [BLOCK_N, BLOCK_V]
     acc = acc * alpha[:, None] + tl.dot(probs.to(compute_dtype), values, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
