@@ -15,11 +15,18 @@ pytest.importorskip("triton")
 SCRIPT = pathlib.Path(__file__).parents[1] / "benchmarks" / "gpu_kernels.py"
 
 
-def test_gpu_benchmark_smoke(tmp_path):
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OUT": str(tmp_path)}
-    args = ["--smoke", "--sections", "decode,fp8,splits,prefill,extend", "--contexts", "64", "--warm-workers", "0"]
-    proc = subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=600)
+def run_in_interpreter(argv: list[str], timeout: int = 300, **env: str) -> str:
+    """`python *argv` under the Triton interpreter (extra environment `env`); its stdout, after
+    asserting it exited 0 (stderr's tail in the failure message)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", **env}
+    proc = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_gpu_benchmark_smoke(tmp_path):
+    args = ["--smoke", "--sections", "decode,fp8,splits,prefill,extend", "--contexts", "64", "--warm-workers", "0"]
+    run_in_interpreter([str(SCRIPT), *args], timeout=600, OUT=str(tmp_path))
     report = (tmp_path / "kernels.md").read_text()
     assert "FAILED" not in report
     assert "| decode latent 60+16 (smoke) |" in report  # correctness against the fp32 reference
@@ -81,10 +88,8 @@ def test_compiled_decode_benchmark_smoke(tmp_path):
     """`benchmarks/compiled_decode.py --smoke`: a tiny converted Llama, eager against inductor (growing
     cache) and against inductor over a static cache, on CPU."""
     script = SCRIPT.with_name("compiled_decode.py")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OUT": str(tmp_path)}
     args = ["--smoke", "--layers", "2", "--batches", "2", "--prompt", "8", "--steps", "6"]
-    proc = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_in_interpreter([str(script), *args], timeout=900, OUT=str(tmp_path))
     number = r"[\d.]+"
     row = re.search(rf"^\| 2 \| {number} \| {number} \| {number} \| {number}x \| {number}x \| (\S+), (\S+) "
                     r"\| (\d)/2, (\d)/2 sequences \| \d+ \|$", (tmp_path / "compiled_decode.md").read_text(), re.M)  # fmt: skip
@@ -98,14 +103,11 @@ def test_tma_decode_probe_matches_the_reference_in_the_interpreter():
     the TMA probe (tensor-descriptor loads) compute the decode the reference computes, so the GPU
     timings compare the same work."""
     script = SCRIPT.with_name("tma_decode_probe.py")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, str(script), "--run", "--smoke"], env=env, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    diffs = re.findall(r"^\| 1 \| 64 \| ([^|]+) \| (\S+) \| n/a \|", proc.stdout, re.M)
+    stdout = run_in_interpreter([str(script), "--run", "--smoke"])
+    diffs = re.findall(r"^\| 1 \| 64 \| ([^|]+) \| (\S+) \| n/a \|", stdout, re.M)
     names = [name.split(":")[0] for name, _ in diffs]
     assert names == ["library default (split + combine kernels)", "library TMA tile", "TMA probe", "TMA probe"]
-    assert all(float(diff) < 1e-4 for _, diff in diffs), proc.stdout
+    assert all(float(diff) < 1e-4 for _, diff in diffs), stdout
 
 
 def _flashmla_baseline():
@@ -122,17 +124,14 @@ def test_flashmla_baseline_smoke_agrees_with_the_reference():
     stand-in for FlashMLA's interface both match the fp32 reference on FlashMLA's paging (64-token
     pages, shuffled tables, ragged lengths), so the GPU run compares the same work."""
     script = SCRIPT.with_name("flashmla_baseline.py")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, str(script), "run", "--smoke"], env=env, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = re.findall(r"^\| (\d+) \| (\d) \| 200 \| ([^|]+) \| (\S+) \| (\S+) \| n/a \|", proc.stdout, re.M)
+    stdout = run_in_interpreter([str(script), "run", "--smoke"])
+    rows = re.findall(r"^\| (\d+) \| (\d) \| 200 \| ([^|]+) \| (\S+) \| (\S+) \| n/a \|", stdout, re.M)
     kernels = ["FlashMLA", "m2la"] + [f"m2la, 64-head tile, {n} tokens (candidate)" for n in (64, 32)]
     # 70 heads: the candidate's second 64-head tile holds 6 heads
     assert [(h, b, k.strip()) for h, b, k, _, _ in rows] == [("3", "1", k) for k in kernels] + [
         ("70", "3", k) for k in kernels
     ]
-    assert all(float(e) < 1e-4 and float(le) < 1e-4 for *_, e, le in rows), proc.stdout
+    assert all(float(e) < 1e-4 and float(le) < 1e-4 for *_, e, le in rows), stdout
 
 
 def test_flashmla_adapter_reuses_the_schedule_and_keeps_flashmla_shapes():
@@ -193,11 +192,8 @@ class Refusing(f.TorchStandIn):
 cache = torch.empty(20, 64, 76).uniform_(-1, 1)
 print("\\n".join(f.case_rows(Refusing(), 5, 2, 100, 60, 16, torch.device("cpu"), torch.float32, None, cache)))
 """
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", code, str(SCRIPT.parent)], env=env, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [line.split(" | ")[3:6] for line in proc.stdout.splitlines() if line.startswith("| 5 | 2 | 100 |")]
+    stdout = run_in_interpreter(["-c", code, str(SCRIPT.parent)])
+    rows = [line.split(" | ")[3:6] for line in stdout.splitlines() if line.startswith("| 5 | 2 | 100 |")]
     assert rows[0] == ["FlashMLA", "RuntimeError: Unsupported h_q: 5", "-"], rows
     assert [name for name, *_ in rows[1:]] == ["m2la"] + [f"m2la, 64-head tile, {n} tokens (candidate)" for n in (64, 32)]
     assert all(float(err) < 1e-4 and float(lse_err) < 1e-4 for _, err, lse_err in rows[1:]), rows
