@@ -255,6 +255,25 @@ def test_cache_write_gpu(dtype):
                                equal_nan=True)  # fmt: skip
 
 
+def test_strided_inputs_and_mixed_devices_gpu():
+    """On CUDA: strided index tensors and a last-dim-strided q give the contiguous call's bits (the
+    launchers take row strides only), and a CPU length tensor beside CUDA q is refused by name."""
+    cache, table = random_paged_cache([300, 0, 77], 96 + 32, 16, torch.bfloat16)
+    cache, table = cache.cuda(), table.cuda()
+    q = torch.randn(3, 7, 128, device="cuda").to(torch.bfloat16)
+    lens = torch.tensor([300, 0, 77], dtype=torch.int32, device="cuda")
+    want = decode_attention(q, cache, lens, 0.1, 96, table, backend="triton")
+    wide_lens = torch.stack((lens, lens * 0 - 9), dim=1)[:, 0]  # stride 2
+    wide_table = torch.cat((table, table * 0 - 1), dim=1)[:, : table.shape[1]]  # row stride 2x
+    wide_q = torch.stack((q, q * 0), dim=-1).flatten(-2)[..., ::2]  # last-dim stride 2
+    assert not (wide_lens.is_contiguous() or wide_q.is_contiguous())
+    got = decode_attention(wide_q, cache, wide_lens, 0.1, 96, wide_table, backend="triton")
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="cache_seqlens on cpu"):
+        decode_attention(q, cache, lens.cpu(), 0.1, 96, table, backend="triton")
+
+
 def test_decode_compiles_with_inductor_gpu():
     """torch.compile (inductor, fullgraph) around the custom op gives the eager result on CUDA."""
     seqlens = [5, 300, 64]

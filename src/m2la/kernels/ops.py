@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.nn import Parameter
 
 from m2la.backends import resolve_backend
+from m2la.kernels import _checks
 from m2la.kernels._quant import check_cache_scale
 from m2la.kernels.cache_write.reference import write_latent_cache_reference
 from m2la.kernels.latent_decode.reference import latent_decode_reference
@@ -65,6 +66,19 @@ def _dispatch_directly(*tensors: Tensor | None) -> bool:
         if t is not None and ((type(t) is not Tensor and type(t) is not Parameter) or (grad and t.requires_grad)):
             return False
     return True
+
+
+def _rows_contiguous(t: Tensor) -> Tensor:
+    """`t` with a last-dim stride of 1 (the kernels take row strides, not element strides); small
+    inputs only: a cache is refused instead of copied."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _values_readable(direct: bool, backend: str, device: torch.device) -> bool:
+    """Whether the argument checks may read tensor values: the reference backend on plain eager CPU
+    tensors. The Triton path never reads values on the host (CUDA graphs; the interpreter on CPU
+    behaves the same), and on a GPU a read would sync every call."""
+    return direct and backend == "reference" and device.type == "cpu"
 
 
 # ---------------------------------------------------------------- latent decode
@@ -128,14 +142,17 @@ def decode_attention(
     the Triton backend choose the split-KV factor. An fp8 cache (`torch.float8_e4m3fn` / `e5m2`, as
     `write_latent_cache` fills it) takes `kv_scale`, one fp32 per token slot (`kv_cache.shape[:2]`).
     """
-    if q.dim() != 3 or kv_cache.dim() != 3 or q.shape[-1] != kv_cache.shape[-1]:
-        raise ValueError(f"expected q [b, h, r+2p] and a 3-d cache, got {tuple(q.shape)}, {tuple(kv_cache.shape)}")
-    if not 0 < kv_rank <= q.shape[-1]:
-        raise ValueError(f"kv_rank={kv_rank} must be in (0, {q.shape[-1]}]")
+    _checks.check_decode_args(q, kv_cache, cache_seqlens, kv_rank, block_table, kv_start)
     check_cache_scale(kv_cache, kv_scale)
+    q, cache_seqlens = _rows_contiguous(q), cache_seqlens.contiguous()
+    block_table = None if block_table is None else block_table.contiguous()
+    kv_start = None if kv_start is None else kv_start.contiguous()
     tensors = (q, kv_cache, cache_seqlens, block_table, kv_start, kv_scale)
     chosen = resolve_backend(backend, *tensors)
-    run = _latent_decode_impl if _dispatch_directly(*tensors) else _latent_decode_op
+    direct = _dispatch_directly(*tensors)
+    if _values_readable(direct, chosen, q.device):
+        _checks.check_lengths(kv_cache, cache_seqlens, block_table, kv_start)
+    run = _latent_decode_impl if direct else _latent_decode_op
     return run(
         q, kv_cache, cache_seqlens, block_table, kv_start, kv_scale, float(softmax_scale), int(kv_rank),
         int(num_splits), chosen,
@@ -221,13 +238,22 @@ def prefill_attention(
     """
     if mode not in ("auto", "decode", "absorbed", "expanded"):
         raise ValueError(f"mode must be 'auto', 'decode', 'absorbed' or 'expanded', got {mode!r}")
-    kv_rank = w_uk.shape[1]
-    if kv_cache.shape[-1] != kv_rank + q_rope.shape[-1]:
-        raise ValueError(f"cache width {kv_cache.shape[-1]} != r ({kv_rank}) + 2p ({q_rope.shape[-1]})")
+    _checks.check_prefill_args(
+        q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, block_table, kv_start, max_seqlen_q,
+        max_seqlen_k,
+    )  # fmt: skip
     check_cache_scale(kv_cache, kv_scale)
+    q_nope, q_rope = _rows_contiguous(q_nope), _rows_contiguous(q_rope)
+    cu_seqlens_q, cache_seqlens = cu_seqlens_q.contiguous(), cache_seqlens.contiguous()
+    block_table = None if block_table is None else block_table.contiguous()
+    kv_start = None if kv_start is None else kv_start.contiguous()
     tensors = (q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, block_table, kv_start, kv_scale)
     chosen = resolve_backend(backend, *tensors)
-    run = _latent_prefill_impl if _dispatch_directly(*tensors) else _latent_prefill_op
+    direct = _dispatch_directly(*tensors)
+    if _values_readable(direct, chosen, q_nope.device):
+        _checks.check_chunks(cu_seqlens_q, cache_seqlens, q_nope.shape[0], max_seqlen_q, max_seqlen_k)
+        _checks.check_lengths(kv_cache, cache_seqlens, block_table, kv_start)
+    run = _latent_prefill_impl if direct else _latent_prefill_op
     return run(
         q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, block_table, kv_start, kv_scale,
         float(softmax_scale), int(max_seqlen_q), int(max_seqlen_k), mode, chosen,
@@ -277,10 +303,13 @@ def write_latent_cache(
     `e5m2`) stores each row divided by its scale `amax(|row|) / fp8 max` and writes that scale to
     `kv_scale [num_blocks, block_size]` fp32 (m2la.quantization).
     """
-    if kv_cache.shape[-1] != latent.shape[-1] + k_rope.shape[-1] or k_rope.shape[-1] != 2 * cos.shape[-1]:
-        raise ValueError("cache width must be r + 2p and cos/sin must have p = k_rope.shape[-1] // 2 columns")
+    _checks.check_cache_write_args(kv_cache, latent, k_rope, cos, sin, slot_mapping)
     check_cache_scale(kv_cache, kv_scale)
-    tensors = (kv_cache, latent, k_rope, cos, sin, slot_mapping, kv_scale)
+    latent, k_rope, cos, sin = (_rows_contiguous(t) for t in (latent, k_rope, cos, sin))
+    tensors = (kv_cache, latent, k_rope, cos, sin, slot_mapping.contiguous(), kv_scale)
     chosen = resolve_backend(backend, *tensors)
-    run = _write_latent_cache_impl if _dispatch_directly(*tensors) else _write_latent_cache_op
+    direct = _dispatch_directly(*tensors)
+    if _values_readable(direct, chosen, kv_cache.device):
+        _checks.check_slots(kv_cache, tensors[5])
+    run = _write_latent_cache_impl if direct else _write_latent_cache_op
     run(*tensors, chosen)

@@ -26,6 +26,9 @@ def latent_decode_reference(
     An fp8 cache comes with `kv_scale` (one fp32 per token slot, `m2la.quantization`).
     """
     capacity = cache_capacity(kv_cache, block_table)
+    if block_table is None:  # contiguous: sequence i in row i; rows past the batch are not ours
+        kv_cache = kv_cache[: q.shape[0]]
+        kv_scale = None if kv_scale is None else kv_scale[: q.shape[0]]
     rows = gather_dequantized_rows(kv_cache, kv_scale, block_table, capacity)  # [b, s, r+2p] fp32
     positions = torch.arange(capacity, device=q.device)  # [s]
     visible = positions[None, :] < cache_seqlens.long()[:, None]  # [b, s]
