@@ -222,6 +222,11 @@ def main() -> None:
         # lossless conversions of GQA models: every key dim carries RoPE (n = 0, 2p = kv heads x 128)
         "prefill_v128_rope512_lossless": prefill_case(128, 512, 0, "bf16", paged=False),
         "prefill_v128_rope1024_lossless": prefill_case(128, 1024, 0, "bf16", paged=False),
+        # ... and their decode: r = kv heads x 128 (keys' pass-through dims + values), 2p = kv heads x
+        # 128 (Llama-3-8B: 8 kv heads; Qwen2.5-7B: 28 query heads over 4), and SmolLM2-135M's 3 x 64
+        "decode_h32_r1024_rope1024_lossless": decode_case(32, 1024, 1024, "bf16"),
+        "decode_h28_r512_rope512_lossless": decode_case(28, 512, 512, "bf16"),
+        "decode_h9_r192_rope192_lossless": decode_case(9, 192, 192, "bf16"),
         "cache_write_r448_rope64_fp8": cache_write_case(448, 64),
         # TMA tiles (contiguous caches): the cache tile goes global -> shared by TMA, both MMAs wgmma
         "decode_h32_r896_rope128_bf16_tma": decode_case(32, 896, 128, "bf16", paged=False, **TMA_896),

@@ -51,6 +51,13 @@ WGMMA_CASES = [
     "decode_h32_r448_rope64_bf16_tma",
     "prefill_v128_rope128_tma",
 ]
+# Lossless conversions of real GQA models (every key dim carries RoPE: 2p = r): the launcher halves
+# BLOCK_N until the tile fits (64 -> 16 at 1024 + 1024), which compile_sm90.decode_case mimics.
+LOSSLESS_DECODE_CASES = [
+    "decode_h32_r1024_rope1024_lossless",
+    "decode_h28_r512_rope512_lossless",
+    "decode_h9_r192_rope192_lossless",
+]
 ALL_CASES = [
     "decode_h32_r896_rope128",
     "decode_h32_r448_rope64_fp8",
@@ -63,6 +70,7 @@ ALL_CASES = [
     "decode_h32_r448_rope64_fp8_transposed_keys",
     "decode_h32_r448_rope64_fp8_transposed_keys_fp16",
     "decode_h32_r448_rope64_fp8_pieces",
+    *LOSSLESS_DECODE_CASES,
     *WGMMA_CASES,
 ]
 
@@ -193,3 +201,11 @@ def test_sm90_tma_prefill_tile_drops_the_address_registers(compiled):
     address and mask arithmetic of the pointer loads is gone."""
     tma, default = compiled["prefill_v128_rope128_tma"], compiled["prefill_v128_rope128"]
     assert tma["spill_stores"] == 0 and tma["registers"] < default["registers"], (tma, default)
+
+
+@pytest.mark.parametrize("case", LOSSLESS_DECODE_CASES)
+def test_sm90_lossless_decode_tiles_fit_without_spills(compiled, case):
+    """The decode tiles a lossless Llama-3-8B, Qwen2.5-7B or SmolLM2-135M conversion gets fit once
+    shrunk, without spilling (triton 3.6, 2026-11-28: BLOCK_N 16 / 32 / 64, 0 B)."""
+    facts = compiled[case]
+    assert facts["spill_stores"] == 0, f"{case}: {facts['spill_stores']} B of spills ({facts})"

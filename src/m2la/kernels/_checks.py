@@ -22,7 +22,7 @@ def _shape(t: torch.Tensor) -> tuple[int, ...]:
 
 
 def _check_vector(name: str, t: torch.Tensor, length: int, dtype: torch.dtype) -> None:
-    if t.dim() != 1 or t.shape[0] != length or t.dtype != dtype:
+    if t.shape != (length,) or t.dtype != dtype:
         raise ValueError(f"{name} must be a 1-d {dtype} tensor of length {length}, got {t.dtype} {_shape(t)}")
 
 

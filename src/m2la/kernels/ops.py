@@ -71,7 +71,7 @@ def _dispatch_directly(*tensors: Tensor | None) -> bool:
 def _rows_contiguous(t: Tensor) -> Tensor:
     """`t` with a last-dim stride of 1 (the kernels take row strides, not element strides); small
     inputs only: a cache is refused instead of copied."""
-    return t if t.stride(-1) == 1 else t.contiguous()
+    return t if t.is_contiguous() or t.stride(-1) == 1 else t.contiguous()
 
 
 def _values_readable(direct: bool, backend: str, device: torch.device) -> bool:
