@@ -274,6 +274,20 @@ def test_prefill_strided_small_inputs_give_the_contiguous_result(mode, backend):
     assert_close_with_lse(out, lse, want_out, want_lse, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prefill_of_no_sequences_returns_empty_results(backend):
+    """b = 0 (`cu_seqlens_q = [0]`): empty outputs in the contract's shapes and dtypes (the
+    reference used to fail concatenating no sequences)."""
+    args = prefill_args()
+    empty = dict(
+        q_nope=args["q_nope"][:0], q_rope=args["q_rope"][:0], cu_seqlens_q=torch.zeros(1, dtype=I32),
+        cache_seqlens=torch.zeros(0, dtype=I32), block_table=args["block_table"][:0],
+    )  # fmt: skip
+    out, lse = prefill_attention(**{**args, **empty}, backend=backend)
+    assert out.shape == (0, 3, 12) and out.dtype == torch.float32
+    assert lse.shape == (0, 3) and lse.dtype == torch.float32
+
+
 # ---------------------------------------------------------------- cache write
 
 

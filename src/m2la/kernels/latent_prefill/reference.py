@@ -58,4 +58,7 @@ def latent_prefill_reference(
         probs = torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0.0)[..., None])
         outs.append((probs @ values).transpose(0, 1))  # [t, h, v]
         lses.append(lse.transpose(0, 1))  # [t, h]
+    if not outs:  # no sequences
+        empty = q_nope.new_empty(0, q_nope.shape[1], dtype=torch.float32)
+        return q_nope.new_empty(0, q_nope.shape[1], w_uv.shape[-1]), empty
     return torch.cat(outs).to(q_nope.dtype), torch.cat(lses)
