@@ -378,3 +378,36 @@ def test_decode_layouts_and_views_agree_across_backends(lengths, heads, paged, e
         q, seqlens = strided(q), strided_vector(seqlens)
     got = decode_attention(q, cache, seqlens, 0.2, r, table, backend="triton")
     assert_close_with_lse(*got, *want, atol=1e-5)
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    chunks=st.lists(st.tuples(st.integers(0, 9), st.integers(0, 20)), min_size=1, max_size=3),
+    heads=st.sampled_from([1, 3]),
+    paged=st.booleans(),
+    mode=st.sampled_from(["decode", "absorbed", "expanded"]),
+    views=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_prefill_layouts_and_views_agree_across_backends(chunks, heads, paged, mode, views, seed):
+    """Chunks of 0-9 new tokens after 0-20 cached, paged or contiguous (one spare row), strided or
+    contiguous q_nope / q_rope / index vectors, each Triton mode against the reference."""
+    r, nope, rope, value = 16, 8, 8, 12
+    gen = torch.Generator().manual_seed(seed)
+    new = [t for t, _ in chunks]
+    lengths = [t + cached for t, cached in chunks]
+    if paged:
+        cache, table = random_paged_cache(lengths, r + rope, 8, torch.float32, seed=seed)
+    else:
+        cache, table = random_contiguous_cache(lengths + [29], r + rope, 29, torch.float32, seed=seed), None
+    tokens = sum(new)
+    q_nope, q_rope = torch.randn(tokens, heads, nope, generator=gen), torch.randn(tokens, heads, rope, generator=gen)
+    w_uk = torch.randn(heads, r, nope, generator=gen) / 4
+    w_uv = torch.randn(heads, r, value, generator=gen) / 4
+    cu = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=I32)
+    seqlens = torch.tensor(lengths, dtype=I32)
+    want = prefill_attention(q_nope, q_rope, cache, w_uk, w_uv, cu, seqlens, 0.3, table, backend="reference")
+    if views:
+        q_nope, q_rope, cu, seqlens = strided(q_nope), strided(q_rope), strided_vector(cu), strided_vector(seqlens)
+    got = prefill_attention(q_nope, q_rope, cache, w_uk, w_uv, cu, seqlens, 0.3, table, mode=mode, backend="triton")
+    assert_close_with_lse(*got, *want, atol=1e-4)
