@@ -287,7 +287,8 @@ def causal_window_starts(
     mask (e.g. sliding windows or holes), so callers can refuse rather than compute something else.
     Checking a mask reads one flag on the host (a device sync), so the answer for the last mask is
     kept while that tensor lives unmodified (its version counter; inference tensors, which have
-    none, are checked every call): the other layers of the forward reuse it without a sync. The
+    none, are checked every call): the other layers of the forward reuse it without a sync, also
+    when each passes its own view of the same columns of one mask (a static cache's layers). The
     returned tensor may be shared between calls: read it, do not modify it.
 
     Under torch.compile the check cannot return None (a data-dependent branch is a graph break):
@@ -303,13 +304,19 @@ def causal_window_starts(
         return starts
     if query_offset is not None:  # the memo keys on shapes, not on an offset's value
         return _check_causal_window(mask, batch, num_queries, num_keys, device, query_offset)
-    key = None if mask.is_inference() else (mask._version, batch, num_queries, num_keys, torch.device(device))
+    # A view's values are fixed by its base tensor, its place in it and their shared version counter,
+    # so layers that each slice the same mask (a static cache's filled columns) share one check.
+    base = mask if mask._base is None else mask._base
+    key = None
+    if not mask.is_inference():
+        geometry = (mask.dtype, mask.storage_offset(), tuple(mask.shape), mask.stride())
+        key = (mask._version, geometry, batch, num_queries, num_keys, torch.device(device))
     last = _last_window_check
-    if key is not None and last is not None and last[0]() is mask and last[1] == key:
+    if key is not None and last is not None and last[0]() is base and last[1] == key:
         return last[2]
     starts = _check_causal_window(mask, batch, num_queries, num_keys, device)
     if key is not None:
-        _last_window_check = (weakref.ref(mask), key, starts)
+        _last_window_check = (weakref.ref(base), key, starts)
     return starts
 
 

@@ -90,7 +90,7 @@ def _filled_rows(
     if quantized is not None:
         quantized = (quantized[0][:, :filled], quantized[1][:, :filled])
     if mask is not None and mask.shape[-1] == capacity:  # a mask over the whole capacity (transformers')
-        mask = mask[..., :filled]  # a new view each layer: the Triton path checks it each layer (a sync)
+        mask = mask[..., :filled]  # a new view each layer; the mask check keys on its base and place
     return rows, quantized, mask, None
 
 

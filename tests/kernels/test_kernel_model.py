@@ -131,6 +131,29 @@ def test_padding_mask_checked_once_per_forward(monkeypatch):
     assert model.config.num_hidden_layers >= 2 and len(checks) == 1
 
 
+def test_static_cache_layers_share_one_mask_check_per_forward(monkeypatch):
+    """Eager layers over an M2LAStaticCache each slice the capacity-wide mask to the filled rows (a
+    new view each layer): still one check a forward, not one a layer, and the right logits."""
+    from m2la import attention_math
+
+    model = tiny_hf.build("llama", 3, 1, 16)
+    ids = torch.randint(10, tiny_hf.VOCAB, (2, 8), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        m2la.convert(model)
+        want = model(input_ids=ids, attention_mask=mask).logits
+        checks = []
+        record_calls(monkeypatch, attention_math, "_check_causal_window", checks)
+        cache = m2la.M2LAStaticCache.for_model(model, 12, batch_size=2)
+        with use_backend("triton"):
+            got = [model(input_ids=ids[:, :6], attention_mask=mask[:, :6], cache=cache, use_cache=True).logits]
+            assert len(checks) == 1
+            got.append(model(input_ids=ids[:, 6:], attention_mask=mask, cache=cache, use_cache=True).logits)
+    assert model.config.num_hidden_layers >= 2 and len(checks) == 2
+    torch.testing.assert_close(torch.cat(got, dim=1)[mask.bool()], want[mask.bool()], atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_fp8_cache_generate_same_tokens_as_reference(family):
     """With an fp8 M2LACache the Triton path reads the stored fp8 rows and scales (the reference

@@ -342,9 +342,9 @@ class M2LAStaticCache(_LatentRows, Cache):
     of launching each layer's kernels. ``generate(..., cache=M2LAStaticCache.for_model(model, n))``
     on a GPU compiles the decode step this way by itself (transformers' auto-compile), as does
     ``generate(..., cache_implementation="static")``, whose empty StaticCache a converted model
-    swaps for this one. Eager calls sync with the host up to three times a layer (the capacity check,
-    the length, and with the Triton backend the mask check), so use it compiled; compiled calls never
-    sync, and a full cache fails a device-side assert instead of raising.
+    swaps for this one. Eager calls sync with the host twice a layer (the capacity check and the
+    length) and, with the Triton backend, once a forward (the mask check), so use it compiled;
+    compiled calls never sync, and a full cache fails a device-side assert instead of raising.
     """
 
     def __init__(self, num_layers: int, max_cache_len: int, dtype: torch.dtype | None = None) -> None:
