@@ -19,6 +19,9 @@ Rows:
   padding, Triton backend): non-view aten ops (each a device launch on a GPU) and view ops, split
   into a part per layer and a part per step by counting at 2 and 4 layers. Counted by a dispatch mode,
   which keeps every m2la op on its custom-op route (one op each) in both trees.
+- torch ops of a 1-token extend: `prefill_attention` of one new token for each of 8 sequences
+  through the decode route with `max_seqlen_q=1` (the decode layout and cache above), counted
+  inside the op (the custom-op route skipped, as an eager call skips it).
 """
 
 from __future__ import annotations
@@ -79,22 +82,15 @@ def measure() -> dict[str, float]:
         lambda: choose_num_splits(1, 1, next(steps), 64, width * 2, heads * kv_rank * 4, 132), 512 // REPEATS
     )
     rows.update(_decode_step_ops())
+    rows.update(_extend_ops(batch, heads, kv_rank, rope_dim, cache, table, lens))
     return rows
 
 
-def _decode_step_ops() -> dict[str, float]:
-    """Aten ops one decode step of a converted llama issues, per layer and per step (launches stubbed)."""
-    import pathlib
+def _op_counter():
+    """A dispatch mode counting aten ops: non-view ones (each a device launch on a GPU) and views."""
     from collections import Counter
 
-    import torch
     from torch.utils._python_dispatch import TorchDispatchMode
-
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
-    import tiny_hf  # noqa: I001 (from tests/, after the path insert)
-
-    import m2la
-    from m2la.backends import use_backend
 
     class CountOps(TorchDispatchMode):
         def __init__(self):
@@ -105,6 +101,52 @@ def _decode_step_ops() -> dict[str, float]:
             self.counts["views" if getattr(func, "is_view", False) else "launches"] += 1
             return func(*args, **(kwargs or {}))
 
+    return CountOps()
+
+
+def _extend_ops(batch, heads, kv_rank, rope_dim, cache, table, lens) -> dict[str, float]:
+    """Aten ops of one `prefill_attention` call that extends each of `batch` sequences by one token
+    through the decode route, given `max_seqlen_q=1` (launches stubbed; the custom op is skipped the
+    way an eager call skips it)."""
+    import torch
+
+    import m2la.kernels.ops as ops
+    from m2la.kernels import prefill_attention
+
+    nope = value = 128
+    gen = torch.Generator().manual_seed(0)
+    q_nope = torch.randn(batch, heads, nope, generator=gen).to(torch.bfloat16)
+    q_rope = torch.randn(batch, heads, rope_dim, generator=gen).to(torch.bfloat16)
+    w_uk = torch.randn(heads, kv_rank, nope, generator=gen).to(torch.bfloat16)
+    w_uv = torch.randn(heads, kv_rank, value, generator=gen).to(torch.bfloat16)
+    cu = torch.arange(batch + 1, dtype=torch.int32)
+    tracing_active = ops._tracing_active
+    ops._tracing_active = lambda: False  # the counting mode would otherwise route through the custom op
+    try:
+        with _op_counter() as counter:
+            prefill_attention(
+                q_nope, q_rope, cache, w_uk, w_uv, cu, lens, 0.07, table, mode="decode", max_seqlen_q=1,
+                max_seqlen_k=int(lens.max()), backend="triton",
+            )  # fmt: skip
+    finally:
+        ops._tracing_active = tracing_active
+    return {f"{OPS_PREFIX}1-token extend of {batch} sequences (decode route): {label}": counter.counts[kind]
+            for kind, label in (("launches", "non-view aten ops"), ("views", "view ops"))}  # fmt: skip
+
+
+def _decode_step_ops() -> dict[str, float]:
+    """Aten ops one decode step of a converted llama issues, per layer and per step (launches stubbed)."""
+    import pathlib
+    from collections import Counter
+
+    import torch
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
+    import tiny_hf  # noqa: I001 (from tests/, after the path insert)
+
+    import m2la
+    from m2la.backends import use_backend
+
     def count(layers: int) -> Counter:
         model = tiny_hf.build("llama", 3, 1, 16, layers=layers)
         m2la.convert(model)
@@ -114,7 +156,7 @@ def _decode_step_ops() -> dict[str, float]:
         with torch.no_grad(), use_backend("triton"):
             cache = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
             mask = torch.cat((mask, torch.ones(2, 1, dtype=mask.dtype)), dim=1)
-            with CountOps() as counter:
+            with _op_counter() as counter:
                 model(input_ids=ids[:, -1:], attention_mask=mask, past_key_values=cache, use_cache=True)
         return counter.counts
 

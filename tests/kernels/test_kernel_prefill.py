@@ -287,6 +287,24 @@ def test_triton_with_max_seqlens_never_syncs(mode, monkeypatch):
     assert_close_with_lse(out, lse, ref_out, ref_lse, atol=TOL[torch.float32])
 
 
+@pytest.mark.parametrize("paged", [True, False])
+def test_one_token_a_sequence_decodes_without_the_per_token_gather(paged, monkeypatch):
+    """Every chunk one token (`max_seqlen_q=1`, as many tokens as sequences): the decode route runs
+    one decode of the batch, skipping the per-token index build (host launches on a GPU); same
+    result as the fp64 oracle, kv_start and an empty sequence included."""
+    case = list(make_case(3, *SHAPES["r48"], [1, 1, 1], [20, 0, 9], 8, torch.float32, seed=6))
+    kv_start = torch.tensor([5, 1, 0], dtype=torch.int32)  # sequence 1: its one row hidden
+    if not paged:  # the same rows as a contiguous [b, s, w] cache
+        case[2] = torch.stack([rows_of(case[2], case[7], i, 24).float() for i in range(3)])
+        case[7] = None
+    ref_out, ref_lse = prefill_fp64_absorbed(*case[:7], 0.15, case[7], kv_start.tolist())
+    monkeypatch.setattr(torch, "searchsorted", lambda *a, **k: pytest.fail("per-token gather built"))
+    out, lse = prefill_attention(
+        *case[:7], 0.15, case[7], kv_start, mode="decode", max_seqlen_q=1, max_seqlen_k=24, backend="triton"
+    )
+    assert_close_with_lse(out, lse, ref_out, ref_lse, atol=TOL[torch.float32])
+
+
 def test_max_seqlen_k_shorter_than_a_sequence_is_an_error():
     case = make_case(2, *SHAPES["r48"], [5, 3], [10, 20], 16, torch.float32)
     with pytest.raises(RuntimeError, match="max_seqlen_k=22 < the longest cache_seqlens"):

@@ -572,17 +572,24 @@ def _absorption_product(equation: str, x: torch.Tensor, weight: torch.Tensor, ou
 
 def _latent_attention_through_decode(
     q_latent, q_rope, kv_cache, cu_seqlens_q, cache_seqlens, softmax_scale, block_table, kv_start, kv_scale,
+    one_token_each: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Absorbed prefill as one split-KV decode per query token: token `j` of a chunk of `t` in
     sequence `i` is a decode of its own over sequence i's first `cache_seqlens[i] - t + j + 1` rows
     (the same pages, so tokens of one sequence read them from L2 side by side). No host sync.
-    A contiguous cache `[b, s, d]` is addressed as `b` pages of `s` rows.
+    A contiguous cache `[b, s, d]` is addressed as `b` pages of `s` rows. `one_token_each` (the
+    caller knows every chunk is one token): token i is sequence i's decode, with no per-token gather.
     q_latent `[tq, h, r]`, q_rope `[tq, h, 2p]` -> (latent output `[tq, h, r]`, lse `[tq, h]`)."""
     from m2la.kernels.latent_decode.triton import latent_decode_triton
 
     num_tokens, num_heads, kv_rank = q_latent.shape
     if num_tokens == 0:
         return q_latent.new_empty(0, num_heads, kv_rank), q_latent.new_empty(0, num_heads, dtype=torch.float32)
+    if one_token_each:
+        q = torch.cat((q_latent, q_rope), dim=-1)  # [b, h, r + 2p]
+        return latent_decode_triton(
+            q, kv_cache, cache_seqlens, softmax_scale, kv_rank, block_table, kv_start, kv_scale=kv_scale
+        )
     token = torch.arange(num_tokens, device=q_latent.device, dtype=cu_seqlens_q.dtype)
     seq = torch.searchsorted(cu_seqlens_q[1:], token, right=True)  # [tq] the sequence of each token
     token_seqlens = (cache_seqlens[seq] - cu_seqlens_q[seq + 1] + token + 1).to(torch.int32)  # [tq]
@@ -644,7 +651,7 @@ def latent_prefill_triton(
         if mode == "decode":
             out_latent, lse = _latent_attention_through_decode(
                 q_latent, q_rope, kv_cache, cu_seqlens_q, cache_seqlens, softmax_scale, block_table, kv_start,
-                kv_scale,
+                kv_scale, one_token_each=max_seqlen_q == 1 and num_tokens == batch,  # chunks <= 1 summing to b
             )  # fmt: skip
         else:
             lse = torch.empty(num_tokens, num_heads, device=q_nope.device, dtype=torch.float32)
