@@ -154,6 +154,53 @@ def test_static_cache_layers_share_one_mask_check_per_forward(monkeypatch):
     torch.testing.assert_close(torch.cat(got, dim=1)[mask.bool()], want[mask.bool()], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "family, compression",
+    [("llama", 2.0), ("qwen3", 3.0), ("qwen2_5_vl", 2.0), ("qwen3_vl", None)],
+    ids=["llama-2x", "qwen3-3x", "qwen2.5-vl-2x", "qwen3-vl-lossless"],
+)
+def test_compressed_and_vision_models_match_reference(family, compression):
+    """The layouts the other model tests leave out, through the Triton kernels: a compressed
+    conversion (per-layer ranks and RoPE widths that are no power of two, a no-RoPE key part, the
+    value mean as a kv_b bias) and the VL families (M-RoPE positions from an image). Logits and
+    generated tokens equal the reference backend's; an fp8 cache too, for the text model."""
+    vision = family.endswith("_vl")
+    model = tiny_hf.build(family, 7 if not vision else 4, 7 if not vision else 2, 12 if not vision else 16)
+    if vision:
+        inputs = tiny_hf.image_inputs(model, batch=2)
+    else:
+        ids = torch.randint(10, tiny_hf.VOCAB, (2, 13), generator=torch.Generator().manual_seed(9))
+        mask = torch.ones_like(ids)
+        mask[1, :4] = 0
+        inputs = dict(input_ids=ids, attention_mask=mask)
+    if compression is None:
+        m2la.convert(model)
+    else:
+        if vision:
+            batches = [tiny_hf.image_inputs(model, batch=2) for _ in range(2)]
+        else:
+            batches = [torch.randint(10, tiny_hf.VOCAB, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+        report = m2la.convert(model, compression=compression, calibration=batches, pair_grid_points=4)
+        layouts = [(layer.kv_rank, layer.rope_dim) for layer in report.layers]
+        attn = [m for m in model.modules() if isinstance(m, m2la.M2LAttention)]
+        assert all(m.config.qk_nope_dim > 0 and m.kv_b_proj.bias is not None for m in attn)
+        assert any(w & (w - 1) for layout in layouts for w in layout), layouts  # a width no power of two
+        if family == "llama":  # per-layer budgets, not one layout for all
+            assert len(set(layouts)) > 1, layouts
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    cache_dtypes = [None] if vision else [None, torch.float8_e4m3fn]
+    results = {}
+    for backend in ("reference", "triton"):
+        with use_backend(backend), torch.no_grad():
+            logits = model(**inputs).logits
+            tokens = [model.generate(**inputs, **kwargs, cache=m2la.M2LACache.for_model(model, dt)) for dt in cache_dtypes]
+            results[backend] = logits, tokens
+    keep = inputs["attention_mask"].bool()
+    torch.testing.assert_close(results["triton"][0][keep], results["reference"][0][keep], rtol=1e-4, atol=1e-4)
+    for got, expected in zip(results["triton"][1], results["reference"][1], strict=True):
+        assert torch.equal(got, expected)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_fp8_cache_generate_same_tokens_as_reference(family):
     """With an fp8 M2LACache the Triton path reads the stored fp8 rows and scales (the reference
