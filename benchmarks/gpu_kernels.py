@@ -608,6 +608,74 @@ def gqa_decode_rows(device, dtype, batches, contexts, bandwidth, repeats, use_fl
     return rows
 
 
+def lossless_query(batch, heads, kv_heads, head_dim, dtype, device) -> torch.Tensor:
+    """Absorbed decode queries of the lossless conversion of a GQA attention (`heads` query heads,
+    `kv_heads` x `head_dim`): `[b, heads, r + 2p]` with r = 2p = kv_heads * head_dim. n = 0, so the
+    latent query is zero; each head's RoPE query fills its KV group's pairs (half layout: columns
+    `r + g*P + j` and `r + kv_heads*P + g*P + j`, P = head_dim / 2) and is zero elsewhere."""
+    kv_rank, pairs = kv_heads * head_dim, head_dim // 2
+    q = torch.zeros(batch, heads, 2 * kv_rank, device=device, dtype=dtype)
+    for head in range(heads):
+        group = head // (heads // kv_heads)
+        for half in range(2):
+            start = kv_rank + half * kv_heads * pairs + group * pairs
+            q[:, head, start : start + pairs] = torch.randn(batch, pairs, device=device, dtype=dtype)
+    return q
+
+
+def lossless_rows(device, dtype, batches, contexts, bandwidth, repeats, shape=None) -> list[tuple]:
+    """Decode of the lossless conversion of the GQA attention `shape` = (query heads, KV heads, head
+    dim), default 32, 8, 128 (same bytes a token as the GQA cache; 1024 + 1024 latent rows, every key
+    dim RoPE) through `decode_attention`, beside SDPA over the GQA cache, same shapes:
+    (batch, context, m2la ms, m2la % of copy BW, SDPA ms, m2la time / SDPA time, max diff of the
+    head outputs). Times are graph replays on a GPU (eager elsewhere). SDPA reads the same keys and
+    values copied into a GQA cache `[b, s, G, D]`, with the same queries. `convert(model)` with no compression gives this layout, and
+    `auto` runs it through the Triton kernels on CUDA."""
+    heads, kv_heads, head_dim = shape or (HEADS, GQA_KV_HEADS, HEAD_DIM)
+    kv_rank = kv_heads * head_dim
+    width = 2 * kv_rank
+    row_bytes = width * dtype.itemsize
+    num_blocks = max(batches) * math.ceil(max(contexts) / BLOCK_SIZE)
+    num_blocks = min(num_blocks, int(0.3 * _free_bytes(device) / (BLOCK_SIZE * row_bytes)))
+    cache = torch.empty(num_blocks, BLOCK_SIZE, width, device=device, dtype=dtype).uniform_(-1, 1)
+    scale = head_dim**-0.5
+    rows = []
+    for context in contexts:
+        for batch in batches:
+            if batch * math.ceil(context / BLOCK_SIZE) > num_blocks or _out_of_time():
+                rows.append((batch, context, None, None, None, None, None))
+                continue
+            _, table, lens = paged_inputs(batch, context, kv_rank, kv_rank, dtype, device, cache)
+            q = lossless_query(batch, heads, kv_heads, head_dim, dtype, device)
+            nbytes = batch * context * row_bytes
+            flops = 2 * heads * batch * context * (2 * kv_rank + kv_rank)  # zero latent query included
+
+            def ours(q=q, table=table, lens=lens, cache=cache):
+                return decode_attention(q, cache, lens, scale, kv_rank, table)
+
+            ms, _, pct, gms, gpct, _ = _measure(ours, device, repeats, nbytes, bandwidth, flops)
+            # the same keys and values as a GQA cache [b, s, G, D] (a copy): key of group g = its x | y halves
+            rows_bs = gather_cache_rows(cache, table, context)  # [b, s, r + 2p]
+            k = rows_bs[..., kv_rank:].unflatten(-1, (2, kv_heads, head_dim // 2)).transpose(-3, -2)
+            k = k.reshape(batch, context, kv_heads, head_dim)
+            v = rows_bs[..., :kv_rank].reshape(batch, context, kv_heads, head_dim)
+            del rows_bs
+            group = torch.arange(heads, device=device) // (heads // kv_heads)  # [h]
+            q_pairs = q[..., kv_rank:].unflatten(-1, (2, kv_heads, head_dim // 2))  # [b, h, 2, G, P]
+            pick = group.view(1, heads, 1, 1, 1).expand(batch, heads, 2, 1, head_dim // 2)
+            q_gqa = q_pairs.gather(3, pick).flatten(-3)[:, None]  # [b, 1, h, D]: each head's own group
+            sdpa = _measure(lambda q=q_gqa, k=k, v=v: _sdpa_gqa(q, k, v), device, repeats, nbytes, bandwidth, flops)
+            out_latent, _ = ours()
+            pick = group.view(1, heads, 1, 1).expand(batch, heads, 1, head_dim)
+            ours_values = out_latent.unflatten(-1, (kv_heads, head_dim)).gather(2, pick)[:, :, 0]  # [b, h, D]
+            diff = (ours_values.float() - _sdpa_gqa(q_gqa, k, v)[:, :, 0].float()).abs().max().item()
+            del k, v
+            ours_ms, sdpa_ms = gms or ms, sdpa[3] or sdpa[0]
+            rows.append((batch, context, ours_ms, gpct if gms else pct, sdpa_ms, ours_ms / sdpa_ms, diff))
+    del cache
+    return rows
+
+
 def _sdpa_gqa(q, k, v):
     # [b, 1, h, d] -> [b, h, 1, d]; keys stay [b, 8, s, d] strided views, GQA handled by SDPA.
     return torch.nn.functional.scaled_dot_product_attention(
@@ -921,6 +989,7 @@ def main() -> None:
         chunk, prefixes, repeats, copy_bytes = 4096, [0, 16384], 10, 2**30
         sweep_shapes = SWEEP_SHAPES
     contexts = args.contexts or contexts
+    lossless_contexts = contexts[:3]
     wanted = set(args.sections.split(","))
     SWEEP[:] = SWEEP_SETS[args.sweep_set]
     if args.warm_only:
@@ -998,6 +1067,19 @@ def main() -> None:
                       "| layout | entry point | back-to-back ms a call | graph ms | max diff vs decode_attention |", "|---|---|---|---|---|",
                       *[f"| {n} | {e} | {fmt(ms, '.3f')} | {fmt(gms, '.3f')} | {d:.1e} |" for n, e, ms, gms, d in host],
                       ""]  # fmt: skip
+            flush()
+        sections.append("lossless")
+        if "lossless" in wanted:  # not in the default sections
+            shape = (4, 2, 16) if args.smoke else None  # smoke: 4 query heads, 2 KV heads x 16 (interpreter)
+            lossless = lossless_rows(device, dtype, batches[:3], lossless_contexts, bandwidth, repeats, shape)
+            heads, kv_heads, head_dim = shape or (HEADS, GQA_KV_HEADS, HEAD_DIM)
+            width = kv_heads * head_dim
+            lines += ["", f"## Decode of a lossless conversion ({heads} heads, {width} + {width}: every key dim RoPE) "
+                      f"against SDPA over the GQA cache it came from ({kv_heads} x {head_dim}; same bytes a token)", "",
+                      "| batch | context | m2la ms | m2la % of copy BW | SDPA ms | m2la time / SDPA time | max diff |",
+                      "|---|---|---|---|---|---|---|",
+                      *[f"| {b} | {s} | {fmt(ms, '.3f')} | {fmt(p, '.0f')} | {fmt(sd, '.3f')} | {fmt(x, '.2f')} "
+                        f"| {fmt(d, '.1e')} |" for b, s, ms, p, sd, x, d in lossless]]  # fmt: skip
             flush()
         sections.append("splits")
         if "splits" in wanted:

@@ -25,7 +25,7 @@ def run_in_interpreter(argv: list[str], timeout: int = 300, **env: str) -> str:
 
 
 def test_gpu_benchmark_smoke(tmp_path):
-    args = ["--smoke", "--sections", "decode,fp8,splits,prefill,extend", "--contexts", "64", "--warm-workers", "0"]
+    args = ["--smoke", "--sections", "decode,fp8,lossless,splits,prefill,extend", "--contexts", "64", "--warm-workers", "0"]
     run_in_interpreter([str(SCRIPT), *args], timeout=600, OUT=str(tmp_path))
     report = (tmp_path / "kernels.md").read_text()
     assert "FAILED" not in report
@@ -36,6 +36,10 @@ def test_gpu_benchmark_smoke(tmp_path):
     entries = re.findall(r"\| latent 60\+16 \(smoke\) \| (\S+) [^|]*\| [\d.]+ \| n/a \| (\S+) \|", report)
     assert [e for e, _ in entries] == ["decode_attention", "torch.ops.m2la.latent_decode", "latent_decode_triton"]
     assert all(float(d) < 1e-4 for _, d in entries), entries
+    # a lossless conversion's decode and SDPA over the GQA cache it came from give the same head outputs
+    lossless = re.findall(r"\| ([12]) \| 64 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| (\S+) \|\n", report)
+    assert [b for b, _ in lossless] == ["1", "2"], report
+    assert all(float(d) < 1e-4 for _, d in lossless), lossless
     # split placement: by length and by capacity agree on every static-cache and ragged case
     placements = re.findall(r"\| latent 60\+16 \(smoke\), (static cache|ragged paged batch) \|.* \| (\S+) \|\n", report)
     assert [c for c, _ in placements] == ["static cache"] * 2 + ["ragged paged batch"], report
