@@ -402,3 +402,38 @@ def test_triton_module_matches_reference_over_random_layouts(
     keep = real  # padding queries see no key on the Triton path (0 there); the reference gives NaN or 0
     bound = 5e-2 if cache_kind == "latent-fp8" else 2e-5  # fp32: rounding of a different summation order
     torch.testing.assert_close(got[keep], expected[keep], rtol=bound, atol=bound * float(expected[keep].abs().max()))
+
+
+@pytest.mark.parametrize("cache_dtype", [None, torch.float8_e4m3fn], ids=["fp32-cache", "fp8-cache"])
+def test_assisted_generation_same_tokens_as_plain_greedy(cache_dtype):
+    """Speculative decoding (transformers' assisted generation with a small draft model): the converted
+    model verifies several draft tokens a step (short chunked extends, the prefill kernel's decode
+    route) and crops its latent cache where the draft was wrong. Greedy tokens equal plain greedy
+    generation on both backends."""
+    main = tiny_hf.build("qwen3", 6, 2, 12)  # a random model whose greedy tokens vary
+    draft = tiny_hf.build("qwen3", 6, 2, 12, layers=1)
+    m2la.convert(main)
+    attention = next(m for m in main.modules() if isinstance(m, m2la.M2LAttention))
+    chunk_sizes = []
+    attention.register_forward_pre_hook(
+        lambda module, args, kwargs: chunk_sizes.append((args[0] if args else kwargs["hidden_states"]).shape[1]),
+        with_kwargs=True,
+    )
+    ids = torch.randint(10, tiny_hf.VOCAB, (1, 9), generator=torch.Generator().manual_seed(4))
+    kwargs = dict(input_ids=ids, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    results = {}
+    for backend in ("reference", "triton"):
+        with use_backend(backend), torch.no_grad():
+            plain = main.generate(**kwargs, cache=m2la.M2LACache.for_model(main, cache_dtype))
+            cache = m2la.M2LACache.for_model(main, cache_dtype)
+            crops = []
+            original_crop = cache.crop
+            cache.crop = lambda length, crops=crops, crop=original_crop: (crops.append(length), crop(length))[1]
+            chunk_sizes.clear()
+            assisted = main.generate(**kwargs, assistant_model=draft, past_key_values=cache)
+            results[backend] = plain, assisted
+            assert any(1 < t < 9 for t in chunk_sizes), chunk_sizes  # draft tokens verified as one chunk
+            assert crops, "no draft token was rejected: the test would not exercise the cache crop"
+    assert torch.equal(results["triton"][0], results["reference"][0])
+    for plain, assisted in results.values():
+        assert torch.equal(assisted, plain)
