@@ -62,8 +62,15 @@ def _measure(step, reset: bool) -> dict:
     seconds = time.perf_counter() - start
     peak_kib = _status_kib("VmHWM") if did_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     base_kib = before_kib if did_reset else maxrss_before
-    return dict(rss_before_mib=before_kib / 1024, peak_mib=peak_kib / 1024, added_mib=(peak_kib - base_kib) / 1024,
-                rss_after_mib=_status_kib("VmRSS") / 1024, seconds=seconds, peak_reset=did_reset, result=result)
+    return dict(
+        rss_before_mib=before_kib / 1024,
+        peak_mib=peak_kib / 1024,
+        added_mib=(peak_kib - base_kib) / 1024,
+        rss_after_mib=_status_kib("VmRSS") / 1024,
+        seconds=seconds,
+        peak_reset=did_reset,
+        result=result,
+    )
 
 
 def child(args: argparse.Namespace) -> dict:
@@ -84,22 +91,48 @@ def child(args: argparse.Namespace) -> dict:
             model(**batches[0], use_cache=False)
 
     def convert():
-        report = m2la.convert(model, compression=args.compression, calibration=batches,
-                              refit_memory_gib=args.refit_memory_gib)
-        return dict(ratio=report.compression_ratio, bytes_after=report.bytes_per_token_after,
-                    bytes_before=report.bytes_per_token_before)
+        report = m2la.convert(
+            model, compression=args.compression, calibration=batches, refit_memory_gib=args.refit_memory_gib
+        )
+        return dict(
+            ratio=report.compression_ratio,
+            bytes_after=report.bytes_per_token_after,
+            bytes_before=report.bytes_per_token_before,
+        )
 
     measured = _measure(forward if args.step == "forward" else convert, reset=True)
-    return dict(windows=args.child, length=args.length, batch=args.batch, batches=len(batches),
-                refit_memory_gib=args.refit_memory_gib,
-                compression=args.compression, loaded_peak_mib=loaded_hwm, step=args.step, measured=measured,
-                threads=torch.get_num_threads(), torch=torch.__version__)
+    return dict(
+        windows=args.child,
+        length=args.length,
+        batch=args.batch,
+        batches=len(batches),
+        refit_memory_gib=args.refit_memory_gib,
+        compression=args.compression,
+        loaded_peak_mib=loaded_hwm,
+        step=args.step,
+        measured=measured,
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+    )
 
 
 def _run_child(args: argparse.Namespace, windows: int, step: str) -> dict:
-    command = [sys.executable, __file__, "--child", str(windows), "--step", step, "--length", str(args.length),
-               "--batch", str(args.batch), "--compression", str(args.compression),
-               "--refit-memory-gib", str(args.refit_memory_gib)]
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        str(windows),
+        "--step",
+        step,
+        "--length",
+        str(args.length),
+        "--batch",
+        str(args.batch),
+        "--compression",
+        str(args.compression),
+        "--refit-memory-gib",
+        str(args.refit_memory_gib),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
@@ -116,8 +149,12 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=256, help="tokens per window")
     parser.add_argument("--batch", type=int, default=4, help="windows per calibration batch")
     parser.add_argument("--compression", type=float, default=4.0)
-    parser.add_argument("--refit-memory-gib", type=float, default=0.25,
-                        help="CompressionOptions.refit_memory_gib (refit sums held at once; 100 = all layers)")
+    parser.add_argument(
+        "--refit-memory-gib",
+        type=float,
+        default=0.25,
+        help="CompressionOptions.refit_memory_gib (refit sums held at once; 100 = all layers)",
+    )
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--step", choices=("convert", "forward"), default="convert", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -129,10 +166,12 @@ def main() -> None:
     rows = [_run_child(args, windows, "convert") for windows in args.windows]
 
     threshold = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-    print(f"date {time.strftime('%Y-%m-%d')}, machine {platform.machine()}, {forward['threads']} threads, "
-          f"torch {forward['torch']}; SmolLM2-135M fp32, compression {args.compression}, windows of {args.length} "
-          f"tokens in batches of {args.batch}, refit_memory_gib {args.refit_memory_gib}; one fresh process per row"
-          + (f"; MALLOC_MMAP_THRESHOLD_={threshold}" if threshold else "; glibc malloc defaults"))
+    print(
+        f"date {time.strftime('%Y-%m-%d')}, machine {platform.machine()}, {forward['threads']} threads, "
+        f"torch {forward['torch']}; SmolLM2-135M fp32, compression {args.compression}, windows of {args.length} "
+        f"tokens in batches of {args.batch}, refit_memory_gib {args.refit_memory_gib}; one fresh process per row"
+        + (f"; MALLOC_MMAP_THRESHOLD_={threshold}" if threshold else "; glibc malloc defaults")
+    )
     print("\n| step | RSS before | peak during | added (peak - before) | RSS after | seconds | peak from |")
     print("|---|---:|---:|---:|---:|---:|---|")
     for r in [forward, *rows]:
@@ -140,12 +179,19 @@ def main() -> None:
         if r["step"] == "forward":
             name = f"one forward, 1 batch ({r['batch']} x {r['length']} tokens)"
         else:
-            name = (f"convert, {r['windows']} x {r['length']} calibration tokens ({r['batches']} batches), "
-                    f"{m['result']['ratio']:.2f}x")
-        print(f"| {name} | {m['rss_before_mib']:,.0f} MiB | {m['peak_mib']:,.0f} MiB | {m['added_mib']:,.0f} MiB | "
-              f"{m['rss_after_mib']:,.0f} MiB | {m['seconds']:.0f} | {'VmHWM reset' if m['peak_reset'] else 'ru_maxrss'} |")
-    print("\nloading peak (VmHWM after load + tokenize, before the reset): "
-          + ", ".join(f"{r['loaded_peak_mib']:,.0f} MiB" for r in [forward, *rows]))
+            name = (
+                f"convert, {r['windows']} x {r['length']} calibration tokens ({r['batches']} batches), "
+                f"{m['result']['ratio']:.2f}x"
+            )
+        print(
+            f"| {name} | {m['rss_before_mib']:,.0f} MiB | {m['peak_mib']:,.0f} MiB | {m['added_mib']:,.0f} MiB | "
+            f"{m['rss_after_mib']:,.0f} MiB | {m['seconds']:.0f} | {'VmHWM reset' if m['peak_reset'] else 'ru_maxrss'} |"
+        )
+    print(
+        "\nloading peak (VmHWM after load + tokenize, before the reset): "
+        + ", ".join(f"{r['loaded_peak_mib']:,.0f} MiB" for r in [forward, *rows])
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -55,7 +55,9 @@ def main() -> None:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("run without TRITON_INTERPRET: the interpreter replaces the compiler")
     print(f"# Decode tiles compiled for sm_90 (triton {triton.__version__}, {HEADS} query heads)\n")
-    print("| kernel | layout | config | BLOCK_N | shared KiB | wgmma | mma.sync | buffers | registers | spill stores (B) |")
+    print(
+        "| kernel | layout | config | BLOCK_N | shared KiB | wgmma | mma.sync | buffers | registers | spill stores (B) |"
+    )
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, (kv_rank, rope_dim) in LAYOUTS.items():
         for config in tile_configs():

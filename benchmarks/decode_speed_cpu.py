@@ -121,12 +121,18 @@ def main() -> None:
         models[f"m2la {ratio:g}x (latent cache)"] = compressed
     runs = [(name, model, False) for name, model in models.items()]
     if args.concat_baseline:
-        runs += [(f"{name}, torch.cat appends", model, True) for name, model in models.items() if name.startswith("m2la")]
+        runs += [
+            (f"{name}, torch.cat appends", model, True) for name, model in models.items() if name.startswith("m2la")
+        ]
 
-    print(f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, fp32, batch 1")
-    print("\n| context | model | step ms | attention ms | attention share | cache MiB | bytes/token "
-          "| attention speed-up | byte ratio |")
+    print(
+        f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, fp32, batch 1"
+    )
+    print(
+        "\n| context | model | step ms | attention ms | attention share | cache MiB | bytes/token "
+        "| attention speed-up | byte ratio |"
+    )
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for context in args.contexts:
         base = None
@@ -135,9 +141,12 @@ def main() -> None:
             base = base or r
             speedup = base["attention_ms"] / r["attention_ms"]
             ratio = base["cache_bytes"] / r["cache_bytes"]
-            print(f"| {context} | {name} | {r['step_ms']:.1f} | {r['attention_ms']:.1f} | "
-                  f"{r['attention_ms'] / r['step_ms']:.0%} | {r['cache_bytes'] / 2**20:.0f} | "
-                  f"{r['bytes_per_token']:.0f} | {speedup:.2f}x | {ratio:.2f}x |", flush=True)
+            print(
+                f"| {context} | {name} | {r['step_ms']:.1f} | {r['attention_ms']:.1f} | "
+                f"{r['attention_ms'] / r['step_ms']:.0%} | {r['cache_bytes'] / 2**20:.0f} | "
+                f"{r['bytes_per_token']:.0f} | {speedup:.2f}x | {ratio:.2f}x |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

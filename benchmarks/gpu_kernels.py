@@ -247,7 +247,9 @@ def _decode_entry_points(q, cache, lens, table, scale, kv_rank, backend) -> dict
         "torch.ops.m2la.latent_decode (through the dispatcher)": lambda: torch.ops.m2la.latent_decode(
             q, cache, lens, table, None, None, scale, kv_rank, 0, backend
         ),
-        "latent_decode_triton (the launcher alone)": lambda: latent_decode_triton(q, cache, lens, scale, kv_rank, table),
+        "latent_decode_triton (the launcher alone)": lambda: latent_decode_triton(
+            q, cache, lens, scale, kv_rank, table
+        ),
     }
 
 
@@ -307,7 +309,9 @@ def vllm_rows(device, dtype, batches, contexts, bandwidth, repeats):
         q, table, lens = paged_inputs(check_batch, check_context, kv_rank, rope_dim, dtype, device, cache)
         theirs, _ = vllm_triton_mla.decode(module, q, cache, table, lens, scale, kv_rank, check_context, sms)
         ours, _ = decode_attention(q, cache, lens, scale, kv_rank, table)
-        checks.append(f"| vLLM Triton MLA vs m2la, {name} | {(theirs.float() - ours.float()).abs().max().item():.2e} | - |")
+        checks.append(
+            f"| vLLM Triton MLA vs m2la, {name} | {(theirs.float() - ours.float()).abs().max().item():.2e} | - |"
+        )
         for context in contexts:
             for batch in batches:
                 label = f"vLLM Triton MLA, {name}"
@@ -690,7 +694,9 @@ def prefill_inputs(device, dtype, chunk, total, kv_rank, rope_dim, batch=1, shuf
     pages = math.ceil(total / BLOCK_SIZE)
     cache = torch.empty(batch * pages, BLOCK_SIZE, kv_rank + rope_dim, device=device, dtype=dtype)
     cache.uniform_(-1, 1)
-    order = torch.randperm(batch * pages, device=device) if shuffled_pages else torch.arange(batch * pages, device=device)
+    order = (
+        torch.randperm(batch * pages, device=device) if shuffled_pages else torch.arange(batch * pages, device=device)
+    )
     table = order.to(torch.int32).view(batch, pages)
     q_nope = torch.randn(batch * chunk, HEADS, NOPE_DIM, device=device, dtype=dtype)
     q_rope = torch.randn(batch * chunk, HEADS, rope_dim, device=device, dtype=dtype)
@@ -814,7 +820,9 @@ def expanded_part_rows(name, inputs, chunk, total, flops, ours, device, repeats)
     ):
 
         def attend(config=config):
-            return expanded_prefill_attention(q_nope, q_rope, k_nope, k_rope, values, cu, lens, 0.1, chunk, config=config)
+            return expanded_prefill_attention(
+                q_nope, q_rope, k_nope, k_rope, values, cu, lens, 0.1, chunk, config=config
+            )
 
         start = time.perf_counter()
         diff = (attend()[0].float() - ours.float()).abs().max().item()
@@ -906,6 +914,7 @@ def prefill_sweep_rows(device, dtype, chunk, prefixes, repeats):
                     rows.append((name, prefix, str(config or "default"), "skipped (time)", None, None))
                     continue
                 try:
+
                     def run(config=config, inputs=inputs, total=total):
                         return latent_prefill_triton(
                             *inputs, max_seqlen_q=chunk, max_seqlen_k=total, mode="expanded", config=config
@@ -947,7 +956,9 @@ def extend_rows(device, dtype, batch, prefix, new_tokens, repeats):
                     out = run()[0].float()
                     ref = out if ref is None else ref
                     ms = timed_ms(run, device, repeats)
-                    rows.append((name, t, mode, ms, f"{(out - ref).abs().max().item():.1e}", "auto" if mode == auto else ""))
+                    rows.append(
+                        (name, t, mode, ms, f"{(out - ref).abs().max().item():.1e}", "auto" if mode == auto else "")
+                    )
                 except Exception as exc:  # e.g. out of memory: reported, not fatal
                     rows.append((name, t, mode, None, type(exc).__name__, ""))
     return rows
@@ -967,7 +978,11 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, any device: checks the script")
     parser.add_argument("--seconds", type=float, default=270, help="time box; later cases are reported n/a")
     parser.add_argument("--sweep-seconds", type=float, default=70, help="time box of the decode tile sweep")
-    parser.add_argument("--sections", default="sweep,decode,fp8,vllm,splits,prefill,prefill_sweep,extend", help="comma-separated subset to run")
+    parser.add_argument(
+        "--sections",
+        default="sweep,decode,fp8,vllm,splits,prefill,prefill_sweep,extend",
+        help="comma-separated subset to run",
+    )
     parser.add_argument("--contexts", type=int, nargs="+", default=None, help="decode contexts (default 4K..128K)")
     parser.add_argument("--warm-workers", type=int, default=12, help="processes compiling the sweep first (0: off)")
     parser.add_argument("--warm-only", action="store_true", help="only compile the sweep cases (fills triton's cache)")
@@ -1106,7 +1121,9 @@ def main() -> None:
             sweep_p = prefill_sweep_rows(device, dtype, chunk, prefixes or [0], repeats)
             lines += ["", f"## Prefill tile sweep (expanded, {chunk} new tokens; overrides of `prefill_config`)", "",
                       "| layout | prefix | config | max diff vs default | ms | TFLOPS |", "|---|---|---|---|---|---|"]  # fmt: skip
-            lines += [f"| {n} | {p} | {c} | {e} | {fmt(ms, '.2f')} | {fmt(tf, '.1f')} |" for n, p, c, e, ms, tf in sweep_p]
+            lines += [
+                f"| {n} | {p} | {c} | {e} | {fmt(ms, '.2f')} | {fmt(tf, '.1f')} |" for n, p, c, e, ms, tf in sweep_p
+            ]
         flush()
         sections.append("extend")
         if "extend" in wanted:

@@ -71,7 +71,10 @@ def measure() -> dict[str, float]:
     rows["decode"] = _per_call_us(
         lambda: decode_attention(q, cache, lens, 0.07, kv_rank, table, backend="triton"), 2000
     )
-    latent, k_rope = torch.randn(batch, kv_rank, dtype=torch.bfloat16), torch.randn(batch, rope_dim, dtype=torch.bfloat16)
+    latent, k_rope = (
+        torch.randn(batch, kv_rank, dtype=torch.bfloat16),
+        torch.randn(batch, rope_dim, dtype=torch.bfloat16),
+    )
     cos, sin = torch.rand(batch, rope_dim // 2), torch.rand(batch, rope_dim // 2)
     slots = torch.arange(batch) * block
     rows["write (8 rows)"] = _per_call_us(
@@ -187,7 +190,9 @@ def main() -> None:
         print(f"<!-- {name}: m2la from {columns[name].pop('source')} -->")
     timed = [row for row in columns["this tree"] if not row.startswith(OPS_PREFIX)]
     counted = [row for row in columns["this tree"] if row.startswith(OPS_PREFIX)]
-    print(f"Host us per call (median of {REPEATS} loops; kernel launches replaced by no-ops; Python {sys.version.split()[0]})")
+    print(
+        f"Host us per call (median of {REPEATS} loops; kernel launches replaced by no-ops; Python {sys.version.split()[0]})"
+    )
     _table(columns, names, timed, "call", ",.1f", args.against)
     print("\nTorch ops per decode step of a converted llama (b=2, left padding; Triton backend)")
     _table(columns, names, counted, "ops", ".0f", args.against)
@@ -215,9 +220,7 @@ def _run_in_subprocess(revision: str | None) -> dict[str, float]:
             )
             subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
             env["PYTHONPATH"] = os.path.join(tmp, "src") + os.pathsep + env.get("PYTHONPATH", "")
-        out = subprocess.run(
-            [sys.executable, __file__, "--json"], capture_output=True, text=True, env=env, check=True
-        )
+        out = subprocess.run([sys.executable, __file__, "--json"], capture_output=True, text=True, env=env, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

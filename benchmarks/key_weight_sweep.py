@@ -44,8 +44,13 @@ def main() -> None:
         m2la.convert(model, compression=ratio, calibration=batches, key_weight=weight)
         heldout, _ = perplexity_and_top1(model, heldout_ids)
         validation, _ = perplexity_and_top1(model, validation_ids)
-        row = dict(ratio=ratio, key_weight=weight, heldout=heldout / base_heldout,
-                   validation=validation / base_validation, seconds=round(time.perf_counter() - start))
+        row = dict(
+            ratio=ratio,
+            key_weight=weight,
+            heldout=heldout / base_heldout,
+            validation=validation / base_validation,
+            seconds=round(time.perf_counter() - start),
+        )
         print(json.dumps(row), flush=True)
 
 

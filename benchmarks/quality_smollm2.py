@@ -78,35 +78,47 @@ def main(argv: list[str] | None = None) -> int:
             agreement = (tokens == base_tokens).float().mean().item()
             errors = [layer.output_error for layer in report.layers if layer.output_error is not None]
             row = dict(
-                ratio=ratio, method=method, achieved=report.compression_ratio,
-                bytes_before=report.bytes_per_token_before, bytes_after=report.bytes_per_token_after,
-                perplexity=ppl, relative_perplexity=ppl / base_ppl, top1_agreement=top1_agreement,
+                ratio=ratio,
+                method=method,
+                achieved=report.compression_ratio,
+                bytes_before=report.bytes_per_token_before,
+                bytes_after=report.bytes_per_token_after,
+                perplexity=ppl,
+                relative_perplexity=ppl / base_ppl,
+                top1_agreement=top1_agreement,
                 greedy_agreement=agreement,
-                mean_layer_output_error=sum(errors) / max(len(errors), 1), convert_seconds=seconds,
-                ranks=[layer.kv_rank for layer in report.layers], rope_dims=[layer.rope_dim for layer in report.layers],
+                mean_layer_output_error=sum(errors) / max(len(errors), 1),
+                convert_seconds=seconds,
+                ranks=[layer.kv_rank for layer in report.layers],
+                rope_dims=[layer.rope_dim for layer in report.layers],
             )
             rows.append(row)
-            print(f"{ratio:g}x {method:9s} ppl {ppl:9.3f} ({ppl / base_ppl:6.2f}x)  top-1 {top1_agreement:.3f}  greedy {agreement:.3f}  "
-                  f"converted in {seconds:.0f} s", flush=True)
+            print(
+                f"{ratio:g}x {method:9s} ppl {ppl:9.3f} ({ppl / base_ppl:6.2f}x)  top-1 {top1_agreement:.3f}  greedy {agreement:.3f}  "
+                f"converted in {seconds:.0f} s",
+                flush=True,
+            )
             del model
 
     table = _table(rows, base_ppl)
     command = "python benchmarks/quality_smollm2.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    section = "\n".join([
-        f"## Compressed conversion quality, SmolLM2-135M, zero-shot ({datetime.date.today().isoformat()})",
-        "",
-        f"Machine: 2-core CPU, no GPU ({platform.processor() or platform.machine()}, torch {torch.__version__}). "
-        f"Command: `{command.strip()}` ({time.perf_counter() - start:.0f} s in total).",
-        "",
-        f"Calibration: {args.calib_windows} x {args.calib_length} tokens of the Wikipedia calibration split (the same batches for "
-        f"every method). Perplexity: {args.ppl_windows} x 512 held-out tokens; original {base_ppl:.3f}. Top-1 "
-        "agreement: teacher-forced, over the same tokens (the most likely next token equals the original's). Greedy "
-        f"agreement (free-running): {args.prompts} held-out prompts x {args.new_tokens} new tokens vs the original model. "
-        "Every method gets the same cache budget (bytes per token, all layers).",
-        "",
-        table,
-        "",
-    ])
+    section = "\n".join(
+        [
+            f"## Compressed conversion quality, SmolLM2-135M, zero-shot ({datetime.date.today().isoformat()})",
+            "",
+            f"Machine: 2-core CPU, no GPU ({platform.processor() or platform.machine()}, torch {torch.__version__}). "
+            f"Command: `{command.strip()}` ({time.perf_counter() - start:.0f} s in total).",
+            "",
+            f"Calibration: {args.calib_windows} x {args.calib_length} tokens of the Wikipedia calibration split (the same batches for "
+            f"every method). Perplexity: {args.ppl_windows} x 512 held-out tokens; original {base_ppl:.3f}. Top-1 "
+            "agreement: teacher-forced, over the same tokens (the most likely next token equals the original's). Greedy "
+            f"agreement (free-running): {args.prompts} held-out prompts x {args.new_tokens} new tokens vs the original model. "
+            "Every method gets the same cache budget (bytes per token, all layers).",
+            "",
+            table,
+            "",
+        ]
+    )
     print(section)
     if args.append:
         with open(args.append, "a", encoding="utf-8") as handle:

@@ -33,8 +33,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--trainable", choices=["attention", "all"], default="attention")
-    parser.add_argument("--distill-windows", type=int, default=1600,
-                        help="distinct calibration-split windows to distil on (after the calibration windows)")
+    parser.add_argument(
+        "--distill-windows",
+        type=int,
+        default=1600,
+        help="distinct calibration-split windows to distil on (after the calibration windows)",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     teacher, tokenizer = load_smollm2()
@@ -54,16 +58,20 @@ def main() -> None:
     result = distill(student, teacher, batches, config, progress=True)
     after = perplexity(student, heldout)
     gap_closed = (before - after) / (before - base)
-    print(f"\n{time.strftime('%Y-%m-%d')}, {platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; compression {report.compression_ratio:.2f}x "
-          f"({report.bytes_per_token_before} -> {report.bytes_per_token_after} B/token), converted in {convert_s:.0f} s")
+    print(
+        f"\n{time.strftime('%Y-%m-%d')}, {platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; compression {report.compression_ratio:.2f}x "
+        f"({report.bytes_per_token_before} -> {report.bytes_per_token_after} B/token), converted in {convert_s:.0f} s"
+    )
     print("\n| model | held-out perplexity | / original |\n|---|---:|---:|")
     print(f"| original SmolLM2-135M | {base:.3f} | 1.00x |")
     print(f"| m2la {args.compression:g}x, zero-shot | {before:.3f} | {before / base:.2f}x |")
     print(f"| m2la {args.compression:g}x, after {args.steps} distillation steps | {after:.3f} | {after / base:.2f}x |")
-    print(f"\ngap closed: {gap_closed:.0%}; {result.trainable_parameters:,} trainable parameters ({args.trainable}), "
-          f"{args.steps} steps x {args.batch} x {args.seq_len} tokens, lr {args.lr:g}, {result.seconds:.0f} s; "
-          f"KL first/last 10 steps: {sum(result.losses[:10]) / 10:.4f} / {sum(result.losses[-10:]) / 10:.4f}")
+    print(
+        f"\ngap closed: {gap_closed:.0%}; {result.trainable_parameters:,} trainable parameters ({args.trainable}), "
+        f"{args.steps} steps x {args.batch} x {args.seq_len} tokens, lr {args.lr:g}, {result.seconds:.0f} s; "
+        f"KL first/last 10 steps: {sum(result.losses[:10]) / 10:.4f} / {sum(result.losses[-10:]) / 10:.4f}"
+    )
 
 
 if __name__ == "__main__":

@@ -198,10 +198,14 @@ def run(smoke: bool) -> None:
         import gpu_kernels  # noqa: PLC0415  (timing helpers; same folder)
 
         bandwidth = gpu_kernels.copy_bandwidth_gbs(device, 2**30)
-        print(f"{torch.cuda.get_device_name(device)}, copy bandwidth {bandwidth:.0f} GB/s, triton {triton.__version__}\n")
+        print(
+            f"{torch.cuda.get_device_name(device)}, copy bandwidth {bandwidth:.0f} GB/s, triton {triton.__version__}\n"
+        )
     print("x SDPA: SDPA's graph ms over Qwen3-VL-8B's uncompressed GQA cache (8 x 128, same batch and context)"
           " / this row's (the issue's target: 2 at 32K).\n")  # fmt: skip
-    print("| batch | context | kernel | max diff vs fp32 reference | graph ms | % of copy BW | library / this | x SDPA |")
+    print(
+        "| batch | context | kernel | max diff vs fp32 reference | graph ms | % of copy BW | library / this | x SDPA |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for batch, context in cases:
         print("\n".join(case_rows(batch, context, variants, device, dtype, bandwidth)), flush=True)
@@ -216,7 +220,9 @@ def main() -> None:
         run(args.smoke)
         return
     print(f"triton {triton.__version__}, sm_90, bf16, 32 heads, 896 + 128\n")
-    print("| BLOCK_N | warps | stages | registers | spill stores B | shared KiB | wgmma | mma.sync | TMA copies | buffers |")
+    print(
+        "| BLOCK_N | warps | stages | registers | spill stores B | shared KiB | wgmma | mma.sync | TMA copies | buffers |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for block_n, num_warps, num_stages in VARIANTS:
         f = probe(block_n, num_warps, num_stages)

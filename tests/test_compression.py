@@ -63,14 +63,17 @@ def test_head_mixing_commutes_with_rope(method, mrope):
 
     def mix(k):  # [b, t, G, 2P] -> components [b, t, G(i), 2P]
         x, y = k[..., :P], k[..., P:]
-        return torch.cat((torch.einsum("fig,btgf->btif", plan.transform, x),
-                          torch.einsum("fig,btgf->btif", plan.transform, y)), dim=-1)
+        return torch.cat(
+            (torch.einsum("fig,btgf->btif", plan.transform, x), torch.einsum("fig,btgf->btif", plan.transform, y)),
+            dim=-1,
+        )
 
     rotated_then_mixed = mix(rope.apply_rope_half(keys, cos, sin))
     mixed_then_rotated = rope.apply_rope_half(mix(keys), cos, sin)
     torch.testing.assert_close(rotated_then_mixed, mixed_then_rotated, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(plan.transform @ plan.inverse, torch.eye(G, dtype=torch.float64).expand(P, G, G),
-                               rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(
+        plan.transform @ plan.inverse, torch.eye(G, dtype=torch.float64).expand(P, G, G), rtol=1e-9, atol=1e-9
+    )
 
 
 @pytest.mark.parametrize("method", fit.METHODS)
@@ -79,8 +82,9 @@ def test_full_rank_compressed_layout_is_exact(method, variant):
     """Keeping every RoPE component and the full latent reproduces the source (incl. M-RoPE axes)."""
     mrope = variant.startswith("mrope")
     dtype = torch.float32 if variant.endswith("fp32") else torch.float64
-    src = random_source(bias=variant == "bias", qk_norm="qk_norm" in variant,
-                        mrope_axis=MROPE_AXES if mrope else None, dtype=dtype)
+    src = random_source(
+        bias=variant == "bias", qk_norm="qk_norm" in variant, mrope_axis=MROPE_AXES if mrope else None, dtype=dtype
+    )
     positions = _positions(2, 24, mrope)
     hidden = _hidden(src)
     stats = _stats(src, hidden, positions)
@@ -105,7 +109,9 @@ def test_nope_mean_rotation_sign():
     stats.rotation_sin = torch.sin(angle_s - angle_t).double().expand(2, 2).clone()
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(4, dtype=torch.float64, generator=g), torch.randn(4, dtype=torch.float64, generator=g)
-    source = rope.apply_rope_half(q, angle_t.cos(), angle_t.sin()) @ rope.apply_rope_half(k, angle_s.cos(), angle_s.sin())
+    source = rope.apply_rope_half(q, angle_t.cos(), angle_t.sin()) @ rope.apply_rope_half(
+        k, angle_s.cos(), angle_s.sin()
+    )
     q_nope = fit.nope_query_map(src, stats, "m2la")[0] @ q
     torch.testing.assert_close(q_nope @ k, source)
 
@@ -141,8 +147,12 @@ def test_mean_rotation_statistic_uniform_attention():
     t = torch.arange(10, dtype=torch.float64)
     delta = t[None, :] - t[:, None]  # s - t
     allowed = (delta <= 0).double()
-    expect_cos = ((torch.cos(delta[..., None] * freq) * allowed[..., None]).sum(1) / allowed.sum(1, keepdim=True)).mean(0)
-    expect_sin = ((torch.sin(delta[..., None] * freq) * allowed[..., None]).sum(1) / allowed.sum(1, keepdim=True)).mean(0)
+    expect_cos = ((torch.cos(delta[..., None] * freq) * allowed[..., None]).sum(1) / allowed.sum(1, keepdim=True)).mean(
+        0
+    )
+    expect_sin = ((torch.sin(delta[..., None] * freq) * allowed[..., None]).sum(1) / allowed.sum(1, keepdim=True)).mean(
+        0
+    )
     torch.testing.assert_close(cos_mean[0], expect_cos, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sin_mean[1], expect_sin, rtol=1e-5, atol=1e-5)
 
@@ -214,8 +224,9 @@ def test_grouped_refit_passes_equal_one_pass_conversion(family):
     models, reports = [], []
     for memory in (1.0, 1e-12):  # all layers at once; one layer per group
         model = copy.deepcopy(base)
-        reports.append(m2la.convert(model, compression=2.0, calibration=batches, pair_grid_points=4,
-                                    refit_memory_gib=memory))
+        reports.append(
+            m2la.convert(model, compression=2.0, calibration=batches, pair_grid_points=4, refit_memory_gib=memory)
+        )
         models.append(model)
     one, grouped = (dict(m.state_dict()) for m in models)
     assert one.keys() == grouped.keys()
@@ -229,8 +240,12 @@ def _hf_harness(model):
 
     def extract(module, args, kwargs):
         cos, sin = kwargs["position_embeddings"]
-        return AttentionCall(kwargs["hidden_states"], cos[..., :pairs] / scaling, sin[..., :pairs] / scaling,
-                             kwargs.get("attention_mask"))
+        return AttentionCall(
+            kwargs["hidden_states"],
+            cos[..., :pairs] / scaling,
+            sin[..., :pairs] / scaling,
+            kwargs.get("attention_mask"),
+        )
 
     return decoder, sources, extract
 
@@ -245,8 +260,9 @@ def test_layer_streaming_statistics_equal_one_shot_pass():
     with torch.no_grad():
         one_shot, _ = collect_statistics(lambda ids: model(ids, use_cache=False), batches, targets, extract)
         for i in targets:
-            streamed, _ = collect_statistics(lambda ids: model(ids, use_cache=False), batches, {i: targets[i]},
-                                             extract, stop_after=i)
+            streamed, _ = collect_statistics(
+                lambda ids: model(ids, use_cache=False), batches, {i: targets[i]}, extract, stop_after=i
+            )
             _assert_stats_close(streamed[i], one_shot[i])
 
 
@@ -258,8 +274,10 @@ def test_allocation_meets_budget_exactly():
     curves = []
     for _ in range(7):
         costs = torch.rand(48, generator=g, dtype=torch.float64).sort(descending=True).values
-        spectra = {p: torch.rand(2 * (48 - p) + 96, generator=g, dtype=torch.float64).sort(descending=True).values
-                   for p in range(0, 49, 6)}
+        spectra = {
+            p: torch.rand(2 * (48 - p) + 96, generator=g, dtype=torch.float64).sort(descending=True).values
+            for p in range(0, 49, 6)
+        }
         curves.append(allocate.LayerCurve(pair_costs=costs, spectra=spectra, value_dims=96))
     full = 7 * 192
     for ratio in (1.3, 2.0, 3.0, 4.0, 7.0):
@@ -433,19 +451,29 @@ def test_compressed_save_load_round_trip(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
     assert [m.config.cache_width for m in loaded.modules() if isinstance(m, m2la.M2LAttention)] == [
-        layer.kv_rank + layer.rope_dim for layer in report.layers]
+        layer.kv_rank + layer.rope_dim for layer in report.layers
+    ]
 
 
 # --- errors split into text and vision tokens (VLMs) -----------------------------------------------------
 
-SPLIT = ("key_error_text", "key_error_vision", "value_error_text", "value_error_vision", "output_error_text",
-         "output_error_vision")
+SPLIT = (
+    "key_error_text",
+    "key_error_vision",
+    "value_error_text",
+    "value_error_vision",
+    "output_error_text",
+    "output_error_vision",
+)
 
 
 def _vl_batches(model):
     """Three image batches of different layouts; the last one is held out for the error report."""
-    return [tiny_hf.image_inputs(model, batch=2), tiny_hf.image_inputs(model, batch=2, text_before=5),
-            tiny_hf.image_inputs(model, batch=2, grid_h=4, grid_w=4, text_before=2, text_after=6)]
+    return [
+        tiny_hf.image_inputs(model, batch=2),
+        tiny_hf.image_inputs(model, batch=2, text_before=5),
+        tiny_hf.image_inputs(model, batch=2, grid_h=4, grid_w=4, text_before=2, text_after=6),
+    ]
 
 
 @pytest.mark.parametrize("family,sequential", [("qwen2_vl", False), ("qwen3_vl", False), ("qwen3_vl", True)])
@@ -453,8 +481,9 @@ def test_vlm_report_splits_errors_into_text_and_vision_tokens(family, sequential
     import json
 
     model = tiny_hf.build(family, 6, 2, 16)
-    report = m2la.convert(model, compression=2.0, calibration=_vl_batches(model), pair_grid_points=4,
-                          sequential=sequential)
+    report = m2la.convert(
+        model, compression=2.0, calibration=_vl_batches(model), pair_grid_points=4, sequential=sequential
+    )
     assert report.has_token_split
     for layer in report.layers:
         for kind in ("key", "value", "output"):
@@ -506,10 +535,13 @@ def test_vlm_split_errors_match_an_independent_computation(family):
     def capture(idx):
         def hook(module, args, kwargs):
             captured[idx] = kwargs
+
         return hook
 
-    handles = [layer.self_attn.register_forward_pre_hook(capture(i), with_kwargs=True)
-               for i, layer in enumerate(decoder.layers)]
+    handles = [
+        layer.self_attn.register_forward_pre_hook(capture(i), with_kwargs=True)
+        for i, layer in enumerate(decoder.layers)
+    ]
     with torch.no_grad():
         base(**batches[-1], use_cache=False)
     for handle in handles:
@@ -580,7 +612,9 @@ def test_layer_error_split_by_token_selection():
     head = measure_layer_errors(src, module, AttentionCall(hidden, cos, sin, vision=~torch.arange(12).lt(3)[None]))
     assert head.output_text == pytest.approx(prefix.output, rel=1e-5)
     assert head.key_text != pytest.approx(prefix.key, rel=1e-3)  # keys of text tokens are also scored by later queries
-    everything = measure_layer_errors(src, module, AttentionCall(hidden, cos, sin, vision=torch.ones(1, 12, dtype=torch.bool)))
+    everything = measure_layer_errors(
+        src, module, AttentionCall(hidden, cos, sin, vision=torch.ones(1, 12, dtype=torch.bool))
+    )
     assert everything.output_vision == everything.output and everything.output_text is None
 
 

@@ -25,7 +25,15 @@ def run_in_interpreter(argv: list[str], timeout: int = 300, **env: str) -> str:
 
 
 def test_gpu_benchmark_smoke(tmp_path):
-    args = ["--smoke", "--sections", "decode,fp8,lossless,splits,prefill,extend", "--contexts", "64", "--warm-workers", "0"]
+    args = [
+        "--smoke",
+        "--sections",
+        "decode,fp8,lossless,splits,prefill,extend",
+        "--contexts",
+        "64",
+        "--warm-workers",
+        "0",
+    ]
     run_in_interpreter([str(SCRIPT), *args], timeout=600, OUT=str(tmp_path))
     report = (tmp_path / "kernels.md").read_text()
     assert "FAILED" not in report
@@ -45,11 +53,16 @@ def test_gpu_benchmark_smoke(tmp_path):
     assert [c for c, _ in placements] == ["static cache"] * 2 + ["ragged paged batch"], report
     assert all(float(d) < 1e-4 for _, d in placements), placements
     # prefill: SDPA over the expanded K/V agrees with our expanded output, for every SDPA variant
-    diffs = re.findall(r"\| latent 60\+16 \(smoke\), SDPA[^|]*\| (?:0|64) \| 32 \| [\d.]+ \| [\d.]+ \| (\S+) \|", report)
+    diffs = re.findall(
+        r"\| latent 60\+16 \(smoke\), SDPA[^|]*\| (?:0|64) \| 32 \| [\d.]+ \| [\d.]+ \| (\S+) \|", report
+    )
     assert len(diffs) == 6, report
     assert all(float(d) < 1e-4 for d in diffs), diffs
     # our expanded prefill in parts (the kernel alone: both launch orders and the TMA tile) agrees with the whole call
-    parts = re.findall(r"\| latent 60\+16 \(smoke\), m2la attention only, [^|]*\| (?:0|64) \| 32 \| [\d.]+ \| [\d.]+ \| (\S+) \|", report)
+    parts = re.findall(
+        r"\| latent 60\+16 \(smoke\), m2la attention only, [^|]*\| (?:0|64) \| 32 \| [\d.]+ \| [\d.]+ \| (\S+) \|",
+        report,
+    )
     assert len(parts) == 6 and all(float(d) < 1e-4 for d in parts), report  # 3 variants, 2 prefixes
     assert len(re.findall(r"m2la expansion only \(gather \+ 1 GEMM\)", report)) == 2
     # short extends: every mode at each length, agreeing with the decode route; auto marks one
@@ -199,5 +212,7 @@ print("\\n".join(f.case_rows(Refusing(), 5, 2, 100, 60, 16, torch.device("cpu"),
     stdout = run_in_interpreter(["-c", code, str(SCRIPT.parent)])
     rows = [line.split(" | ")[3:6] for line in stdout.splitlines() if line.startswith("| 5 | 2 | 100 |")]
     assert rows[0] == ["FlashMLA", "RuntimeError: Unsupported h_q: 5", "-"], rows
-    assert [name for name, *_ in rows[1:]] == ["m2la"] + [f"m2la, 64-head tile, {n} tokens (candidate)" for n in (64, 32)]
+    assert [name for name, *_ in rows[1:]] == ["m2la"] + [
+        f"m2la, 64-head tile, {n} tokens (candidate)" for n in (64, 32)
+    ]
     assert all(float(err) < 1e-4 and float(lse_err) < 1e-4 for _, err, lse_err in rows[1:]), rows

@@ -36,7 +36,10 @@ def test_lossless_logits(family, shape):
         expected = model(**inputs).logits
     report = m2la.convert(model)
     assert report.lossless and report.compression_ratio == 1.0
-    assert sum(isinstance(m, m2la.M2LAttention) for m in model.modules()) == model.config.get_text_config().num_hidden_layers
+    assert (
+        sum(isinstance(m, m2la.M2LAttention) for m in model.modules())
+        == model.config.get_text_config().num_hidden_layers
+    )
     with torch.no_grad():
         out = model(**inputs, use_cache=True)
     torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-5)

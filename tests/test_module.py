@@ -99,18 +99,35 @@ def test_cache_holds_only_latent_rows():
 
 def _random_config(draw_heads, rank, nope, rope_pairs, v_dim, q_rank, kv_b_bias):
     return M2LAConfig(
-        hidden_size=24, num_heads=draw_heads, kv_rank=rank, rope_dim=2 * rope_pairs, qk_nope_dim=nope,
-        v_head_dim=v_dim, softmax_scale=0.3, q_rank=q_rank, kv_b_bias=kv_b_bias, q_bias=True, kv_a_bias=True,
-        rope_inv_freq=[1.0 / (i + 1) for i in range(rope_pairs)], rope_axis=[0] * rope_pairs,
+        hidden_size=24,
+        num_heads=draw_heads,
+        kv_rank=rank,
+        rope_dim=2 * rope_pairs,
+        qk_nope_dim=nope,
+        v_head_dim=v_dim,
+        softmax_scale=0.3,
+        q_rank=q_rank,
+        kv_b_bias=kv_b_bias,
+        q_bias=True,
+        kv_a_bias=True,
+        rope_inv_freq=[1.0 / (i + 1) for i in range(rope_pairs)],
+        rope_axis=[0] * rope_pairs,
         rope_source_column=list(range(rope_pairs)),
     )
 
 
 @settings(max_examples=25, deadline=None)
 @given(
-    heads=st.integers(1, 7), rank=st.integers(1, 20), nope=st.integers(0, 9), rope_pairs=st.integers(0, 5),
-    v_dim=st.integers(1, 9), q_rank=st.one_of(st.none(), st.integers(1, 8)), kv_b_bias=st.booleans(),
-    t=st.integers(1, 9), past=st.integers(0, 6), seed=st.integers(0, 2**16),
+    heads=st.integers(1, 7),
+    rank=st.integers(1, 20),
+    nope=st.integers(0, 9),
+    rope_pairs=st.integers(0, 5),
+    v_dim=st.integers(1, 9),
+    q_rank=st.one_of(st.none(), st.integers(1, 8)),
+    kv_b_bias=st.booleans(),
+    t=st.integers(1, 9),
+    past=st.integers(0, 6),
+    seed=st.integers(0, 2**16),
 )
 def test_expanded_and_absorbed_paths_agree(heads, rank, nope, rope_pairs, v_dim, q_rank, kv_b_bias, t, past, seed):
     if nope + 2 * rope_pairs == 0:
@@ -138,15 +155,25 @@ def test_fp32_paths_agree_to_rounding():
     hidden = torch.randn(2, 63, 24)
     cos, sin = module.rope_cos_sin(torch.arange(63).expand(2, -1))
     torch.testing.assert_close(
-        module.attend(hidden, cos, sin, absorbed=False), module.attend(hidden, cos, sin, absorbed=True),
-        rtol=1e-5, atol=1e-5,
+        module.attend(hidden, cos, sin, absorbed=False),
+        module.attend(hidden, cos, sin, absorbed=True),
+        rtol=1e-5,
+        atol=1e-5,
     )
 
 
 def test_config_errors_name_the_problem():
     good = dict(
-        hidden_size=8, num_heads=2, kv_rank=4, rope_dim=4, qk_nope_dim=2, v_head_dim=3, softmax_scale=0.5,
-        rope_inv_freq=[1.0, 0.5], rope_axis=[0, 0], rope_source_column=[0, 1],
+        hidden_size=8,
+        num_heads=2,
+        kv_rank=4,
+        rope_dim=4,
+        qk_nope_dim=2,
+        v_head_dim=3,
+        softmax_scale=0.5,
+        rope_inv_freq=[1.0, 0.5],
+        rope_axis=[0, 0],
+        rope_source_column=[0, 1],
     )
     M2LAConfig(**good)
     with pytest.raises(M2LAConfigError, match="rope_dim must be even"):
@@ -187,7 +214,9 @@ def test_sdpa_expanded_matches_reference(mask_kind):
     pad[0, :3] = 0
     causal = torch.ones(t, s, dtype=torch.bool).tril(past)
     mask = {
-        "none": None, "prefix": None, "padding": pad,
+        "none": None,
+        "prefix": None,
+        "padding": pad,
         "bool4d": causal[None, None] & pad.bool()[:, None, None],
         "float4d": torch.zeros(b, 1, t, s).masked_fill(~(causal[None, None] & pad.bool()[:, None, None]), -1e30),
         "inf4d": torch.zeros(b, 1, t, s).masked_fill(~(causal[None, None] & pad.bool()[:, None, None]), -torch.inf),

@@ -86,4 +86,6 @@ def test_fp8_latent_cache_perplexity(converted, wiki_heldout_windows):
     assert 1.0005 < e4m3 / exact < 1.02
     assert e4m3 < e5m2 < 1.04 * exact
     width = 384  # lossless SmolLM2: 3 KV heads x 64 x 2 per layer
-    assert cache_bytes_per_token(model, ids[:1, :64], make_cache=lambda: m2la.M2LACache.for_model(model, torch.float8_e4m3fn)) == 30 * (width + 4)
+    assert cache_bytes_per_token(
+        model, ids[:1, :64], make_cache=lambda: m2la.M2LACache.for_model(model, torch.float8_e4m3fn)
+    ) == 30 * (width + 4)

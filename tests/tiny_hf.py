@@ -11,8 +11,15 @@ FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "qwen2_vl", "qwen2_5_vl", "qwe
 
 def _text(heads: int, kv_heads: int, head_dim: int, layers: int = 2, **extra):
     return dict(
-        vocab_size=VOCAB, hidden_size=heads * head_dim, intermediate_size=56, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=kv_heads, head_dim=head_dim, max_position_embeddings=256, tie_word_embeddings=False,
+        vocab_size=VOCAB,
+        hidden_size=heads * head_dim,
+        intermediate_size=56,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
         **extra,
     )
 
@@ -47,25 +54,62 @@ def build(family: str, heads: int = 6, kv_heads: int = 2, head_dim: int = 12, se
 def _build_vl(family, heads, kv_heads, head_dim):  # noqa: C901
     import transformers as tf
 
-    tokens = dict(image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
-                  vision_end_token_id=VISION_END)
+    tokens = dict(
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN,
+        vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+    )
     pairs = head_dim // 2
     if family == "qwen3_vl":
         sections = [pairs - 2 * (pairs // 3), pairs // 3, pairs // 3]
-        text = _text(heads, kv_heads, head_dim, rope_parameters={"rope_type": "default", "rope_theta": 5e6,
-                                                                 "mrope_section": sections, "mrope_interleaved": True})
-        vision = dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, patch_size=4, out_hidden_size=heads * head_dim,
-                      num_position_embeddings=64, deepstack_visual_indexes=[0], temporal_patch_size=2)
+        text = _text(
+            heads,
+            kv_heads,
+            head_dim,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 5e6,
+                "mrope_section": sections,
+                "mrope_interleaved": True,
+            },
+        )
+        vision = dict(
+            depth=1,
+            hidden_size=32,
+            intermediate_size=48,
+            num_heads=2,
+            patch_size=4,
+            out_hidden_size=heads * head_dim,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=[0],
+            temporal_patch_size=2,
+        )
         config = tf.Qwen3VLConfig(text_config=text, vision_config=vision, **tokens)
         return tf.Qwen3VLForConditionalGeneration(config)
     sections = [pairs - 2 * (pairs // 3), pairs // 3, pairs // 3]
-    text = _text(heads, kv_heads, head_dim, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                                                             "mrope_section": sections})
+    text = _text(
+        heads,
+        kv_heads,
+        head_dim,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": sections},
+    )
     if family == "qwen2_vl":
-        vision = dict(depth=1, embed_dim=32, hidden_size=heads * head_dim, num_heads=2, patch_size=4, temporal_patch_size=2)
+        vision = dict(
+            depth=1, embed_dim=32, hidden_size=heads * head_dim, num_heads=2, patch_size=4, temporal_patch_size=2
+        )
         return tf.Qwen2VLForConditionalGeneration(tf.Qwen2VLConfig(text_config=text, vision_config=vision, **tokens))
-    vision = dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, patch_size=4, out_hidden_size=heads * head_dim,
-                  temporal_patch_size=2, fullatt_block_indexes=[0], window_size=16)
+    vision = dict(
+        depth=1,
+        hidden_size=32,
+        intermediate_size=48,
+        num_heads=2,
+        patch_size=4,
+        out_hidden_size=heads * head_dim,
+        temporal_patch_size=2,
+        fullatt_block_indexes=[0],
+        window_size=16,
+    )
     return tf.Qwen2_5_VLForConditionalGeneration(tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens))
 
 
@@ -80,13 +124,23 @@ def image_inputs(model, batch: int = 1, grid_h: int = 4, grid_w: int = 6, text_b
     for _ in range(batch):
         before = torch.randint(10, VOCAB, (text_before,), generator=g)
         after = torch.randint(10, VOCAB, (text_after,), generator=g)
-        ids.append(torch.cat([before, torch.tensor([VISION_START]), torch.full((n_tokens,), IMAGE_TOKEN),
-                              torch.tensor([VISION_END]), after]))
+        ids.append(
+            torch.cat(
+                [
+                    before,
+                    torch.tensor([VISION_START]),
+                    torch.full((n_tokens,), IMAGE_TOKEN),
+                    torch.tensor([VISION_END]),
+                    after,
+                ]
+            )
+        )
     input_ids = torch.stack(ids)
     pixel_values = torch.randn(batch * n_patches, 3 * temporal * patch * patch, generator=g)
     grid = torch.tensor([[1, grid_h, grid_w]] * batch)
-    inputs = dict(input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=grid,
-                  attention_mask=torch.ones_like(input_ids))
+    inputs = dict(
+        input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=grid, attention_mask=torch.ones_like(input_ids)
+    )
     inputs["mm_token_type_ids"] = (input_ids == IMAGE_TOKEN).int()
     return inputs
 

@@ -111,7 +111,7 @@ def use_backend(name: str) -> Iterator[str]:
 
 @functools.cache
 def _triton_import_error() -> str:
-    """"" when triton imports, else the reason. Called only when triton may be used."""
+    """ "" when triton imports, else the reason. Called only when triton may be used."""
     try:
         importlib.import_module("triton")
     except Exception as exc:  # ImportError, or a broken install raising something else

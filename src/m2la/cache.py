@@ -6,8 +6,15 @@ import torch
 
 from .quantization import check_cache_dtype, dequantize_rows, quantize_rows
 
-__all__ = ["LatentCache", "StaticLatentCache", "advance_length", "append_rows", "copy_rows_at", "reserve_rows",
-           "views_prefix_of"]
+__all__ = [
+    "LatentCache",
+    "StaticLatentCache",
+    "advance_length",
+    "append_rows",
+    "copy_rows_at",
+    "reserve_rows",
+    "views_prefix_of",
+]
 
 # Growth of a full buffer: room for max(GROWTH_MIN_TOKENS, length / GROWTH_FRACTION) more tokens, so
 # memory over the live rows stays <= 1/16 (or 256 tokens) and decode copies amortize to <= 16 rows a step.
@@ -165,7 +172,9 @@ class LatentCache:
         held, held_scales, stored = self._held(i)
         check_rows_shape(held, i, batch, width)
         shape = (batch, num_tokens, width)
-        self._row_buffers[i], new_rows = reserve_rows(self._row_buffers[i], held, shape, self.dtype or dtype, device, stored)
+        self._row_buffers[i], new_rows = reserve_rows(
+            self._row_buffers[i], held, shape, self.dtype or dtype, device, stored
+        )
         if self.dtype is None:
             self._store(i, new_rows, None)
             return new_rows, None

@@ -82,7 +82,10 @@ class M2LAConfig:
         need(math.isfinite(self.softmax_scale) and self.softmax_scale > 0, "softmax_scale must be positive")
         pairs = self.num_rope_pairs
         for name in ("rope_inv_freq", "rope_axis", "rope_source_column"):
-            need(len(getattr(self, name)) == pairs, f"{name} needs {pairs} entries (rope_dim / 2), got {len(getattr(self, name))}")
+            need(
+                len(getattr(self, name)) == pairs,
+                f"{name} needs {pairs} entries (rope_dim / 2), got {len(getattr(self, name))}",
+            )
         need(all(a in (0, 1, 2) for a in self.rope_axis), "rope_axis entries must be 0, 1 or 2")
         if self.query_norm:
             need(self.q_in_dim is not None, "query_norm needs q_in_dim (the normalised per-head width)")

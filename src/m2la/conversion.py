@@ -169,10 +169,12 @@ def lossless_state_dict(src: SourceAttention, config: M2LAConfig | None = None) 
     kv_bias = None
     if config.kv_a_bias:
         zeros = torch.zeros(G * D, dtype=dtype, device=device)
-        kv_bias = torch.cat((
-            src.k_bias if src.k_bias is not None else zeros,
-            src.v_bias if src.v_bias is not None else zeros,
-        ))
+        kv_bias = torch.cat(
+            (
+                src.k_bias if src.k_bias is not None else zeros,
+                src.v_bias if src.v_bias is not None else zeros,
+            )
+        )
     order = _kv_feature_order(src)
     if src.k_norm_weight is not None:
         # the key norm must see whole source heads, so the reordering moves into kv_a_mix

@@ -243,8 +243,15 @@ class M2LAttention(nn.Module):
             )
         else:
             out = attention_math.latent_attention_expanded_sdpa(
-                q_nope, q_rope, rows[..., : c.kv_rank], rows[..., c.kv_rank :], w_uk, w_uv, c.softmax_scale,
-                attention_mask, v_bias,
+                q_nope,
+                q_rope,
+                rows[..., : c.kv_rank],
+                rows[..., c.kv_rank :],
+                w_uk,
+                w_uv,
+                c.softmax_scale,
+                attention_mask,
+                v_bias,
             )
         return self.o_proj(out.to(hidden.dtype).flatten(-2))
 

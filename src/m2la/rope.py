@@ -38,9 +38,7 @@ def default_inv_freq(rotary_dim: int, theta: float, dtype: torch.dtype = torch.f
     return (1.0 / theta**exponent).to(dtype)
 
 
-def rope_angles(
-    positions: torch.Tensor, inv_freq: torch.Tensor, axis: torch.Tensor | None = None
-) -> torch.Tensor:
+def rope_angles(positions: torch.Tensor, inv_freq: torch.Tensor, axis: torch.Tensor | None = None) -> torch.Tensor:
     """Rotation angle of every pair at every position.
 
     positions: ``[b, t]`` (1-D RoPE) or ``[a, b, t]`` (M-RoPE with ``a`` position axes, e.g. t/h/w).

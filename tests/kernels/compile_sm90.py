@@ -43,7 +43,15 @@ H100_MAX_SHARED_BYTES = 227 * 1024  # opt-in dynamic shared memory per block on 
 # Integer arguments whose runtime values are not multiples of 16 for the cases below (a split count,
 # a count of value tiles, query length sums); every other pointer and integer argument is, and the
 # launcher's JIT specialises those as 16-divisible, which is what lets loads vectorise.
-NOT_DIVISIBLE = {"num_value_tiles", "stride_pl_h", "num_splits", "max_seqlen_q", "num_head_tiles", "num_query_tiles", "head_group"}
+NOT_DIVISIBLE = {
+    "num_value_tiles",
+    "stride_pl_h",
+    "num_splits",
+    "max_seqlen_q",
+    "num_head_tiles",
+    "num_query_tiles",
+    "head_group",
+}
 
 
 def divisibility_attrs(kernel, sig: dict[str, str]) -> dict:
@@ -63,7 +71,9 @@ def ptxas_compile(src, num_warps, num_stages, **options):
     try:
         with contextlib.redirect_stdout(log):  # triton prints the log it asked ptxas for
             compiled = triton.compile(
-                src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages, **options)
+                src,
+                target=GPUTarget("cuda", 90, 32),
+                options=dict(num_warps=num_warps, num_stages=num_stages, **options),
             )
     finally:
         knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log = saved
@@ -237,7 +247,9 @@ def main() -> None:
     # arguments that change with lengths, which the launcher must not value-specialise (new variants)
     kernels = {"decode": decode._decode_split_kernel, "decode_heads_on_n": decode._decode_split_kernel_heads_on_n,
                "prefill": prefill._prefill_kernel}  # fmt: skip
-    results["not_specialised"] = {name: [p.name for p in k.params if p.do_not_specialize] for name, k in kernels.items()}
+    results["not_specialised"] = {
+        name: [p.name for p in k.params if p.do_not_specialize] for name, k in kernels.items()
+    }
     print(json.dumps(results))
 
 

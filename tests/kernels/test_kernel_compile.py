@@ -52,6 +52,7 @@ def greedy_steps(model, ids, mask, steps: int = 3, cache=None) -> list[torch.Ten
 
 def recording_aot_eager(graphs: list):
     """aot_eager that appends every graph it compiles to `graphs`."""
+
     def compile_fn(graph_module, example_inputs, **_):
         graphs.append(graph_module)
         return torch._dynamo.backends.common.aot_autograd(fw_compiler=lambda gm, _: gm)(graph_module, example_inputs)

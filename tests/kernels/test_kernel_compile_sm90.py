@@ -144,7 +144,9 @@ def test_sm90_latent_pieces_cut_mma_work_and_shared_memory(compiled, pieces, pad
     assert exact["shared"] < pad["shared"], (exact, pad)
 
 
-@pytest.mark.parametrize("case", ["decode_h32_r896_rope128_bf16_pieces_w8", "decode_h32_r896_rope128_bf16_pieces_heads_on_m"])
+@pytest.mark.parametrize(
+    "case", ["decode_h32_r896_rope128_bf16_pieces_w8", "decode_h32_r896_rope128_bf16_pieces_heads_on_m"]
+)
 def test_sm90_r896_pieces_with_8_warps_do_not_spill(compiled, case):
     assert spills(compiled, case) == 0, compiled[case]
 
@@ -166,14 +168,18 @@ def test_sm90_fp8_as_fp16_widens_in_one_instruction(compiled):
 
 @pytest.mark.parametrize(
     "case",
-    ["decode_h32_r448_rope64_bf16", "decode_h32_r448_rope64_bf16_pieces", "prefill_v128_rope128", "prefill_v128_rope128_tma"],
+    [
+        "decode_h32_r448_rope64_bf16",
+        "decode_h32_r448_rope64_bf16_pieces",
+        "prefill_v128_rope128",
+        "prefill_v128_rope128_tma",
+    ],
 )
 def test_sm90_cache_tiles_are_double_buffered(compiled, case):
     """The next cache tile streams into shared memory while the current one feeds the MMAs (the
     software pipeliner keeps 2 copies). Every 896 + 128 tile stages its cache tile once per
     iteration instead (benchmarks/RESULTS.md), which this test leaves out until one does not."""
     assert compiled[case]["buffers"] >= 2, compiled[case]
-
 
 
 def test_length_dependent_arguments_are_not_value_specialised(compiled):

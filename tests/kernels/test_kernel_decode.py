@@ -128,8 +128,17 @@ def test_triton_paged_kv_start():
         dict(HEADS_ON_N=False, LATENT_PIECES=True, TRANSPOSED_KEYS=True, BLOCK_N=32, PAGE_TILE=False),
     ],
     ids=[
-        "values-from-keys", "resident-q", "small-h", "heads-on-n", "heads-on-n-gather", "pieces", "pieces-gather",
-        "pieces-heads-on-m", "pieces-heads-on-m-gather", "transposed-keys", "transposed-keys-pieces-gather",
+        "values-from-keys",
+        "resident-q",
+        "small-h",
+        "heads-on-n",
+        "heads-on-n-gather",
+        "pieces",
+        "pieces-gather",
+        "pieces-heads-on-m",
+        "pieces-heads-on-m-gather",
+        "transposed-keys",
+        "transposed-keys-pieces-gather",
     ],  # fmt: skip
 )
 @pytest.mark.parametrize("kv_start", [None, [0, 3, 40, 0]])
@@ -228,6 +237,7 @@ def poisoned_partials(monkeypatch):
 def expected_filled_splits(seqlen: int, first: int, num_splits: int, block_n: int, by_length: bool, capacity: int):
     """Splits that hold a visible token: by length, the visible range (first rounded down to a tile)
     cut into `num_splits` runs of whole tiles; by capacity, the capacity cut into runs."""
+
     def whole_tiles(tokens: int) -> int:  # ceil(tokens / num_splits), rounded up to whole tiles
         return math.ceil(math.ceil(tokens / num_splits) / block_n) * block_n
 
@@ -270,7 +280,7 @@ def test_splits_spread_each_sequence_and_skip_empty_partials(by_length, paged, h
     ref_out, ref_lse = decode_fp64(q, cache, table, seqlens, 0.2, 48, kv_start)
     assert_close_with_lse(out, lse, ref_out, ref_lse, atol=2e-5)
 
-    (part_out, part_lse), = poisoned_partials
+    ((part_out, part_lse),) = poisoned_partials
     assert not part_lse.isnan().any()  # every split wrote its LSE
     filled = torch.isfinite(part_lse)  # [b, h, splits]
     assert (filled == filled[:, :1]).all()  # all heads of a sequence share its splits

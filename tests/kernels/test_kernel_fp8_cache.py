@@ -44,7 +44,9 @@ def write_inputs(num_tokens, kv_rank, num_pairs, num_blocks, block_size, seed=0,
 
 
 @pytest.mark.parametrize("fp8_dtype", FP8, ids=FP8_IDS)
-@pytest.mark.parametrize("num_tokens,kv_rank,num_pairs,spread", [(1, 48, 8, False), (37, 60, 8, True), (21, 96, 16, False)])
+@pytest.mark.parametrize(
+    "num_tokens,kv_rank,num_pairs,spread", [(1, 48, 8, False), (37, 60, 8, True), (21, 96, 16, False)]
+)
 def test_write_triton_matches_reference_bitwise(num_tokens, kv_rank, num_pairs, spread, fp8_dtype):
     inputs = write_inputs(num_tokens, kv_rank, num_pairs, 6, 8, seed=num_tokens, spread=spread)
     caches, scales = [], []
@@ -109,8 +111,16 @@ def test_decode_reference_matches_fp64_over_dequantized_rows(fp8_dtype):
         (32, dict(HEADS_ON_N=False, LATENT_PIECES=True, TRANSPOSED_KEYS=True, FP8_AS_FP16=True)),
     ],
     ids=[
-        "h1", "h7", "h32", "heads-on-n", "value-tiles", "chunked", "heads-on-n-gather", "transposed-keys",
-        "fp16-mma", "fp16-mma-transposed-pieces",
+        "h1",
+        "h7",
+        "h32",
+        "heads-on-n",
+        "value-tiles",
+        "chunked",
+        "heads-on-n-gather",
+        "transposed-keys",
+        "fp16-mma",
+        "fp16-mma-transposed-pieces",
     ],  # fmt: skip
 )
 def test_decode_triton_matches_reference(heads, config, q_dtype, fp8_dtype):

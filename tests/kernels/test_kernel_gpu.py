@@ -73,8 +73,13 @@ def test_decode_gpu(heads, kv_rank, rope_dim, dtype):
         dict(SPLIT_BY_LENGTH=False),  # the split placement the benchmark compares against
     ],
     ids=[
-        "heads-on-n", "heads-on-n-4warps", "latent-pieces", "latent-pieces-heads-on-m", "row-gather",
-        "16-head-tiles-4warps", "splits-by-capacity",
+        "heads-on-n",
+        "heads-on-n-4warps",
+        "latent-pieces",
+        "latent-pieces-heads-on-m",
+        "row-gather",
+        "16-head-tiles-4warps",
+        "splits-by-capacity",
     ],  # fmt: skip
 )
 @pytest.mark.parametrize("kv_rank,rope_dim", [(448, 64), (896, 128)])
@@ -112,7 +117,9 @@ def test_decode_tma_tiles_gpu(kv_rank, rope_dim, num_warps, num_stages):
     scale = (128 + rope_dim) ** -0.5
     config = dict(HEADS_ON_N=True, LATENT_PIECES=True, TMA=True, BLOCK_N=64, num_warps=num_warps, num_stages=num_stages)
     out, lse = latent_decode_triton(q, cache, lens, scale, kv_rank, None, start, config=config)
-    ref_out, ref_lse = decode_attention(q.float(), cache.float(), lens, scale, kv_rank, None, start, backend="reference")
+    ref_out, ref_lse = decode_attention(
+        q.float(), cache.float(), lens, scale, kv_rank, None, start, backend="reference"
+    )
     assert torch.isfinite(out).all() and torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
     finite = torch.isfinite(ref_lse)
     torch.testing.assert_close(lse[finite], ref_lse[finite], atol=2e-2, rtol=1e-3)
@@ -364,8 +371,14 @@ def fp8_paged_case(seqlens, width, fp8_dtype, seed):
         (torch.float8_e5m2, dict(LATENT_PIECES=True, TRANSPOSED_KEYS=True, FP8_AS_FP16=True)),
     ],
     ids=[
-        "e4m3-default", "e4m3-heads-on-n", "e4m3-transposed-keys", "e4m3-transposed-keys-fp16", "e4m3-fp16-bn32",
-        "e4m3-row-gather", "e5m2-default", "e5m2-transposed-keys-fp16",
+        "e4m3-default",
+        "e4m3-heads-on-n",
+        "e4m3-transposed-keys",
+        "e4m3-transposed-keys-fp16",
+        "e4m3-fp16-bn32",
+        "e4m3-row-gather",
+        "e5m2-default",
+        "e5m2-transposed-keys-fp16",
     ],  # fmt: skip
 )
 @pytest.mark.parametrize("kv_rank,rope_dim", [(448, 64), (896, 128)])

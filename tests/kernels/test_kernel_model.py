@@ -181,7 +181,9 @@ def test_compressed_and_vision_models_match_reference(family, compression):
         if vision:
             batches = [tiny_hf.image_inputs(model, batch=2) for _ in range(2)]
         else:
-            batches = [torch.randint(10, tiny_hf.VOCAB, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+            batches = [
+                torch.randint(10, tiny_hf.VOCAB, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(3)
+            ]
         report = m2la.convert(model, compression=compression, calibration=batches, pair_grid_points=4)
         layouts = [(layer.kv_rank, layer.rope_dim) for layer in report.layers]
         attn = [m for m in model.modules() if isinstance(m, m2la.M2LAttention)]
@@ -195,7 +197,9 @@ def test_compressed_and_vision_models_match_reference(family, compression):
     for backend in ("reference", "triton"):
         with use_backend(backend), torch.no_grad():
             logits = model(**inputs).logits
-            tokens = [model.generate(**inputs, **kwargs, cache=m2la.M2LACache.for_model(model, dt)) for dt in cache_dtypes]
+            tokens = [
+                model.generate(**inputs, **kwargs, cache=m2la.M2LACache.for_model(model, dt)) for dt in cache_dtypes
+            ]
             results[backend] = logits, tokens
     keep = inputs["attention_mask"].bool()
     torch.testing.assert_close(results["triton"][0][keep], results["reference"][0][keep], rtol=1e-4, atol=1e-4)
@@ -255,10 +259,14 @@ def test_compiled_converted_model_runs_the_kernels(cache_dtype, monkeypatch):
         eager_calls, calls[:] = list(calls), []
         compiled = run(torch.compile(model, backend="aot_eager"))
     layers = model.config.num_hidden_layers
-    assert sorted(eager_calls) == sorted(calls) == sorted(
-        ["latent_prefill_triton"] * layers
-        + ["latent_decode_triton"] * 2 * layers
-        + ["write_latent_cache_triton"] * 3 * layers  # the fused cache write, every step
+    assert (
+        sorted(eager_calls)
+        == sorted(calls)
+        == sorted(
+            ["latent_prefill_triton"] * layers
+            + ["latent_decode_triton"] * 2 * layers
+            + ["write_latent_cache_triton"] * 3 * layers  # the fused cache write, every step
+        )
     )
     for got, expected in zip(compiled, eager, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -350,10 +358,17 @@ def test_step_indices_made_once_a_step(batch, new_tokens, total):
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    heads=st.integers(1, 7), rank=st.integers(1, 40), nope=st.integers(0, 12), rope_pairs=st.integers(0, 9),
-    v_dim=st.integers(1, 20), q_rank=st.one_of(st.none(), st.integers(1, 8)), kv_b_bias=st.booleans(),
-    chunks=st.lists(st.integers(1, 9), min_size=1, max_size=4), padding=st.lists(st.integers(0, 4), min_size=2, max_size=2),
-    cache_kind=st.sampled_from(["latent", "latent-fp8", "static"]), seed=st.integers(0, 2**16),
+    heads=st.integers(1, 7),
+    rank=st.integers(1, 40),
+    nope=st.integers(0, 12),
+    rope_pairs=st.integers(0, 9),
+    v_dim=st.integers(1, 20),
+    q_rank=st.one_of(st.none(), st.integers(1, 8)),
+    kv_b_bias=st.booleans(),
+    chunks=st.lists(st.integers(1, 9), min_size=1, max_size=4),
+    padding=st.lists(st.integers(0, 4), min_size=2, max_size=2),
+    cache_kind=st.sampled_from(["latent", "latent-fp8", "static"]),
+    seed=st.integers(0, 2**16),
 )
 def test_triton_module_matches_reference_over_random_layouts(
     heads, rank, nope, rope_pairs, v_dim, q_rank, kv_b_bias, chunks, padding, cache_kind, seed

@@ -180,7 +180,9 @@ def test_expand_cache_prefix_matches_fp64_per_head_projections(weight_layout):
     stored row-major as [h, r, n] or (converted models) as [h, n, r] and passed as [h, r, n] views."""
     from m2la.kernels.latent_prefill.triton import expand_cache_prefix, expansion_weight
 
-    q_nope, q_rope, cache, w_uk, w_uv, cu, seqlens, table = make_case(3, 48, 16, 16, 24, [5, 2], [58, 0], 16, torch.float32)
+    q_nope, q_rope, cache, w_uk, w_uv, cu, seqlens, table = make_case(
+        3, 48, 16, 16, 24, [5, 2], [58, 0], 16, torch.float32
+    )
     if weight_layout == "h n r":
         w_uk, w_uv = w_uk.mT.contiguous().mT, w_uv.mT.contiguous().mT
         assert expansion_weight(w_uk, w_uv, torch.float32).stride() == (1, 48)  # [h, n+v, r] read as B^T
@@ -260,7 +262,9 @@ def test_decode_route_matches_fp64(new_lens, cached, start_frac, contiguous):
         s_max = int(seqlens.max()) + 5
         pad = [s_max - length for length in seqlens.tolist()]
         rows = [rows_of(cache, table, s, length).float() for s, length in enumerate(seqlens.tolist())]
-        cache = torch.stack([torch.nn.functional.pad(r, (0, 0, 0, p), value=float("nan")) for r, p in zip(rows, pad, strict=True)])
+        cache = torch.stack(
+            [torch.nn.functional.pad(r, (0, 0, 0, p), value=float("nan")) for r, p in zip(rows, pad, strict=True)]
+        )
         table = None
     out, lse = prefill_attention(q_nope, q_rope, cache, w_uk, w_uv, cu, seqlens, 0.15, table, start,
                                  mode="decode", backend="triton")  # fmt: skip

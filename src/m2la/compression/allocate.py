@@ -57,7 +57,9 @@ class LayerChoice:
 def width_budget(source_widths: list[int], compression: float) -> int:
     """Cache values per token allowed in total for a target ``compression`` (original / converted)."""
     if not (isinstance(compression, (int, float)) and math.isfinite(compression) and compression >= 1.0):
-        raise ConversionError(f"compression must be a finite ratio >= 1 (original / converted bytes), got {compression!r}")
+        raise ConversionError(
+            f"compression must be a finite ratio >= 1 (original / converted bytes), got {compression!r}"
+        )
     return int(math.floor(sum(source_widths) / compression + 1e-9))
 
 
@@ -109,8 +111,10 @@ def allocate_budget(curves: list[LayerCurve], budget: int, fixed_pairs: int | No
         return sum(ch.width for ch in solve(math.exp(log_price)))
 
     if width(high) > budget:
-        choices = [min((LayerChoice(rank_steps(c.latent_dims(p))[0], p) for p in pairs), key=lambda ch: ch.width)
-                   for c, pairs in zip(curves, pair_sets, strict=True)]
+        choices = [
+            min((LayerChoice(rank_steps(c.latent_dims(p))[0], p) for p in pairs), key=lambda ch: ch.width)
+            for c, pairs in zip(curves, pair_sets, strict=True)
+        ]
     else:
         for _ in range(50):
             mid = (low + high) / 2

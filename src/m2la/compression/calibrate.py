@@ -131,19 +131,23 @@ def collect_statistics(
                 if weight is not None and tuple(weight.shape) != tuple(call.hidden.shape[:2]):
                     weight = None
                 if parts == "refit":
-                    stats[idx] = accumulate_refit(stats[idx], src, call.hidden, call.cos, call.sin,
-                                                  call.attention_mask, weight)
+                    stats[idx] = accumulate_refit(
+                        stats[idx], src, call.hidden, call.cos, call.sin, call.attention_mask, weight
+                    )
                 else:
-                    stats[idx] = accumulate(stats[idx], src, call.hidden, call.cos, call.sin, call.attention_mask,
-                                            weight, uniform_mix)
+                    stats[idx] = accumulate(
+                        stats[idx], src, call.hidden, call.cos, call.sin, call.attention_mask, weight, uniform_mix
+                    )
             if stop_after == idx:
                 raise _StopForward
             return None
 
         return hook
 
-    handles = [module.register_forward_pre_hook(make_hook(idx, src), with_kwargs=True)
-               for idx, (module, src) in targets.items()]
+    handles = [
+        module.register_forward_pre_hook(make_hook(idx, src), with_kwargs=True)
+        for idx, (module, src) in targets.items()
+    ]
     try:
         for number, batch in enumerate(batches):
             state["heldout"] = number == heldout
@@ -165,9 +169,9 @@ def _source_scores(src: SourceAttention, call: AttentionCall) -> tuple[torch.Ten
     P = src.rotary_dim // 2
     cos, sin = call.cos.float()[:, :, None], call.sin.float()[:, :, None]
     if src.rope_interleaved:
-        qx, qy, kx, ky = q[..., 0:2 * P:2], q[..., 1:2 * P:2], k[..., 0:2 * P:2], k[..., 1:2 * P:2]
+        qx, qy, kx, ky = q[..., 0 : 2 * P : 2], q[..., 1 : 2 * P : 2], k[..., 0 : 2 * P : 2], k[..., 1 : 2 * P : 2]
     else:
-        qx, qy, kx, ky = q[..., :P], q[..., P:2 * P], k[..., :P], k[..., P:2 * P]
+        qx, qy, kx, ky = q[..., :P], q[..., P : 2 * P], k[..., :P], k[..., P : 2 * P]
     rq = _rotate(qx, qy, cos, sin, src)
     rk = _rotate(kx, ky, cos, sin, src).repeat_interleave(src.group_size, dim=2)
     scores = torch.einsum("bthd,bshd->bhts", rq, rk) * src.rope_scaling**2
@@ -199,8 +203,9 @@ def _relative(error: torch.Tensor, reference: torch.Tensor) -> float:
     return float(error.norm() / reference.norm().clamp_min(1e-30))
 
 
-def _split(error: torch.Tensor, reference: torch.Tensor, vision: torch.Tensor | None,
-           allowed: torch.Tensor | None = None) -> tuple[float, float | None, float | None]:
+def _split(
+    error: torch.Tensor, reference: torch.Tensor, vision: torch.Tensor | None, allowed: torch.Tensor | None = None
+) -> tuple[float, float | None, float | None]:
     """Relative error over all elements, over text and over vision tokens.
 
     ``vision`` is already broadcast to ``error``'s shape (True where the element belongs to a vision
@@ -239,19 +244,35 @@ def measure_layer_errors(src: SourceAttention, module: M2LAttention, call: Atten
     if vision is not None:
         vision = vision.to(scores.device, torch.bool).expand(b, t)
     allowed = torch.isfinite(_mask_bias(call, t, src.num_heads)).expand_as(scores)
-    key = _split(scores - reference_scores, reference_scores,
-                 None if vision is None else vision[:, None, None, :].expand_as(scores), allowed)
+    key = _split(
+        scores - reference_scores,
+        reference_scores,
+        None if vision is None else vision[:, None, None, :].expand_as(scores),
+        allowed,
+    )
     values = torch.einsum("bsr,hvr->bshv", latent.float(), w_uv.float())
     if v_bias is not None:
         values = values + v_bias.float()
     reference_values = reference_v.repeat_interleave(src.group_size, dim=2)
-    value = _split(values - reference_values, reference_values,
-                   None if vision is None else vision[:, :, None, None].expand_as(values))
+    value = _split(
+        values - reference_values,
+        reference_values,
+        None if vision is None else vision[:, :, None, None].expand_as(values),
+    )
     out = module.attend(hidden, cos * c.rope_scaling, sin * c.rope_scaling, _mask_for_module(call), None).float()
     reference_out = source_attention_output(src, call)
     output = _split(out - reference_out, reference_out, None if vision is None else vision[:, :, None].expand_as(out))
-    return LayerErrors(key[0], value[0], output[0], key_text=key[1], key_vision=key[2], value_text=value[1],
-                       value_vision=value[2], output_text=output[1], output_vision=output[2])
+    return LayerErrors(
+        key[0],
+        value[0],
+        output[0],
+        key_text=key[1],
+        key_vision=key[2],
+        value_text=value[1],
+        value_vision=value[2],
+        output_text=output[1],
+        output_vision=output[2],
+    )
 
 
 def layer_errors(src: SourceAttention, module: M2LAttention, call: AttentionCall) -> tuple[float, float, float]:

@@ -97,13 +97,16 @@ class LayerResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _curve(src: SourceAttention, stats: LayerStatistics, options: CompressionOptions,
-           pairs: list[int]) -> allocate.LayerCurve:
+def _curve(
+    src: SourceAttention, stats: LayerStatistics, options: CompressionOptions, pairs: list[int]
+) -> allocate.LayerCurve:
     plan = fit.rope_plan(src, stats, options.method, options.key_weight)
     spectra = {}
     for p in pairs:
         layout = fit.nope_layout(src, plan, p)
-        spectra[p] = fit.latent_spectrum(src, stats, layout, options.method, options.key_weight, options.attention_share)
+        spectra[p] = fit.latent_spectrum(
+            src, stats, layout, options.method, options.key_weight, options.attention_share
+        )
     costs = plan.cost.flatten()[plan.order]
     if options.method == "m2la":  # errors relative to the layer's attention output energy
         energy = max(stats.mean_output_energy, 1e-30)
@@ -158,8 +161,11 @@ def plan_choices(
     if stats is None:
         raise ConversionError(f"method {options.method!r} allocates ranks from calibration statistics; none given")
     if options.method == "care":
-        pairs = rope_dim // 2 if rope_dim is not None else min(allocate.uniform_split(per_layer, min(max_pairs)).num_pairs,
-                                                                  min(max_pairs))
+        pairs = (
+            rope_dim // 2
+            if rope_dim is not None
+            else min(allocate.uniform_split(per_layer, min(max_pairs)).num_pairs, min(max_pairs))
+        )
         curves = []
         for src, st in zip(sources, stats, strict=True):
             curve = _curve(src, st, options, [pairs])
@@ -179,7 +185,10 @@ def plan_choices(
     if options.allocation == "global":
         return allocate.allocate_budget(curves, budget, fixed_pairs=fixed)
     widths = [per_layer + (1 if i < budget - per_layer * len(curves) else 0) for i in range(len(curves))]
-    choices = [allocate.allocate_budget([curve], width, fixed_pairs=fixed)[0] for curve, width in zip(curves, widths, strict=True)]
+    choices = [
+        allocate.allocate_budget([curve], width, fixed_pairs=fixed)[0]
+        for curve, width in zip(curves, widths, strict=True)
+    ]
     return allocate.fill(curves, choices, budget, allow_pairs=fixed is None)
 
 
@@ -235,12 +244,22 @@ def compress_layers(
     needs_one_shot = (compression is not None and options.method in ("m2la", "care")) or not options.sequential
     if needs_one_shot:
         parts = "all" if options.uses_refit and not (grouped or options.sequential) else "base"
-        say("calibration statistics of the original model (all layers, one pass"
-            + (", refit sums in later passes)" if grouped else ")"))
+        say(
+            "calibration statistics of the original model (all layers, one pass"
+            + (", refit sums in later passes)" if grouped else ")")
+        )
         targets = dict(enumerate(zip(modules, sources, strict=True)))
         found, one_shot_calls = collect_statistics(
-            forward, stat_batches, targets, extract, token_weight, heldout=heldout,
-            uniform_mix=options.uniform_mix, vision_mask=vision_mask, parts=parts)
+            forward,
+            stat_batches,
+            targets,
+            extract,
+            token_weight,
+            heldout=heldout,
+            uniform_mix=options.uniform_mix,
+            vision_mask=vision_mask,
+            parts=parts,
+        )
         one_shot = [found[i] for i in range(len(sources))]
     if options.key_weight is None:  # resolved before planning: the m2la allocator uses it too
         if compression is None:  # explicit ranks: the ratio they give
@@ -253,14 +272,27 @@ def compress_layers(
 
     def fit_one(idx: int, stats: LayerStatistics) -> tuple[M2LAConfig, dict[str, torch.Tensor]]:
         choice = choices[idx]
-        return fit.fit_layer(sources[idx], stats, choice.kv_rank, choice.num_pairs, options.method,
-                             options.key_weight, options.attention_share, options.key_refit, options.value_refit)
+        return fit.fit_layer(
+            sources[idx],
+            stats,
+            choice.kv_rank,
+            choice.num_pairs,
+            options.method,
+            options.key_weight,
+            options.attention_share,
+            options.key_refit,
+            options.value_refit,
+        )
 
-    def install(idx: int, config: M2LAConfig, state: dict[str, torch.Tensor], call: AttentionCall | None) -> LayerResult:
+    def install(
+        idx: int, config: M2LAConfig, state: dict[str, torch.Tensor], call: AttentionCall | None
+    ) -> LayerResult:
         new = replace(idx, config, state)
         errors = measure_layer_errors(sources[idx], new, call) if call is not None else None
-        say(f"layer {idx}: rank {config.kv_rank}, rope {config.rope_dim}, "
-            f"output error {errors.output if errors is not None else None}")
+        say(
+            f"layer {idx}: rank {config.kv_rank}, rope {config.rope_dim}, "
+            f"output error {errors.output if errors is not None else None}"
+        )
         return LayerResult(index=idx, config=config, errors=errors)
 
     if options.sequential:
@@ -268,9 +300,17 @@ def compress_layers(
         for idx, (module, src) in enumerate(zip(modules, sources, strict=True)):
             say(f"layer {idx}: streaming statistics")
             found, calls = collect_statistics(
-                forward, stat_batches, {idx: (module, src)}, extract, token_weight,
-                stop_after=idx, heldout=heldout, uniform_mix=options.uniform_mix, vision_mask=vision_mask,
-                parts="all" if options.uses_refit else "base")
+                forward,
+                stat_batches,
+                {idx: (module, src)},
+                extract,
+                token_weight,
+                stop_after=idx,
+                heldout=heldout,
+                uniform_mix=options.uniform_mix,
+                vision_mask=vision_mask,
+                parts="all" if options.uses_refit else "base",
+            )
             config, state = fit_one(idx, found[idx])
             results.append(install(idx, config, state, calls.get(idx)))
         return results
@@ -282,8 +322,14 @@ def compress_layers(
     for group in groups:
         say(f"layers {group[0]}-{group[-1]}: refit statistics")
         found, _ = collect_statistics(
-            forward, fit_batches, {i: (modules[i], sources[i]) for i in group}, extract, token_weight,
-            stop_after=group[-1], parts="refit")
+            forward,
+            fit_batches,
+            {i: (modules[i], sources[i]) for i in group},
+            extract,
+            token_weight,
+            stop_after=group[-1],
+            parts="refit",
+        )
         for idx in group:
             fitted.append(fit_one(idx, dataclasses.replace(one_shot[idx], refit=found.pop(idx))))
     return [install(idx, config, state, one_shot_calls.get(idx)) for idx, (config, state) in enumerate(fitted)]

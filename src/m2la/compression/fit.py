@@ -35,8 +35,17 @@ from ..config import M2LAConfig
 from ..conversion import ConversionError, SourceAttention
 from .stats import LayerStatistics
 
-__all__ = ["METHODS", "VALUE_REFITS", "RopePlan", "LatentPlan", "rope_plan", "latent_plan", "key_refit_map",
-           "value_refit_map", "fit_layer"]
+__all__ = [
+    "METHODS",
+    "VALUE_REFITS",
+    "RopePlan",
+    "LatentPlan",
+    "rope_plan",
+    "latent_plan",
+    "key_refit_map",
+    "value_refit_map",
+    "fit_layer",
+]
 
 METHODS = ("m2la", "mha2mla", "transmla", "care")
 _EPS = 1e-12
@@ -177,7 +186,9 @@ def rope_plan(src: SourceAttention, stats: LayerStatistics, method: str, key_wei
     return RopePlan(transform=transform, inverse=inverse, cost=cost, order=order)
 
 
-def _component_rows(src: SourceAttention, plan: RopePlan, components: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _component_rows(
+    src: SourceAttention, plan: RopePlan, components: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Key-feature rows of components (flat ``f*G + i``): x rows ``[c, GD]`` and y rows ``[c, GD]``."""
     G, D = src.num_kv_heads, src.head_dim
     x_cols, y_cols = _pair_columns(src)
@@ -245,8 +256,9 @@ def nope_query_map(src: SourceAttention, stats: LayerStatistics, method: str) ->
 # --- latent -------------------------------------------------------------------------------------------
 
 
-def feature_weighting(src: SourceAttention, stats: LayerStatistics, layout: NopeLayout, query_map: torch.Tensor,
-                      key_weight: float) -> torch.Tensor:
+def feature_weighting(
+    src: SourceAttention, stats: LayerStatistics, layout: NopeLayout, query_map: torch.Tensor, key_weight: float
+) -> torch.Tensor:
     """``[m + GD, m + GD]``: quadratic form turning a feature error into attention-output error."""
     H, G, D = src.num_heads, src.num_kv_heads, src.head_dim
     m = layout.num_key_features
@@ -273,7 +285,9 @@ class LatentPlan:
     bias: torch.Tensor  # [m + GD]      restored mean
 
 
-def _m2la_moments(stats: LayerStatistics, layout: NopeLayout, attention_share: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _m2la_moments(
+    stats: LayerStatistics, layout: NopeLayout, attention_share: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean ``[m + GD]`` and centered covariance of the features under m2la's token weighting."""
     mean, moment = stats.latent_moments(attention_share)
     F = layout.features
@@ -281,8 +295,14 @@ def _m2la_moments(stats: LayerStatistics, layout: NopeLayout, attention_share: f
     return F @ mean, F @ cov @ F.T
 
 
-def _latent_problem(src: SourceAttention, stats: LayerStatistics, layout: NopeLayout, method: str,
-                    key_weight: float, attention_share: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _latent_problem(
+    src: SourceAttention,
+    stats: LayerStatistics,
+    layout: NopeLayout,
+    method: str,
+    key_weight: float,
+    attention_share: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(matrix whose top eigenvectors span the latent, left map, right map): ``enc = E^T left``, ``dec = right E``."""
     F = layout.features
     m = layout.num_key_features
@@ -309,15 +329,28 @@ def _latent_problem(src: SourceAttention, stats: LayerStatistics, layout: NopeLa
     return moment, eye, eye
 
 
-def latent_spectrum(src: SourceAttention, stats: LayerStatistics, layout: NopeLayout, method: str,
-                    key_weight: float = 1.0, attention_share: float = 0.5) -> torch.Tensor:
+def latent_spectrum(
+    src: SourceAttention,
+    stats: LayerStatistics,
+    layout: NopeLayout,
+    method: str,
+    key_weight: float = 1.0,
+    attention_share: float = 0.5,
+) -> torch.Tensor:
     """Eigenvalues (descending) of the latent problem: the error each latent dim removes."""
     matrix, _, _ = _latent_problem(src, stats, layout, method, key_weight, attention_share)
     return _eigh(matrix)[0].flip(0).clamp_min(0)
 
 
-def latent_plan(src: SourceAttention, stats: LayerStatistics, layout: NopeLayout, method: str, kv_rank: int,
-                key_weight: float = 1.0, attention_share: float = 0.5) -> LatentPlan:
+def latent_plan(
+    src: SourceAttention,
+    stats: LayerStatistics,
+    layout: NopeLayout,
+    method: str,
+    kv_rank: int,
+    key_weight: float = 1.0,
+    attention_share: float = 0.5,
+) -> LatentPlan:
     dim = layout.features.shape[0]
     if not 1 <= kv_rank <= dim:
         raise ConversionError(f"kv_rank {kv_rank} out of range: this layer has {dim} compressible dims")
@@ -385,8 +418,9 @@ def _solve_rows(target: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(gram, target.transpose(1, 2)).transpose(1, 2)
 
 
-def key_refit_map(src: SourceAttention, stats: LayerStatistics, plan: RopePlan, num_pairs: int,
-                  enc: torch.Tensor) -> torch.Tensor:
+def key_refit_map(
+    src: SourceAttention, stats: LayerStatistics, plan: RopePlan, num_pairs: int, enc: torch.Tensor
+) -> torch.Tensor:
     """Per-head NoPE score map ``B_h [H, D, r + 1]`` (query side of the score, refit by least squares).
 
     ``q_t^T B_h [c_s | 1]`` fits, over calibration (query, key) pairs weighted by the source attention
@@ -425,9 +459,17 @@ def value_refit_map(src: SourceAttention, stats: LayerStatistics, enc: torch.Ten
 # --- assembly -----------------------------------------------------------------------------------------
 
 
-def fit_layer(src: SourceAttention, stats: LayerStatistics, kv_rank: int, num_pairs: int, method: str = "m2la",
-              key_weight: float = 1.0, attention_share: float = 0.5, key_refit: bool = False,
-              value_refit: str = "none") -> tuple[M2LAConfig, dict[str, torch.Tensor]]:
+def fit_layer(
+    src: SourceAttention,
+    stats: LayerStatistics,
+    kv_rank: int,
+    num_pairs: int,
+    method: str = "m2la",
+    key_weight: float = 1.0,
+    attention_share: float = 0.5,
+    key_refit: bool = False,
+    value_refit: str = "none",
+) -> tuple[M2LAConfig, dict[str, torch.Tensor]]:
     """Config and weights of a compressed :class:`~m2la.module.M2LAttention` (cache ``kv_rank + 2*num_pairs``).
 
     m2la only: ``key_refit`` refits the NoPE score map per head (:func:`key_refit_map`); ``value_refit``
@@ -492,22 +534,38 @@ def fit_layer(src: SourceAttention, stats: LayerStatistics, kv_rank: int, num_pa
     has_kv_bias = src.k_bias is not None or src.v_bias is not None
     pair_freq = src.rope_inv_freq[kept_f]
     config = M2LAConfig(
-        hidden_size=src.hidden_size, num_heads=H, kv_rank=r, rope_dim=2 * p, qk_nope_dim=D, v_head_dim=D,
-        softmax_scale=float(src.softmax_scale), q_in_dim=D, query_norm=qk_norm,
-        kv_in_dim=2 * G * D if qk_norm else None, key_norm_heads=G if qk_norm else 0,
-        key_norm_dim=D if qk_norm else 0, norm_eps=float(src.norm_eps), q_bias=src.q_bias is not None,
-        kv_a_bias=has_kv_bias, kv_b_bias=True, o_bias=src.o_bias is not None,
-        rope_inv_freq=[float(x) for x in pair_freq], rope_axis=[int(a) for a in src.rope_axis[kept_f]],
-        rope_source_column=[int(c) for c in src.rope_source_column[kept_f]], rope_scaling=float(src.rope_scaling),
+        hidden_size=src.hidden_size,
+        num_heads=H,
+        kv_rank=r,
+        rope_dim=2 * p,
+        qk_nope_dim=D,
+        v_head_dim=D,
+        softmax_scale=float(src.softmax_scale),
+        q_in_dim=D,
+        query_norm=qk_norm,
+        kv_in_dim=2 * G * D if qk_norm else None,
+        key_norm_heads=G if qk_norm else 0,
+        key_norm_dim=D if qk_norm else 0,
+        norm_eps=float(src.norm_eps),
+        q_bias=src.q_bias is not None,
+        kv_a_bias=has_kv_bias,
+        kv_b_bias=True,
+        o_bias=src.o_bias is not None,
+        rope_inv_freq=[float(x) for x in pair_freq],
+        rope_axis=[int(a) for a in src.rope_axis[kept_f]],
+        rope_source_column=[int(c) for c in src.rope_source_column[kept_f]],
+        rope_scaling=float(src.rope_scaling),
     )
     kv_weight = torch.cat((src.k_weight, src.v_weight)).double()  # [2GD, d]
     kv_bias = None
     if has_kv_bias:
         zeros = torch.zeros(G * D, dtype=torch.float64)
-        kv_bias = torch.cat((
-            src.k_bias.double() if src.k_bias is not None else zeros,
-            src.v_bias.double() if src.v_bias is not None else zeros,
-        ))
+        kv_bias = torch.cat(
+            (
+                src.k_bias.double() if src.k_bias is not None else zeros,
+                src.v_bias.double() if src.v_bias is not None else zeros,
+            )
+        )
     state: dict[str, torch.Tensor] = {"q_proj.weight": src.q_weight, "o_proj.weight": src.o_weight, "q_up": q_up}
     if src.q_bias is not None:
         state["q_proj.bias"] = src.q_bias

@@ -33,8 +33,14 @@ import torch
 from .. import attention_math, rope
 from ..conversion import ConversionError, SourceAttention
 
-__all__ = ["LayerStatistics", "RefitStatistics", "accumulate", "accumulate_refit", "source_projections",
-           "host_cos_sin_pairs"]
+__all__ = [
+    "LayerStatistics",
+    "RefitStatistics",
+    "accumulate",
+    "accumulate_refit",
+    "source_projections",
+    "host_cos_sin_pairs",
+]
 
 
 @dataclass
@@ -96,11 +102,19 @@ class LayerStatistics:
         z = torch.zeros
         f64 = torch.float64
         return cls(
-            tokens=z((), dtype=f64), z_sum=z(2 * G * D, dtype=f64), z_moment=z(2 * G * D, 2 * G * D, dtype=f64),
-            q_moment=z(H, D, D, dtype=f64), q_pair_norm=z(H, P, dtype=f64), k_pair_norm=z(G, P, dtype=f64),
-            rotation_cos=z(H, P, dtype=f64), rotation_sin=z(H, P, dtype=f64), score_sensitivity=z(H, dtype=f64),
-            output_energy=z((), dtype=f64), attended_tokens=z((), dtype=f64),
-            attended_z_sum=z(2 * G * D, dtype=f64), attended_z_moment=z(2 * G * D, 2 * G * D, dtype=f64),
+            tokens=z((), dtype=f64),
+            z_sum=z(2 * G * D, dtype=f64),
+            z_moment=z(2 * G * D, 2 * G * D, dtype=f64),
+            q_moment=z(H, D, D, dtype=f64),
+            q_pair_norm=z(H, P, dtype=f64),
+            k_pair_norm=z(G, P, dtype=f64),
+            rotation_cos=z(H, P, dtype=f64),
+            rotation_sin=z(H, P, dtype=f64),
+            score_sensitivity=z(H, dtype=f64),
+            output_energy=z((), dtype=f64),
+            attended_tokens=z((), dtype=f64),
+            attended_z_sum=z(2 * G * D, dtype=f64),
+            attended_z_moment=z(2 * G * D, 2 * G * D, dtype=f64),
             refit=RefitStatistics.zeros(src) if refit else None,
         )
 
@@ -145,8 +159,7 @@ class LayerStatistics:
             return mean, moment
         count = float(self.attended_tokens)
         a = attention_share
-        return ((1 - a) * mean + a * self.attended_z_sum / count,
-                (1 - a) * moment + a * self.attended_z_moment / count)
+        return ((1 - a) * mean + a * self.attended_z_sum / count, (1 - a) * moment + a * self.attended_z_moment / count)
 
     @property
     def query_second_moment(self) -> torch.Tensor:  # [H, D, D]
@@ -167,7 +180,9 @@ class LayerStatistics:
         return self.score_sensitivity / self._count()
 
 
-def host_cos_sin_pairs(cos: torch.Tensor, sin: torch.Tensor, num_pairs: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+def host_cos_sin_pairs(
+    cos: torch.Tensor, sin: torch.Tensor, num_pairs: int, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Host tables ``[b, t, 2P]`` (rotate-half layout) -> unscaled per-pair ``cos, sin [b, t, P]``."""
     return cos[..., :num_pairs] / scaling, sin[..., :num_pairs] / scaling
 
@@ -217,8 +232,14 @@ class _SourceBatch:
     probs: torch.Tensor  # [b, H, t, s] source attention probabilities
 
 
-def _source_batch(src: SourceAttention, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  attention_mask: torch.Tensor | None, token_weight: torch.Tensor | None) -> _SourceBatch:
+def _source_batch(
+    src: SourceAttention,
+    hidden: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    token_weight: torch.Tensor | None,
+) -> _SourceBatch:
     H = src.num_heads
     b, t, _ = hidden.shape
     x = hidden if hidden.dtype == torch.float64 else hidden.float()  # fp64 in, fp64 throughout
@@ -345,8 +366,15 @@ def _batch_refit(batch: _SourceBatch, src: SourceAttention) -> RefitStatistics:
     return RefitStatistics(*_refit_moments(batch.probs, batch.weight, batch.z, batch.cos, batch.sin, kx, ky))
 
 
-def _refit_moments(probs: torch.Tensor, weight: torch.Tensor, z: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   kx: torch.Tensor, ky: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _refit_moments(
+    probs: torch.Tensor,
+    weight: torch.Tensor,
+    z: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kx: torch.Tensor,
+    ky: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One batch's ``head_z_moment``, ``mixed_z_moment`` and ``key_rotation`` (see :class:`RefitStatistics`).
 
     ``probs [b, H, t, s]`` source attention, ``weight [b, t]`` query weights, ``z [b, s, 2GD]`` (fp64),
@@ -364,12 +392,15 @@ def _refit_moments(probs: torch.Tensor, weight: torch.Tensor, z: torch.Tensor, c
     c_rot = c[:, None] * pc + s[:, None] * ps  # sum_t p cos(angle_s - angle_t)  [b, H, s, P]
     s_rot = s[:, None] * pc - c[:, None] * ps  # sum_t p sin(angle_s - angle_t)
     keys = torch.stack((kx, ky), dim=-1).double()  # [b, s, G, P, 2]
-    rot = torch.stack((torch.einsum("bhsf,bsgfc,bsi->hfgci", c_rot, keys, z1),
-                       torch.einsum("bhsf,bsgfc,bsi->hfgci", s_rot, keys, z1)))
+    rot = torch.stack(
+        (torch.einsum("bhsf,bsgfc,bsi->hfgci", c_rot, keys, z1), torch.einsum("bhsf,bsgfc,bsi->hfgci", s_rot, keys, z1))
+    )
     return head.cpu(), mixed.cpu(), rot.cpu()
 
 
-def _rotate(x1: torch.Tensor, x2: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, src: SourceAttention) -> torch.Tensor:
+def _rotate(
+    x1: torch.Tensor, x2: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, src: SourceAttention
+) -> torch.Tensor:
     """Rotate pair components ``[..., P]`` and return the full ``[..., D]`` vector (pass dims dropped)."""
     r1 = x1 * cos - x2 * sin
     r2 = x2 * cos + x1 * sin

@@ -162,12 +162,15 @@ class LatentCacheLayer(DynamicLayer):
                 torch.empty(0, dtype=key_dtype, device=device), torch.empty(0, dtype=value_dtype, device=device)
             )
         self._store(
-            "keys", *reserve_rows(self._keys_buffer, self.keys, key_shape, key_dtype, device, self._keys_buffer is not None)
+            "keys",
+            *reserve_rows(self._keys_buffer, self.keys, key_shape, key_dtype, device, self._keys_buffer is not None),
         )
         values_shape = (b, t, value_width)
         self._store(
             "values",
-            *reserve_rows(self._values_buffer, self.values, values_shape, value_dtype, device, self._values_buffer is not None),
+            *reserve_rows(
+                self._values_buffer, self.values, values_shape, value_dtype, device, self._values_buffer is not None
+            ),
         )
         return self.keys, self.values
 
@@ -497,8 +500,14 @@ class LayerReport:
     output_error_vision: float | None = None
 
 
-SPLIT_ERROR_FIELDS = ("key_error_text", "key_error_vision", "value_error_text", "value_error_vision",
-                      "output_error_text", "output_error_vision")
+SPLIT_ERROR_FIELDS = (
+    "key_error_text",
+    "key_error_vision",
+    "value_error_text",
+    "value_error_vision",
+    "output_error_text",
+    "output_error_vision",
+)
 
 
 def _report_errors(errors) -> dict[str, float | None]:
@@ -554,7 +563,9 @@ class ConversionReport:
         split = self.has_token_split
         head = f"{'layer':>5} {'rank':>5} {'rope':>5} {'nope':>5} {'B/tok before':>12} {'B/tok after':>11} {'key err':>8} {'val err':>8} {'out err':>8}"
         if split:
-            head += "".join(f" {name:>8}" for name in ("key txt", "key vis", "val txt", "val vis", "out txt", "out vis"))
+            head += "".join(
+                f" {name:>8}" for name in ("key txt", "key vis", "val txt", "val vis", "out txt", "out vis")
+            )
         rows = [head, "-" * len(head)]
         for r in self.layers:
             row = (
@@ -613,15 +624,18 @@ def _rope_axes(model: nn.Module, rotary: nn.Module, mrope: str | None, num_pairs
     return axes
 
 
-def _source_attention(attn: nn.Module, text_config: Any, inv_freq: torch.Tensor, axes: torch.Tensor,
-                      scaling: float) -> SourceAttention:
+def _source_attention(
+    attn: nn.Module, text_config: Any, inv_freq: torch.Tensor, axes: torch.Tensor, scaling: float
+) -> SourceAttention:
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
         if not isinstance(getattr(attn, name, None), nn.Linear):
             raise UnsupportedModelError(f"{type(attn).__name__} has no nn.Linear {name}; not a standard attention")
     head_dim = attn.head_dim
     num_pairs = inv_freq.numel()
     if 2 * num_pairs != head_dim:
-        raise UnsupportedModelError(f"partial rotary ({2 * num_pairs} of {head_dim} dims) is not supported for HF models yet")
+        raise UnsupportedModelError(
+            f"partial rotary ({2 * num_pairs} of {head_dim} dims) is not supported for HF models yet"
+        )
     q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
 
     def bias(linear: nn.Linear) -> torch.Tensor | None:
@@ -656,8 +670,10 @@ def _install(model: nn.Module, layer_configs: list[M2LAConfig]) -> list[HFM2LAtt
     decoder = _decoder(model)
     if len(layer_configs) != len(decoder.layers):
         raise M2LACheckpointError(f"m2la config has {len(layer_configs)} layers, the model {len(decoder.layers)}")
-    modules = [_replace_attention(layer, config, idx)
-               for idx, (layer, config) in enumerate(zip(decoder.layers, layer_configs, strict=True))]
+    modules = [
+        _replace_attention(layer, config, idx)
+        for idx, (layer, config) in enumerate(zip(decoder.layers, layer_configs, strict=True))
+    ]
     _register_converted(model, decoder, layer_configs)
     return modules
 
@@ -741,9 +757,21 @@ def convert(
     element = torch.empty((), dtype=dtype).element_size()
     if compressed:
         return _convert_compressed(
-            model, model_type, decoder, sources, scaling, num_pairs, start, compression=compression,
-            kv_rank=kv_rank, rope_dim=rope_dim, calibration=calibration, method=method, tokenizer=tokenizer,
-            progress=progress, options=options,
+            model,
+            model_type,
+            decoder,
+            sources,
+            scaling,
+            num_pairs,
+            start,
+            compression=compression,
+            kv_rank=kv_rank,
+            rope_dim=rope_dim,
+            calibration=calibration,
+            method=method,
+            tokenizer=tokenizer,
+            progress=progress,
+            options=options,
         )
     configs = [lossless_config(src) for src in sources]
     with torch.no_grad():
@@ -756,10 +784,15 @@ def convert(
         seconds=time.perf_counter() - start,
         layers=[
             LayerReport(
-                layer=i, kv_rank=c.kv_rank, rope_dim=c.rope_dim, qk_nope_dim=c.qk_nope_dim,
+                layer=i,
+                kv_rank=c.kv_rank,
+                rope_dim=c.rope_dim,
+                qk_nope_dim=c.qk_nope_dim,
                 bytes_per_token_before=source_cache_width(s) * element,
                 bytes_per_token_after=c.cache_bytes_per_token(element),
-                key_error=0.0, value_error=0.0, output_error=0.0,
+                key_error=0.0,
+                value_error=0.0,
+                output_error=0.0,
             )
             for i, (s, c) in enumerate(zip(sources, configs, strict=True))
         ],
@@ -767,8 +800,9 @@ def convert(
     return report
 
 
-def wiki_calibration(tokenizer: Any, windows: int = 16, length: int = 512,
-                     batch_size: int = 4) -> list[dict[str, torch.Tensor]]:
+def wiki_calibration(
+    tokenizer: Any, windows: int = 16, length: int = 512, batch_size: int = 4
+) -> list[dict[str, torch.Tensor]]:
     """Calibration batches from the bundled Wikipedia (calibration split): ``windows`` x ``length`` tokens
     fitted, in batches of ``batch_size``, then one further window of ``length`` tokens as the last batch,
     which the converter holds out for its error report (it is never fitted on).
@@ -816,8 +850,24 @@ def _vision_token_ids(model: nn.Module, model_type: str) -> list[int]:
     return ids
 
 
-def _convert_compressed(model, model_type, decoder, sources, scaling, num_pairs, start, *, compression, kv_rank,
-                        rope_dim, calibration, method, tokenizer, progress, options) -> ConversionReport:
+def _convert_compressed(
+    model,
+    model_type,
+    decoder,
+    sources,
+    scaling,
+    num_pairs,
+    start,
+    *,
+    compression,
+    kv_rank,
+    rope_dim,
+    calibration,
+    method,
+    tokenizer,
+    progress,
+    options,
+) -> ConversionReport:
     from ..compression import AttentionCall, CompressionOptions, compress_layers
 
     try:
@@ -832,7 +882,8 @@ def _convert_compressed(model, model_type, decoder, sources, scaling, num_pairs,
             batch = {"input_ids": batch}
         if not isinstance(batch, dict):
             raise ConversionError(
-                f"calibration batches must be dicts of model inputs (or [b, t] token ids), got {type(batch).__name__}")
+                f"calibration batches must be dicts of model inputs (or [b, t] token ids), got {type(batch).__name__}"
+            )
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def forward(batch: Any) -> None:
@@ -847,7 +898,8 @@ def _convert_compressed(model, model_type, decoder, sources, scaling, num_pairs,
         mask = kwargs.get("attention_mask")
         if mask is not None and not isinstance(mask, torch.Tensor):
             raise UnsupportedModelError(
-                f"unsupported attention mask type {type(mask).__name__}; use attn_implementation='sdpa' or 'eager'")
+                f"unsupported attention mask type {type(mask).__name__}; use attn_implementation='sdpa' or 'eager'"
+            )
         return AttentionCall(hidden, cos[..., :num_pairs] / scaling, sin[..., :num_pairs] / scaling, mask)
 
     def token_weight(batch: Any) -> torch.Tensor | None:
@@ -871,6 +923,7 @@ def _convert_compressed(model, model_type, decoder, sources, scaling, num_pairs,
 
     say = None
     if progress:
+
         def say(message: str) -> None:
             print(f"[m2la] {message}", flush=True)
 
@@ -880,8 +933,20 @@ def _convert_compressed(model, model_type, decoder, sources, scaling, num_pairs,
     try:
         with torch.no_grad():
             results = compress_layers(
-                forward, batches, modules, sources, extract, replace, opts, compression=compression,
-                kv_rank=kv_rank, rope_dim=rope_dim, token_weight=token_weight, progress=say, vision_mask=vision_mask)
+                forward,
+                batches,
+                modules,
+                sources,
+                extract,
+                replace,
+                opts,
+                compression=compression,
+                kv_rank=kv_rank,
+                rope_dim=rope_dim,
+                token_weight=token_weight,
+                progress=say,
+                vision_mask=vision_mask,
+            )
     except BaseException:
         for layer, original in zip(decoder.layers, modules, strict=True):  # leave the model as it was
             layer.self_attn = original
@@ -900,7 +965,10 @@ def _convert_compressed(model, model_type, decoder, sources, scaling, num_pairs,
         method=method,
         layers=[
             LayerReport(
-                layer=r.index, kv_rank=r.config.kv_rank, rope_dim=r.config.rope_dim, qk_nope_dim=r.config.qk_nope_dim,
+                layer=r.index,
+                kv_rank=r.config.kv_rank,
+                rope_dim=r.config.rope_dim,
+                qk_nope_dim=r.config.qk_nope_dim,
                 bytes_per_token_before=source_cache_width(src) * element,
                 bytes_per_token_after=r.config.cache_bytes_per_token(element),
                 **_report_errors(r.errors),
@@ -1013,7 +1081,9 @@ def from_pretrained(
             "convert it with m2la.convert(model) and save it first"
         )
     if meta.get("format_version") != FORMAT_VERSION:
-        raise M2LACheckpointError(f"m2la checkpoint format {meta.get('format_version')!r}; this m2la reads {FORMAT_VERSION}")
+        raise M2LACheckpointError(
+            f"m2la checkpoint format {meta.get('format_version')!r}; this m2la reads {FORMAT_VERSION}"
+        )
     try:
         layer_configs = [M2LAConfig.from_dict(c) for c in meta["layers"]]
     except (M2LAConfigError, TypeError) as error:
@@ -1031,7 +1101,8 @@ def from_pretrained(
     expected = model.state_dict()
     mismatched = [
         f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in tensors.items() if k in expected and v.shape != expected[k].shape
+        for k, v in tensors.items()
+        if k in expected and v.shape != expected[k].shape
     ]
     unexpected = sorted(set(tensors) - set(expected))
     if mismatched or unexpected:

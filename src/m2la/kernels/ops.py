@@ -102,9 +102,7 @@ def _latent_decode_impl(
         return latent_decode_triton(
             q, kv_cache, cache_seqlens, softmax_scale, kv_rank, block_table, kv_start, num_splits, kv_scale=kv_scale
         )
-    return latent_decode_reference(
-        q, kv_cache, cache_seqlens, softmax_scale, kv_rank, block_table, kv_start, kv_scale
-    )
+    return latent_decode_reference(q, kv_cache, cache_seqlens, softmax_scale, kv_rank, block_table, kv_start, kv_scale)
 
 
 # Each op is registered from its implementation, so the dispatcher route (compile, tracing,
@@ -275,9 +273,9 @@ def _write_latent_cache_impl(
         write_latent_cache_reference(kv_cache, latent, k_rope, cos, sin, slot_mapping, kv_scale)
 
 
-_write_latent_cache_op = torch.library.custom_op(
-    "m2la::write_latent_cache", mutates_args=("kv_cache", "kv_scale")
-)(_write_latent_cache_impl)
+_write_latent_cache_op = torch.library.custom_op("m2la::write_latent_cache", mutates_args=("kv_cache", "kv_scale"))(
+    _write_latent_cache_impl
+)
 
 
 @_write_latent_cache_op.register_fake

@@ -42,7 +42,9 @@ class DistillResult:
 
 
 def kl_distill_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean over tokens of ``KL(softmax(teacher / T) || softmax(student / T)) * T^2``.

@@ -143,7 +143,9 @@ def _load_latent_piece(rows, start: tl.constexpr, WIDTH: tl.constexpr, visible, 
 def _load_latent_piece_t(rows_t, start: tl.constexpr, WIDTH: tl.constexpr, visible, kv_rank, compute_dtype):
     """`_load_latent_piece` transposed, from row pointers `rows_t [1, BLOCK_N]` -> `[WIDTH, BLOCK_N]`."""
     offs = start + tl.arange(0, WIDTH)
-    return tl.load(rows_t + offs[:, None], mask=visible[None, :] & (offs[:, None] < kv_rank), other=0.0).to(compute_dtype)
+    return tl.load(rows_t + offs[:, None], mask=visible[None, :] & (offs[:, None] < kv_rank), other=0.0).to(
+        compute_dtype
+    )
 
 
 @triton.jit
@@ -721,7 +723,9 @@ class _TilePlan(NamedTuple):
 
 @functools.lru_cache(maxsize=1024)
 def _tile_plan(num_heads: int, kv_rank: int, rope_dim: int, fp8: bool, interpret: bool, overrides: tuple) -> _TilePlan:
-    cfg = resolve_latent_pieces({**decode_config(num_heads, kv_rank, rope_dim, interpret, fp8), **dict(overrides)}, kv_rank)
+    cfg = resolve_latent_pieces(
+        {**decode_config(num_heads, kv_rank, rope_dim, interpret, fp8), **dict(overrides)}, kv_rank
+    )
     kernel, tiles = split_kernel_for(cfg, kv_rank)
     return _TilePlan(
         MappingProxyType(cfg), kernel, MappingProxyType(tiles), cdiv(num_heads, cfg["BLOCK_H"]),
@@ -775,7 +779,9 @@ def _check_tma_cache(kv_cache: torch.Tensor, block_table: torch.Tensor | None, k
         raise ValueError(problem)
 
 
-def _split_partials(batch: int, num_heads: int, num_splits: int, kv_rank: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _split_partials(
+    batch: int, num_heads: int, num_splits: int, kv_rank: int, device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Uninitialised fp32 partial outputs `[b, h, splits, r]` and LSEs `[b, h, splits]`: every split
     writes its LSE; only non-empty splits write outputs (tests poison these buffers)."""
     part_out = torch.empty(batch, num_heads, num_splits, kv_rank, device=device, dtype=torch.float32)
@@ -852,7 +858,16 @@ def latent_decode_triton(
         return paged and cfg["PAGE_TILE"] and block_size % block_n == 0
 
     may_shrink = config is None or "BLOCK_N" not in config
-    launch_args = (kernel, grid, args, constexprs, cfg["BLOCK_N"], key + (kernel, cfg.get("TMA")), may_shrink, page_tile_for)
+    launch_args = (
+        kernel,
+        grid,
+        args,
+        constexprs,
+        cfg["BLOCK_N"],
+        key + (kernel, cfg.get("TMA")),
+        may_shrink,
+        page_tile_for,
+    )
     if cfg.get("TMA"):
         with_scratch_allocator(q.device, _launch_split, *launch_args)
     else:

@@ -170,7 +170,9 @@ def _prefill_step_pointers(
     values = tl.load(v_rows + offs_v[None, :], mask=key_ok[:, None] & value_ok[None, :], other=0.0)
     if HAS_SCALE:
         probs = probs * key_scale[None, :]  # value weights; l_i keeps the unscaled sum
-    acc = acc * alpha[:, None] + tl.dot(probs.to(compute_dtype), values.to(compute_dtype), input_precision=DOT_PRECISION)
+    acc = acc * alpha[:, None] + tl.dot(
+        probs.to(compute_dtype), values.to(compute_dtype), input_precision=DOT_PRECISION
+    )
     return acc, m_new, l_i
 
 
@@ -666,8 +668,12 @@ def latent_prefill_triton(
     if max_seqlen_k <= 0:  # host sync; pass it to stay sync-free
         max_seqlen_k = int(cache_seqlens.max().item()) if batch else 0
     elif batch:  # checked on the device, no sync (a device-side assert on CUDA): a short gather would be read past
-        torch._assert_async(cache_seqlens.max() <= max_seqlen_k, f"max_seqlen_k={max_seqlen_k} < the longest cache_seqlens")
-    k_nope, k_rope, values = expand_cache_prefix(kv_cache, w_uk, w_uv, block_table, batch, max_seqlen_k, dtype, kv_scale)
+        torch._assert_async(
+            cache_seqlens.max() <= max_seqlen_k, f"max_seqlen_k={max_seqlen_k} < the longest cache_seqlens"
+        )
+    k_nope, k_rope, values = expand_cache_prefix(
+        kv_cache, w_uk, w_uv, block_table, batch, max_seqlen_k, dtype, kv_scale
+    )
     out, lse = expanded_prefill_attention(
         q_nope.to(dtype), q_rope, k_nope, k_rope, values, cu_seqlens_q, cache_seqlens, softmax_scale,
         max_seqlen_q, kv_start, config, out_dtype=q_nope.dtype,
