@@ -104,3 +104,44 @@ def assert_close_with_lse(out, lse, ref_out, ref_lse, atol: float, rtol: float =
     torch.testing.assert_close(lse[~empty].float(), ref_lse[~empty].float(), atol=atol, rtol=rtol)
     if empty.any():
         assert (out.float()[empty] == 0).all()
+
+
+def module_errors_vs_fp32(
+    layout: tuple[int, int, int, int, int], chunks: list[int], dtype: torch.dtype, device: str = "cpu", seed: int = 0
+) -> tuple[float, float]:
+    """A random `M2LAttention` of `layout` = (heads, kv_rank, qk_nope_dim, rope pairs, v_head_dim),
+    with biases, run over one cache in `chunks` of new tokens (decode for one, chunked prefill
+    otherwise) in `dtype` on both backends -> max errors (torch in `dtype`, Triton in `dtype`) against
+    the fp32 module on the reference backend."""
+    import m2la
+    from m2la.backends import use_backend
+
+    heads, rank, nope, pairs, v_dim = layout
+    torch.manual_seed(seed)
+    config = m2la.M2LAConfig(
+        hidden_size=24, num_heads=heads, kv_rank=rank, rope_dim=2 * pairs, qk_nope_dim=nope, v_head_dim=v_dim,
+        softmax_scale=0.3, kv_b_bias=True, q_bias=True, kv_a_bias=True,
+        rope_inv_freq=[1.0 / (i + 1) for i in range(pairs)], rope_axis=[0] * pairs, rope_source_column=list(range(pairs)),
+    )  # fmt: skip
+    module = m2la.M2LAttention(config)
+    for p in module.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    lowp = m2la.M2LAttention(config)
+    lowp.load_state_dict(module.state_dict())
+    module, lowp = module.to(device), lowp.to(device, dtype)
+    hidden = torch.randn(2, sum(chunks), 24).to(device)
+    cos, sin = module.rope_cos_sin(torch.arange(sum(chunks), device=device)[None].expand(2, -1))
+
+    def run(layer, backend, run_dtype):
+        cache, outs, done = m2la.LatentCache(1), [], 0
+        with use_backend(backend), torch.no_grad():
+            for t in chunks:
+                new = slice(done, done + t)
+                outs.append(layer.attend(hidden[:, new].to(run_dtype), cos[:, new], sin[:, new], cache=cache).float())
+                done += t
+        return torch.cat(outs, dim=1)
+
+    expected = run(module, "reference", torch.float32)
+    torch_error = (run(lowp, "reference", dtype) - expected).abs().max().item()
+    triton_error = (run(lowp, "triton", dtype) - expected).abs().max().item()
+    return torch_error, triton_error

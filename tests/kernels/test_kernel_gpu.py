@@ -333,6 +333,23 @@ def test_converted_model_triton_matches_reference_gpu(dtype, cache_dtype):
         torch.testing.assert_close(got.logits[0].float(), expected.logits[0].float(), atol=6e-2, rtol=6e-2)
 
 
+@pytest.mark.parametrize(
+    "layout",
+    [(7, 120, 24, 20, 40), (32, 1024, 0, 512, 128)],
+    ids=["7-heads-120+40", "lossless-shape-1024+1024"],
+)
+def test_module_bf16_error_within_twice_torch_gpu(layout):
+    """A bf16 `M2LAttention` (heads, rank, nope, RoPE pairs, value dims; biases on) over one cache:
+    a 300-token prefill, two decode steps and a 77-token chunk, through the kernels and the fused cache
+    write. Its error against the fp32 module stays within 2x the bf16 torch run's. The second layout
+    has a lossless conversion's widths (every key dim RoPE), whose decode and prefill tiles shrink to
+    fit shared memory."""
+    from kernel_cases import module_errors_vs_fp32
+
+    torch_error, triton_error = module_errors_vs_fp32(layout, [300, 1, 1, 77], torch.bfloat16, device="cuda")
+    assert torch_error > 0 and triton_error <= 2 * torch_error + 1e-4, (triton_error, torch_error)
+
+
 @pytest.mark.parametrize("mode", ["decode", "absorbed", "expanded"])
 def test_prefill_without_nope_dims_gpu(mode):
     """n = 0 (a lossless conversion whose key dims all carry RoPE): the nope loop must compile out.

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 pytest.importorskip("transformers")
-from kernel_cases import record_calls  # noqa: E402
+from kernel_cases import module_errors_vs_fp32, record_calls  # noqa: E402
 
 import m2la  # noqa: E402
 import tiny_hf  # noqa: E402
@@ -455,40 +455,12 @@ def test_assisted_generation_same_tokens_as_plain_greedy(cache_dtype):
 
 
 @pytest.mark.parametrize(
-    "heads, rank, nope, rope_pairs, v_dim",
-    [(3, 40, 12, 8, 16), (7, 24, 0, 9, 20), (1, 17, 5, 3, 9), (4, 64, 16, 0, 16)],
+    "layout", [(3, 40, 12, 8, 16), (7, 24, 0, 9, 20), (1, 17, 5, 3, 9), (4, 64, 16, 0, 16)], ids=str
 )
-def test_fp16_module_error_within_twice_torch_fp16(heads, rank, nope, rope_pairs, v_dim):
-    """An fp16 `M2LAttention` over an fp16 cache, prefill then decode steps then a chunk: the Triton
-    path's error against the fp32 module is at most twice the same-dtype torch (reference backend)
-    run's, FlashAttention's error budget. Measured ratios 0.6-1.25 over eight cases."""
-    torch.manual_seed(rank)
-    config = m2la.M2LAConfig(
-        hidden_size=24, num_heads=heads, kv_rank=rank, rope_dim=2 * rope_pairs, qk_nope_dim=nope, v_head_dim=v_dim,
-        softmax_scale=0.3, kv_b_bias=True, q_bias=True, kv_a_bias=True,
-        rope_inv_freq=[1.0 / (i + 1) for i in range(rope_pairs)], rope_axis=[0] * rope_pairs,
-        rope_source_column=list(range(rope_pairs)),
-    )  # fmt: skip
-    module = m2la.M2LAttention(config)
-    for p in module.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    half = m2la.M2LAttention(config)
-    half.load_state_dict(module.state_dict())
-    half = half.half()
-    chunks = [7, 1, 1, 5]
-    hidden = torch.randn(2, sum(chunks), 24)
-    cos, sin = module.rope_cos_sin(torch.arange(sum(chunks))[None].expand(2, -1))
-
-    def run(layer, backend, dtype):
-        cache, outs, done = m2la.LatentCache(1), [], 0
-        with use_backend(backend), torch.no_grad():
-            for t in chunks:
-                new = slice(done, done + t)
-                outs.append(layer.attend(hidden[:, new].to(dtype), cos[:, new], sin[:, new], cache=cache).float())
-                done += t
-        return torch.cat(outs, dim=1)
-
-    expected = run(module, "reference", torch.float32)
-    torch_error = (run(half, "reference", torch.float16) - expected).abs().max()
-    triton_error = (run(half, "triton", torch.float16) - expected).abs().max()
+def test_fp16_module_error_within_twice_torch_fp16(layout):
+    """An fp16 `M2LAttention` (heads, rank, nope, RoPE pairs, value dims) over an fp16 cache, prefill then
+    decode steps then a chunk: the Triton path's error against the fp32 module is at most twice the
+    same-dtype torch (reference backend) run's, FlashAttention's error budget. Measured ratios
+    0.6-1.25 over eight cases."""
+    torch_error, triton_error = module_errors_vs_fp32(layout, [7, 1, 1, 5], torch.float16, seed=layout[1])
     assert 0 < torch_error < 0.1 and triton_error <= 2 * torch_error, (triton_error, torch_error)
