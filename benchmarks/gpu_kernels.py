@@ -633,8 +633,8 @@ def lossless_rows(device, dtype, batches, contexts, bandwidth, repeats, shape=No
     dim RoPE) through `decode_attention`, beside SDPA over the GQA cache, same shapes:
     (batch, context, m2la ms, m2la % of copy BW, SDPA ms, m2la time / SDPA time, max diff of the
     head outputs). Times are graph replays on a GPU (eager elsewhere). SDPA reads the same keys and
-    values copied into a GQA cache `[b, s, G, D]`, with the same queries. `convert(model)` with no compression gives this layout, and
-    `auto` runs it through the Triton kernels on CUDA."""
+    values copied into a GQA cache `[b, s, G, D]`, with the same queries. `convert(model)` with no
+    compression gives this layout, and `auto` runs it through the Triton kernels on CUDA."""
     heads, kv_heads, head_dim = shape or (HEADS, GQA_KV_HEADS, HEAD_DIM)
     kv_rank = kv_heads * head_dim
     width = 2 * kv_rank
