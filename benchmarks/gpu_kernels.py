@@ -22,7 +22,7 @@ import traceback
 import torch
 
 from m2la.attention_math import expand_latent_kv
-from m2la.kernels import decode_attention, prefill_attention
+from m2la.kernels import decode_attention, grouped_decode_attention, prefill_attention
 from m2la.kernels._paging import gather_cache_rows
 
 HEADS, GQA_KV_HEADS, HEAD_DIM = 32, 8, 128
@@ -631,8 +631,10 @@ def lossless_rows(device, dtype, batches, contexts, bandwidth, repeats, shape=No
     """Decode of the lossless conversion of the GQA attention `shape` = (query heads, KV heads, head
     dim), default 32, 8, 128 (same bytes a token as the GQA cache; 1024 + 1024 latent rows, every key
     dim RoPE) through `decode_attention`, beside SDPA over the GQA cache, same shapes:
-    (batch, context, m2la ms, m2la % of copy BW, SDPA ms, m2la time / SDPA time, max diff of the
-    head outputs). Times are graph replays on a GPU (eager elsewhere). SDPA reads the same keys and
+    (batch, context, m2la ms, its % of copy BW, grouped ms, its % of copy BW, SDPA ms, m2la time / SDPA
+    time, grouped time / SDPA time, max diff of the head outputs). "m2la" is the plain decode
+    (`decode_attention`, what a lossless layer ran before the grouped decode); "grouped" is
+    `grouped_decode_attention`, which converted models use for grouped layers. Times are graph replays on a GPU (eager elsewhere). SDPA reads the same keys and
     values copied into a GQA cache `[b, s, G, D]`, with the same queries. `convert(model)` with no
     compression gives this layout, and `auto` runs it through the Triton kernels on CUDA."""
     heads, kv_heads, head_dim = shape or (HEADS, GQA_KV_HEADS, HEAD_DIM)
@@ -647,7 +649,7 @@ def lossless_rows(device, dtype, batches, contexts, bandwidth, repeats, shape=No
     for context in contexts:
         for batch in batches:
             if batch * math.ceil(context / BLOCK_SIZE) > num_blocks or _out_of_time():
-                rows.append((batch, context, None, None, None, None, None))
+                rows.append((batch, context) + (None,) * 8)
                 continue
             _, table, lens = paged_inputs(batch, context, kv_rank, kv_rank, dtype, device, cache)
             q = lossless_query(batch, heads, kv_heads, head_dim, dtype, device)
@@ -669,13 +671,24 @@ def lossless_rows(device, dtype, batches, contexts, bandwidth, repeats, shape=No
             pick = group.view(1, heads, 1, 1, 1).expand(batch, heads, 2, 1, head_dim // 2)
             q_gqa = q_pairs.gather(3, pick).flatten(-3)[:, None]  # [b, 1, h, D]: each head's own group
             sdpa = _measure(lambda q=q_gqa, k=k, v=v: _sdpa_gqa(q, k, v), device, repeats, nbytes, bandwidth, flops)
+            q_group = q_gqa[:, 0].contiguous()  # [b, h, 2P]: each head's own group's pairs
+
+            def grouped(q=q_group, table=table, lens=lens, cache=cache):
+                return grouped_decode_attention(q, cache, lens, scale, kv_rank, kv_heads, table)
+
+            g_ms, _, g_pct, g_gms, g_gpct, _ = _measure(grouped, device, repeats, nbytes, bandwidth, flops)
             out_latent, _ = ours()
             pick = group.view(1, heads, 1, 1).expand(batch, heads, 1, head_dim)
             ours_values = out_latent.unflatten(-1, (kv_heads, head_dim)).gather(2, pick)[:, :, 0]  # [b, h, D]
-            diff = (ours_values.float() - _sdpa_gqa(q_gqa, k, v)[:, :, 0].float()).abs().max().item()
+            expected = _sdpa_gqa(q_gqa, k, v)[:, :, 0].float()
+            diff = max(
+                (ours_values.float() - expected).abs().max().item(),
+                (grouped()[0].float() - expected).abs().max().item(),
+            )
             del k, v
-            ours_ms, sdpa_ms = gms or ms, sdpa[3] or sdpa[0]
-            rows.append((batch, context, ours_ms, gpct if gms else pct, sdpa_ms, ours_ms / sdpa_ms, diff))
+            ours_ms, sdpa_ms, grouped_ms = gms or ms, sdpa[3] or sdpa[0], g_gms or g_ms
+            rows.append((batch, context, ours_ms, gpct if gms else pct, grouped_ms, g_gpct if g_gms else g_pct, sdpa_ms,
+                         ours_ms / sdpa_ms, grouped_ms / sdpa_ms, diff))  # fmt: skip
     del cache
     return rows
 
@@ -1091,10 +1104,11 @@ def main() -> None:
             width = kv_heads * head_dim
             lines += ["", f"## Decode of a lossless conversion ({heads} heads, {width} + {width}: every key dim RoPE) "
                       f"against SDPA over the GQA cache it came from ({kv_heads} x {head_dim}; same bytes a token)", "",
-                      "| batch | context | m2la ms | m2la % of copy BW | SDPA ms | m2la time / SDPA time | max diff |",
-                      "|---|---|---|---|---|---|---|",
-                      *[f"| {b} | {s} | {fmt(ms, '.3f')} | {fmt(p, '.0f')} | {fmt(sd, '.3f')} | {fmt(x, '.2f')} "
-                        f"| {fmt(d, '.1e')} |" for b, s, ms, p, sd, x, d in lossless]]  # fmt: skip
+                      "| batch | context | plain decode ms | % of copy BW | grouped decode ms | % of copy BW | SDPA ms "
+                      "| plain / SDPA time | grouped / SDPA time | max diff |", "|---|---|---|---|---|---|---|---|---|---|",
+                      *[f"| {b} | {s} | {fmt(ms, '.3f')} | {fmt(p, '.0f')} | {fmt(gm, '.3f')} | {fmt(gp, '.0f')} "
+                        f"| {fmt(sd, '.3f')} | {fmt(x, '.2f')} | {fmt(gx, '.2f')} | {fmt(d, '.1e')} |"
+                        for b, s, ms, p, gm, gp, sd, x, gx, d in lossless]]  # fmt: skip
             flush()
         sections.append("splits")
         if "splits" in wanted:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from .cache import LatentCache, StaticLatentCache
 from .config import M2LAConfig, M2LAConfigError
 from .conversion import ConversionError, SourceAttention
-from .module import M2LAttention
+from .module import M2LAttention, pin_head_groups
 
 __version__ = "0.1.0"
 
@@ -30,6 +30,7 @@ __all__ = [
     "UnsupportedModelError",
     "convert",
     "from_pretrained",
+    "pin_head_groups",
     "save_pretrained",
 ]
 

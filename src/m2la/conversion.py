@@ -21,7 +21,14 @@ import torch
 
 from .config import M2LAConfig
 
-__all__ = ["SourceAttention", "ConversionError", "lossless_config", "lossless_state_dict", "source_cache_width"]
+__all__ = [
+    "SourceAttention",
+    "ConversionError",
+    "grouped_head_count",
+    "lossless_config",
+    "lossless_state_dict",
+    "source_cache_width",
+]
 
 
 class ConversionError(ValueError):
@@ -198,3 +205,30 @@ def lossless_state_dict(src: SourceAttention, config: M2LAConfig | None = None) 
         kv_b[h, n_pass + torch.arange(D), G * n_pass + g * D + torch.arange(D)] = 1
     state["kv_b_proj.weight"] = kv_b.flatten(0, 1)
     return state
+
+
+def grouped_head_count(config: M2LAConfig, q_up: torch.Tensor | None, w_uv: torch.Tensor) -> int:
+    """The KV group count ``G`` if the layer is *grouped*, as the lossless conversion of a GQA source
+    with full-rotary heads lays it out; else 0.
+
+    Grouped: no no-RoPE key part (``n = 0``), ``r = G * v`` and ``2p = G * 2P``, and query head ``h``
+    (group ``g = h // (H / G)``) uses only its group's ``P`` RoPE pairs (``q_up [H, 2p, q_in]`` is zero
+    on the other groups' pairs, in the half layout: columns ``[gP, (g+1)P)`` and ``p + [gP, (g+1)P)``)
+    and reads only its group's latent slice (``w_uv [H, v, r]`` is zero outside ``[g v, (g+1) v)``).
+    Such a layer's decode is GQA's work (``m2la.kernels.grouped_decode_attention``). Checked on the
+    weights, so a layer whose training moved weights off those blocks is not grouped.
+    """
+    c = config
+    if c.qk_nope_dim != 0 or q_up is None or c.kv_rank % c.v_head_dim:
+        return 0
+    groups = c.kv_rank // c.v_head_dim
+    if groups < 1 or c.num_heads % groups or c.rope_dim % (2 * groups) or c.rope_dim == 0:
+        return 0
+    pairs = c.rope_dim // (2 * groups)
+    group = torch.arange(c.num_heads, device=w_uv.device) // (c.num_heads // groups)  # [H]
+    own = torch.arange(groups, device=w_uv.device)[None, :] == group[:, None]  # [H, G]: head h's group
+    query_rows = q_up.detach().unflatten(1, (2, groups, pairs))  # [H, 2, G, P, q_in]
+    value_cols = w_uv.detach().unflatten(2, (groups, c.v_head_dim))  # [H, v, G, v]
+    outside_query = query_rows.masked_fill(own[:, None, :, None, None], 0)
+    outside_value = value_cols.masked_fill(own[:, None, :, None], 0)
+    return groups if not (outside_query.any() or outside_value.any()) else 0

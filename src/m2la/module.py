@@ -12,7 +12,7 @@ from .backends import resolve_backend
 from .cache import records_grad
 from .config import M2LAConfig
 
-__all__ = ["M2LAttention", "RMSNorm", "LatentCacheProtocol"]
+__all__ = ["M2LAttention", "RMSNorm", "LatentCacheProtocol", "pin_head_groups"]
 
 
 class LatentCacheProtocol(Protocol):
@@ -94,6 +94,24 @@ def _filled_rows(
     return rows, quantized, mask, None
 
 
+def pin_head_groups(model: nn.Module) -> list[int]:
+    """Check every M²LA layer of ``model`` for the grouped layout now and let traced code
+    (``torch.compile``) rely on the answer: compiled decode steps of grouped layers (lossless
+    conversions of GQA attention) then run ``grouped_decode_attention``, GQA's work, instead of the
+    plain decode. Returns each layer's group count (0: not grouped).
+
+    Eager calls check the weights themselves; compiled code cannot see a weight change, so call this
+    again (or pin again) after changing the weights, e.g. after training. Pinning 0 everywhere:
+    ``for m in model.modules(): m.pinned_head_groups = 0`` on the M2LAttention layers.
+    """
+    groups = []
+    for module in model.modules():
+        if isinstance(module, M2LAttention):
+            module.pinned_head_groups = module.head_groups()
+            groups.append(module.pinned_head_groups)
+    return groups
+
+
 class RMSNorm(nn.Module):
     """RMSNorm over the last dim, computed in fp32 and cast back (as the source models do)."""
 
@@ -140,6 +158,7 @@ class M2LAttention(nn.Module):
         self.rope_inv_freq = torch.tensor(c.rope_inv_freq, dtype=torch.float64)
         self.rope_axis = torch.tensor(c.rope_axis, dtype=torch.long)
         self.rope_source_column = torch.tensor(c.rope_source_column, dtype=torch.long)
+        self.pinned_head_groups = 0  # what traced code takes for `head_groups()`; see `pin_head_groups`
 
     # --- pieces -------------------------------------------------------------------------------
 
@@ -184,6 +203,26 @@ class M2LAttention(nn.Module):
         cos, sin = rope.cos_sin(angles, self.config.rope_scaling)
         dtype = torch.float64 if self.kv_a_proj.weight.dtype == torch.float64 else torch.float32
         return cos.to(dtype), sin.to(dtype)
+
+    def head_groups(self) -> int:
+        """``G`` if this layer is grouped (``m2la.conversion.grouped_head_count``: a lossless conversion of
+        a GQA attention whose weights kept that layout), else 0. Eagerly it is checked on the weights
+        once per change of them (their version counters). Traced code cannot see weights change, so
+        there it is what :func:`pin_head_groups` pinned (0 unless pinned)."""
+        if torch.compiler.is_compiling():  # no data pointers or version counters in traced code
+            return self.pinned_head_groups
+        q_up, kv_b = self.q_up, self.kv_b_proj.weight
+        key = tuple(
+            (t.data_ptr(), None if t.is_inference() else t._version)
+            for t in (kv_b,) + (() if q_up is None else (q_up,))
+        )
+        memo = getattr(self, "_head_groups_memo", None)
+        if memo is None or memo[0] != key:
+            from .conversion import grouped_head_count
+
+            memo = (key, grouped_head_count(self.config, q_up, self.up_projections()[1]))
+            self._head_groups_memo = memo
+        return memo[1]
 
     def use_absorbed(self, num_queries: int) -> bool:
         """Absorbed costs ~2r per query and key, expanded ~r(n+v) per key: absorb for short query blocks."""
@@ -304,6 +343,18 @@ class M2LAttention(nn.Module):
             _, seqlens = _step_indices(b, t, s, rows.device)
         else:  # every sequence holds the rows up to its last query
             seqlens = (query_offset + t).to(torch.int32).reshape(1).expand(b).contiguous()  # [b]
+        groups = self.head_groups() if t == 1 else 0
+        if groups:  # GQA's work: each KV group's heads read only their group's columns
+            group = torch.arange(h, device=rows.device) // (h // groups)  # [h]
+            pairs = q_rope.shape[-1] // (2 * groups)
+            q = q_rope[:, 0].unflatten(-1, (2, groups, pairs))  # [b, h, 2, G, P]
+            q = q.gather(3, group.view(1, h, 1, 1, 1).expand(b, h, 2, 1, pairs)).flatten(2)  # [b, h, 2P]
+            out_group, _ = kernels.grouped_decode_attention(
+                q, rows, seqlens, c.softmax_scale, c.kv_rank, groups, kv_start=starts, kv_scale=kv_scale
+            )  # [b, h, r / G]
+            w_group = w_uv.unflatten(2, (groups, c.v_head_dim))  # [h, v, G, r / G]
+            w_group = w_group.gather(2, group.view(h, 1, 1, 1).expand(h, c.v_head_dim, 1, c.v_head_dim))[:, :, 0]
+            return torch.einsum("bhr,hvr->bhv", out_group, w_group.to(out_group.dtype))[:, None]
         if t == 1:
             q = torch.cat((attention_math.absorb_query(q_nope, w_uk), q_rope), dim=-1)[:, 0]  # [b, h, r + 2p]
             out_latent, _ = kernels.decode_attention(

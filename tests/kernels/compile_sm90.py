@@ -159,6 +159,18 @@ def decode_case(heads, kv_rank, rope_dim, dtype="fp16", cache_dtype=None, paged=
         consts["BLOCK_N"] //= 2
 
 
+def grouped_decode_case(heads, groups, head_dim, dtype="bf16", cache_dtype=None):
+    """`_decode_split_kernel_grouped` at its default tiles (`grouped_decode_config`), paged."""
+    cfg = decode.grouped_decode_config(heads // groups, head_dim, head_dim // 2, interpret=False)
+    consts = dict(PAGED=True, PAGE_TILE=cfg["PAGE_TILE"], HAS_KV_START=False, HAS_SCALE=cache_dtype is not None,
+                  SPLIT_BY_LENGTH=True, DOT_PRECISION="tf32",
+                  **{k: v for k, v in cfg.items() if k.startswith("BLOCK")})  # fmt: skip
+    ptrs = {"q_ptr": f"*{dtype}", "kv_ptr": f"*{cache_dtype or dtype}", "block_table_ptr": "*i32",
+            "seqlens_ptr": "*i32", "kv_start_ptr": "*i32", "kv_scale_ptr": "*fp32", "part_out_ptr": "*fp32",
+            "part_lse_ptr": "*fp32"}  # fmt: skip
+    return compile_sm90(decode._decode_split_kernel_grouped, ptrs, consts, cfg["num_warps"], cfg["num_stages"])
+
+
 def prefill_case(value_dim, rope_dim, nope_dim, dtype="fp16", cache_dtype=None, paged=True, **overrides):
     """Expanded mode: `nope_dim` 128 (per-head keys, resident queries); absorbed: `nope_dim` = r.
     `cache_dtype` "fp8e4nv": absorbed mode over an fp8 cache (keys and values), queries in `dtype`.
@@ -237,6 +249,11 @@ def main() -> None:
         "decode_h32_r1024_rope1024_lossless": decode_case(32, 1024, 1024, "bf16"),
         "decode_h28_r512_rope512_lossless": decode_case(28, 512, 512, "bf16"),
         "decode_h9_r192_rope192_lossless": decode_case(9, 192, 192, "bf16"),
+        # the same three through the grouped decode (each KV group's heads read only its 2 x 128 columns)
+        "grouped_decode_h32_g8_d128": grouped_decode_case(32, 8, 128),
+        "grouped_decode_h28_g4_d128": grouped_decode_case(28, 4, 128),
+        "grouped_decode_h9_g3_d64": grouped_decode_case(9, 3, 64),
+        "grouped_decode_h32_g8_d128_fp8": grouped_decode_case(32, 8, 128, cache_dtype="fp8e4nv"),
         "cache_write_r448_rope64_fp8": cache_write_case(448, 64),
         # TMA tiles (contiguous caches): the cache tile goes global -> shared by TMA, both MMAs wgmma
         "decode_h32_r896_rope128_bf16_tma": decode_case(32, 896, 128, "bf16", paged=False, **TMA_896),
@@ -246,7 +263,7 @@ def main() -> None:
     }
     # arguments that change with lengths, which the launcher must not value-specialise (new variants)
     kernels = {"decode": decode._decode_split_kernel, "decode_heads_on_n": decode._decode_split_kernel_heads_on_n,
-               "prefill": prefill._prefill_kernel}  # fmt: skip
+               "decode_grouped": decode._decode_split_kernel_grouped, "prefill": prefill._prefill_kernel}  # fmt: skip
     results["not_specialised"] = {
         name: [p.name for p in k.params if p.do_not_specialize] for name, k in kernels.items()
     }

@@ -58,7 +58,16 @@ LOSSLESS_DECODE_CASES = [
     "decode_h28_r512_rope512_lossless",
     "decode_h9_r192_rope192_lossless",
 ]
+# The grouped decode of the same lossless conversions (`grouped_decode_attention`): one KV group's
+# heads over its 2 x 128 (SmolLM2: 2 x 64) columns, fp8 cache too.
+GROUPED_DECODE_CASES = [
+    "grouped_decode_h32_g8_d128",
+    "grouped_decode_h28_g4_d128",
+    "grouped_decode_h9_g3_d64",
+    "grouped_decode_h32_g8_d128_fp8",
+]
 ALL_CASES = [
+    *GROUPED_DECODE_CASES,
     "decode_h32_r896_rope128",
     "decode_h32_r448_rope64_fp8",
     "decode_h32_r448_rope64_bf16",
@@ -187,8 +196,20 @@ def test_length_dependent_arguments_are_not_value_specialised(compiled):
     decode split count follows the cache's tile count (1, 2, ... 128 as a growing cache fills) and
     the prefill grid arguments follow the chunk and context lengths, so none may be specialised."""
     assert compiled["not_specialised"] == {
-        "decode": ["num_splits"], "decode_heads_on_n": ["num_splits"], "prefill": ["num_query_tiles", "head_group"],
+        "decode": ["num_splits"], "decode_heads_on_n": ["num_splits"], "decode_grouped": ["num_splits"],
+        "prefill": ["num_query_tiles", "head_group"],
     }  # fmt: skip
+
+
+@pytest.mark.parametrize("case", GROUPED_DECODE_CASES)
+def test_sm90_grouped_decode_tiles_are_light(compiled, case):
+    """A grouped program holds one KV group's tile (64 tokens x (128 + 2 x 64) columns at 8 x 128): no
+    spills, at most 128 registers a thread and under 64 KiB of shared memory, so several programs
+    share an SM. The plain decode of the same layer (`decode_h32_r1024_rope1024_lossless`) needs
+    16-token tiles to fit and ~230-250 registers."""
+    facts = compiled[case]
+    assert facts["spill_stores"] == 0 and facts["registers"] <= 128, facts
+    assert facts["shared"] <= 64 * 1024, facts
 
 
 @pytest.mark.parametrize("case", TMA_CASES)

@@ -229,22 +229,32 @@ def test_fp8_cache_generate_same_tokens_as_reference(family):
     torch.testing.assert_close(results["triton"][1][keep], results["reference"][1][keep], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("layers_kind", ["grouped", "grouped-unpinned", "plain"])
 @pytest.mark.parametrize("cache_dtype", [None, torch.float8_e4m3fn], ids=["fp32-cache", "fp8-cache"])
-def test_compiled_converted_model_runs_the_kernels(cache_dtype, monkeypatch):
+def test_compiled_converted_model_runs_the_kernels(cache_dtype, layers_kind, monkeypatch):
     """torch.compile of a whole converted model (aot_eager: dynamo + AOT autograd, no C++ compiler
     needed): under the Triton backend the compiled prefill and decode steps call the Triton kernels
     (custom ops, opaque to the compiler; the cache write mutates the cache in place) and give the
-    eager model's logits."""
+    eager model's logits. A lossless conversion decodes through the grouped kernel eagerly, and compiled
+    once `pin_head_groups` pinned it (else through the plain one there); with its query map moved off
+    the group blocks, through the plain one in both."""
     import m2la.kernels.cache_write.triton as write_module
     import m2la.kernels.latent_decode.triton as decode_module
     import m2la.kernels.latent_prefill.triton as prefill_module
 
+    torch._dynamo.reset()  # else earlier cases' recompiles may reach dynamo's limit and run frames eagerly
     calls = []
     record_calls(monkeypatch, decode_module, "latent_decode_triton", calls)
+    record_calls(monkeypatch, decode_module, "grouped_decode_triton", calls)
     record_calls(monkeypatch, prefill_module, "latent_prefill_triton", calls)
     record_calls(monkeypatch, write_module, "write_latent_cache_triton", calls)
     model = tiny_hf.build("qwen3", 6, 2, 12)
     m2la.convert(model)
+    if layers_kind == "plain":
+        with torch.no_grad():
+            for attention in model.modules():
+                if isinstance(attention, m2la.M2LAttention):
+                    attention.q_up.add_(1e-3 * torch.randn_like(attention.q_up))
     ids = torch.randint(10, tiny_hf.VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
     steps = torch.randint(10, tiny_hf.VOCAB, (2, 2), generator=torch.Generator().manual_seed(1))
 
@@ -255,19 +265,19 @@ def test_compiled_converted_model_runs_the_kernels(cache_dtype, monkeypatch):
         return logits
 
     with torch.no_grad(), use_backend("triton"):
+        if layers_kind != "grouped-unpinned":
+            assert m2la.pin_head_groups(model) == [0 if layers_kind == "plain" else 2] * model.config.num_hidden_layers
+        compiled = run(torch.compile(model, backend="aot_eager"))  # traced code takes the pinned groups
+        compiled_calls, calls[:] = list(calls), []
         eager = run(model)
-        eager_calls, calls[:] = list(calls), []
-        compiled = run(torch.compile(model, backend="aot_eager"))
+        eager_calls = list(calls)
     layers = model.config.num_hidden_layers
-    assert (
-        sorted(eager_calls)
-        == sorted(calls)
-        == sorted(
-            ["latent_prefill_triton"] * layers
-            + ["latent_decode_triton"] * 2 * layers
-            + ["write_latent_cache_triton"] * 3 * layers  # the fused cache write, every step
-        )
-    )
+    eager_decode = "latent_decode_triton" if layers_kind == "plain" else "grouped_decode_triton"
+    compiled_decode = "grouped_decode_triton" if layers_kind == "grouped" else "latent_decode_triton"
+    # one prefill, two decode steps; the fused cache write every step
+    common = ["latent_prefill_triton"] * layers + ["write_latent_cache_triton"] * 3 * layers
+    assert sorted(eager_calls) == sorted(common + [eager_decode] * 2 * layers)
+    assert sorted(compiled_calls) == sorted(common + [compiled_decode] * 2 * layers)
     for got, expected in zip(compiled, eager, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -445,7 +455,7 @@ def test_assisted_generation_same_tokens_as_plain_greedy(cache_dtype):
             original_crop = cache.crop
             cache.crop = lambda length, crops=crops, crop=original_crop: (crops.append(length), crop(length))[1]
             chunk_sizes.clear()
-            assisted = main.generate(**kwargs, assistant_model=draft, past_key_values=cache)
+            assisted = main.generate(**kwargs, assistant_model=draft, cache=cache)
             results[backend] = plain, assisted
             assert any(1 < t < 9 for t in chunk_sizes), chunk_sizes  # draft tokens verified as one chunk
             assert crops, "no draft token was rejected: the test would not exercise the cache crop"

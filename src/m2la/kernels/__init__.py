@@ -2,6 +2,8 @@
 
 - `decode_attention`: paged / contiguous split-KV absorbed decode over the latent cache
   (op folder `latent_decode/`).
+- `grouped_decode_attention`: the same decode for grouped layers (lossless conversions of GQA
+  attention), each KV group's heads reading only its group's columns (op folder `latent_decode/`).
 - `prefill_attention`: causal varlen chunked prefill over the cached prefix + new chunk
   (op folder `latent_prefill/`).
 - `write_latent_cache`: fused latent copy + RoPE rotation + paged scatter (op folder `cache_write/`).
@@ -11,6 +13,6 @@ Each op folder holds `reference.py` (pure torch, the test oracle) and `triton.py
 package light.
 """
 
-from m2la.kernels.ops import decode_attention, prefill_attention, write_latent_cache
+from m2la.kernels.ops import decode_attention, grouped_decode_attention, prefill_attention, write_latent_cache
 
-__all__ = ["decode_attention", "prefill_attention", "write_latent_cache"]
+__all__ = ["decode_attention", "grouped_decode_attention", "prefill_attention", "write_latent_cache"]

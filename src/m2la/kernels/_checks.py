@@ -103,6 +103,41 @@ def check_decode_args(
     )
 
 
+def check_grouped_decode_args(
+    q_rope: torch.Tensor,
+    kv_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    kv_rank: int,
+    head_groups: int,
+    block_table: torch.Tensor | None,
+    kv_start: torch.Tensor | None,
+) -> None:
+    """`grouped_decode_attention`'s metadata: q_rope `[b, h, 2P]` with `head_groups` dividing h and
+    kv_rank, a cache of rows `r + G * 2P`, then as `check_decode_args`."""
+    if q_rope.dim() != 3 or q_rope.shape[-1] % 2 or q_rope.shape[-1] == 0:
+        raise ValueError(f"expected q_rope [b, h, 2P] (an even, nonzero width), got {_shape(q_rope)}")
+    heads = q_rope.shape[1]
+    if head_groups < 1 or heads % head_groups or kv_rank % head_groups or kv_rank <= 0:
+        raise ValueError(
+            f"head_groups={head_groups} must divide the {heads} query heads and kv_rank={kv_rank} (> 0) evenly"
+        )
+    _check_floats("q_rope", q_rope)
+    if not is_fp8(kv_cache.dtype) and kv_cache.dtype != q_rope.dtype:
+        raise ValueError(
+            f"q_rope ({q_rope.dtype}) and kv_cache ({kv_cache.dtype}) must share a dtype (an fp8 cache may differ)"
+        )
+    _check_cache_rows(kv_cache, kv_rank, head_groups * q_rope.shape[-1])
+    batch = q_rope.shape[0]
+    _check_vector("cache_seqlens", cache_seqlens, batch, torch.int32)
+    if kv_start is not None:
+        _check_vector("kv_start", kv_start, batch, torch.int32)
+    _check_layout(kv_cache, block_table, batch)
+    _check_same_device(
+        "q_rope, kv_cache, cache_seqlens, block_table, kv_start", q_rope, kv_cache, cache_seqlens, block_table,
+        kv_start,
+    )  # fmt: skip
+
+
 def check_prefill_args(
     q_nope: torch.Tensor,
     q_rope: torch.Tensor,

@@ -18,7 +18,7 @@ from m2la.backends import resolve_backend
 from m2la.kernels import _checks
 from m2la.kernels._quant import check_cache_scale
 from m2la.kernels.cache_write.reference import write_latent_cache_reference
-from m2la.kernels.latent_decode.reference import latent_decode_reference
+from m2la.kernels.latent_decode.reference import grouped_decode_reference, latent_decode_reference
 from m2la.kernels.latent_prefill.reference import latent_prefill_reference
 
 
@@ -154,6 +154,84 @@ def decode_attention(
     return run(
         q, kv_cache, cache_seqlens, block_table, kv_start, kv_scale, float(softmax_scale), int(kv_rank),
         int(num_splits), chosen,
+    )  # fmt: skip
+
+
+def _grouped_decode_impl(
+    q_rope: Tensor,
+    kv_cache: Tensor,
+    cache_seqlens: Tensor,
+    block_table: Tensor | None,
+    kv_start: Tensor | None,
+    kv_scale: Tensor | None,
+    softmax_scale: float,
+    kv_rank: int,
+    head_groups: int,
+    num_splits: int,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    if backend == "triton":
+        from m2la.kernels.latent_decode.triton import grouped_decode_triton
+
+        return grouped_decode_triton(
+            q_rope, kv_cache, cache_seqlens, softmax_scale, kv_rank, head_groups, block_table, kv_start, num_splits,
+            kv_scale=kv_scale,
+        )  # fmt: skip
+    return grouped_decode_reference(
+        q_rope, kv_cache, cache_seqlens, softmax_scale, kv_rank, head_groups, block_table, kv_start, kv_scale
+    )
+
+
+_grouped_decode_op = torch.library.custom_op("m2la::grouped_decode", mutates_args=())(_grouped_decode_impl)
+
+
+@_grouped_decode_op.register_fake
+def _grouped_decode_fake(
+    q_rope, kv_cache, cache_seqlens, block_table, kv_start, kv_scale, softmax_scale, kv_rank, head_groups, num_splits,
+    backend,
+):  # fmt: skip
+    batch, heads, _ = q_rope.shape
+    return q_rope.new_empty(batch, heads, kv_rank // head_groups), q_rope.new_empty(batch, heads, dtype=torch.float32)
+
+
+def grouped_decode_attention(
+    q_rope: Tensor,
+    kv_cache: Tensor,
+    cache_seqlens: Tensor,
+    softmax_scale: float,
+    kv_rank: int,
+    head_groups: int,
+    block_table: Tensor | None = None,
+    kv_start: Tensor | None = None,
+    *,
+    kv_scale: Tensor | None = None,
+    num_splits: int = 0,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """`decode_attention` for a grouped layer, such as the lossless conversion of a GQA attention with
+    `G = head_groups` KV heads: no latent query, and query head h (group g = h // (h / G)) scores only
+    its group's P RoPE pairs (columns `r + [gP, (g+1)P)` and `r + p + [gP, (g+1)P)` of the half-layout
+    key, p = G P) and reads only its group's latent slice `[g r/G, (g+1) r/G)`. That is GQA's work:
+    the plain decode would spend (r + 2p + r) multiply-adds a head and token on the mostly-zero query.
+
+    `q_rope [b, h, 2P]` (x half then y half of the head's pairs); cache, lengths, `kv_start` and
+    `kv_scale` as in `decode_attention`, rows of `r + 2p`. Returns `out [b, h, r/G]` (q's dtype) and
+    `lse [b, h]` fp32: the plain decode's result on the group's columns (its other columns are 0).
+    """
+    _checks.check_grouped_decode_args(q_rope, kv_cache, cache_seqlens, kv_rank, head_groups, block_table, kv_start)
+    check_cache_scale(kv_cache, kv_scale)
+    q_rope, cache_seqlens = _rows_contiguous(q_rope), cache_seqlens.contiguous()
+    block_table = None if block_table is None else block_table.contiguous()
+    kv_start = None if kv_start is None else kv_start.contiguous()
+    tensors = (q_rope, kv_cache, cache_seqlens, block_table, kv_start, kv_scale)
+    chosen = resolve_backend(backend, *tensors)
+    direct = _dispatch_directly(*tensors)
+    if _values_readable(direct, chosen, q_rope.device):
+        _checks.check_lengths(kv_cache, cache_seqlens, block_table, kv_start)
+    run = _grouped_decode_impl if direct else _grouped_decode_op
+    return run(
+        q_rope, kv_cache, cache_seqlens, block_table, kv_start, kv_scale, float(softmax_scale), int(kv_rank),
+        int(head_groups), int(num_splits), chosen,
     )  # fmt: skip
 
 

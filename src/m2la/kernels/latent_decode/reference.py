@@ -42,3 +42,40 @@ def latent_decode_reference(
     probs = torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0.0)[..., None])  # [b, h, s]
     out = torch.einsum("bhs,bsr->bhr", probs, rows[..., :kv_rank])  # [b, h, r]
     return out.to(q.dtype), lse
+
+
+def grouped_query(q_rope: torch.Tensor, kv_rank: int, head_groups: int) -> torch.Tensor:
+    """A grouped decode's queries `q_rope [b, h, 2P]` (head h's RoPE query over its group's P pairs,
+    x half then y half) as the plain decode's `[b, h, r + 2p]`: zero latent query, and each head's
+    pairs placed at its group's columns of the half-layout RoPE key (p = G * P), zero elsewhere."""
+    batch, heads, width = q_rope.shape
+    pairs = width // 2
+    group = torch.arange(heads, device=q_rope.device) // (heads // head_groups)  # [h]
+    q = q_rope.new_zeros(batch, heads, 2, head_groups, pairs)  # RoPE key columns as [half, group, pair]
+    q[:, torch.arange(heads, device=q_rope.device), :, group] = q_rope.view(batch, heads, 2, pairs).transpose(0, 1)
+    return torch.cat((q_rope.new_zeros(batch, heads, kv_rank), q.flatten(2)), dim=-1)
+
+
+def grouped_decode_reference(
+    q_rope: torch.Tensor,
+    kv_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    softmax_scale: float,
+    kv_rank: int,
+    head_groups: int,
+    block_table: torch.Tensor | None = None,
+    kv_start: torch.Tensor | None = None,
+    kv_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`latent_decode_reference` for a grouped layer (a lossless conversion of a GQA attention: no
+    latent query, head h of group g = h // (h / G) scores only its group's RoPE pairs and reads only its
+    group's latent slice): `q_rope [b, h, 2p / G]` -> `out [b, h, r / G]` (latent columns
+    `[g r/G, (g+1) r/G)`), `lse [b, h]`. Defined through the plain decode, so it is that op's result."""
+    out, lse = latent_decode_reference(
+        grouped_query(q_rope, kv_rank, head_groups), kv_cache, cache_seqlens, softmax_scale, kv_rank, block_table,
+        kv_start, kv_scale,
+    )  # fmt: skip
+    batch, heads, _ = q_rope.shape
+    group = torch.arange(heads, device=q_rope.device) // (heads // head_groups)
+    slices = out.view(batch, heads, head_groups, kv_rank // head_groups)
+    return slices[:, torch.arange(heads, device=q_rope.device), group], lse

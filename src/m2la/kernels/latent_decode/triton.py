@@ -501,6 +501,88 @@ def _decode_split_kernel_heads_on_n(
     tl.store(part_lse_ptr + seq * stride_pl_b + offs_h * stride_pl_h + split, lse, mask=head_ok)
 
 
+@triton.jit(do_not_specialize=["num_splits"])  # as `_decode_split_kernel`
+def _decode_split_kernel_grouped(
+    q_ptr, kv_ptr, block_table_ptr, seqlens_ptr, kv_start_ptr, kv_scale_ptr, part_out_ptr, part_lse_ptr,
+    scale_log2,
+    heads_per_group, group_rank, group_pairs, kv_rank, rope_pairs, block_size, split_len, num_splits,
+    stride_q_b, stride_q_h,
+    stride_kv_blk, stride_kv_tok,
+    stride_sc_blk, stride_sc_tok,
+    stride_bt_b,
+    stride_po_b, stride_po_h, stride_po_s,
+    stride_pl_b, stride_pl_h,
+    PAGED: tl.constexpr, PAGE_TILE: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_SCALE: tl.constexpr,
+    SPLIT_BY_LENGTH: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_P: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """A grouped layer's decode (`grouped_decode_attention`): GQA's work over the latent cache. Program
+    (sequence, group g, split) holds g's heads on the MMA M dimension and reads only g's columns of
+    each cache row: latent `[g R, (g+1) R)` (R = `group_rank`, the values) and the two RoPE halves
+    `r + [g P, (g+1) P)` and `r + p + [g P, (g+1) P)` (P = `group_pairs`, p = `rope_pairs`). There is no
+    latent query (a lossless conversion has no no-RoPE key part). q `[b, h, 2P]`; partials `[b, h,
+    splits, R]`, merged by `_decode_combine_kernel`."""
+    compute_dtype = q_ptr.dtype.element_ty
+    seq = tl.program_id(0)
+    group = tl.program_id(1)
+    split = tl.program_id(2)
+    offs_in_group = tl.arange(0, BLOCK_H)
+    head_ok = offs_in_group < heads_per_group
+    offs_h = group * heads_per_group + offs_in_group  # [BLOCK_H]
+    offs_p = tl.arange(0, BLOCK_P)
+    pair_ok = offs_p < group_pairs
+    offs_v = tl.arange(0, BLOCK_V)
+    value_ok = offs_v < group_rank
+
+    first, lo, hi = _split_token_range(
+        seqlens_ptr, kv_start_ptr, seq, split, split_len, num_splits, HAS_KV_START, SPLIT_BY_LENGTH, BLOCK_N
+    )
+    q_rows = q_ptr + seq * stride_q_b + offs_h[:, None] * stride_q_h  # [BLOCK_H, 1]
+    q_mask = head_ok[:, None] & pair_ok[None, :]
+    q_x = tl.load(q_rows + offs_p[None, :], mask=q_mask, other=0.0)  # [BLOCK_H, BLOCK_P]
+    q_y = tl.load(q_rows + group_pairs + offs_p[None, :], mask=q_mask, other=0.0)
+    x_col = kv_rank + group * group_pairs  # this group's x half of the RoPE key
+    y_col = x_col + rope_pairs  # and its y half
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)  # running max, base-2 scaled
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_V], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n, visible, block, slot = _tile_slots(
+            block_table_ptr, seq, start, first, hi, block_size, stride_bt_b, PAGED, PAGE_TILE, BLOCK_N
+        )
+        rows = kv_ptr + (block * stride_kv_blk + slot * stride_kv_tok)[:, None]  # [BLOCK_N, 1]
+        token_scale = _token_scales(kv_scale_ptr, block, slot, visible, stride_sc_blk, stride_sc_tok, HAS_SCALE)
+        k_mask = visible[:, None] & pair_ok[None, :]
+        k_x = tl.load(rows + x_col + offs_p[None, :], mask=k_mask, other=0.0).to(compute_dtype)  # [BLOCK_N, BLOCK_P]
+        k_y = tl.load(rows + y_col + offs_p[None, :], mask=k_mask, other=0.0).to(compute_dtype)
+        scores = tl.dot(q_x, tl.trans(k_x), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
+        scores += tl.dot(q_y, tl.trans(k_y), input_precision=DOT_PRECISION)
+        if HAS_SCALE:
+            scores = scores * token_scale[None, :]
+        scores = tl.where(visible[None, :], scores * scale_log2, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all-hidden rows: avoid -inf - -inf
+        probs = tl.exp2(scores - m_safe[:, None])  # [BLOCK_H, BLOCK_N]
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(probs, axis=1)
+        if HAS_SCALE:
+            probs = probs * token_scale[None, :]  # value weights; l_i keeps the unscaled sum
+        values = tl.load(
+            rows + group * group_rank + offs_v[None, :], mask=visible[:, None] & value_ok[None, :], other=0.0
+        ).to(compute_dtype)  # [BLOCK_N, BLOCK_V]
+        acc = acc * alpha[:, None] + tl.dot(probs.to(compute_dtype), values, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    norm, lse = _softmax_norm_and_lse(m_i, l_i)
+    po = part_out_ptr + seq * stride_po_b + offs_h[:, None] * stride_po_h + split * stride_po_s
+    written = head_ok & (l_i > 0.0)  # heads that saw no token write only their LSE (-inf); the combine skips them
+    tl.store(po + offs_v[None, :], acc / norm[:, None], mask=written[:, None] & value_ok[None, :])
+    tl.store(part_lse_ptr + seq * stride_pl_b + offs_h * stride_pl_h + split, lse, mask=head_ok)
+
+
 @triton.jit
 def _decode_combine_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, lse_ptr,
@@ -873,12 +955,21 @@ def latent_decode_triton(
     else:
         _launch_split(*launch_args)
 
-    out = torch.empty(batch, num_heads, kv_rank, device=q.device, dtype=q.dtype)
-    lse = torch.empty(batch, num_heads, device=q.device, dtype=torch.float32)
-    combine_v = max(16, min(256, next_power_of_2(kv_rank)))
-    _decode_combine_kernel[(batch * num_heads, cdiv(kv_rank, combine_v))](
+    return _combine_splits(part_out, part_lse, q.dtype)
+
+
+def _combine_splits(
+    part_out: torch.Tensor, part_lse: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge split partials `[b, h, splits, w]` (fp32) and LSEs `[b, h, splits]` -> `out [b, h, w]`
+    in `dtype`, `lse [b, h]` fp32."""
+    batch, num_heads, num_splits, width = part_out.shape
+    out = torch.empty(batch, num_heads, width, device=part_out.device, dtype=dtype)
+    lse = torch.empty(batch, num_heads, device=part_out.device, dtype=torch.float32)
+    combine_v = max(16, min(256, next_power_of_2(width)))
+    _decode_combine_kernel[(batch * num_heads, cdiv(width, combine_v))](
         part_out, part_lse, out, lse,
-        num_heads, num_splits, kv_rank,
+        num_heads, num_splits, width,
         part_out.stride(0), part_out.stride(1), part_out.stride(2),
         part_lse.stride(0), part_lse.stride(1),
         out.stride(0), out.stride(1),
@@ -886,3 +977,90 @@ def latent_decode_triton(
         BLOCK_S=max(2, next_power_of_2(num_splits)), BLOCK_V=combine_v,
     )  # fmt: skip
     return out, lse
+
+
+def grouped_decode_config(heads_per_group: int, group_rank: int, group_pairs: int, interpret: bool) -> dict:
+    """Tiles of `_decode_split_kernel_grouped`: a group's heads on M (16 rows at least, the MMA's
+    minimum), its value and RoPE columns whole. Not yet timed on a GPU; 64-token tiles with two
+    stages, as the plain kernel's measured defaults."""
+    tiles = dict(
+        BLOCK_H=max(16, next_power_of_2(heads_per_group)), BLOCK_V=max(16, next_power_of_2(group_rank)),
+        BLOCK_P=max(16, next_power_of_2(group_pairs)), PAGE_TILE=True,
+    )  # fmt: skip
+    if interpret:  # small token tiles so the tests cover multi-tile loops
+        return dict(tiles, BLOCK_N=16, num_warps=4, num_stages=1)
+    return dict(tiles, BLOCK_N=64, num_warps=4, num_stages=2)
+
+
+def _grouped_programs_per_sm(cfg: dict, itemsize: int, device: torch.device) -> int:
+    """Grouped split programs an SM holds at once: pipelined cache tiles in shared memory, threads,
+    and registers (light tiles: 128 a thread, as `programs_per_sm` counts them)."""
+    props = torch.cuda.get_device_properties(device)
+    smem = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+    threads = getattr(props, "max_threads_per_multi_processor", 2048)
+    registers = getattr(props, "regs_per_multiprocessor", 64 * 1024)
+    tile_bytes = max(1, cfg["num_stages"]) * cfg["BLOCK_N"] * (cfg["BLOCK_V"] + 2 * cfg["BLOCK_P"]) * itemsize
+    by_registers = max(1, registers // (128 * 32 * cfg["num_warps"]))
+    return max(1, min(smem // tile_bytes, threads // (32 * cfg["num_warps"]), by_registers))
+
+
+def grouped_decode_triton(
+    q_rope: torch.Tensor,
+    kv_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    softmax_scale: float,
+    kv_rank: int,
+    head_groups: int,
+    block_table: torch.Tensor | None = None,
+    kv_start: torch.Tensor | None = None,
+    num_splits: int = 0,
+    config: dict | None = None,
+    kv_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as `grouped_decode_reference`: one program per (sequence, KV group, split), each
+    reading its group's `r / G` latent and `2p / G` RoPE columns, then `_decode_combine_kernel`.
+    `num_splits=0` picks a split count from the same wave model as the plain decode."""
+    batch, num_heads, width = q_rope.shape
+    group_pairs, group_rank = width // 2, kv_rank // head_groups
+    paged = block_table is not None
+    cfg = {**grouped_decode_config(num_heads // head_groups, group_rank, group_pairs, triton_interpreter_enabled()),
+           **(config or {})}  # fmt: skip
+    capacity = cache_capacity(kv_cache, block_table)
+    block_n = cfg["BLOCK_N"]
+    if num_splits <= 0:
+        if q_rope.device.type != "cuda":  # interpreter: a few splits, so tests cover the combine
+            num_splits = max(1, min(4, cdiv(capacity, block_n)))
+        else:
+            slots = torch.cuda.get_device_properties(q_rope.device).multi_processor_count * _grouped_programs_per_sm(
+                cfg, kv_cache.element_size(), q_rope.device
+            )
+            tile_bytes = block_n * (group_rank + width) * kv_cache.element_size()
+            partial_bytes = cfg["BLOCK_H"] * group_rank * 4
+            num_splits = _splits_for_tiles(
+                batch, head_groups, cdiv(capacity, block_n), tile_bytes, partial_bytes, slots
+            )
+    split_len = cdiv(cdiv(capacity, num_splits), block_n) * block_n
+    part_out, part_lse = _split_partials(batch, num_heads, num_splits, group_rank, q_rope.device)
+    table = block_table if paged else cache_seqlens  # any tensor: unused when not PAGED
+    start = kv_start if kv_start is not None else cache_seqlens
+    scale = kv_scale if kv_scale is not None else part_lse  # any fp32 tensor: unused without HAS_SCALE
+    block_size = kv_cache.shape[1] if paged else 1
+    _decode_split_kernel_grouped[(batch, head_groups, num_splits)](
+        q_rope, kv_cache, table, cache_seqlens, start, scale, part_out, part_lse,
+        softmax_scale * _LOG2E,
+        num_heads // head_groups, group_rank, group_pairs, kv_rank, head_groups * group_pairs, block_size, split_len,
+        num_splits,
+        q_rope.stride(0), q_rope.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1),
+        scale.stride(0), scale.stride(1),
+        table.stride(0),
+        part_out.stride(0), part_out.stride(1), part_out.stride(2),
+        part_lse.stride(0), part_lse.stride(1),
+        PAGED=paged, PAGE_TILE=paged and cfg["PAGE_TILE"] and block_size % block_n == 0,
+        HAS_KV_START=kv_start is not None, HAS_SCALE=kv_scale is not None,
+        SPLIT_BY_LENGTH=cfg.get("SPLIT_BY_LENGTH", True),
+        BLOCK_H=cfg["BLOCK_H"], BLOCK_N=block_n, BLOCK_V=cfg["BLOCK_V"], BLOCK_P=cfg["BLOCK_P"],
+        DOT_PRECISION="ieee" if q_rope.dtype == torch.float32 else "tf32",
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )  # fmt: skip
+    return _combine_splits(part_out, part_lse, q_rope.dtype)
