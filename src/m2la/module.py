@@ -101,8 +101,8 @@ def pin_head_groups(model: nn.Module) -> list[int]:
     plain decode. Returns each layer's group count (0: not grouped).
 
     Eager calls check the weights themselves; compiled code cannot see a weight change, so call this
-    again (or pin again) after changing the weights, e.g. after training. Pinning 0 everywhere:
-    ``for m in model.modules(): m.pinned_head_groups = 0`` on the M2LAttention layers.
+    again after changing the weights (training, editing). A layer's ``pinned_head_groups = 0`` sends
+    its compiled decode back to the plain kernel.
     """
     groups = []
     for module in model.modules():
