@@ -345,15 +345,15 @@ class M2LAttention(nn.Module):
             seqlens = (query_offset + t).to(torch.int32).reshape(1).expand(b).contiguous()  # [b]
         groups = self.head_groups() if t == 1 else 0
         if groups:  # GQA's work: each KV group's heads read only their group's columns
-            group = torch.arange(h, device=rows.device) // (h // groups)  # [h]
-            pairs = q_rope.shape[-1] // (2 * groups)
-            q = q_rope[:, 0].unflatten(-1, (2, groups, pairs))  # [b, h, 2, G, P]
-            q = q.gather(3, group.view(1, h, 1, 1, 1).expand(b, h, 2, 1, pairs)).flatten(2)  # [b, h, 2P]
+            pairs, v = q_rope.shape[-1] // (2 * groups), c.v_head_dim
+            # heads are group-major (h = g * H/G + i): keep each head's own group, a diagonal
+            q = q_rope[:, 0].view(b, groups, h // groups, 2, groups, pairs).diagonal(dim1=1, dim2=4)  # [b, i, 2, P, g]
+            q = q.movedim(-1, 1).reshape(b, h, 2 * pairs)  # [b, h, 2P]
             out_group, _ = kernels.grouped_decode_attention(
                 q, rows, seqlens, c.softmax_scale, c.kv_rank, groups, kv_start=starts, kv_scale=kv_scale
             )  # [b, h, r / G]
-            w_group = w_uv.unflatten(2, (groups, c.v_head_dim))  # [h, v, G, r / G]
-            w_group = w_group.gather(2, group.view(h, 1, 1, 1).expand(h, c.v_head_dim, 1, c.v_head_dim))[:, :, 0]
+            w_group = w_uv.reshape(groups, h // groups, v, groups, v).diagonal(dim1=0, dim2=3)  # [i, v, v, g]
+            w_group = w_group.movedim(-1, 0).reshape(h, v, v)  # [h, v, r / G]: head h's group's values
             return torch.einsum("bhr,hvr->bhv", out_group, w_group.to(out_group.dtype))[:, None]
         if t == 1:
             q = torch.cat((attention_math.absorb_query(q_nope, w_uk), q_rope), dim=-1)[:, 0]  # [b, h, r + 2p]

@@ -106,6 +106,25 @@ def assert_close_with_lse(out, lse, ref_out, ref_lse, atol: float, rtol: float =
         assert (out.float()[empty] == 0).all()
 
 
+def random_layer(
+    heads: int, rank: int, nope: int, rope_pairs: int, v_dim: int, std: float, q_rank: int | None = None,
+    kv_b_bias: bool = True,
+):  # fmt: skip
+    """An fp32 `M2LAttention` (hidden size 24, query and kv_a biases) with N(0, std) weights; seed first."""
+    import m2la
+
+    config = m2la.M2LAConfig(
+        hidden_size=24, num_heads=heads, kv_rank=rank, rope_dim=2 * rope_pairs, qk_nope_dim=nope, v_head_dim=v_dim,
+        softmax_scale=0.3, q_rank=q_rank, kv_b_bias=kv_b_bias, q_bias=True, kv_a_bias=True,
+        rope_inv_freq=[1.0 / (i + 1) for i in range(rope_pairs)], rope_axis=[0] * rope_pairs,
+        rope_source_column=list(range(rope_pairs)),
+    )  # fmt: skip
+    module = m2la.M2LAttention(config)
+    for p in module.parameters():
+        torch.nn.init.normal_(p, std=std)
+    return module
+
+
 def module_errors_vs_fp32(
     layout: tuple[int, int, int, int, int], chunks: list[int], dtype: torch.dtype, device: str = "cpu", seed: int = 0
 ) -> tuple[float, float]:
@@ -116,17 +135,9 @@ def module_errors_vs_fp32(
     import m2la
     from m2la.backends import use_backend
 
-    heads, rank, nope, pairs, v_dim = layout
     torch.manual_seed(seed)
-    config = m2la.M2LAConfig(
-        hidden_size=24, num_heads=heads, kv_rank=rank, rope_dim=2 * pairs, qk_nope_dim=nope, v_head_dim=v_dim,
-        softmax_scale=0.3, kv_b_bias=True, q_bias=True, kv_a_bias=True,
-        rope_inv_freq=[1.0 / (i + 1) for i in range(pairs)], rope_axis=[0] * pairs, rope_source_column=list(range(pairs)),
-    )  # fmt: skip
-    module = m2la.M2LAttention(config)
-    for p in module.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    lowp = m2la.M2LAttention(config)
+    module = random_layer(*layout, std=0.3)
+    lowp = m2la.M2LAttention(module.config)
     lowp.load_state_dict(module.state_dict())
     module, lowp = module.to(device), lowp.to(device, dtype)
     hidden = torch.randn(2, sum(chunks), 24).to(device)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 pytest.importorskip("transformers")
-from kernel_cases import module_errors_vs_fp32, record_calls  # noqa: E402
+from kernel_cases import module_errors_vs_fp32, random_layer, record_calls  # noqa: E402
 
 import m2la  # noqa: E402
 import tiny_hf  # noqa: E402
@@ -390,15 +390,7 @@ def test_triton_module_matches_reference_over_random_layouts(
     if nope + 2 * rope_pairs == 0:
         nope = 1
     torch.manual_seed(seed)
-    config = m2la.M2LAConfig(
-        hidden_size=24, num_heads=heads, kv_rank=rank, rope_dim=2 * rope_pairs, qk_nope_dim=nope, v_head_dim=v_dim,
-        softmax_scale=0.3, q_rank=q_rank, kv_b_bias=kv_b_bias, q_bias=True, kv_a_bias=True,
-        rope_inv_freq=[1.0 / (i + 1) for i in range(rope_pairs)], rope_axis=[0] * rope_pairs,
-        rope_source_column=list(range(rope_pairs)),
-    )  # fmt: skip
-    module = m2la.M2LAttention(config)
-    for p in module.parameters():
-        torch.nn.init.normal_(p, std=0.4)
+    module = random_layer(heads, rank, nope, rope_pairs, v_dim, std=0.4, q_rank=q_rank, kv_b_bias=kv_b_bias)
     total = sum(chunks)
     hidden = torch.randn(2, total, 24)
     padding = torch.tensor(padding).clamp(max=total - 1)  # every sequence keeps a real token

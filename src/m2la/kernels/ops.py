@@ -84,6 +84,30 @@ def _values_readable(direct: bool, backend: str, device: torch.device) -> bool:
 # ---------------------------------------------------------------- latent decode
 
 
+def _decode_inputs(
+    q: Tensor,
+    kv_cache: Tensor,
+    cache_seqlens: Tensor,
+    block_table: Tensor | None,
+    kv_start: Tensor | None,
+    kv_scale: Tensor | None,
+    backend: str | None,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, str, bool]:
+    """What both decode ops do once their shapes are checked: the fp8 scale check, small inputs made
+    contiguous, the backend resolved, the dispatch route, and (reference on CPU) the length values.
+    -> (q, cache_seqlens, block_table, kv_start, backend, direct)."""
+    check_cache_scale(kv_cache, kv_scale)
+    q, cache_seqlens = _rows_contiguous(q), cache_seqlens.contiguous()
+    block_table = None if block_table is None else block_table.contiguous()
+    kv_start = None if kv_start is None else kv_start.contiguous()
+    tensors = (q, kv_cache, cache_seqlens, block_table, kv_start, kv_scale)
+    chosen = resolve_backend(backend, *tensors)
+    direct = _dispatch_directly(*tensors)
+    if _values_readable(direct, chosen, q.device):
+        _checks.check_lengths(kv_cache, cache_seqlens, block_table, kv_start)
+    return q, cache_seqlens, block_table, kv_start, chosen, direct
+
+
 def _latent_decode_impl(
     q: Tensor,
     kv_cache: Tensor,
@@ -141,15 +165,9 @@ def decode_attention(
     `write_latent_cache` fills it) takes `kv_scale`, one fp32 per token slot (`kv_cache.shape[:2]`).
     """
     _checks.check_decode_args(q, kv_cache, cache_seqlens, kv_rank, block_table, kv_start)
-    check_cache_scale(kv_cache, kv_scale)
-    q, cache_seqlens = _rows_contiguous(q), cache_seqlens.contiguous()
-    block_table = None if block_table is None else block_table.contiguous()
-    kv_start = None if kv_start is None else kv_start.contiguous()
-    tensors = (q, kv_cache, cache_seqlens, block_table, kv_start, kv_scale)
-    chosen = resolve_backend(backend, *tensors)
-    direct = _dispatch_directly(*tensors)
-    if _values_readable(direct, chosen, q.device):
-        _checks.check_lengths(kv_cache, cache_seqlens, block_table, kv_start)
+    q, cache_seqlens, block_table, kv_start, chosen, direct = _decode_inputs(
+        q, kv_cache, cache_seqlens, block_table, kv_start, kv_scale, backend
+    )
     run = _latent_decode_impl if direct else _latent_decode_op
     return run(
         q, kv_cache, cache_seqlens, block_table, kv_start, kv_scale, float(softmax_scale), int(kv_rank),
@@ -219,15 +237,9 @@ def grouped_decode_attention(
     `lse [b, h]` fp32: the plain decode's result on the group's columns (its other columns are 0).
     """
     _checks.check_grouped_decode_args(q_rope, kv_cache, cache_seqlens, kv_rank, head_groups, block_table, kv_start)
-    check_cache_scale(kv_cache, kv_scale)
-    q_rope, cache_seqlens = _rows_contiguous(q_rope), cache_seqlens.contiguous()
-    block_table = None if block_table is None else block_table.contiguous()
-    kv_start = None if kv_start is None else kv_start.contiguous()
-    tensors = (q_rope, kv_cache, cache_seqlens, block_table, kv_start, kv_scale)
-    chosen = resolve_backend(backend, *tensors)
-    direct = _dispatch_directly(*tensors)
-    if _values_readable(direct, chosen, q_rope.device):
-        _checks.check_lengths(kv_cache, cache_seqlens, block_table, kv_start)
+    q_rope, cache_seqlens, block_table, kv_start, chosen, direct = _decode_inputs(
+        q_rope, kv_cache, cache_seqlens, block_table, kv_start, kv_scale, backend
+    )
     run = _grouped_decode_impl if direct else _grouped_decode_op
     return run(
         q_rope, kv_cache, cache_seqlens, block_table, kv_start, kv_scale, float(softmax_scale), int(kv_rank),

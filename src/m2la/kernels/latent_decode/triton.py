@@ -713,16 +713,37 @@ def split_kernel_for(cfg: dict, kv_rank: int) -> tuple:
     )  # fmt: skip
 
 
+def _sm_limits(device: torch.device) -> tuple[int, int, int]:
+    """Shared memory bytes, threads and registers one SM of `device` offers (sm_90's where unreported)."""
+    props = torch.cuda.get_device_properties(device)
+    return (
+        getattr(props, "shared_memory_per_multiprocessor", 228 * 1024),
+        getattr(props, "max_threads_per_multi_processor", 2048),
+        getattr(props, "regs_per_multiprocessor", 64 * 1024),
+    )
+
+
+def _interpreter_splits(capacity: int, block_n: int) -> int:
+    """Off CUDA (the interpreter): a few splits, so the tests cover the combine."""
+    return max(1, min(4, cdiv(capacity, block_n)))
+
+
+def _stand_ins(block_table, cache_seqlens, kv_start, kv_scale, part_lse) -> tuple[torch.Tensor, ...]:
+    """The split kernels' block-table, kv_start and scale arguments, with any tensor standing in for an
+    absent one (its constexpr flag keeps it unread)."""
+    table = block_table if block_table is not None else cache_seqlens
+    start = kv_start if kv_start is not None else cache_seqlens
+    scale = kv_scale if kv_scale is not None else part_lse  # an fp32 tensor: strides read as a scale's
+    return table, start, scale
+
+
 def programs_per_sm(cfg: dict, itemsize: int, device: torch.device) -> int:
     """Split-kernel programs one SM can hold at once, estimated from the tile config: shared memory
     for the cache tiles, threads, and registers. Tiles whose fp32 accumulator holds 48 or more values
     a thread, and fp8 tiles (widened in registers), take 150-255 registers a thread in the sm_90
     compile, counted as 256; others (79-128) as 128. So a heavy program of 8 warps fits once in
     sm_90's 64K registers, one of 4 warps twice."""
-    props = torch.cuda.get_device_properties(device)
-    smem = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
-    threads = getattr(props, "max_threads_per_multi_processor", 2048)
-    registers = getattr(props, "regs_per_multiprocessor", 64 * 1024)
+    smem, threads, registers = _sm_limits(device)
     latent = cfg["BLOCK_D"] + cfg.get("BLOCK_D1", 0) + cfg.get("BLOCK_D2", 0)
     resident = latent >= cfg["BLOCK_V"]  # the key tile doubles as the value tile
     loaded = latent + cfg["BLOCK_ROPE"] + (0 if resident else cfg["BLOCK_V"])
@@ -832,8 +853,8 @@ def _plan(q, kv_cache, kv_rank, block_table, num_splits, config) -> tuple[_TileP
         return plan, num_splits
     capacity = cache_capacity(kv_cache, block_table)
     block_n = plan.cfg["BLOCK_N"]
-    if q.device.type != "cuda":  # interpreter: a few splits, so tests cover the combine
-        return plan, max(1, min(4, cdiv(capacity, block_n)))
+    if q.device.type != "cuda":
+        return plan, _interpreter_splits(capacity, block_n)
     slots = _wave_slots(q.device, key, kv_cache.element_size())
     row_bytes = width * kv_cache.element_size()
     work_tiles = plan.head_tiles * plan.value_tiles
@@ -912,9 +933,7 @@ def latent_decode_triton(
 
     part_out, part_lse = _split_partials(batch, num_heads, num_splits, kv_rank, q.device)
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    table = block_table if paged else cache_seqlens  # any tensor: unused when not PAGED
-    start = kv_start if kv_start is not None else cache_seqlens
-    scale = kv_scale if kv_scale is not None else part_lse  # any fp32 tensor: unused without HAS_SCALE
+    table, start, scale = _stand_ins(block_table, cache_seqlens, kv_start, kv_scale, part_lse)
     args = (
         q, kv_cache, table, cache_seqlens, start, scale, part_out, part_lse,
         softmax_scale * _LOG2E,
@@ -995,10 +1014,7 @@ def grouped_decode_config(heads_per_group: int, group_rank: int, group_pairs: in
 def _grouped_programs_per_sm(cfg: dict, itemsize: int, device: torch.device) -> int:
     """Grouped split programs an SM holds at once: pipelined cache tiles in shared memory, threads,
     and registers (light tiles: 128 a thread, as `programs_per_sm` counts them)."""
-    props = torch.cuda.get_device_properties(device)
-    smem = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
-    threads = getattr(props, "max_threads_per_multi_processor", 2048)
-    registers = getattr(props, "regs_per_multiprocessor", 64 * 1024)
+    smem, threads, registers = _sm_limits(device)
     tile_bytes = max(1, cfg["num_stages"]) * cfg["BLOCK_N"] * (cfg["BLOCK_V"] + 2 * cfg["BLOCK_P"]) * itemsize
     by_registers = max(1, registers // (128 * 32 * cfg["num_warps"]))
     return max(1, min(smem // tile_bytes, threads // (32 * cfg["num_warps"]), by_registers))
@@ -1028,8 +1044,8 @@ def grouped_decode_triton(
     capacity = cache_capacity(kv_cache, block_table)
     block_n = cfg["BLOCK_N"]
     if num_splits <= 0:
-        if q_rope.device.type != "cuda":  # interpreter: a few splits, so tests cover the combine
-            num_splits = max(1, min(4, cdiv(capacity, block_n)))
+        if q_rope.device.type != "cuda":
+            num_splits = _interpreter_splits(capacity, block_n)
         else:
             slots = torch.cuda.get_device_properties(q_rope.device).multi_processor_count * _grouped_programs_per_sm(
                 cfg, kv_cache.element_size(), q_rope.device
@@ -1041,9 +1057,7 @@ def grouped_decode_triton(
             )
     split_len = cdiv(cdiv(capacity, num_splits), block_n) * block_n
     part_out, part_lse = _split_partials(batch, num_heads, num_splits, group_rank, q_rope.device)
-    table = block_table if paged else cache_seqlens  # any tensor: unused when not PAGED
-    start = kv_start if kv_start is not None else cache_seqlens
-    scale = kv_scale if kv_scale is not None else part_lse  # any fp32 tensor: unused without HAS_SCALE
+    table, start, scale = _stand_ins(block_table, cache_seqlens, kv_start, kv_scale, part_lse)
     block_size = kv_cache.shape[1] if paged else 1
     _decode_split_kernel_grouped[(batch, head_groups, num_splits)](
         q_rope, kv_cache, table, cache_seqlens, start, scale, part_out, part_lse,
