@@ -46,10 +46,17 @@ def test_lossless_matches_gqa(case, seq_len):
     else:
         positions = torch.arange(seq_len).expand(2, seq_len) + 5
     expected = gqa_attention(src, hidden, positions)
+    cos, sin = module.rope_cos_sin(positions)
     for absorbed in (False, True):
-        cos, sin = module.rope_cos_sin(positions)
-        got = module.attend(hidden, cos, sin, absorbed=absorbed)
+        got = module.attend(hidden, cos, sin, absorbed=absorbed)  # records grad: never the grouped path
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    # Without autograd, layers that kept the source's groups attend through them (GQA's work)
+    grouped = CASES[case].get("rotary_dim") is None  # partial rotary keeps no-RoPE key dims (n > 0)
+    assert module.head_groups() == (src.num_kv_heads if grouped else 0)
+    with torch.no_grad():
+        for absorbed in (False, True, None):
+            got = module.attend(hidden, cos, sin, absorbed=absorbed)
+            torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
 def test_lossless_fp32_within_rounding():
@@ -226,6 +233,42 @@ def test_sdpa_expanded_matches_reference(mask_kind):
     got = am.latent_attention_expanded_sdpa(*args)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "padding", "bool4d", "float4d", "window", "per_head"])
+@pytest.mark.parametrize("t,past", [(1, 0), (1, 9), (6, 0), (5, 7), (23, 4)])
+@pytest.mark.parametrize("heads,groups,pairs,value_dim", [(9, 3, 5, 7), (7, 1, 24, 48), (4, 4, 1, 3), (6, 2, 30, 60)])
+def test_grouped_attention_matches_latent_mqa(heads, groups, pairs, value_dim, t, past, mask_kind):
+    """`grouped_attention_from_rows` (both its SDPA and its per-group GEMM paths) against the fp64
+    explicit-softmax MQA oracle with the zero-padded query: every query row, padding rows included."""
+    from m2la import attention_math as am
+    from m2la.kernels.latent_decode.reference import grouped_query
+
+    torch.manual_seed(heads * 100 + t + past)
+    b, s = 2, t + past
+    kv_rank = groups * value_dim
+    q = torch.randn(b, t, heads, 2 * pairs, dtype=torch.float64)
+    rows = torch.randn(b, s, kv_rank + 2 * groups * pairs, dtype=torch.float64)
+    pad = torch.ones(b, s, dtype=torch.long)
+    pad[1, : min(3, s - 1)] = 0
+    causal = torch.ones(t, s, dtype=torch.bool).tril(past)
+    window = causal & ~torch.ones(t, s, dtype=torch.bool).tril(past - 3)  # 3 keys each (sliding window)
+    mask = {
+        "none": None,
+        "padding": pad,
+        "bool4d": causal[None, None] & pad.bool()[:, None, None],
+        "float4d": torch.zeros(b, 1, t, s, dtype=torch.float64).masked_fill(~causal, -torch.inf),
+        "window": window[None, None],
+        "per_head": causal & (torch.rand(b, heads, t, s, generator=torch.Generator().manual_seed(s)) < 0.6),
+    }[mask_kind]
+    plain_query = grouped_query(q.flatten(0, 1), kv_rank, groups).unflatten(0, (b, t))  # [b, t, h, r + 2p]
+    expected, _ = am.latent_mqa(plain_query, rows, kv_rank, 0.3, mask)  # [b, t, h, r]
+    group = torch.arange(heads) // (heads // groups)
+    expected = expected.unflatten(-1, (groups, value_dim))[:, :, torch.arange(heads), group]  # [b, t, h, r/G]
+    for fused_softmax in (False, True):
+        got = am.grouped_attention_from_rows(q, rows, kv_rank, groups, 0.3, mask, fused_softmax)
+        assert got.shape == (b, t, heads, value_dim) and torch.isfinite(got).all()
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("t,past", [(1, 0), (1, 9), (5, 0), (4, 6)])

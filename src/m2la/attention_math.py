@@ -27,6 +27,7 @@ __all__ = [
     "latent_mqa",
     "absorbed_from_rows",
     "absorb_query",
+    "grouped_attention_from_rows",
     "masked_softmax_attention",
     "causal_window_starts",
 ]
@@ -158,12 +159,22 @@ def latent_attention_expanded_sdpa(
 ) -> torch.Tensor:
     """:func:`latent_attention_expanded` through torch's fused SDPA (no ``[t, s]`` score matrix in memory
     for causal prefill); computes in the inputs' dtype. Same arguments and result."""
-    b, t, h, _ = q_rope.shape
-    s = latent.shape[1]
     dtype = q_rope.dtype
     keys, values = expand_latent_kv(latent, k_rope, w_uk, w_uv, dtype)  # [b, h, s, n + 2p], [b, h, s, v]
     queries = torch.cat((q_nope, q_rope), dim=-1).transpose(1, 2)  # [b, h, t, n + 2p]
-    attn_mask, is_causal = _sdpa_mask(mask, t, s, latent.device, dtype)
+    out = sdpa_zeroing_dead_queries(queries, keys, values, mask, softmax_scale).transpose(1, 2)  # [b, t, h, v]
+    if v_bias is not None:
+        out = out + v_bias.to(dtype)
+    return out
+
+
+def sdpa_zeroing_dead_queries(
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, softmax_scale: float
+) -> torch.Tensor:
+    """torch SDPA of ``queries [b, h, t, e]`` over ``keys [b, h, s, e]``, ``values [b, h, s, v]`` under
+    ``mask`` (as :func:`attention_bias` reads it) -> ``[b, h, t, v]``; queries that see no key give 0."""
+    t, s = queries.shape[2], keys.shape[2]
+    attn_mask, is_causal = _sdpa_mask(mask, t, s, keys.device, queries.dtype)
     dead = None
     if attn_mask is not None:
         # Queries that see no key (left padding): CUDA's fused SDPA kernels return NaN there, which
@@ -173,13 +184,72 @@ def latent_attention_expanded_sdpa(
         attn_mask = attn_mask | dead if attn_mask.dtype == torch.bool else attn_mask.masked_fill(dead, 0.0)
     out = torch.nn.functional.scaled_dot_product_attention(
         queries, keys, values, attn_mask=attn_mask, is_causal=is_causal, scale=softmax_scale
-    )  # [b, h, t, v]
-    if dead is not None:
-        out = out.masked_fill(dead, 0.0)
-    out = out.transpose(1, 2)  # [b, t, h, v]
-    if v_bias is not None:
-        out = out + v_bias.to(dtype)
-    return out
+    )
+    return out if dead is None else out.masked_fill(dead, 0.0)
+
+
+def grouped_attention_from_rows(
+    q_rope: torch.Tensor,
+    rows: torch.Tensor,
+    kv_rank: int,
+    head_groups: int,
+    softmax_scale: float,
+    mask: torch.Tensor | None = None,
+    fused_softmax: bool | None = None,
+) -> torch.Tensor:
+    """GQA over a *grouped* layer's cache rows (``m2la.conversion.grouped_head_count``: the lossless
+    conversion of a GQA attention with ``G = head_groups`` KV heads): head ``h`` of group
+    ``g = h // (h / G)`` scores only its group's ``P`` RoPE pairs and reads only its group's latent slice.
+
+    q_rope ``[b, t, h, 2P]`` (each head's own pairs, x half then y half; rotated), rows
+    ``[b, s, r + 2p]`` with ``p = G P`` in the half layout -> ``[b, t, h, r / G]`` in q's dtype: head
+    ``h``'s attention output over latent columns ``[g r/G, (g+1) r/G)``. Equal to :func:`latent_mqa`
+    with a query that is zero outside those columns, at GQA's cost: ``2P + r/G`` multiply-adds per
+    head and key instead of ``2r + 2p``. Queries with no visible key give 0.
+
+    ``fused_softmax``: torch SDPA over the group's keys gathered into ``[b, G, s, 2P]`` (no ``[t, s]``
+    scores in memory; prefill) or, False, per-group GEMMs over strided views of the rows (no copy of
+    the cache; decode). None picks SDPA for more than 16 queries.
+    """
+    b, t, h, width = q_rope.shape
+    s = rows.shape[1]
+    groups, pairs = head_groups, width // 2
+    per_group, value_dim = h // groups, kv_rank // groups
+    dtype = q_rope.dtype
+    rows = rows.to(dtype)
+    if fused_softmax if fused_softmax is not None else t > 16:
+        keys = rows[..., kv_rank:].unflatten(-1, (2, groups, pairs)).permute(0, 3, 1, 2, 4)  # [b, G, s, 2, P]
+        keys = keys.reshape(b, groups, s, width)
+        values = rows[..., :kv_rank].unflatten(-1, (groups, value_dim)).transpose(1, 2)  # [b, G, s, r/G]
+        queries = q_rope.transpose(1, 2)  # [b, h, t, 2P]
+        if per_group > 1:  # GQA's usual repeat (enable_gqa measured no faster on CPU)
+            keys = keys.repeat_interleave(per_group, dim=1)
+            values = values.repeat_interleave(per_group, dim=1)
+        return sdpa_zeroing_dead_queries(queries, keys, values, mask, softmax_scale).transpose(1, 2)
+    bias = None
+    if mask is not None or t > 1:
+        bias = attention_bias(mask, t, s, rows.device, dtype)
+        bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape)).transpose(1, 2)  # [b|1, t, h|1, s]
+    queries = q_rope.reshape(b, t, groups, per_group, 2, pairs)
+    half = rows.shape[-1] - kv_rank - groups * pairs  # p: offset of the y half in the RoPE key
+    outs = []
+    for g in range(groups):
+        q_g = queries[:, :, g].reshape(b, t * per_group, 2, pairs)
+        x_cols = kv_rank + g * pairs
+        keys_x = rows[..., x_cols : x_cols + pairs]  # [b, s, P] strided views: no copy of the cache
+        keys_y = rows[..., x_cols + half : x_cols + half + pairs]
+        scores = (
+            torch.baddbmm(torch.bmm(q_g[:, :, 0], keys_x.transpose(1, 2)), q_g[:, :, 1], keys_y.transpose(1, 2))
+            * softmax_scale
+        )  # [b, t * h/G, s]
+        if bias is not None:
+            bias_g = bias if bias.shape[2] == 1 else bias[:, :, g * per_group : (g + 1) * per_group]
+            scores = (scores.view(b, t, per_group, s) + bias_g).view(b, t * per_group, s)
+        probs = torch.softmax(scores, dim=-1)
+        if mask is not None:
+            probs = probs.nan_to_num(0.0)  # queries with no visible key (padding) output 0
+        outs.append(torch.bmm(probs, rows[..., g * value_dim : (g + 1) * value_dim]).view(b, t, per_group, -1))
+    return torch.cat(outs, dim=2)  # [b, t, h, r/G]
 
 
 def absorb_query(q_nope: torch.Tensor, w_uk: torch.Tensor) -> torch.Tensor:

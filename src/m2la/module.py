@@ -112,6 +112,24 @@ def pin_head_groups(model: nn.Module) -> list[int]:
     return groups
 
 
+def grouped_queries(q_rope: torch.Tensor, groups: int) -> torch.Tensor:
+    """A grouped layer's RoPE queries ``[b, t, h, 2p]`` (zero outside each head's group) -> each head's
+    own pairs ``[b, t, h, 2P]`` (x half then y half), ``p = G P``. Heads are group-major
+    (``h = g * H/G + i``), so this is a diagonal of ``[.., g, i, half, g', P]``."""
+    b, t, h, width = q_rope.shape
+    pairs = width // (2 * groups)
+    q = q_rope.reshape(b, t, groups, h // groups, 2, groups, pairs).diagonal(dim1=2, dim2=5)  # [b, t, i, 2, P, g]
+    return q.movedim(-1, 2).reshape(b, t, h, 2 * pairs)
+
+
+def grouped_value_maps(w_uv: torch.Tensor, groups: int) -> torch.Tensor:
+    """A grouped layer's value up-projection ``[h, v, r]`` (zero outside each head's group's latent
+    slice) -> head h's map from its group's slice, ``[h, v, r / G]``."""
+    h, v, r = w_uv.shape
+    w = w_uv.reshape(groups, h // groups, v, groups, r // groups).diagonal(dim1=0, dim2=3)  # [i, v, r/G, g]
+    return w.movedim(-1, 0).reshape(h, v, r // groups)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm over the last dim, computed in fp32 and cast back (as the source models do)."""
 
@@ -271,7 +289,16 @@ class M2LAttention(nn.Module):
                 static_length(self.layer_idx), hidden.shape[1], rows, quantized, attention_mask
             )
         w_uk, w_uv, v_bias = self.up_projections()
-        if fused:
+        groups = 0 if fused or records_grad(q_rope, w_uv) else self.head_groups()  # grouped: GQA's work
+        if groups:
+            use_sdpa = None if absorbed is None else not absorbed
+            out_group = attention_math.grouped_attention_from_rows(
+                grouped_queries(q_rope, groups), rows, c.kv_rank, groups, c.softmax_scale, attention_mask, use_sdpa
+            )  # [b, t, h, r / G]
+            out = torch.einsum("bthr,hvr->bthv", out_group, grouped_value_maps(w_uv, groups).to(out_group.dtype))
+            if v_bias is not None:
+                out = out + v_bias.to(out.dtype)
+        elif fused:
             out = self._attend_fused(q_nope, q_rope, rows, w_uk, w_uv, attention_mask, quantized, query_offset)
             if v_bias is not None:
                 out = out + v_bias.to(out.dtype)
@@ -343,18 +370,21 @@ class M2LAttention(nn.Module):
             _, seqlens = _step_indices(b, t, s, rows.device)
         else:  # every sequence holds the rows up to its last query
             seqlens = (query_offset + t).to(torch.int32).reshape(1).expand(b).contiguous()  # [b]
-        groups = self.head_groups() if t == 1 else 0
+        cu_seqlens = None if t == 1 else torch.arange(0, (b + 1) * t, t, dtype=torch.int32, device=rows.device)
+        groups = self.head_groups()
         if groups:  # GQA's work: each KV group's heads read only their group's columns
-            pairs, v = q_rope.shape[-1] // (2 * groups), c.v_head_dim
-            # heads are group-major (h = g * H/G + i): keep each head's own group, a diagonal
-            q = q_rope[:, 0].view(b, groups, h // groups, 2, groups, pairs).diagonal(dim1=1, dim2=4)  # [b, i, 2, P, g]
-            q = q.movedim(-1, 1).reshape(b, h, 2 * pairs)  # [b, h, 2P]
-            out_group, _ = kernels.grouped_decode_attention(
-                q, rows, seqlens, c.softmax_scale, c.kv_rank, groups, kv_start=starts, kv_scale=kv_scale
-            )  # [b, h, r / G]
-            w_group = w_uv.reshape(groups, h // groups, v, groups, v).diagonal(dim1=0, dim2=3)  # [i, v, v, g]
-            w_group = w_group.movedim(-1, 0).reshape(h, v, v)  # [h, v, r / G]: head h's group's values
-            return torch.einsum("bhr,hvr->bhv", out_group, w_group.to(out_group.dtype))[:, None]
+            q = grouped_queries(q_rope, groups)  # [b, t, h, 2P]
+            if t == 1:
+                out_group, _ = kernels.grouped_decode_attention(
+                    q[:, 0], rows, seqlens, c.softmax_scale, c.kv_rank, groups, kv_start=starts, kv_scale=kv_scale
+                )  # [b, h, r / G]
+            else:
+                out_group, _ = kernels.grouped_prefill_attention(
+                    q.flatten(0, 1), rows, cu_seqlens, seqlens, c.softmax_scale, c.kv_rank, groups, None, starts,
+                    kv_scale=kv_scale, max_seqlen_q=t,
+                )  # [b t, h, r / G]  # fmt: skip
+            w_group = grouped_value_maps(w_uv, groups).to(out_group.dtype)
+            return torch.einsum("bthr,hvr->bthv", out_group.view(b, t, h, -1), w_group)
         if t == 1:
             q = torch.cat((attention_math.absorb_query(q_nope, w_uk), q_rope), dim=-1)[:, 0]  # [b, h, r + 2p]
             out_latent, _ = kernels.decode_attention(
@@ -363,7 +393,6 @@ class M2LAttention(nn.Module):
             return torch.einsum("bhr,hvr->bhv", out_latent, w_uv.to(out_latent.dtype))[:, None]
         w_uk_t, w_uv_t = w_uk.transpose(1, 2), w_uv.transpose(1, 2)  # kernels take [h, r, n], [h, r, v]
         # Left padding: kv_start hides each sequence's padding keys; padding queries see no key -> 0.
-        cu_seqlens = torch.arange(0, (b + 1) * t, t, dtype=torch.int32, device=rows.device)
         out, _ = kernels.prefill_attention(
             q_nope.flatten(0, 1), q_rope.flatten(0, 1), rows, w_uk_t, w_uv_t, cu_seqlens, seqlens,
             c.softmax_scale, None, starts, kv_scale=kv_scale, max_seqlen_q=t, max_seqlen_k=s,

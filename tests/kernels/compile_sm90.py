@@ -51,6 +51,7 @@ NOT_DIVISIBLE = {
     "num_head_tiles",
     "num_query_tiles",
     "head_group",
+    "kv_group_size",
 }
 
 
@@ -175,17 +176,28 @@ def prefill_case(value_dim, rope_dim, nope_dim, dtype="fp16", cache_dtype=None, 
     """Expanded mode: `nope_dim` 128 (per-head keys, resident queries); absorbed: `nope_dim` = r.
     `cache_dtype` "fp8e4nv": absorbed mode over an fp8 cache (keys and values), queries in `dtype`.
     `overrides`: entries of `prefill_config`, as `config=` gives them."""
+    split = overrides.pop("ROPE_SPLIT", False)
     cfg = {**prefill.prefill_config(value_dim, interpret=False, nope_dim=nope_dim, rope_dim=rope_dim), **overrides}
-    consts = dict(PAGED=paged, HAS_NOPE=nope_dim > 0, HAS_KV_START=True, DOT_PRECISION="tf32",
+    consts = dict(PAGED=paged, ROPE_SPLIT=split, HAS_NOPE=nope_dim > 0, HAS_KV_START=True, DOT_PRECISION="tf32",
                   BLOCK_ROPE=max(16, triton.next_power_of_2(rope_dim)), HAS_SCALE=cache_dtype is not None,
                   SINGLE_D=nope_dim > 0 and cfg["BLOCK_D"] >= nope_dim)  # fmt: skip
     consts.update({k: v for k, v in cfg.items() if k.startswith("BLOCK")})
     consts["TMA"] = bool(cfg.get("TMA"))
+    consts.setdefault("ROPE_SPLIT", False)
+    if not consts["ROPE_SPLIT"]:
+        consts["kv_group_size"] = 1  # the launcher's JIT specialises a 1 into a constant
     ptrs = {"block_table_ptr": "*i32", "cu_seqlens_q_ptr": "*i32", "seqlens_ptr": "*i32", "kv_start_ptr": "*i32",
             "kv_scale_ptr": "*fp32", "out_ptr": "*fp32", "lse_ptr": "*fp32"}  # fmt: skip
     ptrs.update({n: f"*{dtype}" for n in ("q_nope_ptr", "q_rope_ptr")})
     ptrs.update({n: f"*{cache_dtype or dtype}" for n in ("k_nope_ptr", "k_rope_ptr", "v_ptr")})
     return compile_sm90(prefill._prefill_kernel, ptrs, consts, cfg["num_warps"], cfg["num_stages"])
+
+
+def grouped_prefill_case(head_dim, dtype="bf16", cache_dtype=None):
+    """`grouped_prefill_attention`'s flash tiles at their defaults: one KV group's keys (its 2 x P
+    RoPE columns, `ROPE_SPLIT`) and values read from the paged cache, shared by the group's heads
+    (how many is a runtime argument, so one compile serves every head count)."""
+    return prefill_case(head_dim, head_dim, 0, dtype, cache_dtype, paged=True, ROPE_SPLIT=True)
 
 
 def cache_write_case(kv_rank, rope_dim, cache_dtype="fp8e4nv"):
@@ -254,6 +266,10 @@ def main() -> None:
         "grouped_decode_h28_g4_d128": grouped_decode_case(28, 4, 128),
         "grouped_decode_h9_g3_d64": grouped_decode_case(9, 3, 64),
         "grouped_decode_h32_g8_d128_fp8": grouped_decode_case(32, 8, 128, cache_dtype="fp8e4nv"),
+        # ... and their prefill through the grouped flash tiles (GQA's keys and values, no expansion)
+        "grouped_prefill_d128": grouped_prefill_case(128),
+        "grouped_prefill_d64": grouped_prefill_case(64),
+        "grouped_prefill_d128_fp8": grouped_prefill_case(128, cache_dtype="fp8e4nv"),
         "cache_write_r448_rope64_fp8": cache_write_case(448, 64),
         # TMA tiles (contiguous caches): the cache tile goes global -> shared by TMA, both MMAs wgmma
         "decode_h32_r896_rope128_bf16_tma": decode_case(32, 896, 128, "bf16", paged=False, **TMA_896),

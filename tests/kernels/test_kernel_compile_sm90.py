@@ -50,6 +50,9 @@ WGMMA_CASES = [
     "decode_h32_r896_rope128_bf16_tma",
     "decode_h32_r448_rope64_bf16_tma",
     "prefill_v128_rope128_tma",
+    "grouped_prefill_d128",
+    "grouped_prefill_d64",
+    "grouped_prefill_d128_fp8",
 ]
 # Lossless conversions of real GQA models (every key dim carries RoPE: 2p = r): the launcher halves
 # BLOCK_N until the tile fits (64 -> 16 at 1024 + 1024), which compile_sm90.decode_case mimics.
@@ -182,6 +185,8 @@ def test_sm90_fp8_as_fp16_widens_in_one_instruction(compiled):
         "decode_h32_r448_rope64_bf16_pieces",
         "prefill_v128_rope128",
         "prefill_v128_rope128_tma",
+        "grouped_prefill_d128",
+        "grouped_prefill_d64",
     ],
 )
 def test_sm90_cache_tiles_are_double_buffered(compiled, case):
@@ -210,6 +215,18 @@ def test_sm90_grouped_decode_tiles_are_light(compiled, case):
     facts = compiled[case]
     assert facts["spill_stores"] == 0 and facts["registers"] <= 128, facts
     assert facts["shared"] <= 64 * 1024, facts
+
+
+@pytest.mark.parametrize("case", ["grouped_prefill_d128", "grouped_prefill_d128_fp8"])
+def test_sm90_grouped_prefill_tiles_are_gqa_sized(compiled, case):
+    """The grouped prefill of a lossless 8 x 128 GQA conversion reads one KV group's 2 x 64 RoPE
+    columns and 128 latent columns straight from the paged cache: no spills, and less shared memory
+    and fewer wgmma instructions than the plain prefill's tiles over the 1024-wide RoPE key of the
+    same layer (`prefill_v128_rope1024_lossless`: 192 KiB for one unpipelined stage of 64-query
+    tiles, 1.7 KB of spills with triton 3.9; grouped bf16: 96 KiB for two stages of 128-query tiles)."""
+    grouped, plain = compiled[case], compiled["prefill_v128_rope1024_lossless"]
+    assert grouped["spill_stores"] == 0 and grouped["wgmma"] > 0, grouped
+    assert grouped["shared"] < plain["shared"] and grouped["wgmma"] < plain["wgmma"], (grouped, plain)
 
 
 @pytest.mark.parametrize("case", TMA_CASES)

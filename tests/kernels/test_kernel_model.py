@@ -32,6 +32,35 @@ def test_generate_same_tokens_as_reference(family):
     assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("mode", ["flash", "decode"])
+def test_lossless_prefill_and_extend_through_grouped_prefill(mode, monkeypatch):
+    """A lossless conversion's prefill (left-padded) and a 5-token extend over its cache run through
+    `grouped_prefill_attention` under the Triton backend, in either mode, and give the reference
+    backend's logits."""
+    import m2la.kernels.latent_prefill.triton as prefill_module
+
+    calls = []
+    record_calls(monkeypatch, prefill_module, "grouped_prefill_triton", calls)
+    record_calls(monkeypatch, prefill_module, "latent_prefill_triton", calls)
+    monkeypatch.setattr(prefill_module, "choose_grouped_prefill_mode", lambda *args: mode)
+    model = tiny_hf.build("llama", 6, 2, 12)
+    m2la.convert(model)
+    ids = torch.randint(10, tiny_hf.VOCAB, (2, 21), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    logits = {}
+    with torch.no_grad():
+        for backend in ("reference", "triton"):
+            with use_backend(backend):
+                cache = m2la.M2LACache.for_model(model)
+                first = model(ids[:, :16], attention_mask=mask[:, :16], cache=cache, use_cache=True).logits
+                extend = model(ids[:, 16:], attention_mask=mask, cache=cache, use_cache=True).logits
+                logits[backend] = torch.cat((first, extend), dim=1)
+    assert calls == ["grouped_prefill_triton"] * 2 * model.config.num_hidden_layers
+    keep = mask.bool()
+    torch.testing.assert_close(logits["triton"][keep], logits["reference"][keep], rtol=1e-4, atol=1e-4)
+
+
 def test_triton_logits_match_reference():
     model = tiny_hf.build("qwen2", 6, 2, 12)
     m2la.convert(model)
@@ -235,9 +264,9 @@ def test_compiled_converted_model_runs_the_kernels(cache_dtype, layers_kind, mon
     """torch.compile of a whole converted model (aot_eager: dynamo + AOT autograd, no C++ compiler
     needed): under the Triton backend the compiled prefill and decode steps call the Triton kernels
     (custom ops, opaque to the compiler; the cache write mutates the cache in place) and give the
-    eager model's logits. A lossless conversion decodes through the grouped kernel eagerly, and compiled
-    once `pin_head_groups` pinned it (else through the plain one there); with its query map moved off
-    the group blocks, through the plain one in both."""
+    eager model's logits. A lossless conversion prefills and decodes through the grouped kernels
+    eagerly, and compiled once `pin_head_groups` pinned it (else through the plain ones there); with
+    its query map moved off the group blocks, through the plain ones in both."""
     import m2la.kernels.cache_write.triton as write_module
     import m2la.kernels.latent_decode.triton as decode_module
     import m2la.kernels.latent_prefill.triton as prefill_module
@@ -247,6 +276,7 @@ def test_compiled_converted_model_runs_the_kernels(cache_dtype, layers_kind, mon
     record_calls(monkeypatch, decode_module, "latent_decode_triton", calls)
     record_calls(monkeypatch, decode_module, "grouped_decode_triton", calls)
     record_calls(monkeypatch, prefill_module, "latent_prefill_triton", calls)
+    record_calls(monkeypatch, prefill_module, "grouped_prefill_triton", calls)
     record_calls(monkeypatch, write_module, "write_latent_cache_triton", calls)
     model = tiny_hf.build("qwen3", 6, 2, 12)
     m2la.convert(model)
@@ -272,12 +302,14 @@ def test_compiled_converted_model_runs_the_kernels(cache_dtype, layers_kind, mon
         eager = run(model)
         eager_calls = list(calls)
     layers = model.config.num_hidden_layers
-    eager_decode = "latent_decode_triton" if layers_kind == "plain" else "grouped_decode_triton"
-    compiled_decode = "grouped_decode_triton" if layers_kind == "grouped" else "latent_decode_triton"
-    # one prefill, two decode steps; the fused cache write every step
-    common = ["latent_prefill_triton"] * layers + ["write_latent_cache_triton"] * 3 * layers
-    assert sorted(eager_calls) == sorted(common + [eager_decode] * 2 * layers)
-    assert sorted(compiled_calls) == sorted(common + [compiled_decode] * 2 * layers)
+    # one prefill, two decode steps; the fused cache write every step. The grouped prefill of 9
+    # tokens a sequence at 3 heads a group takes its decode route (`choose_grouped_prefill_mode`).
+    assert prefill_module.choose_grouped_prefill_mode(2 * 9, 2, 3) == "decode"
+    plain = ["latent_prefill_triton"] + ["latent_decode_triton"] * 2
+    grouped = ["grouped_prefill_triton", "grouped_decode_triton"] + ["grouped_decode_triton"] * 2
+    writes = ["write_latent_cache_triton"] * 3 * layers
+    assert sorted(eager_calls) == sorted((plain if layers_kind == "plain" else grouped) * layers + writes)
+    assert sorted(compiled_calls) == sorted((grouped if layers_kind == "grouped" else plain) * layers + writes)
     for got, expected in zip(compiled, eager, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 

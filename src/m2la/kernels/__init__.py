@@ -6,6 +6,8 @@
   attention), each KV group's heads reading only its group's columns (op folder `latent_decode/`).
 - `prefill_attention`: causal varlen chunked prefill over the cached prefix + new chunk
   (op folder `latent_prefill/`).
+- `grouped_prefill_attention`: the same prefill for grouped layers, GQA's flash attention over the
+  cache (op folder `latent_prefill/`).
 - `write_latent_cache`: fused latent copy + RoPE rotation + paged scatter (op folder `cache_write/`).
 
 Each op folder holds `reference.py` (pure torch, the test oracle) and `triton.py` (the kernel).
@@ -13,6 +15,18 @@ Each op folder holds `reference.py` (pure torch, the test oracle) and `triton.py
 package light.
 """
 
-from m2la.kernels.ops import decode_attention, grouped_decode_attention, prefill_attention, write_latent_cache
+from m2la.kernels.ops import (
+    decode_attention,
+    grouped_decode_attention,
+    grouped_prefill_attention,
+    prefill_attention,
+    write_latent_cache,
+)
 
-__all__ = ["decode_attention", "grouped_decode_attention", "prefill_attention", "write_latent_cache"]
+__all__ = [
+    "decode_attention",
+    "grouped_decode_attention",
+    "grouped_prefill_attention",
+    "prefill_attention",
+    "write_latent_cache",
+]

@@ -114,8 +114,25 @@ def check_grouped_decode_args(
 ) -> None:
     """`grouped_decode_attention`'s metadata: q_rope `[b, h, 2P]` with `head_groups` dividing h and
     kv_rank, a cache of rows `r + G * 2P`, then as `check_decode_args`."""
+    _check_grouped_queries(q_rope, kv_cache, kv_rank, head_groups, "[b, h, 2P]")
+    batch = q_rope.shape[0]
+    _check_vector("cache_seqlens", cache_seqlens, batch, torch.int32)
+    if kv_start is not None:
+        _check_vector("kv_start", kv_start, batch, torch.int32)
+    _check_layout(kv_cache, block_table, batch)
+    _check_same_device(
+        "q_rope, kv_cache, cache_seqlens, block_table, kv_start", q_rope, kv_cache, cache_seqlens, block_table,
+        kv_start,
+    )  # fmt: skip
+
+
+def _check_grouped_queries(
+    q_rope: torch.Tensor, kv_cache: torch.Tensor, kv_rank: int, head_groups: int, layout: str
+) -> None:  # fmt: skip
+    """A grouped op's queries `q_rope [.., h, 2P]` (3-d, `layout` names its dims), `head_groups`
+    dividing h and kv_rank, one dtype with the cache (unless fp8), cache rows of `r + G * 2P`."""
     if q_rope.dim() != 3 or q_rope.shape[-1] % 2 or q_rope.shape[-1] == 0:
-        raise ValueError(f"expected q_rope [b, h, 2P] (an even, nonzero width), got {_shape(q_rope)}")
+        raise ValueError(f"expected q_rope {layout} (an even, nonzero width), got {_shape(q_rope)}")
     heads = q_rope.shape[1]
     if head_groups < 1 or heads % head_groups or kv_rank % head_groups or kv_rank <= 0:
         raise ValueError(
@@ -127,14 +144,44 @@ def check_grouped_decode_args(
             f"q_rope ({q_rope.dtype}) and kv_cache ({kv_cache.dtype}) must share a dtype (an fp8 cache may differ)"
         )
     _check_cache_rows(kv_cache, kv_rank, head_groups * q_rope.shape[-1])
-    batch = q_rope.shape[0]
+
+
+def _check_chunk_metadata(
+    cu_seqlens_q: torch.Tensor, cache_seqlens: torch.Tensor, kv_start: torch.Tensor | None,
+    kv_cache: torch.Tensor, block_table: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
+) -> None:  # fmt: skip
+    """`cu_seqlens_q [b + 1]`, `cache_seqlens [b]` and `kv_start [b]` int32, the cache layout, the
+    optional longest lengths (0: read them)."""
+    if cu_seqlens_q.dim() != 1 or cu_seqlens_q.shape[0] < 1:
+        raise ValueError(f"cu_seqlens_q must be a 1-d torch.int32 tensor [b + 1], got {_shape(cu_seqlens_q)}")
+    batch = cu_seqlens_q.shape[0] - 1
+    _check_vector("cu_seqlens_q", cu_seqlens_q, batch + 1, torch.int32)
     _check_vector("cache_seqlens", cache_seqlens, batch, torch.int32)
     if kv_start is not None:
         _check_vector("kv_start", kv_start, batch, torch.int32)
     _check_layout(kv_cache, block_table, batch)
+    if max_seqlen_q < 0 or max_seqlen_k < 0:
+        raise ValueError(f"max_seqlen_q / max_seqlen_k must be >= 0 (0: read them), got {max_seqlen_q}, {max_seqlen_k}")
+
+
+def check_grouped_prefill_args(
+    q_rope: torch.Tensor,
+    kv_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    kv_rank: int,
+    head_groups: int,
+    block_table: torch.Tensor | None,
+    kv_start: torch.Tensor | None,
+    max_seqlen_q: int,
+) -> None:
+    """`grouped_prefill_attention`'s metadata: q_rope `[tq, h, 2P]` as in `check_grouped_decode_args`,
+    the chunk metadata as in `check_prefill_args`."""
+    _check_grouped_queries(q_rope, kv_cache, kv_rank, head_groups, "[tq, h, 2P]")
+    _check_chunk_metadata(cu_seqlens_q, cache_seqlens, kv_start, kv_cache, block_table, max_seqlen_q, 0)
     _check_same_device(
-        "q_rope, kv_cache, cache_seqlens, block_table, kv_start", q_rope, kv_cache, cache_seqlens, block_table,
-        kv_start,
+        "q_rope, kv_cache, cu_seqlens_q, cache_seqlens, block_table, kv_start",
+        q_rope, kv_cache, cu_seqlens_q, cache_seqlens, block_table, kv_start,
     )  # fmt: skip
 
 
@@ -165,16 +212,7 @@ def check_prefill_args(
     if not is_fp8(kv_cache.dtype):
         _check_floats("kv_cache", kv_cache)
     _check_cache_rows(kv_cache, kv_rank, q_rope.shape[-1])
-    if cu_seqlens_q.dim() != 1 or cu_seqlens_q.shape[0] < 1:
-        raise ValueError(f"cu_seqlens_q must be a 1-d torch.int32 tensor [b + 1], got {_shape(cu_seqlens_q)}")
-    batch = cu_seqlens_q.shape[0] - 1
-    _check_vector("cu_seqlens_q", cu_seqlens_q, batch + 1, torch.int32)
-    _check_vector("cache_seqlens", cache_seqlens, batch, torch.int32)
-    if kv_start is not None:
-        _check_vector("kv_start", kv_start, batch, torch.int32)
-    _check_layout(kv_cache, block_table, batch)
-    if max_seqlen_q < 0 or max_seqlen_k < 0:
-        raise ValueError(f"max_seqlen_q / max_seqlen_k must be >= 0 (0: read them), got {max_seqlen_q}, {max_seqlen_k}")
+    _check_chunk_metadata(cu_seqlens_q, cache_seqlens, kv_start, kv_cache, block_table, max_seqlen_q, max_seqlen_k)
     _check_same_device(
         "q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, block_table, kv_start",
         q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, block_table, kv_start,

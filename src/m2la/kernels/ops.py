@@ -19,7 +19,7 @@ from m2la.kernels import _checks
 from m2la.kernels._quant import check_cache_scale
 from m2la.kernels.cache_write.reference import write_latent_cache_reference
 from m2la.kernels.latent_decode.reference import grouped_decode_reference, latent_decode_reference
-from m2la.kernels.latent_prefill.reference import latent_prefill_reference
+from m2la.kernels.latent_prefill.reference import grouped_prefill_reference, latent_prefill_reference
 
 
 def _tracing_predicate():
@@ -345,6 +345,95 @@ def prefill_attention(
     return run(
         q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, block_table, kv_start, kv_scale,
         float(softmax_scale), int(max_seqlen_q), int(max_seqlen_k), mode, chosen,
+    )  # fmt: skip
+
+
+def _grouped_prefill_impl(
+    q_rope: Tensor,
+    kv_cache: Tensor,
+    cu_seqlens_q: Tensor,
+    cache_seqlens: Tensor,
+    block_table: Tensor | None,
+    kv_start: Tensor | None,
+    kv_scale: Tensor | None,
+    softmax_scale: float,
+    kv_rank: int,
+    head_groups: int,
+    max_seqlen_q: int,
+    mode: str,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    if backend == "triton":
+        from m2la.kernels.latent_prefill.triton import grouped_prefill_triton
+
+        return grouped_prefill_triton(
+            q_rope, kv_cache, cu_seqlens_q, cache_seqlens, softmax_scale, kv_rank, head_groups, block_table,
+            max_seqlen_q, mode, kv_start, kv_scale=kv_scale,
+        )  # fmt: skip
+    return grouped_prefill_reference(
+        q_rope, kv_cache, cu_seqlens_q, cache_seqlens, softmax_scale, kv_rank, head_groups, block_table, kv_start,
+        kv_scale,
+    )  # fmt: skip
+
+
+_grouped_prefill_op = torch.library.custom_op("m2la::grouped_prefill", mutates_args=())(_grouped_prefill_impl)
+
+
+@_grouped_prefill_op.register_fake
+def _grouped_prefill_fake(q_rope, kv_cache, cu_seqlens_q, cache_seqlens, block_table, kv_start, kv_scale,
+                          softmax_scale, kv_rank, head_groups, max_seqlen_q, mode, backend):  # fmt: skip
+    tokens, heads, _ = q_rope.shape
+    return q_rope.new_empty(tokens, heads, kv_rank // head_groups), q_rope.new_empty(tokens, heads, dtype=torch.float32)
+
+
+def grouped_prefill_attention(
+    q_rope: Tensor,
+    kv_cache: Tensor,
+    cu_seqlens_q: Tensor,
+    cache_seqlens: Tensor,
+    softmax_scale: float,
+    kv_rank: int,
+    head_groups: int,
+    block_table: Tensor | None = None,
+    kv_start: Tensor | None = None,
+    *,
+    kv_scale: Tensor | None = None,
+    max_seqlen_q: int = 0,
+    mode: str = "auto",
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """`prefill_attention` for a grouped layer (see `grouped_decode_attention`: a lossless conversion of
+    a GQA attention with `G = head_groups` KV heads): GQA's flash attention straight over the cache,
+    each head reading its group's `2P` RoPE key columns and `r/G` latent columns as key and value.
+    Nothing is expanded, and the keys are `2P` wide where the plain prefill's would be `2p = G 2P`.
+
+    `q_rope [tq, h, 2P]` (x half then y half of each head's pairs) packed by `cu_seqlens_q [b+1]`; the
+    chunk must already be in the cache; cache, `cache_seqlens`, `block_table`, `kv_start` and `kv_scale`
+    as in `prefill_attention`. Returns `out [tq, h, r/G]` (q's dtype) and `lse [tq, h]` fp32. `mode`
+    (Triton): "flash", "decode" (one grouped decode per query token) or "auto"
+    (`latent_prefill.triton.choose_grouped_prefill_mode`). `max_seqlen_q`: the longest chunk (0: read
+    it from `cu_seqlens_q`, one host sync in flash mode).
+    """
+    if mode not in ("auto", "flash", "decode"):
+        raise ValueError(f"mode must be 'auto', 'flash' or 'decode', got {mode!r}")
+    _checks.check_grouped_prefill_args(
+        q_rope, kv_cache, cu_seqlens_q, cache_seqlens, kv_rank, head_groups, block_table, kv_start, max_seqlen_q
+    )
+    check_cache_scale(kv_cache, kv_scale)
+    q_rope = _rows_contiguous(q_rope)
+    cu_seqlens_q, cache_seqlens = cu_seqlens_q.contiguous(), cache_seqlens.contiguous()
+    block_table = None if block_table is None else block_table.contiguous()
+    kv_start = None if kv_start is None else kv_start.contiguous()
+    tensors = (q_rope, kv_cache, cu_seqlens_q, cache_seqlens, block_table, kv_start, kv_scale)
+    chosen = resolve_backend(backend, *tensors)
+    direct = _dispatch_directly(*tensors)
+    if _values_readable(direct, chosen, q_rope.device):
+        _checks.check_chunks(cu_seqlens_q, cache_seqlens, q_rope.shape[0], max_seqlen_q, 0)
+        _checks.check_lengths(kv_cache, cache_seqlens, block_table, kv_start)
+    run = _grouped_prefill_impl if direct else _grouped_prefill_op
+    return run(
+        q_rope, kv_cache, cu_seqlens_q, cache_seqlens, block_table, kv_start, kv_scale, float(softmax_scale),
+        int(kv_rank), int(head_groups), int(max_seqlen_q), mode, chosen,
     )  # fmt: skip
 
 

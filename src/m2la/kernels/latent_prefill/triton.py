@@ -90,7 +90,7 @@ def _online_softmax(scores, m_i, l_i, offs_n, key_ok, query_pos, scale_log2, MAS
 
 @triton.jit
 def _prefill_step(
-    acc, m_i, l_i, start, q_nope, q_rope, qn_rows, row_ok, query_pos, first, hi, seq, head,
+    acc, m_i, l_i, start, q_nope, q_rope, qn_rows, row_ok, query_pos, first, hi, seq, kv_head,
     block_table_ptr, k_nope_ptr, k_rope_ptr, v_ptr, kv_scale_ptr, kn_desc, kr_desc, v_desc,
     scale_log2, nope_dim, block_size, offs_rope, rope_ok, offs_v, value_ok,
     stride_kn_blk, stride_kn_tok, stride_kn_h, stride_kr_blk, stride_kr_tok, stride_kr_h,
@@ -112,7 +112,7 @@ def _prefill_step(
         )  # fmt: skip
     else:
         acc, m_i, l_i = _prefill_step_pointers(
-            acc, m_i, l_i, offs_n, key_ok, q_nope, q_rope, qn_rows, row_ok, query_pos, seq, head,
+            acc, m_i, l_i, offs_n, key_ok, q_nope, q_rope, qn_rows, row_ok, query_pos, seq, kv_head,
             block_table_ptr, k_nope_ptr, k_rope_ptr, v_ptr, kv_scale_ptr,
             scale_log2, nope_dim, block_size, offs_rope, rope_ok, offs_v, value_ok,
             stride_kn_blk, stride_kn_tok, stride_kn_h, stride_kr_blk, stride_kr_tok, stride_kr_h,
@@ -124,7 +124,7 @@ def _prefill_step(
 
 @triton.jit
 def _prefill_step_pointers(
-    acc, m_i, l_i, offs_n, key_ok, q_nope, q_rope, qn_rows, row_ok, query_pos, seq, head,
+    acc, m_i, l_i, offs_n, key_ok, q_nope, q_rope, qn_rows, row_ok, query_pos, seq, kv_head,
     block_table_ptr, k_nope_ptr, k_rope_ptr, v_ptr, kv_scale_ptr,
     scale_log2, nope_dim, block_size, offs_rope, rope_ok, offs_v, value_ok,
     stride_kn_blk, stride_kn_tok, stride_kn_h, stride_kr_blk, stride_kr_tok, stride_kr_h,
@@ -145,9 +145,9 @@ def _prefill_step_pointers(
     else:
         blk = tl.zeros([BLOCK_N], tl.int64) + seq
         tok = offs_n
-    kn_rows = k_nope_ptr + (blk * stride_kn_blk + tok * stride_kn_tok + head * stride_kn_h)[:, None]
-    kr_rows = k_rope_ptr + (blk * stride_kr_blk + tok * stride_kr_tok + head * stride_kr_h)[:, None]
-    v_rows = v_ptr + (blk * stride_v_blk + tok * stride_v_tok + head * stride_v_h)[:, None]
+    kn_rows = k_nope_ptr + (blk * stride_kn_blk + tok * stride_kn_tok + kv_head * stride_kn_h)[:, None]
+    kr_rows = k_rope_ptr + (blk * stride_kr_blk + tok * stride_kr_tok + kv_head * stride_kr_h)[:, None]
+    v_rows = v_ptr + (blk * stride_v_blk + tok * stride_v_tok + kv_head * stride_v_h)[:, None]
 
     k_rope = tl.load(kr_rows + offs_rope[None, :], mask=key_ok[:, None] & rope_ok[None, :], other=0.0)
     scores = tl.dot(q_rope, tl.trans(k_rope.to(compute_dtype)), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
@@ -202,6 +202,7 @@ def _prefill_kernel(
     kv_start_ptr, kv_scale_ptr, out_ptr, lse_ptr,
     scale_log2,
     nope_dim, rope_dim, value_dim, block_size, num_value_tiles, num_head_tiles, num_query_tiles, head_group,
+    kv_group_size, rope_half_stride,
     stride_qn_t, stride_qn_h, stride_qr_t, stride_qr_h,
     stride_kn_blk, stride_kn_tok, stride_kn_h,
     stride_kr_blk, stride_kr_tok, stride_kr_h,
@@ -211,8 +212,12 @@ def _prefill_kernel(
     PAGED: tl.constexpr, HAS_NOPE: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_ROPE: tl.constexpr, BLOCK_V: tl.constexpr, DOT_PRECISION: tl.constexpr, SINGLE_D: tl.constexpr,
-    TMA: tl.constexpr = False,
+    TMA: tl.constexpr = False, ROPE_SPLIT: tl.constexpr = False,
 ):  # fmt: skip
+    # Query head `head` reads keys and values at `head // kv_group_size` times the head strides
+    # (1: per head or shared; a grouped layer's heads per KV group: GQA).
+    # ROPE_SPLIT (grouped layers): the query's 2P RoPE columns are [x | y] halves of P, and the key's
+    # halves sit `rope_half_stride` (p = G P) apart in the cache row: loaded as BLOCK_ROPE/2-wide halves.
     # HAS_SCALE: fp8 keys/values (absorbed mode), widened to the query dtype; per-token scales.
     # TMA (contiguous, not fp8, resident nope query; opt-in, not yet timed): keys and values load
     # through device-side tensor descriptors over this sequence's rows [first, seqlen) and this
@@ -233,6 +238,7 @@ def _prefill_kernel(
     seq = tl.program_id(1)
     head = head_tile // num_value_tiles
     value_tile = head_tile % num_value_tiles
+    kv_head = head // kv_group_size
 
     q_lo = tl.load(cu_seqlens_q_ptr + seq)
     num_new = tl.load(cu_seqlens_q_ptr + seq + 1) - q_lo
@@ -251,8 +257,15 @@ def _prefill_kernel(
     lo_full = tl.cdiv(first, BLOCK_N) * BLOCK_N
     diag = tl.maximum(lo_full, (tl.minimum(hi, seqlen - num_new + m_tile * BLOCK_M) // BLOCK_N) * BLOCK_N)
 
-    offs_rope = tl.arange(0, BLOCK_ROPE)
+    offs_rope = tl.arange(0, BLOCK_ROPE)  # the query's RoPE columns
     rope_ok = offs_rope < rope_dim
+    key_rope = offs_rope  # the same columns of the RoPE key
+    if ROPE_SPLIT:
+        pair = offs_rope % (BLOCK_ROPE // 2)
+        half = offs_rope // (BLOCK_ROPE // 2)
+        rope_ok = pair < rope_dim // 2
+        key_rope = half * rope_half_stride + pair
+        offs_rope = half * (rope_dim // 2) + pair
     offs_v = value_tile * BLOCK_V + tl.arange(0, BLOCK_V)
     value_ok = offs_v < value_dim
     tokens = (q_lo + offs_m).to(tl.int64)
@@ -274,16 +287,16 @@ def _prefill_kernel(
         visible_rows = tl.maximum(seqlen - first, 0)
         seq_rows = seq.to(tl.int64)
         kr_desc = tl.make_tensor_descriptor(
-            k_rope_ptr + seq_rows * stride_kr_blk + head * stride_kr_h + first * stride_kr_tok,
+            k_rope_ptr + seq_rows * stride_kr_blk + kv_head * stride_kr_h + first * stride_kr_tok,
             [visible_rows, rope_dim], [stride_kr_tok, 1], [BLOCK_N, BLOCK_ROPE],
         )  # fmt: skip
         if HAS_NOPE:
             kn_desc = tl.make_tensor_descriptor(
-                k_nope_ptr + seq_rows * stride_kn_blk + head * stride_kn_h + first * stride_kn_tok,
+                k_nope_ptr + seq_rows * stride_kn_blk + kv_head * stride_kn_h + first * stride_kn_tok,
                 [visible_rows, nope_dim], [stride_kn_tok, 1], [BLOCK_N, BLOCK_D],
             )  # fmt: skip
         v_desc = tl.make_tensor_descriptor(
-            v_ptr + seq_rows * stride_v_blk + head * stride_v_h + first * stride_v_tok + value_tile * BLOCK_V,
+            v_ptr + seq_rows * stride_v_blk + kv_head * stride_v_h + first * stride_v_tok + value_tile * BLOCK_V,
             [visible_rows, value_dim - value_tile * BLOCK_V], [stride_v_tok, 1], [BLOCK_N, BLOCK_V],
         )  # fmt: skip
 
@@ -292,27 +305,27 @@ def _prefill_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
     for start in range(lo, tl.minimum(lo_full, hi), BLOCK_N):
         acc, m_i, l_i = _prefill_step(
-            acc, m_i, l_i, start, q_nope, q_rope, qn_rows, row_ok, query_pos, first, hi, seq, head,
+            acc, m_i, l_i, start, q_nope, q_rope, qn_rows, row_ok, query_pos, first, hi, seq, kv_head,
             block_table_ptr, k_nope_ptr, k_rope_ptr, v_ptr, kv_scale_ptr, kn_desc, kr_desc, v_desc,
-            scale_log2, nope_dim, block_size, offs_rope, rope_ok, offs_v, value_ok,
+            scale_log2, nope_dim, block_size, key_rope, rope_ok, offs_v, value_ok,
             stride_kn_blk, stride_kn_tok, stride_kn_h, stride_kr_blk, stride_kr_tok, stride_kr_h,
             stride_v_blk, stride_v_tok, stride_v_h, stride_sc_blk, stride_sc_tok, stride_bt_b,
             True, PAGED, HAS_NOPE, HAS_SCALE, SINGLE_D, BLOCK_N, BLOCK_D, DOT_PRECISION, TMA,
         )  # fmt: skip
     for start in range(lo_full, diag, BLOCK_N):
         acc, m_i, l_i = _prefill_step(
-            acc, m_i, l_i, start, q_nope, q_rope, qn_rows, row_ok, query_pos, first, hi, seq, head,
+            acc, m_i, l_i, start, q_nope, q_rope, qn_rows, row_ok, query_pos, first, hi, seq, kv_head,
             block_table_ptr, k_nope_ptr, k_rope_ptr, v_ptr, kv_scale_ptr, kn_desc, kr_desc, v_desc,
-            scale_log2, nope_dim, block_size, offs_rope, rope_ok, offs_v, value_ok,
+            scale_log2, nope_dim, block_size, key_rope, rope_ok, offs_v, value_ok,
             stride_kn_blk, stride_kn_tok, stride_kn_h, stride_kr_blk, stride_kr_tok, stride_kr_h,
             stride_v_blk, stride_v_tok, stride_v_h, stride_sc_blk, stride_sc_tok, stride_bt_b,
             False, PAGED, HAS_NOPE, HAS_SCALE, SINGLE_D, BLOCK_N, BLOCK_D, DOT_PRECISION, TMA,
         )  # fmt: skip
     for start in range(diag, hi, BLOCK_N):
         acc, m_i, l_i = _prefill_step(
-            acc, m_i, l_i, start, q_nope, q_rope, qn_rows, row_ok, query_pos, first, hi, seq, head,
+            acc, m_i, l_i, start, q_nope, q_rope, qn_rows, row_ok, query_pos, first, hi, seq, kv_head,
             block_table_ptr, k_nope_ptr, k_rope_ptr, v_ptr, kv_scale_ptr, kn_desc, kr_desc, v_desc,
-            scale_log2, nope_dim, block_size, offs_rope, rope_ok, offs_v, value_ok,
+            scale_log2, nope_dim, block_size, key_rope, rope_ok, offs_v, value_ok,
             stride_kn_blk, stride_kn_tok, stride_kn_h, stride_kr_blk, stride_kr_tok, stride_kr_h,
             stride_v_blk, stride_v_tok, stride_v_h, stride_sc_blk, stride_sc_tok, stride_bt_b,
             True, PAGED, HAS_NOPE, HAS_SCALE, SINGLE_D, BLOCK_N, BLOCK_D, DOT_PRECISION, TMA,
@@ -405,9 +418,12 @@ def prefill_head_group(num_head_tiles: int, head_tile_bytes: int) -> int:
 
 
 def _launch(q_nope, q_rope, k_nope, k_rope, v, block_table, cu_seqlens_q, cache_seqlens, kv_start, out, lse,
-            softmax_scale, block_size, head_strides, max_seqlen_q, config=None, kv_scale=None):  # fmt: skip
+            softmax_scale, block_size, head_strides, max_seqlen_q, config=None, kv_scale=None, kv_group_size=1,
+            rope_half_stride=0):  # fmt: skip
     """k_nope/k_rope/v: `[blocks|b, tokens, ...]` views whose dims 0/1 address a token; so does
-    `kv_scale [blocks|b, tokens]` (fp8 keys/values only)."""
+    `kv_scale [blocks|b, tokens]` (fp8 keys/values only). Query head h reads them at
+    `h // kv_group_size` times `head_strides`. `rope_half_stride` > 0 (grouped layers): the query's
+    `2P` RoPE columns are `[x | y]` halves, the key's halves that many elements apart."""
     num_heads = q_nope.shape[1]
     nope_dim, rope_dim, value_dim = q_nope.shape[2], q_rope.shape[2], out.shape[2]
     itemsize = max(q_rope.element_size(), k_rope.element_size())  # fp8 keys: the queries stay 16-bit
@@ -418,11 +434,15 @@ def _launch(q_nope, q_rope, k_nope, k_rope, v, block_table, cu_seqlens_q, cache_
     batch = cu_seqlens_q.shape[0] - 1
     rows = cache_capacity(k_nope, block_table)  # key rows of one sequence
     per_head_width = nope_dim * (head_strides[0] != 0) + min(value_dim, cfg["BLOCK_V"]) * (head_strides[2] != 0)
+    per_head_width += rope_dim * (head_strides[1] != 0)
     head_tiles = num_heads * value_tiles
-    head_group = cfg.get("HEAD_GROUP") or prefill_head_group(head_tiles, rows * per_head_width * v.element_size())
+    head_tile_bytes = rows * per_head_width * v.element_size() // kv_group_size  # a KV group's heads share
+    head_group = cfg.get("HEAD_GROUP") or prefill_head_group(head_tiles, head_tile_bytes)
     scale = kv_scale if kv_scale is not None else lse  # any 2-d fp32 tensor: unused without HAS_SCALE
 
     tma = bool(cfg.get("TMA"))
+    if tma and rope_half_stride:
+        raise ValueError("TMA prefill tiles read whole RoPE key rows; a grouped layer's are split in halves")
     if tma:
         _check_tma_operands(k_nope, k_rope, v, paged, kv_scale, nope_dim, cfg)
 
@@ -433,6 +453,7 @@ def _launch(q_nope, q_rope, k_nope, k_rope, v, block_table, cu_seqlens_q, cache_
             kv_start if kv_start is not None else cache_seqlens, scale, out, lse,
             softmax_scale * _LOG2E,
             nope_dim, rope_dim, value_dim, block_size, value_tiles, head_tiles, query_tiles, head_group,
+            kv_group_size, rope_half_stride,
             q_nope.stride(0), q_nope.stride(1), q_rope.stride(0), q_rope.stride(1),
             k_nope.stride(0), k_nope.stride(1), head_strides[0],
             k_rope.stride(0), k_rope.stride(1), head_strides[1],
@@ -444,13 +465,13 @@ def _launch(q_nope, q_rope, k_nope, k_rope, v, block_table, cu_seqlens_q, cache_
             BLOCK_ROPE=max(16, next_power_of_2(rope_dim)), BLOCK_V=cfg["BLOCK_V"],
             DOT_PRECISION="ieee" if q_rope.dtype == torch.float32 else "tf32",
             SINGLE_D=nope_dim > 0 and cfg["BLOCK_D"] >= nope_dim,
-            TMA=tma,
+            TMA=tma, ROPE_SPLIT=rope_half_stride > 0,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )  # fmt: skip
 
     may_shrink = not (config and any(k in config for k in ("BLOCK_M", "BLOCK_N", "num_stages")))
     key = (nope_dim, rope_dim, value_dim, q_rope.dtype, k_rope.dtype, paged, kv_start is not None, kv_scale is not None,
-           tma)  # fmt: skip
+           tma, rope_half_stride > 0)  # fmt: skip
     if tma:  # device-side descriptors live in triton's global scratch
         with_scratch_allocator(q_rope.device, launch_fitting_tiles, launch, cfg, may_shrink, key)
     else:
@@ -572,38 +593,114 @@ def _absorption_product(equation: str, x: torch.Tensor, weight: torch.Tensor, ou
     return torch.einsum(equation, x.float(), weight.float()).to(out_dtype)
 
 
+def per_token_decodes(
+    num_tokens: int, cu_seqlens_q: torch.Tensor, cache_seqlens: torch.Tensor, block_table: torch.Tensor | None,
+    kv_start: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """A chunked prefill as one decode per query token: token `j` of a chunk of `t` in sequence `i`
+    is a decode of its own over sequence i's first `cache_seqlens[i] - t + j + 1` rows (the same
+    pages, so tokens of one sequence read them from L2 side by side). Returns each token's
+    (length `[tq]` int32, block table `[tq, max_blocks]`, kv_start `[tq]` or None), no host sync.
+    A contiguous cache `[b, s, d]` is addressed as `b` pages of `s` rows (table entry = sequence)."""
+    token = torch.arange(num_tokens, device=cu_seqlens_q.device, dtype=cu_seqlens_q.dtype)
+    seq = torch.searchsorted(cu_seqlens_q[1:], token, right=True)  # [tq] the sequence of each token
+    token_seqlens = (cache_seqlens[seq] - cu_seqlens_q[seq + 1] + token + 1).to(torch.int32)  # [tq]
+    token_table = seq.to(torch.int32)[:, None] if block_table is None else block_table[seq]
+    return token_seqlens, token_table, None if kv_start is None else kv_start[seq]
+
+
 def _latent_attention_through_decode(
     q_latent, q_rope, kv_cache, cu_seqlens_q, cache_seqlens, softmax_scale, block_table, kv_start, kv_scale,
     one_token_each: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Absorbed prefill as one split-KV decode per query token: token `j` of a chunk of `t` in
-    sequence `i` is a decode of its own over sequence i's first `cache_seqlens[i] - t + j + 1` rows
-    (the same pages, so tokens of one sequence read them from L2 side by side). No host sync.
-    A contiguous cache `[b, s, d]` is addressed as `b` pages of `s` rows. `one_token_each` (the
-    caller knows every chunk is one token): token i is sequence i's decode, with no per-token gather.
-    q_latent `[tq, h, r]`, q_rope `[tq, h, 2p]` -> (latent output `[tq, h, r]`, lse `[tq, h]`)."""
+    """Absorbed prefill as one split-KV decode per query token (`per_token_decodes`).
+    `one_token_each` (the caller knows every chunk is one token): token i is sequence i's decode,
+    with no per-token gather. q_latent `[tq, h, r]`, q_rope `[tq, h, 2p]` -> (latent output
+    `[tq, h, r]`, lse `[tq, h]`)."""
     from m2la.kernels.latent_decode.triton import latent_decode_triton
 
     num_tokens, num_heads, kv_rank = q_latent.shape
     if num_tokens == 0:
         return q_latent.new_empty(0, num_heads, kv_rank), q_latent.new_empty(0, num_heads, dtype=torch.float32)
+    q = torch.cat((q_latent, q_rope), dim=-1)  # [tq, h, r + 2p]
     if one_token_each:
-        q = torch.cat((q_latent, q_rope), dim=-1)  # [b, h, r + 2p]
         return latent_decode_triton(
             q, kv_cache, cache_seqlens, softmax_scale, kv_rank, block_table, kv_start, kv_scale=kv_scale
         )
-    token = torch.arange(num_tokens, device=q_latent.device, dtype=cu_seqlens_q.dtype)
-    seq = torch.searchsorted(cu_seqlens_q[1:], token, right=True)  # [tq] the sequence of each token
-    token_seqlens = (cache_seqlens[seq] - cu_seqlens_q[seq + 1] + token + 1).to(torch.int32)  # [tq]
-    if block_table is None:  # contiguous [b, s, d]: page i = sequence i
-        token_table = seq.to(torch.int32)[:, None]
-    else:
-        token_table = block_table[seq]  # [tq, max_blocks]
-    token_start = None if kv_start is None else kv_start[seq]
-    q = torch.cat((q_latent, q_rope), dim=-1)  # [tq, h, r + 2p]
-    return latent_decode_triton(
-        q, kv_cache, token_seqlens, softmax_scale, kv_rank, token_table, token_start, kv_scale=kv_scale
-    )
+    seqlens, table, start = per_token_decodes(num_tokens, cu_seqlens_q, cache_seqlens, block_table, kv_start)
+    return latent_decode_triton(q, kv_cache, seqlens, softmax_scale, kv_rank, table, start, kv_scale=kv_scale)
+
+
+# Query rows the flash tiles hold on sm_90 (`prefill_config` with no nope key): the grouped mode
+# rule below compares how full they are against the grouped decode's head rows.
+GROUPED_FLASH_ROWS = 128
+
+
+def choose_grouped_prefill_mode(num_new_tokens: int, batch: int, heads_per_group: int) -> str:
+    """ "decode" (one grouped decode per query token) or "flash" (`_prefill_kernel`'s tiles over the
+    group's keys and values) for `grouped_prefill_attention`, by how full each keeps its MMA rows:
+    a grouped decode fills `h/G` of its `max(16, next_pow2(h/G))` head rows, a flash tile `t` of its
+    128 query rows (t new tokens a sequence). The decode route also splits each token's keys over
+    the GPU. Not yet timed: an estimate (8 x 128 GQA: decode up to 31 tokens a sequence)."""
+    tokens_per_seq = num_new_tokens / max(1, batch)
+    decode_rows = max(16, next_power_of_2(heads_per_group))
+    return "decode" if tokens_per_seq * decode_rows < GROUPED_FLASH_ROWS * heads_per_group else "flash"
+
+
+def grouped_prefill_triton(
+    q_rope: torch.Tensor,
+    kv_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    softmax_scale: float,
+    kv_rank: int,
+    head_groups: int,
+    block_table: torch.Tensor | None = None,
+    max_seqlen_q: int = 0,
+    mode: str = "auto",
+    kv_start: torch.Tensor | None = None,
+    config: dict | None = None,
+    kv_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as `grouped_prefill_reference`. `mode`: "flash" (`_prefill_kernel` reading each
+    KV group's RoPE key halves and latent slice straight from the cache, paged or not, fp8 widened in
+    registers: GQA's flash attention, nothing expanded), "decode" (one grouped decode per query token,
+    `per_token_decodes`) or "auto" (`choose_grouped_prefill_mode`). `max_seqlen_q`: the longest chunk
+    (0 = read it, one host sync; flash mode only). `config` overrides `prefill_config` entries."""
+    from m2la.kernels.latent_decode.triton import grouped_decode_triton
+
+    num_tokens, num_heads, width = q_rope.shape
+    batch = cu_seqlens_q.shape[0] - 1
+    per_group, value_dim = num_heads // head_groups, kv_rank // head_groups
+    assert cu_seqlens_q.dtype == torch.int32 and cache_seqlens.dtype == torch.int32
+    assert (kv_scale is not None) == is_fp8(kv_cache.dtype), "fp8 caches (and only they) take kv_scale"
+    if mode == "auto":
+        mode = choose_grouped_prefill_mode(num_tokens, batch, per_group)
+    if mode == "decode":
+        if num_tokens == 0:
+            return q_rope.new_empty(0, num_heads, value_dim), q_rope.new_empty(0, num_heads, dtype=torch.float32)
+        seqlens, table, start = per_token_decodes(num_tokens, cu_seqlens_q, cache_seqlens, block_table, kv_start)
+        return grouped_decode_triton(
+            q_rope, kv_cache, seqlens, softmax_scale, kv_rank, head_groups, table, start, kv_scale=kv_scale
+        )
+    if mode != "flash":
+        raise ValueError(f"mode must be 'auto', 'flash' or 'decode', got {mode!r}")
+    if max_seqlen_q <= 0:  # host sync; pass it to stay sync-free
+        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()) if batch else 0
+    out = torch.empty(num_tokens, num_heads, value_dim, device=q_rope.device, dtype=q_rope.dtype)
+    lse = torch.empty(num_tokens, num_heads, device=q_rope.device, dtype=torch.float32)
+    if num_tokens == 0 or batch == 0:
+        return out, lse
+    dtype = q_rope.dtype if kv_scale is not None else kv_cache.dtype  # what the MMAs run in
+    q_rope = q_rope.to(dtype)
+    latent, k_rope = kv_cache[..., :kv_rank], kv_cache[..., kv_rank:]
+    block_size = kv_cache.shape[1] if block_table is not None else 1
+    pairs = width // 2
+    # head h reads group h // (h/G): RoPE key halves at r + gP and r + p + gP, values at g * r/G
+    _launch(q_rope[..., :0], q_rope, latent, k_rope, latent, block_table, cu_seqlens_q, cache_seqlens, kv_start,
+            out, lse, softmax_scale, block_size, (0, pairs, value_dim), max_seqlen_q, config, kv_scale,
+            kv_group_size=per_group, rope_half_stride=head_groups * pairs)  # fmt: skip
+    return out, lse
 
 
 def latent_prefill_triton(

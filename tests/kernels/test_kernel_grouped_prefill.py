@@ -1,0 +1,201 @@
+"""grouped_prefill_attention: a grouped layer's chunked prefill (lossless GQA conversions), reference and
+Triton (interpreter; flash tiles and the per-token decode route) against a per-group fp64 GQA oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_cases import (
+    assert_close_with_lse,
+    dense_attention_fp64,
+    quantize_cache,
+    random_contiguous_cache,
+    random_paged_cache,
+    rows_of,
+)
+
+from m2la.kernels import grouped_prefill_attention, prefill_attention
+from m2la.kernels.latent_decode.reference import grouped_query
+from m2la.kernels.latent_prefill import triton as prefill_triton
+
+TOL = {torch.float32: 2e-5, torch.float16: 1e-2}
+
+
+def grouped_prefill_fp64(q_rope, cache, table, cu, seqlens, scale, kv_rank, groups, kv_start=None, kv_scale=None):
+    """Per sequence, head and query, fp64 causal GQA: keys = the head's group's x | y RoPE halves,
+    values = its latent slice; keys before kv_start hidden."""
+    tokens, heads, width = q_rope.shape
+    pairs, group_rank, half = width // 2, kv_rank // groups, groups * width // 2
+    outs, lses = [], []
+    for seq, length in enumerate(seqlens):
+        q_lo, q_hi = int(cu[seq]), int(cu[seq + 1])
+        t, first = q_hi - q_lo, 0 if kv_start is None else int(kv_start[seq])
+        rows = rows_of(cache, table, seq, length)  # [s, r + 2p]
+        if kv_scale is not None:
+            rows = rows * rows_of(kv_scale[..., None], table, seq, length)
+        key_pos = torch.arange(length)
+        query_pos = length - t + torch.arange(t)
+        visible = (key_pos[None] <= query_pos[:, None]) & (key_pos[None] >= first)  # [t, s]
+        rows = torch.where(visible.any(0)[:, None], rows, 0.0)  # hidden rows may hold NaN
+        out, lse = [], []
+        for head in range(heads):
+            g = head // (heads // groups)
+            x = rows[:, kv_rank + g * pairs : kv_rank + (g + 1) * pairs]
+            y = rows[:, kv_rank + half + g * pairs : kv_rank + half + (g + 1) * pairs]
+            keys, values = torch.cat((x, y), dim=-1), rows[:, g * group_rank : (g + 1) * group_rank]
+            o, s = dense_attention_fp64(q_rope[q_lo:q_hi, head][None], keys[None], values[None], scale, visible)
+            out.append(o[0])  # [t, r/G]
+            lse.append(s[0])  # [t]
+        if t:
+            outs.append(torch.stack(out, dim=1))
+            lses.append(torch.stack(lse, dim=1))
+    if not outs:
+        return torch.zeros(0, heads, group_rank, dtype=torch.float64), torch.zeros(0, heads, dtype=torch.float64)
+    return torch.cat(outs), torch.cat(lses)
+
+
+def grouped_prefill_case(heads, groups, head_dim, new_lens, cached_lens, dtype, paged=True, kv_start=None, seed=0):
+    kv_rank = groups * head_dim
+    width = kv_rank + groups * head_dim
+    seqlens = [n + c for n, c in zip(new_lens, cached_lens, strict=True)]
+    if paged:
+        cache, table = random_paged_cache(seqlens, width, 16, dtype, seed=seed)
+    else:
+        cache, table = random_contiguous_cache(seqlens, width, max(seqlens) + 5, dtype, kv_start, seed=seed), None
+    cu = torch.tensor([0] + list(torch.tensor(new_lens).cumsum(0)), dtype=torch.int32)
+    gen = torch.Generator().manual_seed(seed + 1)
+    q = torch.randn(int(cu[-1]), heads, head_dim, generator=gen).to(dtype)
+    return q, cache, table, cu, torch.tensor(seqlens, dtype=torch.int32), kv_rank
+
+
+# (query heads, KV groups, head dim): MHA, GQA, MQA, head dims 48, 60 and 12 (no power of two)
+SHAPES = [(1, 1, 16), (3, 3, 16), (8, 2, 12), (9, 3, 48), (6, 2, 60), (16, 1, 32), (63, 7, 16)]
+# new tokens and cached prefix per sequence: an empty chunk, one token, 63 tokens, a prefix that is
+# no multiple of the 16-row page or tile
+NEW, CACHED = [5, 0, 1, 63, 20], [0, 7, 40, 0, 37]
+
+
+@pytest.mark.parametrize("heads,groups,head_dim", SHAPES)
+def test_reference_matches_fp64_gqa(heads, groups, head_dim):
+    q, cache, table, cu, lens, kv_rank = grouped_prefill_case(heads, groups, head_dim, NEW, CACHED, torch.float32)
+    out, lse = grouped_prefill_attention(q, cache, cu, lens, 0.2, kv_rank, groups, table, backend="reference")
+    ref_out, ref_lse = grouped_prefill_fp64(q, cache, table, cu, lens.tolist(), 0.2, kv_rank, groups)
+    assert out.shape == (sum(NEW), heads, head_dim) and lse.shape == (sum(NEW), heads)
+    assert_close_with_lse(out, lse, ref_out, ref_lse, atol=1e-5)
+
+
+def test_grouped_is_the_plain_prefill_on_the_groups_columns():
+    """The plain prefill with each head's query at its group's RoPE columns (no nope key) and the
+    identity value map gives the same LSE, and its output on the head's group slice is the grouped one."""
+    heads, groups, head_dim = 8, 2, 12
+    q, cache, table, cu, lens, kv_rank = grouped_prefill_case(heads, groups, head_dim, [4, 9], [6, 0], torch.float32)
+    out, lse = grouped_prefill_attention(q, cache, cu, lens, 0.3, kv_rank, groups, table, backend="reference")
+    placed = grouped_query(q, kv_rank, groups)[..., kv_rank:]
+    identity = torch.eye(kv_rank).expand(heads, kv_rank, kv_rank)
+    plain, plain_lse = prefill_attention(
+        q[..., :0], placed, cache, torch.zeros(heads, kv_rank, 0), identity, cu, lens, 0.3, table, backend="reference"
+    )
+    group = torch.arange(heads) // (heads // groups)
+    torch.testing.assert_close(plain.view(-1, heads, groups, head_dim)[:, torch.arange(heads), group], out)
+    torch.testing.assert_close(plain_lse, lse)
+
+
+@pytest.mark.parametrize("mode", ["flash", "decode"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("heads,groups,head_dim", SHAPES)
+def test_triton_matches_fp64(heads, groups, head_dim, dtype, mode):
+    """Paged (permuted table, NaN in unused slots), both Triton modes; the decode route (one decode a
+    query token, slow under the interpreter) with shorter chunks."""
+    new = NEW if mode == "flash" else [3, 0, 1, 6, 2]
+    q, cache, table, cu, lens, kv_rank = grouped_prefill_case(heads, groups, head_dim, new, CACHED, dtype)
+    out, lse = grouped_prefill_attention(q, cache, cu, lens, 0.2, kv_rank, groups, table, mode=mode, backend="triton")
+    ref_out, ref_lse = grouped_prefill_fp64(q.double(), cache, table, cu, lens.tolist(), 0.2, kv_rank, groups)
+    assert out.dtype == dtype
+    assert_close_with_lse(out, lse, ref_out, ref_lse, atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("mode", ["flash", "decode"])
+@pytest.mark.parametrize("paged", [True, False], ids=["paged", "contiguous"])
+def test_triton_kv_start_and_layouts(paged, mode):
+    """Left padding (kv_start; one sequence sees nothing, one's padding reaches into its chunk) over a
+    paged or a contiguous cache whose hidden rows hold NaN."""
+    new, cached, starts = [6, 3, 30], [64, 0, 3], [5, 3, 10]
+    q, cache, table, cu, lens, kv_rank = grouped_prefill_case(
+        6, 3, 16, new, cached, torch.float32, paged=paged, kv_start=starts, seed=3
+    )
+    kv_start = torch.tensor(starts, dtype=torch.int32)
+    if paged:  # poison the hidden rows before kv_start as well
+        for seq, first in enumerate(starts):
+            for pos in range(first):
+                cache[table[seq, pos // 16], pos % 16] = float("nan")
+    out, lse = grouped_prefill_attention(
+        q, cache, cu, lens, 0.2, kv_rank, 3, table, kv_start, mode=mode, backend="triton"
+    )
+    ref_out, ref_lse = grouped_prefill_fp64(q, cache, table, cu, lens.tolist(), 0.2, kv_rank, 3, kv_start)
+    assert_close_with_lse(out, lse, ref_out, ref_lse, atol=2e-5)
+
+
+@pytest.mark.parametrize("mode", ["flash", "decode"])
+@pytest.mark.parametrize("fp8_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+def test_triton_fp8_cache(fp8_dtype, mode):
+    """An fp8 cache with one scale per token slot, read as stored: both backends match the oracle on
+    the dequantized rows."""
+    q, cache, table, cu, lens, kv_rank = grouped_prefill_case(8, 2, 16, [9, 1, 17], [31, 40, 0], torch.float32, seed=5)
+    codes, scales = quantize_cache(cache, fp8_dtype)
+    ref_out, ref_lse = grouped_prefill_fp64(q, codes.float(), table, cu, lens.tolist(), 0.2, kv_rank, 2, None, scales)
+    for backend in ("reference", "triton"):
+        out, lse = grouped_prefill_attention(
+            q, codes, cu, lens, 0.2, kv_rank, 2, table, kv_scale=scales, mode=mode, backend=backend
+        )
+        assert_close_with_lse(out, lse, ref_out, ref_lse, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("block_m,block_n", [(16, 16), (32, 16), (16, 32)])
+def test_flash_tiles_match_fp64(block_m, block_n):
+    """Query and key tiles of other sizes (the tile regions: masked head, unmasked middle, diagonal)."""
+    q, cache, table, cu, lens, kv_rank = grouped_prefill_case(9, 3, 12, [45, 7], [19, 70], torch.float32, seed=7)
+    out, lse = prefill_triton.grouped_prefill_triton(
+        q, cache, cu, lens, 0.2, kv_rank, 3, table, mode="flash", config=dict(BLOCK_M=block_m, BLOCK_N=block_n)
+    )
+    ref_out, ref_lse = grouped_prefill_fp64(q, cache, table, cu, lens.tolist(), 0.2, kv_rank, 3)
+    assert_close_with_lse(out, lse, ref_out, ref_lse, atol=2e-5)
+
+
+def test_mode_rule():
+    """Decode route while a grouped decode's head rows are fuller than a 128-query flash tile's rows."""
+    choose = prefill_triton.choose_grouped_prefill_mode
+    assert choose(8 * 31, 8, 4) == "decode" and choose(8 * 32, 8, 4) == "flash"  # 4 of 16 rows vs t of 128
+    assert choose(7, 1, 7) == "decode" and choose(56, 1, 7) == "flash"  # 7 of 16 rows: up to 55 tokens
+    assert choose(1, 1, 1) == "decode" and choose(8, 1, 1) == "flash"  # MHA: 1 of 16 rows
+    assert choose(3 * 24, 3, 3) == "flash" and choose(3 * 23, 3, 3) == "decode"  # SmolLM2: 3 heads a group
+
+
+def test_flash_mode_is_sync_free_with_max_seqlen_q(monkeypatch):
+    q, cache, table, cu, lens, kv_rank = grouped_prefill_case(6, 3, 16, [5, 9], [3, 0], torch.float32)
+
+    def no_host_reads(self, *args, **kwargs):
+        raise AssertionError("the flash path read a tensor on the host")
+
+    monkeypatch.setattr(torch.Tensor, "item", no_host_reads)
+    monkeypatch.setattr(torch.Tensor, "tolist", no_host_reads)
+    prefill_triton.grouped_prefill_triton(q, cache, cu, lens, 0.2, kv_rank, 3, table, max_seqlen_q=9, mode="flash")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_bad_arguments_name_the_problem(backend):
+    q, cache, table, cu, lens, kv_rank = grouped_prefill_case(6, 3, 16, [5, 9], [3, 0], torch.float32)
+    call = dict(q_rope=q, kv_cache=cache, cu_seqlens_q=cu, cache_seqlens=lens, softmax_scale=0.2, kv_rank=kv_rank,
+                head_groups=3, block_table=table, backend=backend)  # fmt: skip
+    with pytest.raises(ValueError, match="head_groups=4 must divide the 6 query heads"):
+        grouped_prefill_attention(**{**call, "head_groups": 4})
+    with pytest.raises(ValueError, match="kv_cache must be 3-d with rows of r"):
+        grouped_prefill_attention(**{**call, "head_groups": 2})
+    with pytest.raises(ValueError, match=r"expected q_rope \[tq, h, 2P\]"):
+        grouped_prefill_attention(**{**call, "q_rope": q[..., :15]})
+    with pytest.raises(ValueError, match="cu_seqlens_q"):
+        grouped_prefill_attention(**{**call, "cu_seqlens_q": cu.long()})
+    with pytest.raises(ValueError, match="mode must be"):
+        grouped_prefill_attention(**{**call, "mode": "expanded"})
+    if backend == "reference":  # values are read where that is free (the Triton path never reads them)
+        with pytest.raises(ValueError, match="cache_seqlens must count each new chunk"):
+            grouped_prefill_attention(**{**call, "cache_seqlens": torch.tensor([3, 3], dtype=torch.int32)})
