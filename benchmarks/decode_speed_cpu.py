@@ -2,12 +2,15 @@
 (transformers SDPA over the full K/V cache), side by side in one run.
 
     python benchmarks/decode_speed_cpu.py [--contexts 1024 8192 32768] [--compression 4] [--concat-baseline]
+        [--plain-lossless]
 
 The caches are filled with random rows of the right shapes (a decode step's cost does not depend on
 their values), so long contexts need no long prefill. Attention time is measured with hooks around
 every layer's ``self_attn`` (the cache append happens inside it); cache bytes are read from the cache
 objects. ``--concat-baseline`` also times each m2la model with an M2LACache whose layers append by
-torch.cat (transformers' DynamicLayer.update) instead of writing in place.
+torch.cat (transformers' DynamicLayer.update) instead of writing in place. ``--plain-lossless`` also
+times the lossless conversion with its grouped path turned off (each layer's ``head_groups`` answering
+0): the plain absorbed decode over all ``r + 2p`` columns, as before the grouped path.
 """
 
 from __future__ import annotations
@@ -108,6 +111,7 @@ def main() -> None:
     parser.add_argument("--compression", type=float, nargs="*", default=[], help="also time compressed conversions")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--concat-baseline", action="store_true", help="also time m2la with torch.cat appends")
+    parser.add_argument("--plain-lossless", action="store_true", help="also time lossless without the grouped path")
     args = parser.parse_args()
     torch.manual_seed(0)
     original, tokenizer = load_smollm2()
@@ -115,6 +119,12 @@ def main() -> None:
     lossless = copy.deepcopy(original)
     m2la.convert(lossless)
     models["m2la lossless (latent cache)"] = lossless
+    if args.plain_lossless:
+        plain = copy.deepcopy(lossless)
+        for layer in plain.modules():
+            if isinstance(layer, m2la.M2LAttention):
+                layer.head_groups = lambda: 0  # this instance only: the plain absorbed decode
+        models["m2la lossless, plain decode (latent cache)"] = plain
     for ratio in args.compression:
         compressed = copy.deepcopy(original)
         m2la.convert(compressed, compression=ratio, tokenizer=tokenizer)
