@@ -22,7 +22,7 @@ import traceback
 import torch
 
 from m2la.attention_math import expand_latent_kv
-from m2la.kernels import decode_attention, grouped_decode_attention, prefill_attention
+from m2la.kernels import decode_attention, grouped_decode_attention, grouped_prefill_attention, prefill_attention
 from m2la.kernels._paging import gather_cache_rows
 
 HEADS, GQA_KV_HEADS, HEAD_DIM = 32, 8, 128
@@ -693,6 +693,129 @@ def lossless_rows(device, dtype, batches, contexts, bandwidth, repeats, shape=No
     return rows
 
 
+def lossless_prefill_inputs(device, dtype, chunk, total, heads, kv_heads, head_dim, batch=1):
+    """`batch` sequences of a lossless conversion of GQA attention (`kv_heads` x `head_dim`): `chunk`
+    new tokens after `total - chunk` cached rows of `r + 2p` (r = 2p = kv_heads x head_dim) in a paged
+    cache with shuffled pages -> (grouped queries `[b t, h, 2P]`, cache, cu_seqlens, seqlens, table)."""
+    kv_rank = kv_heads * head_dim
+    pages = math.ceil(total / BLOCK_SIZE)
+    cache = torch.empty(batch * pages, BLOCK_SIZE, 2 * kv_rank, device=device, dtype=dtype).uniform_(-1, 1)
+    table = torch.randperm(batch * pages, device=device).to(torch.int32).view(batch, pages)
+    q = torch.randn(batch * chunk, heads, head_dim, device=device, dtype=dtype)
+    cu = torch.arange(0, batch * chunk + 1, chunk, dtype=torch.int32, device=device)
+    lens = torch.full((batch,), total, dtype=torch.int32, device=device)
+    return q, cache, cu, lens, table
+
+
+def gqa_copy(cache, table, total, kv_heads, head_dim):
+    """A lossless layer's cache rows as the GQA keys and values they came from (a copy):
+    `[b, G, s, D]` each; key of group g = its x | y RoPE halves, value = its latent slice."""
+    kv_rank = kv_heads * head_dim
+    rows = gather_cache_rows(cache, table, total)  # [b, s, r + 2p]
+    b = rows.shape[0]
+    k = rows[..., kv_rank:].unflatten(-1, (2, kv_heads, head_dim // 2)).permute(0, 3, 1, 2, 4)
+    v = rows[..., :kv_rank].unflatten(-1, (kv_heads, head_dim)).transpose(1, 2)
+    return k.reshape(b, kv_heads, total, head_dim), v.contiguous()
+
+
+def lossless_prefill_rows(device, dtype, chunk, prefixes, repeats, shape=None) -> list[tuple]:
+    """Chunked prefill of a lossless conversion (default 32 heads over 8 x 128, batch 1, `chunk` new
+    tokens after each prefix): the plain prefill (`prefill_attention`, auto mode, over the placed
+    1024-wide RoPE queries and the grouped value map, what lossless layers ran before the grouped
+    prefill), `grouped_prefill_attention` (flash tiles), and SDPA with GQA over the keys and values
+    copied into `[1, G, s, D]` (the issue's baseline: the same attention on the source model's cache).
+    TFLOPS count GQA's work (2P + v per head, query and visible key) for every row.
+    Rows: (path, prefix, chunk, ms, TFLOPS, max diff vs SDPA)."""
+    from m2la.kernels.latent_decode.reference import grouped_query
+
+    heads, kv_heads, head_dim = shape or (HEADS, GQA_KV_HEADS, HEAD_DIM)
+    kv_rank, scale = kv_heads * head_dim, head_dim**-0.5
+    rows = []
+    for prefix in prefixes:
+        if _out_of_time():
+            rows.append(("all", prefix, chunk, None, None, "skipped (time)"))
+            continue
+        total = prefix + chunk
+        flops = 2 * heads * (chunk * prefix + chunk * (chunk + 1) / 2) * 2 * head_dim
+        q, cache, cu, lens, table = lossless_prefill_inputs(device, dtype, chunk, total, heads, kv_heads, head_dim)
+        k, v = gqa_copy(cache, table, total, kv_heads, head_dim)
+        mask = None if prefix == 0 else _prefix_causal_mask(chunk, total, device)
+
+        def sdpa(q=q, k=k, v=v, mask=mask):
+            return torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(0, 1)[None], k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
+            )[0].transpose(0, 1)  # [t, h, D]
+
+        expected = sdpa().float()
+        placed = grouped_query(q, kv_rank, kv_heads)[..., kv_rank:]  # [t, h, 2p]: zero off each head's group
+        group = torch.arange(heads, device=device) // (heads // kv_heads)
+        select = torch.zeros(heads, kv_heads, head_dim, head_dim, device=device, dtype=dtype)
+        select[torch.arange(heads, device=device), group] = torch.eye(head_dim, device=device, dtype=dtype)
+        w_uv, w_uk = select.flatten(1, 2), torch.zeros(heads, kv_rank, 0, device=device, dtype=dtype)
+
+        def plain(placed=placed, cache=cache, cu=cu, lens=lens, table=table, w_uv=w_uv, w_uk=w_uk, total=total):
+            return prefill_attention(
+                placed[..., :0], placed, cache, w_uk, w_uv, cu, lens, scale, table, max_seqlen_q=chunk,
+                max_seqlen_k=total,
+            )[0]  # fmt: skip
+
+        def grouped(q=q, cache=cache, cu=cu, lens=lens, table=table):
+            return grouped_prefill_attention(
+                q, cache, cu, lens, scale, kv_rank, kv_heads, table, max_seqlen_q=chunk, mode="flash"
+            )[0]
+
+        for name, fn in (
+            ("m2la plain prefill (before)", plain),
+            ("m2la grouped prefill", grouped),
+            ("SDPA, GQA", sdpa),
+        ):
+            try:
+                diff = f"{(fn().float() - expected).abs().max().item():.1e}"
+                ms = timed_ms(fn, device, repeats)
+                rows.append((name, prefix, chunk, ms, flops / ms / 1e9, diff))
+            except Exception as exc:  # e.g. out of memory: reported, not fatal
+                rows.append((name, prefix, chunk, None, None, type(exc).__name__))
+        del cache, k, v
+    return rows
+
+
+def grouped_extend_rows(device, dtype, batch, prefix, new_tokens, repeats, shape=None) -> list[tuple]:
+    """Short extends of a lossless conversion through `grouped_prefill_attention`'s two modes, `t` new
+    tokens in each of `batch` sequences after `prefix` cached tokens; "auto" is
+    `choose_grouped_prefill_mode` (an untimed estimate until this runs).
+    Rows: (t, mode, ms, max diff vs the decode route, auto)."""
+    from m2la.kernels.latent_prefill.triton import choose_grouped_prefill_mode
+
+    heads, kv_heads, head_dim = shape or (HEADS, GQA_KV_HEADS, HEAD_DIM)
+    kv_rank, scale = kv_heads * head_dim, head_dim**-0.5
+    rows = []
+    for t in new_tokens:
+        if _out_of_time():
+            rows.append((t, "all", None, "skipped (time)", ""))
+            continue
+        q, cache, cu, lens, table = lossless_prefill_inputs(
+            device, dtype, t, prefix + t, heads, kv_heads, head_dim, batch
+        )
+        auto = choose_grouped_prefill_mode(batch * t, batch, heads // kv_heads)
+        ref = None
+        for mode in ("decode", "flash"):
+
+            def run(mode=mode, q=q, cache=cache, cu=cu, lens=lens, table=table, t=t):
+                return grouped_prefill_attention(
+                    q, cache, cu, lens, scale, kv_rank, kv_heads, table, max_seqlen_q=t, mode=mode
+                )
+
+            try:
+                out = run()[0].float()
+                ref = out if ref is None else ref
+                ms = timed_ms(run, device, repeats)
+                rows.append((t, mode, ms, f"{(out - ref).abs().max().item():.1e}", "auto" if mode == auto else ""))
+            except Exception as exc:
+                rows.append((t, mode, None, type(exc).__name__, ""))
+        del cache
+    return rows
+
+
 def _sdpa_gqa(q, k, v):
     # [b, 1, h, d] -> [b, h, 1, d]; keys stay [b, 8, s, d] strided views, GQA handled by SDPA.
     return torch.nn.functional.scaled_dot_product_attention(
@@ -1109,6 +1232,25 @@ def main() -> None:
                       *[f"| {b} | {s} | {fmt(ms, '.3f')} | {fmt(p, '.0f')} | {fmt(gm, '.3f')} | {fmt(gp, '.0f')} "
                         f"| {fmt(sd, '.3f')} | {fmt(x, '.2f')} | {fmt(gx, '.2f')} | {fmt(d, '.1e')} |"
                         for b, s, ms, p, gm, gp, sd, x, gx, d in lossless]]  # fmt: skip
+            flush()
+        sections.append("lossless_prefill")
+        if "lossless_prefill" in wanted:  # not in the default sections
+            shape = (4, 2, 16) if args.smoke else None
+            heads, kv_heads, head_dim = shape or (HEADS, GQA_KV_HEADS, HEAD_DIM)
+            lossless_p = lossless_prefill_rows(device, dtype, chunk, prefixes, repeats, shape)
+            lines += ["", f"## Chunked prefill of a lossless conversion ({heads} heads over {kv_heads} x {head_dim}, "
+                      f"{chunk} new tokens, batch 1) against SDPA with GQA over the source cache's keys and values", "",
+                      "TFLOPS: GQA's work (2P + v per head, query and visible key) over each row's time.", "",
+                      "| path | cached prefix | chunk | ms | TFLOPS | max diff vs SDPA |", "|---|---|---|---|---|---|",
+                      *[f"| {n} | {p} | {c} | {fmt(ms, '.2f')} | {fmt(tf, '.1f')} | {d} |"
+                        for n, p, c, ms, tf, d in lossless_p]]  # fmt: skip
+            flush()
+            batch, prefix, new_tokens = (2, 40, [1, 3]) if args.smoke else (8, 32768, [1, 4, 16, 32, 48, 64, 128])
+            ext = grouped_extend_rows(device, dtype, batch, prefix, new_tokens, repeats, shape)
+            lines += ["", f"## Short extends of a lossless conversion ({batch} sequences, {prefix} cached tokens each; "
+                      "`grouped_prefill_attention` modes)", "",
+                      "| new tokens a sequence | mode | ms | max diff vs decode route | auto |", "|---|---|---|---|---|",
+                      *[f"| {t} | {m} | {fmt(ms, '.3f')} | {d} | {a} |" for t, m, ms, d, a in ext]]  # fmt: skip
             flush()
         sections.append("splits")
         if "splits" in wanted:

@@ -28,7 +28,7 @@ def test_gpu_benchmark_smoke(tmp_path):
     args = [
         "--smoke",
         "--sections",
-        "decode,fp8,lossless,splits,prefill,extend",
+        "decode,fp8,lossless,lossless_prefill,splits,prefill,extend",
         "--contexts",
         "64",
         "--warm-workers",
@@ -48,6 +48,17 @@ def test_gpu_benchmark_smoke(tmp_path):
     lossless = re.findall(r"\| ([12]) \| 64 \|(?: [\d.]+ \|){7} (\S+) \|\n", report)
     assert [b for b, _ in lossless] == ["1", "2"], report
     assert all(float(d) < 1e-4 for _, d in lossless), lossless
+    # a lossless conversion's plain and grouped prefills agree with SDPA with GQA over the source keys and values
+    prefills = re.findall(
+        r"\| (m2la plain prefill \(before\)|m2la grouped prefill|SDPA, GQA) \| (?:0|64) \| 32 \| [\d.]+ \| [\d.]+ \| (\S+) \|",
+        report,
+    )
+    assert [n for n, _ in prefills] == ["m2la plain prefill (before)", "m2la grouped prefill", "SDPA, GQA"] * 2, report
+    assert all(float(d) < 1e-4 for _, d in prefills), prefills
+    # ... and its short extends through both grouped modes, which agree; auto marks one a length
+    grouped_ext = re.findall(r"^\| ([13]) \| (decode|flash) \| [\d.]+ \| (\S+) \| (auto)? \|", report, re.M)
+    assert [(t, m) for t, m, _, _ in grouped_ext] == [(t, m) for t in "13" for m in ("decode", "flash")], report
+    assert all(float(d) < 1e-4 for _, _, d, _ in grouped_ext) and sum(a == "auto" for *_, a in grouped_ext) == 2
     # split placement: by length and by capacity agree on every static-cache and ragged case
     placements = re.findall(r"\| latent 60\+16 \(smoke\), (static cache|ragged paged batch) \|.* \| (\S+) \|\n", report)
     assert [c for c, _ in placements] == ["static cache"] * 2 + ["ragged paged batch"], report
