@@ -289,3 +289,21 @@ def test_fused_mqa_matches_explicit(t, past, padded):
     assert none is None and lse.shape == (b, h, t)
     real = torch.ones(b, t, dtype=torch.bool) if mask is None else mask[:, past:].bool()
     torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_reference_benchmark_agrees_with_the_plain_paths():
+    """`benchmarks/grouped_reference_cpu.py` (tiny shapes): the plain and grouped decode and prefill
+    agree on every row it reports."""
+    import pathlib
+    import re
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).parents[1] / "benchmarks" / "grouped_reference_cpu.py"
+    argv = [sys.executable, str(script), "--heads", "6", "--kv-heads", "2", "--head-dim", "12"]
+    argv += ["--contexts", "1", "37", "--prefill", "19", "--repeats", "1"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    diffs = re.findall(r"^\| (decode|prefill \(causal\)) \| \d+ \|.* \| (\S+) \|$", proc.stdout, re.M)
+    assert [step for step, _ in diffs] == ["decode", "decode", "prefill (causal)"], proc.stdout
+    assert all(float(d) < 1e-5 for _, d in diffs), diffs
