@@ -423,34 +423,83 @@ def test_triton_module_matches_reference_over_random_layouts(
         nope = 1
     torch.manual_seed(seed)
     module = random_layer(heads, rank, nope, rope_pairs, v_dim, std=0.4, q_rank=q_rank, kv_b_bias=kv_b_bias)
-    total = sum(chunks)
-    hidden = torch.randn(2, total, 24)
-    padding = torch.tensor(padding).clamp(max=total - 1)  # every sequence keeps a real token
-    real = torch.arange(total)[None] >= padding[:, None]  # [b, s]: left padding
-    positions = (real.cumsum(-1) - 1).clamp(min=0)
-    cos, sin = module.rope_cos_sin(positions)
-
-    def run(backend):
-        if cache_kind == "static":
-            cache = m2la.StaticLatentCache(1, total)
-        else:
-            cache = m2la.LatentCache(1, torch.float8_e4m3fn if cache_kind == "latent-fp8" else None)
-        outs, done = [], 0
-        with use_backend(backend), torch.no_grad():
-            for t in chunks:
-                new = slice(done, done + t)
-                allowed = torch.arange(done + t)[None, :] <= torch.arange(done, done + t)[:, None]  # causal [t, s]
-                mask = (allowed[None] & real[:, None, : done + t])[:, None]  # [b, 1, t, s]
-                if cache_kind == "static":  # transformers' layout: the mask spans the whole capacity
-                    mask = torch.nn.functional.pad(mask, (0, total - done - t))
-                outs.append(module.attend(hidden[:, new], cos[:, new], sin[:, new], mask, cache=cache))
-                done += t
-        return torch.cat(outs, dim=1)
-
-    expected, got = run("reference"), run("triton")
+    hidden = torch.randn(2, sum(chunks), 24)
+    expected, real = attend_in_chunks(module, "reference", hidden, chunks, padding, cache_kind)
+    got, _ = attend_in_chunks(module, "triton", hidden, chunks, padding, cache_kind)
     keep = real  # padding queries see no key on the Triton path (0 there); the reference gives NaN or 0
     bound = 5e-2 if cache_kind == "latent-fp8" else 2e-5  # fp32: rounding of a different summation order
     torch.testing.assert_close(got[keep], expected[keep], rtol=bound, atol=bound * float(expected[keep].abs().max()))
+
+
+def attend_in_chunks(module, backend, hidden, chunks, padding, cache_kind) -> tuple[torch.Tensor, torch.Tensor]:
+    """`module.attend` over `hidden [2, s, d]` in `chunks` of new tokens, one cache ("latent",
+    "latent-fp8" or "static"), left padding of `padding` tokens a sequence (at most s - 1), under
+    `backend` -> (outputs `[2, s, d]`, real-token mask `[2, s]`)."""
+    total = sum(chunks)
+    padding = torch.tensor(padding).clamp(max=total - 1)  # every sequence keeps a real token
+    real = torch.arange(total)[None] >= padding[:, None]  # [b, s]: left padding
+    cos, sin = module.rope_cos_sin((real.cumsum(-1) - 1).clamp(min=0))
+    if cache_kind == "static":
+        cache = m2la.StaticLatentCache(1, total)
+    else:
+        cache = m2la.LatentCache(1, torch.float8_e4m3fn if cache_kind == "latent-fp8" else None)
+    outs, done = [], 0
+    with use_backend(backend), torch.no_grad():
+        for t in chunks:
+            new = slice(done, done + t)
+            allowed = torch.arange(done + t)[None, :] <= torch.arange(done, done + t)[:, None]  # causal [t, s]
+            mask = (allowed[None] & real[:, None, : done + t])[:, None]  # [b, 1, t, s]
+            if cache_kind == "static":  # transformers' layout: the mask spans the whole capacity
+                mask = torch.nn.functional.pad(mask, (0, total - done - t))
+            outs.append(module.attend(hidden[:, new].to(module.kv_a_proj.weight.dtype), cos[:, new], sin[:, new],
+                                      mask, cache=cache))  # fmt: skip
+            done += t
+    return torch.cat(outs, dim=1), real
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    kv_heads=st.integers(1, 4),
+    heads_per_group=st.integers(1, 4),
+    head_dim=st.sampled_from([4, 6, 12, 16]),
+    bias=st.booleans(),
+    qk_norm=st.booleans(),
+    chunks=st.lists(st.integers(1, 9), min_size=1, max_size=4),
+    padding=st.lists(st.integers(0, 4), min_size=2, max_size=2),
+    cache_kind=st.sampled_from(["latent", "latent-fp8", "static"]),
+    flash=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_grouped_layers_match_the_plain_path_over_random_sources(
+    kv_heads, heads_per_group, head_dim, bias, qk_norm, chunks, padding, cache_kind, flash, seed
+):  # fmt: skip
+    """Lossless conversions of random GQA sources (1-4 KV heads, 1-4 heads a group, biases, QK-norm)
+    attend through the grouped paths on both backends (Triton: grouped decode for one new token,
+    grouped prefill, flash tiles or decode route, otherwise; reference: GQA over the rows) and give
+    what the same layer gives through the plain paths (its `head_groups` answering 0) on the
+    reference backend, chunk by chunk over one cache, with left padding and growing fp32 or fp8 or
+    static caches."""
+    import m2la.kernels.latent_prefill.triton as prefill_module
+    from m2la.conversion import lossless_config, lossless_state_dict
+    from reference_gqa import random_source
+
+    source = random_source(24, kv_heads * heads_per_group, kv_heads, head_dim, bias=bias, qk_norm=qk_norm,
+                           dtype=torch.float32, seed=seed)  # fmt: skip
+    grouped = m2la.M2LAttention(lossless_config(source))
+    grouped.load_state_dict(lossless_state_dict(source, grouped.config))
+    assert grouped.head_groups() == kv_heads
+    plain = m2la.M2LAttention(grouped.config)
+    plain.load_state_dict(grouped.state_dict())
+    plain.head_groups = lambda: 0  # this instance only: the plain paths
+    hidden = torch.randn(2, sum(chunks), 24, generator=torch.Generator().manual_seed(seed))
+    expected, real = attend_in_chunks(plain, "reference", hidden, chunks, padding, cache_kind)
+    bound = 5e-2 if cache_kind == "latent-fp8" else 2e-5
+    for backend in ("reference", "triton"):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(prefill_module, "choose_grouped_prefill_mode", lambda *a: "flash" if flash else "decode")
+            got, _ = attend_in_chunks(grouped, backend, hidden, chunks, padding, cache_kind)
+        scale = float(expected[real].abs().max())
+        torch.testing.assert_close(got[real], expected[real], rtol=bound, atol=bound * scale, msg=backend)
 
 
 @pytest.mark.parametrize("cache_dtype", [None, torch.float8_e4m3fn], ids=["fp32-cache", "fp8-cache"])
