@@ -103,6 +103,21 @@ def test_custom_ops_registered_with_fake_kernels():
     torch.library.opcheck(decode, args, test_utils=fp8_checks)
 
 
+def test_grouped_ops_registered_with_fake_kernels():
+    """The grouped decode and prefill ops (lossless conversions of GQA layers) pass opcheck: schema,
+    fake (meta) kernels against the real ones, autograd registration, AOT dispatch."""
+    gen = torch.Generator().manual_seed(5)
+    cache, table = random_paged_cache([5, 0, 19], 2 * 24, 8, torch.float32)  # 2 groups x 12: r = 2p = 24
+    lens = torch.tensor([5, 0, 19], dtype=torch.int32)
+    q = torch.randn(3, 6, 12, generator=gen)  # 6 heads, 3 a group, 2P = 12
+    decode = torch.ops.m2la.grouped_decode.default
+    torch.library.opcheck(decode, (q, cache, lens, table, None, None, 0.2, 24, 2, 0, "reference"))
+    cu = torch.tensor([0, 2, 2, 9], dtype=torch.int32)  # chunks of 2, 0 and 7 new tokens
+    q_chunks = torch.randn(9, 6, 12, generator=gen)
+    prefill = torch.ops.m2la.grouped_prefill.default
+    torch.library.opcheck(prefill, (q_chunks, cache, cu, lens, table, None, None, 0.2, 24, 2, 7, "auto", "reference"))
+
+
 def test_torch_compile_over_reference_ops():
     q, cache, lens, table = decode_inputs()
 
