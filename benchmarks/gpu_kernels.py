@@ -779,6 +779,44 @@ def lossless_prefill_rows(device, dtype, chunk, prefixes, repeats, shape=None) -
     return rows
 
 
+# Grouped prefill tiles (overrides of `prefill_config`) timed in the lossless_prefill section. sm_90
+# compile on CPU (triton 3.9, bf16, paged, 8 x 128): every one wgmma without spills; the paged default
+# keeps 2 buffers at 3 stages (96 KiB), a contiguous cache 3 (128 KiB, 255 registers); BLOCK_N 128
+# spills 56 B, so it is left out.
+GROUPED_PREFILL_SWEEP = [{}, dict(num_stages=2), dict(BLOCK_M=64, num_warps=4), dict(BLOCK_N=32, num_stages=4)]
+
+
+def grouped_prefill_sweep_rows(device, dtype, chunk, prefix, repeats, shape=None) -> list[tuple]:
+    """`grouped_prefill_attention`'s flash tiles per GROUPED_PREFILL_SWEEP config (one sequence,
+    `chunk` new tokens after `prefix`): (config, ms, TFLOPS of GQA's work, max diff vs the default)."""
+    from m2la.kernels.latent_prefill.triton import grouped_prefill_triton
+
+    heads, kv_heads, head_dim = shape or (HEADS, GQA_KV_HEADS, HEAD_DIM)
+    kv_rank, scale, total = kv_heads * head_dim, head_dim**-0.5, prefix + chunk
+    flops = 2 * heads * (chunk * prefix + chunk * (chunk + 1) / 2) * 2 * head_dim
+    q, cache, cu, lens, table = lossless_prefill_inputs(device, dtype, chunk, total, heads, kv_heads, head_dim)
+    rows, ref = [], None
+    for config in GROUPED_PREFILL_SWEEP:
+        if _out_of_time():
+            rows.append((str(config or "default"), None, None, "skipped (time)"))
+            continue
+
+        def run(config=config, cache=cache):
+            return grouped_prefill_triton(
+                q, cache, cu, lens, scale, kv_rank, kv_heads, table, chunk, "flash", config=config
+            )[0]
+
+        try:
+            out = run().float()
+            ref = out if ref is None else ref
+            ms = timed_ms(run, device, repeats)
+            rows.append((str(config or "default"), ms, flops / ms / 1e9, f"{(out - ref).abs().max().item():.1e}"))
+        except Exception as exc:  # a tile that does not fit is reported, not fatal
+            rows.append((str(config or "default"), None, None, type(exc).__name__))
+    del cache
+    return rows
+
+
 def grouped_extend_rows(device, dtype, batch, prefix, new_tokens, repeats, shape=None) -> list[tuple]:
     """Short extends of a lossless conversion through `grouped_prefill_attention`'s two modes, `t` new
     tokens in each of `batch` sequences after `prefix` cached tokens; "auto" is
@@ -1244,6 +1282,12 @@ def main() -> None:
                       "| path | cached prefix | chunk | ms | TFLOPS | max diff vs SDPA |", "|---|---|---|---|---|---|",
                       *[f"| {n} | {p} | {c} | {fmt(ms, '.2f')} | {fmt(tf, '.1f')} | {d} |"
                         for n, p, c, ms, tf, d in lossless_p]]  # fmt: skip
+            flush()
+            sweep_prefix = prefixes[-1] if prefixes else 0
+            gsweep = grouped_prefill_sweep_rows(device, dtype, chunk, sweep_prefix, repeats, shape)
+            lines += ["", f"## Grouped prefill tiles ({chunk} new tokens after {sweep_prefix}; overrides of "
+                      "`prefill_config`)", "", "| config | ms | TFLOPS | max diff vs default |", "|---|---|---|---|",
+                      *[f"| {c} | {fmt(ms, '.2f')} | {fmt(tf, '.1f')} | {d} |" for c, ms, tf, d in gsweep]]  # fmt: skip
             flush()
             batch, prefix, new_tokens = (2, 40, [1, 3]) if args.smoke else (8, 32768, [1, 4, 16, 32, 48, 64, 128])
             ext = grouped_extend_rows(device, dtype, batch, prefix, new_tokens, repeats, shape)

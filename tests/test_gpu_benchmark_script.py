@@ -55,6 +55,9 @@ def test_gpu_benchmark_smoke(tmp_path):
     )
     assert [n for n, _ in prefills] == ["m2la plain prefill (before)", "m2la grouped prefill", "SDPA, GQA"] * 2, report
     assert all(float(d) < 1e-4 for _, d in prefills), prefills
+    # ... its flash tiles at every swept config, agreeing with the default tiles
+    tiles = re.findall(r"^\| (default|\{[^|]*\}) \| [\d.]+ \| [\d.]+ \| (\S+) \|$", report, re.M)
+    assert len(tiles) == 4 and all(float(d) < 1e-4 for _, d in tiles), report
     # ... and its short extends through both grouped modes, which agree; auto marks one a length
     grouped_ext = re.findall(r"^\| ([13]) \| (decode|flash) \| [\d.]+ \| (\S+) \| (auto)? \|", report, re.M)
     assert [(t, m) for t, m, _, _ in grouped_ext] == [(t, m) for t in "13" for m in ("decode", "flash")], report
