@@ -93,13 +93,21 @@ def check_decode_args(
     if not is_fp8(kv_cache.dtype) and kv_cache.dtype != q.dtype:
         raise ValueError(f"q ({q.dtype}) and kv_cache ({kv_cache.dtype}) must share a dtype (an fp8 cache may differ)")
     _check_cache_rows(kv_cache, None, q.shape[-1])
+    _check_decode_metadata("q", q, kv_cache, cache_seqlens, block_table, kv_start)
+
+
+def _check_decode_metadata(
+    q_name: str, q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+    block_table: torch.Tensor | None, kv_start: torch.Tensor | None,
+) -> None:  # fmt: skip
+    """A decode's `cache_seqlens [b]` and `kv_start [b]` int32 (b from `q`), the cache layout and one device."""
     batch = q.shape[0]
     _check_vector("cache_seqlens", cache_seqlens, batch, torch.int32)
     if kv_start is not None:
         _check_vector("kv_start", kv_start, batch, torch.int32)
     _check_layout(kv_cache, block_table, batch)
     _check_same_device(
-        "q, kv_cache, cache_seqlens, block_table, kv_start", q, kv_cache, cache_seqlens, block_table, kv_start
+        f"{q_name}, kv_cache, cache_seqlens, block_table, kv_start", q, kv_cache, cache_seqlens, block_table, kv_start
     )
 
 
@@ -115,15 +123,7 @@ def check_grouped_decode_args(
     """`grouped_decode_attention`'s metadata: q_rope `[b, h, 2P]` with `head_groups` dividing h and
     kv_rank, a cache of rows `r + G * 2P`, then as `check_decode_args`."""
     _check_grouped_queries(q_rope, kv_cache, kv_rank, head_groups, "[b, h, 2P]")
-    batch = q_rope.shape[0]
-    _check_vector("cache_seqlens", cache_seqlens, batch, torch.int32)
-    if kv_start is not None:
-        _check_vector("kv_start", kv_start, batch, torch.int32)
-    _check_layout(kv_cache, block_table, batch)
-    _check_same_device(
-        "q_rope, kv_cache, cache_seqlens, block_table, kv_start", q_rope, kv_cache, cache_seqlens, block_table,
-        kv_start,
-    )  # fmt: skip
+    _check_decode_metadata("q_rope", q_rope, kv_cache, cache_seqlens, block_table, kv_start)
 
 
 def _check_grouped_queries(

@@ -250,6 +250,29 @@ def grouped_decode_attention(
 # ---------------------------------------------------------------- latent prefill
 
 
+def _prefill_inputs(
+    queries: tuple[Tensor, ...], weights: tuple[Tensor, ...], kv_cache: Tensor, cu_seqlens_q: Tensor,
+    cache_seqlens: Tensor, block_table: Tensor | None, kv_start: Tensor | None, kv_scale: Tensor | None,
+    max_seqlen_q: int, max_seqlen_k: int, backend: str | None,
+) -> tuple[tuple[Tensor, ...], Tensor, Tensor, Tensor | None, Tensor | None, str, bool]:  # fmt: skip
+    """What both prefill ops do once their shapes are checked (`_decode_inputs` for prefill): the fp8
+    scale check, small inputs made contiguous, the backend resolved, the dispatch route, and
+    (reference on CPU) the chunk and length values.
+    -> (queries, cu_seqlens_q, cache_seqlens, block_table, kv_start, backend, direct)."""
+    check_cache_scale(kv_cache, kv_scale)
+    queries = tuple(_rows_contiguous(q) for q in queries)
+    cu_seqlens_q, cache_seqlens = cu_seqlens_q.contiguous(), cache_seqlens.contiguous()
+    block_table = None if block_table is None else block_table.contiguous()
+    kv_start = None if kv_start is None else kv_start.contiguous()
+    tensors = (*queries, kv_cache, *weights, cu_seqlens_q, cache_seqlens, block_table, kv_start, kv_scale)
+    chosen = resolve_backend(backend, *tensors)
+    direct = _dispatch_directly(*tensors)
+    if _values_readable(direct, chosen, queries[0].device):
+        _checks.check_chunks(cu_seqlens_q, cache_seqlens, queries[0].shape[0], max_seqlen_q, max_seqlen_k)
+        _checks.check_lengths(kv_cache, cache_seqlens, block_table, kv_start)
+    return queries, cu_seqlens_q, cache_seqlens, block_table, kv_start, chosen, direct
+
+
 def _latent_prefill_impl(
     q_nope: Tensor,
     q_rope: Tensor,
@@ -330,17 +353,10 @@ def prefill_attention(
         q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, block_table, kv_start, max_seqlen_q,
         max_seqlen_k,
     )  # fmt: skip
-    check_cache_scale(kv_cache, kv_scale)
-    q_nope, q_rope = _rows_contiguous(q_nope), _rows_contiguous(q_rope)
-    cu_seqlens_q, cache_seqlens = cu_seqlens_q.contiguous(), cache_seqlens.contiguous()
-    block_table = None if block_table is None else block_table.contiguous()
-    kv_start = None if kv_start is None else kv_start.contiguous()
-    tensors = (q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, block_table, kv_start, kv_scale)
-    chosen = resolve_backend(backend, *tensors)
-    direct = _dispatch_directly(*tensors)
-    if _values_readable(direct, chosen, q_nope.device):
-        _checks.check_chunks(cu_seqlens_q, cache_seqlens, q_nope.shape[0], max_seqlen_q, max_seqlen_k)
-        _checks.check_lengths(kv_cache, cache_seqlens, block_table, kv_start)
+    (q_nope, q_rope), cu_seqlens_q, cache_seqlens, block_table, kv_start, chosen, direct = _prefill_inputs(
+        (q_nope, q_rope), (w_uk, w_uv), kv_cache, cu_seqlens_q, cache_seqlens, block_table, kv_start, kv_scale,
+        max_seqlen_q, max_seqlen_k, backend,
+    )  # fmt: skip
     run = _latent_prefill_impl if direct else _latent_prefill_op
     return run(
         q_nope, q_rope, kv_cache, w_uk, w_uv, cu_seqlens_q, cache_seqlens, block_table, kv_start, kv_scale,
@@ -419,17 +435,10 @@ def grouped_prefill_attention(
     _checks.check_grouped_prefill_args(
         q_rope, kv_cache, cu_seqlens_q, cache_seqlens, kv_rank, head_groups, block_table, kv_start, max_seqlen_q
     )
-    check_cache_scale(kv_cache, kv_scale)
-    q_rope = _rows_contiguous(q_rope)
-    cu_seqlens_q, cache_seqlens = cu_seqlens_q.contiguous(), cache_seqlens.contiguous()
-    block_table = None if block_table is None else block_table.contiguous()
-    kv_start = None if kv_start is None else kv_start.contiguous()
-    tensors = (q_rope, kv_cache, cu_seqlens_q, cache_seqlens, block_table, kv_start, kv_scale)
-    chosen = resolve_backend(backend, *tensors)
-    direct = _dispatch_directly(*tensors)
-    if _values_readable(direct, chosen, q_rope.device):
-        _checks.check_chunks(cu_seqlens_q, cache_seqlens, q_rope.shape[0], max_seqlen_q, 0)
-        _checks.check_lengths(kv_cache, cache_seqlens, block_table, kv_start)
+    (q_rope,), cu_seqlens_q, cache_seqlens, block_table, kv_start, chosen, direct = _prefill_inputs(
+        (q_rope,), (), kv_cache, cu_seqlens_q, cache_seqlens, block_table, kv_start, kv_scale, max_seqlen_q, 0,
+        backend,
+    )  # fmt: skip
     run = _grouped_prefill_impl if direct else _grouped_prefill_op
     return run(
         q_rope, kv_cache, cu_seqlens_q, cache_seqlens, block_table, kv_start, kv_scale, float(softmax_scale),

@@ -75,7 +75,12 @@ def grouped_decode_reference(
         grouped_query(q_rope, kv_rank, head_groups), kv_cache, cache_seqlens, softmax_scale, kv_rank, block_table,
         kv_start, kv_scale,
     )  # fmt: skip
-    batch, heads, _ = q_rope.shape
-    group = torch.arange(heads, device=q_rope.device) // (heads // head_groups)
-    slices = out.view(batch, heads, head_groups, kv_rank // head_groups)
-    return slices[:, torch.arange(heads, device=q_rope.device), group], lse
+    return own_group_slice(out, head_groups), lse
+
+
+def own_group_slice(out: torch.Tensor, head_groups: int) -> torch.Tensor:
+    """The plain ops' latent output `out [n, h, r]` of a grouped layer -> each head's own group's
+    slice `[n, h, r/G]` (head h, group h // (h / G))."""
+    n, heads, kv_rank = out.shape
+    group = torch.arange(heads, device=out.device) // (heads // head_groups)
+    return out.view(n, heads, head_groups, kv_rank // head_groups)[:, torch.arange(heads, device=out.device), group]

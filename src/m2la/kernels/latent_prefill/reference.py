@@ -79,17 +79,15 @@ def grouped_prefill_reference(
     """`latent_prefill_reference` for a grouped layer (a lossless conversion of a GQA attention; see
     `grouped_decode_reference`): `q_rope [tq, h, 2P]` (head h's RoPE query over its group's P pairs)
     -> `out [tq, h, r/G]` (head h's group's latent columns, q's dtype) and `lse [tq, h]` fp32. Defined
-    through the plain prefill with no nope key, the query placed at its group's RoPE columns and a
-    value map that selects the group's latent slice, so it is that op's result."""
-    from m2la.kernels.latent_decode.reference import grouped_query
+    through the plain prefill with no nope key, the query placed at its group's RoPE columns and the
+    latent itself as the value (its group's slice taken after), so it is that op's result."""
+    from m2la.kernels.latent_decode.reference import grouped_query, own_group_slice
 
     tokens, heads, _ = q_rope.shape
-    value_dim = kv_rank // head_groups
     placed = grouped_query(q_rope, kv_rank, head_groups)[..., kv_rank:]  # [tq, h, 2p], zero off the group
-    group = torch.arange(heads, device=q_rope.device) // (heads // head_groups)  # [h]
-    select = torch.zeros(heads, head_groups, value_dim, value_dim, device=q_rope.device)
-    select[torch.arange(heads, device=q_rope.device), group] = torch.eye(value_dim, device=q_rope.device)
-    return latent_prefill_reference(
-        q_rope.new_zeros(tokens, heads, 0), placed, kv_cache, select.new_zeros(heads, kv_rank, 0),
-        select.flatten(1, 2), cu_seqlens_q, cache_seqlens, softmax_scale, block_table, kv_start, kv_scale,
+    identity = torch.eye(kv_rank, device=q_rope.device).expand(heads, kv_rank, kv_rank)  # values = the latent
+    out, lse = latent_prefill_reference(
+        q_rope.new_zeros(tokens, heads, 0), placed, kv_cache, identity[..., :0], identity, cu_seqlens_q,
+        cache_seqlens, softmax_scale, block_table, kv_start, kv_scale,
     )  # fmt: skip
+    return own_group_slice(out, head_groups), lse

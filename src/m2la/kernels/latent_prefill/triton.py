@@ -593,6 +593,14 @@ def _absorption_product(equation: str, x: torch.Tensor, weight: torch.Tensor, ou
     return torch.einsum(equation, x.float(), weight.float()).to(out_dtype)
 
 
+def longest_chunk(cu_seqlens_q: torch.Tensor, max_seqlen_q: int) -> int:
+    """`max_seqlen_q` if given (> 0), else the longest chunk read from `cu_seqlens_q` (one host sync;
+    callers pass it to stay sync-free, e.g. under CUDA-graph capture)."""
+    if max_seqlen_q > 0 or cu_seqlens_q.shape[0] < 2:
+        return max(max_seqlen_q, 0)
+    return int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item())
+
+
 def per_token_decodes(
     num_tokens: int, cu_seqlens_q: torch.Tensor, cache_seqlens: torch.Tensor, block_table: torch.Tensor | None,
     kv_start: torch.Tensor | None,
@@ -685,8 +693,7 @@ def grouped_prefill_triton(
         )
     if mode != "flash":
         raise ValueError(f"mode must be 'auto', 'flash' or 'decode', got {mode!r}")
-    if max_seqlen_q <= 0:  # host sync; pass it to stay sync-free
-        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()) if batch else 0
+    max_seqlen_q = longest_chunk(cu_seqlens_q, max_seqlen_q)
     out = torch.empty(num_tokens, num_heads, value_dim, device=q_rope.device, dtype=q_rope.dtype)
     lse = torch.empty(num_tokens, num_heads, device=q_rope.device, dtype=torch.float32)
     if num_tokens == 0 or batch == 0:
@@ -743,8 +750,8 @@ def latent_prefill_triton(
         mode = choose_prefill_mode(num_tokens, batch, kv_rank, nope_dim, value_dim, q_rope.shape[2])
     dtype = q_nope.dtype if kv_scale is not None else kv_cache.dtype  # what the GEMMs run in
     q_rope = q_rope.to(dtype)
-    if mode != "decode" and max_seqlen_q <= 0:  # host sync; pass it to stay sync-free
-        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()) if batch else 0
+    if mode != "decode":
+        max_seqlen_q = longest_chunk(cu_seqlens_q, max_seqlen_q)
     if mode in ("decode", "absorbed"):
         q_latent = _absorption_product("thn,hrn->thr", q_nope, w_uk, dtype)  # [tq, h, r]
         if mode == "decode":
