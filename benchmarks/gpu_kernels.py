@@ -819,10 +819,12 @@ def grouped_prefill_sweep_rows(device, dtype, chunk, prefix, repeats, shape=None
 
 def grouped_extend_rows(device, dtype, batch, prefix, new_tokens, repeats, shape=None) -> list[tuple]:
     """Short extends of a lossless conversion through `grouped_prefill_attention`'s two modes, `t` new
-    tokens in each of `batch` sequences after `prefix` cached tokens; "auto" is
-    `choose_grouped_prefill_mode` (an untimed estimate until this runs).
+    tokens in each of `batch` sequences after `prefix` cached tokens, beside the decode route before
+    query blocks were packed ("decode, per token": one grouped decode a query token, which reads the
+    cache once a token); "auto" is `choose_grouped_prefill_mode` (an untimed estimate until this runs).
     Rows: (t, mode, ms, max diff vs the decode route, auto)."""
-    from m2la.kernels.latent_prefill.triton import choose_grouped_prefill_mode
+    from m2la.kernels.latent_decode.triton import grouped_decode_triton
+    from m2la.kernels.latent_prefill.triton import choose_grouped_prefill_mode, per_token_decodes
 
     heads, kv_heads, head_dim = shape or (HEADS, GQA_KV_HEADS, HEAD_DIM)
     kv_rank, scale = kv_heads * head_dim, head_dim**-0.5
@@ -835,10 +837,13 @@ def grouped_extend_rows(device, dtype, batch, prefix, new_tokens, repeats, shape
             device, dtype, t, prefix + t, heads, kv_heads, head_dim, batch
         )
         auto = choose_grouped_prefill_mode(batch * t, batch, heads // kv_heads)
+        token_lens, token_table, _ = per_token_decodes(batch * t, cu, lens, table, None)
         ref = None
-        for mode in ("decode", "flash"):
+        for mode in ("decode", "flash", "decode, per token"):
 
-            def run(mode=mode, q=q, cache=cache, cu=cu, lens=lens, table=table, t=t):
+            def run(mode=mode, q=q, cache=cache, cu=cu, lens=lens, table=table, t=t, tl=token_lens, tt=token_table):
+                if mode == "decode, per token":
+                    return grouped_decode_triton(q, cache, tl, scale, kv_rank, kv_heads, tt)
                 return grouped_prefill_attention(
                     q, cache, cu, lens, scale, kv_rank, kv_heads, table, max_seqlen_q=t, mode=mode
                 )
@@ -1289,7 +1294,9 @@ def main() -> None:
                       "`prefill_config`)", "", "| config | ms | TFLOPS | max diff vs default |", "|---|---|---|---|",
                       *[f"| {c} | {fmt(ms, '.2f')} | {fmt(tf, '.1f')} | {d} |" for c, ms, tf, d in gsweep]]  # fmt: skip
             flush()
-            batch, prefix, new_tokens = (2, 40, [1, 3]) if args.smoke else (8, 32768, [1, 4, 16, 32, 48, 64, 128])
+            batch, prefix, new_tokens = (
+                (2, 40, [1, 3, 9]) if args.smoke else (8, 32768, [1, 2, 4, 8, 16, 32, 48, 64, 128])
+            )
             ext = grouped_extend_rows(device, dtype, batch, prefix, new_tokens, repeats, shape)
             lines += ["", f"## Short extends of a lossless conversion ({batch} sequences, {prefix} cached tokens each; "
                       "`grouped_prefill_attention` modes)", "",

@@ -58,10 +58,14 @@ def test_gpu_benchmark_smoke(tmp_path):
     # ... its flash tiles at every swept config, agreeing with the default tiles
     tiles = re.findall(r"^\| (default|\{[^|]*\}) \| [\d.]+ \| [\d.]+ \| (\S+) \|$", report, re.M)
     assert len(tiles) == 4 and all(float(d) < 1e-4 for _, d in tiles), report
-    # ... and its short extends through both grouped modes, which agree; auto marks one a length
-    grouped_ext = re.findall(r"^\| ([13]) \| (decode|flash) \| [\d.]+ \| (\S+) \| (auto)? \|", report, re.M)
-    assert [(t, m) for t, m, _, _ in grouped_ext] == [(t, m) for t in "13" for m in ("decode", "flash")], report
-    assert all(float(d) < 1e-4 for _, _, d, _ in grouped_ext) and sum(a == "auto" for *_, a in grouped_ext) == 2
+    # ... and its short extends through both grouped modes and the per-token decodes, which agree
+    # (9 tokens: two packed query blocks under the interpreter); auto marks one a length
+    grouped_ext = re.findall(
+        r"^\| ([139]) \| (decode|flash|decode, per token) \| [\d.]+ \| (\S+) \| (auto)? \|", report, re.M
+    )
+    modes = ("decode", "flash", "decode, per token")
+    assert [(t, m) for t, m, _, _ in grouped_ext] == [(t, m) for t in "139" for m in modes], report
+    assert all(float(d) < 1e-4 for _, _, d, _ in grouped_ext) and sum(a == "auto" for *_, a in grouped_ext) == 3
     # split placement: by length and by capacity agree on every static-cache and ragged case
     placements = re.findall(r"\| latent 60\+16 \(smoke\), (static cache|ragged paged batch) \|.* \| (\S+) \|\n", report)
     assert [c for c, _ in placements] == ["static cache"] * 2 + ["ragged paged batch"], report

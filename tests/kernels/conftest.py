@@ -10,6 +10,8 @@ an explicit `backend="triton"` reaches the interpreter.
 
 import os
 
+import pytest
+
 if os.environ.get("M2LA_TRITON_NATIVE") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -20,3 +22,22 @@ try:
     import triton  # noqa: F401
 except ImportError:  # the kernel tests skip without triton
     pass
+
+
+@pytest.fixture
+def poisoned_partials(monkeypatch):
+    """The split kernel's partial buffers, filled with NaN before each launch and kept for the test."""
+    from m2la.kernels.latent_decode import triton as decode
+
+    kept = []
+    real = decode._split_partials
+
+    def poisoned(*args):
+        part_out, part_lse = real(*args)
+        part_out.fill_(float("nan"))
+        part_lse.fill_(float("nan"))
+        kept.append((part_out, part_lse))
+        return part_out, part_lse
+
+    monkeypatch.setattr(decode, "_split_partials", poisoned)
+    return kept

@@ -69,8 +69,15 @@ GROUPED_DECODE_CASES = [
     "grouped_decode_h9_g3_d64",
     "grouped_decode_h32_g8_d128_fp8",
 ]
+# Their chunked prefill's decode route: 16 query tokens x a group's heads packed on the MMA rows.
+PACKED_DECODE_CASES = [
+    "grouped_decode_packed_h32_g8_d128",
+    "grouped_decode_packed_h9_g3_d64",
+    "grouped_decode_packed_h32_g8_d128_fp8",
+]
 ALL_CASES = [
     *GROUPED_DECODE_CASES,
+    *PACKED_DECODE_CASES,
     "decode_h32_r896_rope128",
     "decode_h32_r448_rope64_fp8",
     "decode_h32_r448_rope64_bf16",
@@ -201,7 +208,7 @@ def test_length_dependent_arguments_are_not_value_specialised(compiled):
     decode split count follows the cache's tile count (1, 2, ... 128 as a growing cache fills) and
     the prefill grid arguments follow the chunk and context lengths, so none may be specialised."""
     assert compiled["not_specialised"] == {
-        "decode": ["num_splits"], "decode_heads_on_n": ["num_splits"], "decode_grouped": ["num_splits"],
+        "decode": ["num_splits"], "decode_heads_on_n": ["num_splits"], "decode_grouped": ["num_splits", "tokens_per_block", "blocks_per_seq"],
         "prefill": ["num_query_tiles", "head_group"],
     }  # fmt: skip
 
@@ -215,6 +222,17 @@ def test_sm90_grouped_decode_tiles_are_light(compiled, case):
     facts = compiled[case]
     assert facts["spill_stores"] == 0 and facts["registers"] <= 128, facts
     assert facts["shared"] <= 64 * 1024, facts
+
+
+@pytest.mark.parametrize("case", PACKED_DECODE_CASES)
+def test_sm90_packed_grouped_decode_tiles_run_on_wgmma(compiled, case):
+    """A packed query block fills wgmma's 64 rows (16 tokens x 4 heads at 8 x 128) where a one-token
+    grouped decode multiplies 4 real rows of 16 on mma.sync; the accumulator is 64 x 128 fp32 (64
+    registers a thread), so the tile stays free of spills and two programs share an SM (triton 3.9:
+    168 registers, 80 KiB of shared memory for two pipelined buffers at 8 x 128 bf16)."""
+    facts = compiled[case]
+    assert facts["wgmma"] > 0 and facts["spill_stores"] == 0, facts
+    assert facts["shared"] <= H100_MAX_SHARED_BYTES // 2, facts
 
 
 @pytest.mark.parametrize("case", ["grouped_prefill_d128", "grouped_prefill_d128_fp8"])

@@ -215,25 +215,6 @@ def test_launcher_halves_block_n_when_shared_memory_runs_out(monkeypatch, fresh_
         decode.latent_decode_triton(q, cache, lens, 0.3, 48, table, config=dict(BLOCK_N=64))
 
 
-@pytest.fixture
-def poisoned_partials(monkeypatch):
-    """The split kernel's partial buffers, filled with NaN before each launch and kept for the test."""
-    from m2la.kernels.latent_decode import triton as decode
-
-    kept = []
-    real = decode._split_partials
-
-    def poisoned(*args):
-        part_out, part_lse = real(*args)
-        part_out.fill_(float("nan"))
-        part_lse.fill_(float("nan"))
-        kept.append((part_out, part_lse))
-        return part_out, part_lse
-
-    monkeypatch.setattr(decode, "_split_partials", poisoned)
-    return kept
-
-
 def expected_filled_splits(seqlen: int, first: int, num_splits: int, block_n: int, by_length: bool, capacity: int):
     """Splits that hold a visible token: by length, the visible range (first rounded down to a tile)
     cut into `num_splits` runs of whole tiles; by capacity, the capacity cut into runs."""

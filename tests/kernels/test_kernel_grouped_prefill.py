@@ -1,5 +1,5 @@
 """grouped_prefill_attention: a grouped layer's chunked prefill (lossless GQA conversions), reference and
-Triton (interpreter; flash tiles and the per-token decode route) against a per-group fp64 GQA oracle."""
+Triton (interpreter; flash tiles and the packed split-KV decode route) against a per-group fp64 GQA oracle."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from kernel_cases import (
 )
 
 from m2la.kernels import grouped_prefill_attention, prefill_attention
+from m2la.kernels.latent_decode import triton as decode_triton
 from m2la.kernels.latent_decode.reference import grouped_query
 from m2la.kernels.latent_prefill import triton as prefill_triton
 
@@ -104,9 +105,9 @@ def test_grouped_is_the_plain_prefill_on_the_groups_columns():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("heads,groups,head_dim", SHAPES)
 def test_triton_matches_fp64(heads, groups, head_dim, dtype, mode):
-    """Paged (permuted table, NaN in unused slots), both Triton modes; the decode route (one decode a
-    query token, slow under the interpreter) with shorter chunks."""
-    new = NEW if mode == "flash" else [3, 0, 1, 6, 2]
+    """Paged (permuted table, NaN in unused slots), both Triton modes; the decode route (slow under the
+    interpreter: up to one query block a token for many heads a group) with shorter chunks."""
+    new = NEW if mode == "flash" else [3, 0, 1, 13, 2]
     q, cache, table, cu, lens, kv_rank = grouped_prefill_case(heads, groups, head_dim, new, CACHED, dtype)
     out, lse = grouped_prefill_attention(q, cache, cu, lens, 0.2, kv_rank, groups, table, mode=mode, backend="triton")
     ref_out, ref_lse = grouped_prefill_fp64(q.double(), cache, table, cu, lens.tolist(), 0.2, kv_rank, groups)
@@ -162,23 +163,63 @@ def test_flash_tiles_match_fp64(block_m, block_n):
 
 
 def test_mode_rule():
-    """Decode route while a grouped decode's head rows are fuller than a 128-query flash tile's rows."""
+    """Decode route while a chunk fits two packed query blocks of 64 rows // (h/G) tokens."""
     choose = prefill_triton.choose_grouped_prefill_mode
-    assert choose(8 * 31, 8, 4) == "decode" and choose(8 * 32, 8, 4) == "flash"  # 4 of 16 rows vs t of 128
-    assert choose(7, 1, 7) == "decode" and choose(56, 1, 7) == "flash"  # 7 of 16 rows: up to 55 tokens
-    assert choose(1, 1, 1) == "decode" and choose(8, 1, 1) == "flash"  # MHA: 1 of 16 rows
-    assert choose(3 * 24, 3, 3) == "flash" and choose(3 * 23, 3, 3) == "decode"  # SmolLM2: 3 heads a group
+    assert choose(8 * 32, 8, 4) == "decode" and choose(8 * 33, 8, 4) == "flash"  # 8 x 128 GQA: 16-token blocks
+    assert choose(18, 1, 7) == "decode" and choose(19, 1, 7) == "flash"  # 7 heads a group: 9-token blocks
+    assert choose(128, 1, 1) == "decode" and choose(129, 1, 1) == "flash"  # MHA: 64-token blocks
+    assert choose(3 * 42, 3, 3) == "decode" and choose(3 * 43, 3, 3) == "flash"  # SmolLM2: 21-token blocks
+    assert choose(2, 1, 100) == "decode" and choose(3, 1, 100) == "flash"  # more heads a group than rows
+    assert choose(9, 2, 3) == "decode"  # ragged: 5 tokens a sequence, rounded up
 
 
-def test_flash_mode_is_sync_free_with_max_seqlen_q(monkeypatch):
+@pytest.mark.parametrize("block_h", [16, 32, 64])
+def test_packed_decode_blocks_match_fp64(block_h, poisoned_partials):
+    """The decode route packs T = BLOCK_H // (h/G) tokens of one chunk with the group's heads on the
+    MMA rows (3 heads a group: 1-4 rows of every tile left over). Chunks of T - 1, T, T + 1 and 2T + 1
+    tokens straddle the blocks; in the later splits a block's early rows see no key at all, so they
+    write only their LSE, and the partial buffers start as NaN."""
+    tokens = block_h // 3
+    new, cached = [tokens - 1, tokens, tokens + 1, 2 * tokens + 1, 0, 1], [0, 17, 40, 3, 5, 70]
+    q, cache, table, cu, lens, kv_rank = grouped_prefill_case(9, 3, 12, new, cached, torch.float32, seed=11)
+    out, lse = prefill_triton.grouped_prefill_triton(
+        q, cache, cu, lens, 0.2, kv_rank, 3, table, mode="decode", config=dict(BLOCK_H=block_h)
+    )
+    ref_out, ref_lse = grouped_prefill_fp64(q, cache, table, cu, lens.tolist(), 0.2, kv_rank, 3)
+    assert_close_with_lse(out, lse, ref_out, ref_lse, atol=2e-5)
+    ((part_out, part_lse),) = poisoned_partials
+    assert part_lse.shape == (sum(new), 9, part_lse.shape[-1]) and part_lse.shape[-1] > 1
+    assert not part_lse.isnan().any()  # every row of every split wrote its LSE
+    assert (part_lse == float("-inf")).any()  # and some saw nothing
+
+
+def test_packed_decode_config_and_errors():
+    """Rows for the tokens a sequence times a group's heads, 16 to 64 (the interpreter: 16)."""
+    config = decode_triton.grouped_decode_config
+    assert config(4, 128, 64, interpret=False)["BLOCK_H"] == 16  # one token: a group's heads
+    assert config(4, 128, 64, interpret=False, tokens_per_seq=3)["BLOCK_H"] == 16
+    assert config(4, 128, 64, interpret=False, tokens_per_seq=5)["BLOCK_H"] == 32
+    assert config(4, 128, 64, interpret=False, tokens_per_seq=40)["BLOCK_H"] == 64
+    assert config(3, 64, 32, interpret=True, tokens_per_seq=40)["BLOCK_H"] == 16
+    assert config(100, 64, 32, interpret=False, tokens_per_seq=40)["BLOCK_H"] == 128  # a group's heads at least
+    q, cache, table, cu, lens, kv_rank = grouped_prefill_case(6, 3, 16, [5, 9], [3, 0], torch.float32)
+    with pytest.raises(ValueError, match="max_seqlen_q > 0"):
+        decode_triton.grouped_decode_triton(q, cache, lens, 0.2, kv_rank, 3, table, cu_seqlens_q=cu)
+    with pytest.raises(ValueError, match="BLOCK_H=16 holds fewer rows than a group's 32 heads"):
+        decode_triton.grouped_decode_triton(q.repeat(1, 16, 1), cache, lens, 0.2, kv_rank, 3, table,
+                                            config=dict(BLOCK_H=16))  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["flash", "decode"])
+def test_triton_modes_are_sync_free_with_max_seqlen_q(monkeypatch, mode):
     q, cache, table, cu, lens, kv_rank = grouped_prefill_case(6, 3, 16, [5, 9], [3, 0], torch.float32)
 
     def no_host_reads(self, *args, **kwargs):
-        raise AssertionError("the flash path read a tensor on the host")
+        raise AssertionError(f"the {mode} path read a tensor on the host")
 
     monkeypatch.setattr(torch.Tensor, "item", no_host_reads)
     monkeypatch.setattr(torch.Tensor, "tolist", no_host_reads)
-    prefill_triton.grouped_prefill_triton(q, cache, cu, lens, 0.2, kv_rank, 3, table, max_seqlen_q=9, mode="flash")
+    prefill_triton.grouped_prefill_triton(q, cache, cu, lens, 0.2, kv_rank, 3, table, max_seqlen_q=9, mode=mode)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

@@ -426,9 +426,9 @@ def grouped_prefill_attention(
     `q_rope [tq, h, 2P]` (x half then y half of each head's pairs) packed by `cu_seqlens_q [b+1]`; the
     chunk must already be in the cache; cache, `cache_seqlens`, `block_table`, `kv_start` and `kv_scale`
     as in `prefill_attention`. Returns `out [tq, h, r/G]` (q's dtype) and `lse [tq, h]` fp32. `mode`
-    (Triton): "flash", "decode" (one grouped decode per query token) or "auto"
-    (`latent_prefill.triton.choose_grouped_prefill_mode`). `max_seqlen_q`: the longest chunk (0: read
-    it from `cu_seqlens_q`, one host sync in flash mode).
+    (Triton): "flash", "decode" (split-KV grouped decodes, a few query tokens x a group's heads a
+    program) or "auto" (`latent_prefill.triton.choose_grouped_prefill_mode`). `max_seqlen_q`: the
+    longest chunk (0: read it from `cu_seqlens_q`, one host sync).
     """
     if mode not in ("auto", "flash", "decode"):
         raise ValueError(f"mode must be 'auto', 'flash' or 'decode', got {mode!r}")

@@ -501,35 +501,60 @@ def _decode_split_kernel_heads_on_n(
     tl.store(part_lse_ptr + seq * stride_pl_b + offs_h * stride_pl_h + split, lse, mask=head_ok)
 
 
-@triton.jit(do_not_specialize=["num_splits"])  # as `_decode_split_kernel`
+@triton.jit(do_not_specialize=["num_splits", "tokens_per_block", "blocks_per_seq"])  # as `_decode_split_kernel`
 def _decode_split_kernel_grouped(
-    q_ptr, kv_ptr, block_table_ptr, seqlens_ptr, kv_start_ptr, kv_scale_ptr, part_out_ptr, part_lse_ptr,
+    q_ptr, kv_ptr, block_table_ptr, seqlens_ptr, kv_start_ptr, kv_scale_ptr, cu_seqlens_q_ptr, part_out_ptr,
+    part_lse_ptr,
     scale_log2,
     heads_per_group, group_rank, group_pairs, kv_rank, rope_pairs, block_size, split_len, num_splits,
-    stride_q_b, stride_q_h,
+    tokens_per_block, blocks_per_seq,
+    stride_q_t, stride_q_h,
     stride_kv_blk, stride_kv_tok,
     stride_sc_blk, stride_sc_tok,
     stride_bt_b,
-    stride_po_b, stride_po_h, stride_po_s,
-    stride_pl_b, stride_pl_h,
+    stride_po_t, stride_po_h, stride_po_s,
+    stride_pl_t, stride_pl_h,
     PAGED: tl.constexpr, PAGE_TILE: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_SCALE: tl.constexpr,
-    SPLIT_BY_LENGTH: tl.constexpr,
+    SPLIT_BY_LENGTH: tl.constexpr, PACKED: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_P: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """A grouped layer's decode (`grouped_decode_attention`): GQA's work over the latent cache. Program
-    (sequence, group g, split) holds g's heads on the MMA M dimension and reads only g's columns of
+    (query block, group g, split) holds g's heads on the MMA M dimension and reads only g's columns of
     each cache row: latent `[g R, (g+1) R)` (R = `group_rank`, the values) and the two RoPE halves
     `r + [g P, (g+1) P)` and `r + p + [g P, (g+1) P)` (P = `group_pairs`, p = `rope_pairs`). There is no
-    latent query (a lossless conversion has no no-RoPE key part). q `[b, h, 2P]`; partials `[b, h,
-    splits, R]`, merged by `_decode_combine_kernel`."""
+    latent query (a lossless conversion has no no-RoPE key part). q `[tq, h, 2P]`; partials `[tq, h,
+    splits, R]`, merged by `_decode_combine_kernel`.
+
+    Not PACKED: one query token a sequence (query block = sequence). PACKED (a chunked prefill's
+    short chunks, `grouped_prefill_triton`'s "decode" mode): query block j of sequence i is tokens
+    `[j T, (j+1) T)` of its chunk (`cu_seqlens_q`, T = `tokens_per_block`), and row m of the MMA holds
+    token `m // (h/G)` and head `m % (h/G)`: the block's T tokens share each cache tile, which is read
+    once for all of them, and each row sees keys up to its own token's position (causal)."""
     compute_dtype = q_ptr.dtype.element_ty
-    seq = tl.program_id(0)
     group = tl.program_id(1)
     split = tl.program_id(2)
-    offs_in_group = tl.arange(0, BLOCK_H)
-    head_ok = offs_in_group < heads_per_group
-    offs_h = group * heads_per_group + offs_in_group  # [BLOCK_H]
+    offs_m = tl.arange(0, BLOCK_H)
+    if PACKED:
+        seq = tl.program_id(0) // blocks_per_seq
+        first_token = (tl.program_id(0) % blocks_per_seq) * tokens_per_block  # in the chunk
+        chunk_start = tl.load(cu_seqlens_q_ptr + seq)
+        chunk_len = tl.load(cu_seqlens_q_ptr + seq + 1) - chunk_start
+        token_in_block = offs_m // heads_per_group  # [BLOCK_H]
+        token_in_chunk = first_token + token_in_block
+        row_ok = (token_in_block < tokens_per_block) & (token_in_chunk < chunk_len)
+        offs_h = group * heads_per_group + offs_m % heads_per_group
+        token = (chunk_start + token_in_chunk).to(tl.int64)  # [BLOCK_H] the rows' query tokens
+        q_rows = q_ptr + token[:, None] * stride_q_t + offs_h[:, None] * stride_q_h  # [BLOCK_H, 1]
+        po_rows = part_out_ptr + token * stride_po_t + offs_h * stride_po_h  # [BLOCK_H]
+        pl_rows = part_lse_ptr + token * stride_pl_t + offs_h * stride_pl_h
+    else:  # one token a sequence: row m is head m of the group
+        seq = tl.program_id(0)
+        row_ok = offs_m < heads_per_group
+        offs_h = group * heads_per_group + offs_m
+        q_rows = q_ptr + seq * stride_q_t + offs_h[:, None] * stride_q_h
+        po_rows = part_out_ptr + seq * stride_po_t + offs_h * stride_po_h
+        pl_rows = part_lse_ptr + seq * stride_pl_t + offs_h * stride_pl_h
     offs_p = tl.arange(0, BLOCK_P)
     pair_ok = offs_p < group_pairs
     offs_v = tl.arange(0, BLOCK_V)
@@ -538,8 +563,12 @@ def _decode_split_kernel_grouped(
     first, lo, hi = _split_token_range(
         seqlens_ptr, kv_start_ptr, seq, split, split_len, num_splits, HAS_KV_START, SPLIT_BY_LENGTH, BLOCK_N
     )
-    q_rows = q_ptr + seq * stride_q_b + offs_h[:, None] * stride_q_h  # [BLOCK_H, 1]
-    q_mask = head_ok[:, None] & pair_ok[None, :]
+    if PACKED:
+        seqlen = tl.load(seqlens_ptr + seq)
+        row_end = seqlen - chunk_len + token_in_chunk + 1  # [BLOCK_H] each row's causal end
+        hi = tl.minimum(hi, seqlen - chunk_len + tl.minimum(first_token + tokens_per_block, chunk_len))
+        hi = tl.where(first_token < chunk_len, hi, lo)  # a block past its chunk's end (ragged chunks) reads nothing
+    q_mask = row_ok[:, None] & pair_ok[None, :]
     q_x = tl.load(q_rows + offs_p[None, :], mask=q_mask, other=0.0)  # [BLOCK_H, BLOCK_P]
     q_y = tl.load(q_rows + group_pairs + offs_p[None, :], mask=q_mask, other=0.0)
     x_col = kv_rank + group * group_pairs  # this group's x half of the RoPE key
@@ -561,7 +590,11 @@ def _decode_split_kernel_grouped(
         scores += tl.dot(q_y, tl.trans(k_y), input_precision=DOT_PRECISION)
         if HAS_SCALE:
             scores = scores * token_scale[None, :]
-        scores = tl.where(visible[None, :], scores * scale_log2, float("-inf"))
+        if PACKED:
+            seen = visible[None, :] & (offs_n[None, :] < row_end[:, None])  # [BLOCK_H, BLOCK_N]
+        else:
+            seen = visible[None, :]
+        scores = tl.where(seen, scores * scale_log2, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all-hidden rows: avoid -inf - -inf
@@ -577,10 +610,10 @@ def _decode_split_kernel_grouped(
         m_i = m_new
 
     norm, lse = _softmax_norm_and_lse(m_i, l_i)
-    po = part_out_ptr + seq * stride_po_b + offs_h[:, None] * stride_po_h + split * stride_po_s
-    written = head_ok & (l_i > 0.0)  # heads that saw no token write only their LSE (-inf); the combine skips them
+    po = po_rows[:, None] + split * stride_po_s
+    written = row_ok & (l_i > 0.0)  # rows that saw no token write only their LSE (-inf); the combine skips them
     tl.store(po + offs_v[None, :], acc / norm[:, None], mask=written[:, None] & value_ok[None, :])
-    tl.store(part_lse_ptr + seq * stride_pl_b + offs_h * stride_pl_h + split, lse, mask=head_ok)
+    tl.store(pl_rows + split, lse, mask=row_ok)
 
 
 @triton.jit
@@ -998,12 +1031,23 @@ def _combine_splits(
     return out, lse
 
 
-def grouped_decode_config(heads_per_group: int, group_rank: int, group_pairs: int, interpret: bool) -> dict:
+# Most MMA rows a packed grouped decode tile holds (query tokens x a group's heads): one warpgroup's
+# wgmma M on sm_90, the fp32 accumulator 64 x R (R = 128: 64 registers a thread at 4 warps).
+GROUPED_PACKED_ROWS = 64
+
+
+def grouped_decode_config(
+    heads_per_group: int, group_rank: int, group_pairs: int, interpret: bool, tokens_per_seq: int = 1
+) -> dict:
     """Tiles of `_decode_split_kernel_grouped`: a group's heads on M (16 rows at least, the MMA's
-    minimum), its value and RoPE columns whole. Not yet timed on a GPU; 64-token tiles with two
-    stages, as the plain kernel's measured defaults."""
+    minimum), its value and RoPE columns whole. `tokens_per_seq` > 1 (packed chunks): rows for that
+    many tokens x the group's heads, up to `GROUPED_PACKED_ROWS` (16 under the interpreter, so tests
+    cover several query blocks a chunk). Not yet timed on a GPU; 64-token tiles with two stages, as
+    the plain kernel's measured defaults."""
+    most_rows = 16 if interpret else GROUPED_PACKED_ROWS
+    rows = max(heads_per_group, min(tokens_per_seq * heads_per_group, most_rows))
     tiles = dict(
-        BLOCK_H=max(16, next_power_of_2(heads_per_group)), BLOCK_V=max(16, next_power_of_2(group_rank)),
+        BLOCK_H=max(16, next_power_of_2(rows)), BLOCK_V=max(16, next_power_of_2(group_rank)),
         BLOCK_P=max(16, next_power_of_2(group_pairs)), PAGE_TILE=True,
     )  # fmt: skip
     if interpret:  # small token tiles so the tests cover multi-tile loops
@@ -1013,10 +1057,12 @@ def grouped_decode_config(heads_per_group: int, group_rank: int, group_pairs: in
 
 def _grouped_programs_per_sm(cfg: dict, itemsize: int, device: torch.device) -> int:
     """Grouped split programs an SM holds at once: pipelined cache tiles in shared memory, threads,
-    and registers (light tiles: 128 a thread, as `programs_per_sm` counts them)."""
+    and registers (a thread: 128 for tiles of up to 32 rows, 192 for packed 64-row ones; ptxas gave
+    100 and 168 for sm_90 at 8 x 128, bf16)."""
     smem, threads, registers = _sm_limits(device)
     tile_bytes = max(1, cfg["num_stages"]) * cfg["BLOCK_N"] * (cfg["BLOCK_V"] + 2 * cfg["BLOCK_P"]) * itemsize
-    by_registers = max(1, registers // (128 * 32 * cfg["num_warps"]))
+    per_thread = 128 if cfg["BLOCK_H"] <= 32 else 192
+    by_registers = max(1, registers // (per_thread * 32 * cfg["num_warps"]))
     return max(1, min(smem // tile_bytes, threads // (32 * cfg["num_warps"]), by_registers))
 
 
@@ -1032,15 +1078,33 @@ def grouped_decode_triton(
     num_splits: int = 0,
     config: dict | None = None,
     kv_scale: torch.Tensor | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    max_seqlen_q: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as `grouped_decode_reference`: one program per (sequence, KV group, split), each
-    reading its group's `r / G` latent and `2p / G` RoPE columns, then `_decode_combine_kernel`.
-    `num_splits=0` picks a split count from the same wave model as the plain decode."""
-    batch, num_heads, width = q_rope.shape
-    group_pairs, group_rank = width // 2, kv_rank // head_groups
-    paged = block_table is not None
-    cfg = {**grouped_decode_config(num_heads // head_groups, group_rank, group_pairs, triton_interpreter_enabled()),
+    """Same contract as `grouped_decode_reference`: one program per (query block, KV group, split),
+    each reading its group's `r / G` latent and `2p / G` RoPE columns, then `_decode_combine_kernel`.
+    `num_splits=0` picks a split count from the same wave model as the plain decode.
+
+    With `cu_seqlens_q [b+1]` (int32) and `max_seqlen_q` > 0 (the longest chunk), q `[tq, h, 2P]`
+    holds chunks already in the cache, as `grouped_prefill_reference` takes them: each query block
+    packs up to `BLOCK_H // (h/G)` tokens of one chunk with the group's heads on the MMA rows, so a
+    cache tile is read once for all of them, and each token sees the keys up to its own position."""
+    num_tokens, num_heads, width = q_rope.shape
+    group_pairs, group_rank, per_group = width // 2, kv_rank // head_groups, num_heads // head_groups
+    paged, packed = block_table is not None, cu_seqlens_q is not None
+    if packed and max_seqlen_q <= 0:
+        raise ValueError(f"packed chunks need max_seqlen_q > 0 (the longest chunk), got {max_seqlen_q}")
+    batch = cu_seqlens_q.shape[0] - 1 if packed else num_tokens
+    cfg = {**grouped_decode_config(per_group, group_rank, group_pairs, triton_interpreter_enabled(),
+                                   max_seqlen_q if packed else 1),
            **(config or {})}  # fmt: skip
+    if cfg["BLOCK_H"] < per_group:
+        raise ValueError(f"BLOCK_H={cfg['BLOCK_H']} holds fewer rows than a group's {per_group} heads")
+    tokens_per_block = cfg["BLOCK_H"] // per_group if packed else 1
+    blocks_per_seq = cdiv(max_seqlen_q, tokens_per_block) if packed else 1
+    query_blocks = batch * blocks_per_seq
+    if num_tokens == 0:
+        return q_rope.new_empty(0, num_heads, group_rank), q_rope.new_empty(0, num_heads, dtype=torch.float32)
     capacity = cache_capacity(kv_cache, block_table)
     block_n = cfg["BLOCK_N"]
     if num_splits <= 0:
@@ -1053,17 +1117,18 @@ def grouped_decode_triton(
             tile_bytes = block_n * (group_rank + width) * kv_cache.element_size()
             partial_bytes = cfg["BLOCK_H"] * group_rank * 4
             num_splits = _splits_for_tiles(
-                batch, head_groups, cdiv(capacity, block_n), tile_bytes, partial_bytes, slots
+                query_blocks, head_groups, cdiv(capacity, block_n), tile_bytes, partial_bytes, slots
             )
     split_len = cdiv(cdiv(capacity, num_splits), block_n) * block_n
-    part_out, part_lse = _split_partials(batch, num_heads, num_splits, group_rank, q_rope.device)
+    part_out, part_lse = _split_partials(num_tokens, num_heads, num_splits, group_rank, q_rope.device)
     table, start, scale = _stand_ins(block_table, cache_seqlens, kv_start, kv_scale, part_lse)
     block_size = kv_cache.shape[1] if paged else 1
-    _decode_split_kernel_grouped[(batch, head_groups, num_splits)](
-        q_rope, kv_cache, table, cache_seqlens, start, scale, part_out, part_lse,
+    _decode_split_kernel_grouped[(query_blocks, head_groups, num_splits)](
+        q_rope, kv_cache, table, cache_seqlens, start, scale, cu_seqlens_q if packed else cache_seqlens, part_out,
+        part_lse,
         softmax_scale * _LOG2E,
-        num_heads // head_groups, group_rank, group_pairs, kv_rank, head_groups * group_pairs, block_size, split_len,
-        num_splits,
+        per_group, group_rank, group_pairs, kv_rank, head_groups * group_pairs, block_size, split_len,
+        num_splits, tokens_per_block, blocks_per_seq,
         q_rope.stride(0), q_rope.stride(1),
         kv_cache.stride(0), kv_cache.stride(1),
         scale.stride(0), scale.stride(1),
@@ -1072,7 +1137,7 @@ def grouped_decode_triton(
         part_lse.stride(0), part_lse.stride(1),
         PAGED=paged, PAGE_TILE=paged and cfg["PAGE_TILE"] and block_size % block_n == 0,
         HAS_KV_START=kv_start is not None, HAS_SCALE=kv_scale is not None,
-        SPLIT_BY_LENGTH=cfg.get("SPLIT_BY_LENGTH", True),
+        SPLIT_BY_LENGTH=cfg.get("SPLIT_BY_LENGTH", True), PACKED=packed,
         BLOCK_H=cfg["BLOCK_H"], BLOCK_N=block_n, BLOCK_V=cfg["BLOCK_V"], BLOCK_P=cfg["BLOCK_P"],
         DOT_PRECISION="ieee" if q_rope.dtype == torch.float32 else "tf32",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],

@@ -36,6 +36,7 @@ from m2la.kernels._host import cdiv, next_power_of_2
 from m2la.kernels._launch import launch_shrinking, tma_misalignment, with_scratch_allocator
 from m2la.kernels._paging import cache_capacity, gather_cache_rows
 from m2la.kernels._quant import gather_dequantized_rows
+from m2la.kernels.latent_decode.triton import GROUPED_PACKED_ROWS
 from m2la.quantization import is_fp8
 
 _LOG2E = 1.4426950408889634
@@ -639,20 +640,17 @@ def _latent_attention_through_decode(
     return latent_decode_triton(q, kv_cache, seqlens, softmax_scale, kv_rank, table, start, kv_scale=kv_scale)
 
 
-# Query rows the flash tiles hold on sm_90 (`prefill_config` with no nope key): the grouped mode
-# rule below compares how full they are against the grouped decode's head rows.
-GROUPED_FLASH_ROWS = 128
-
-
 def choose_grouped_prefill_mode(num_new_tokens: int, batch: int, heads_per_group: int) -> str:
-    """ "decode" (one grouped decode per query token) or "flash" (`_prefill_kernel`'s tiles over the
-    group's keys and values) for `grouped_prefill_attention`, by how full each keeps its MMA rows:
-    a grouped decode fills `h/G` of its `max(16, next_pow2(h/G))` head rows, a flash tile `t` of its
-    128 query rows (t new tokens a sequence). The decode route also splits each token's keys over
-    the GPU. Not yet timed: an estimate (8 x 128 GQA: decode up to 31 tokens a sequence)."""
-    tokens_per_seq = num_new_tokens / max(1, batch)
-    decode_rows = max(16, next_power_of_2(heads_per_group))
-    return "decode" if tokens_per_seq * decode_rows < GROUPED_FLASH_ROWS * heads_per_group else "flash"
+    """ "decode" (packed split-KV decodes: `grouped_decode_triton` with query blocks of `T` tokens x the
+    group's heads, T = 64 rows // (h/G)) or "flash" (`_prefill_kernel`'s 128-query tiles over the
+    group's keys and values) for `grouped_prefill_attention`. The decode route reads each group's
+    keys once a query block and splits them over the GPU; a flash tile reads them once for 128 queries
+    of one head, but pays 128 rows of MMA work however few tokens it holds: at 8 x 128 GQA on an H100,
+    about three passes' worth of cache bytes. So: "decode" while a chunk takes at most two query
+    blocks (8 x 128 GQA, 4 heads a group: up to 32 tokens a sequence). Not yet timed: an estimate."""
+    tokens_per_seq = cdiv(num_new_tokens, max(1, batch))
+    tokens_per_block = max(1, GROUPED_PACKED_ROWS // heads_per_group)
+    return "decode" if tokens_per_seq <= 2 * tokens_per_block else "flash"
 
 
 def grouped_prefill_triton(
@@ -672,9 +670,10 @@ def grouped_prefill_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `grouped_prefill_reference`. `mode`: "flash" (`_prefill_kernel` reading each
     KV group's RoPE key halves and latent slice straight from the cache, paged or not, fp8 widened in
-    registers: GQA's flash attention, nothing expanded), "decode" (one grouped decode per query token,
-    `per_token_decodes`) or "auto" (`choose_grouped_prefill_mode`). `max_seqlen_q`: the longest chunk
-    (0 = read it, one host sync; flash mode only). `config` overrides `prefill_config` entries."""
+    registers: GQA's flash attention, nothing expanded), "decode" (split-KV grouped decodes whose
+    query blocks pack a few tokens of one chunk with the group's heads, `grouped_decode_triton`) or
+    "auto" (`choose_grouped_prefill_mode`). `max_seqlen_q`: the longest chunk (0 = read it, one host
+    sync). `config` overrides `prefill_config` (flash) or `grouped_decode_config` (decode) entries."""
     from m2la.kernels.latent_decode.triton import grouped_decode_triton
 
     num_tokens, num_heads, width = q_rope.shape
@@ -684,20 +683,18 @@ def grouped_prefill_triton(
     assert (kv_scale is not None) == is_fp8(kv_cache.dtype), "fp8 caches (and only they) take kv_scale"
     if mode == "auto":
         mode = choose_grouped_prefill_mode(num_tokens, batch, per_group)
-    if mode == "decode":
-        if num_tokens == 0:
-            return q_rope.new_empty(0, num_heads, value_dim), q_rope.new_empty(0, num_heads, dtype=torch.float32)
-        seqlens, table, start = per_token_decodes(num_tokens, cu_seqlens_q, cache_seqlens, block_table, kv_start)
-        return grouped_decode_triton(
-            q_rope, kv_cache, seqlens, softmax_scale, kv_rank, head_groups, table, start, kv_scale=kv_scale
-        )
-    if mode != "flash":
+    if mode not in ("flash", "decode"):
         raise ValueError(f"mode must be 'auto', 'flash' or 'decode', got {mode!r}")
+    if num_tokens == 0 or batch == 0:
+        return q_rope.new_empty(0, num_heads, value_dim), q_rope.new_empty(0, num_heads, dtype=torch.float32)
     max_seqlen_q = longest_chunk(cu_seqlens_q, max_seqlen_q)
+    if mode == "decode":
+        return grouped_decode_triton(
+            q_rope, kv_cache, cache_seqlens, softmax_scale, kv_rank, head_groups, block_table, kv_start,
+            config=config, kv_scale=kv_scale, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q,
+        )  # fmt: skip
     out = torch.empty(num_tokens, num_heads, value_dim, device=q_rope.device, dtype=q_rope.dtype)
     lse = torch.empty(num_tokens, num_heads, device=q_rope.device, dtype=torch.float32)
-    if num_tokens == 0 or batch == 0:
-        return out, lse
     dtype = q_rope.dtype if kv_scale is not None else kv_cache.dtype  # what the MMAs run in
     q_rope = q_rope.to(dtype)
     latent, k_rope = kv_cache[..., :kv_rank], kv_cache[..., kv_rank:]
