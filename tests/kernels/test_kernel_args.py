@@ -1,9 +1,15 @@
 """Argument checks of the public kernel ops: both backends refuse the same bad inputs with a
 ValueError naming the argument; strided views of the small inputs give the contiguous result (the
 Triton launchers take row strides only, so a strided index tensor was once read wrongly); values
-are checked by the reference backend on CPU, and never read on the host by the Triton path."""
+are checked by the reference backend on CPU, and never read on the host by the Triton path unless
+the caller asks (`check_argument_values`)."""
 
 from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,7 +17,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kernel_cases import assert_close_with_lse, random_contiguous_cache, random_paged_cache
 
-from m2la.kernels import decode_attention, prefill_attention, write_latent_cache
+from m2la.kernels import (
+    check_argument_values,
+    decode_attention,
+    grouped_decode_attention,
+    prefill_attention,
+    write_latent_cache,
+)
 
 BACKENDS = ["reference", "triton"]
 I32 = torch.int32
@@ -137,6 +149,22 @@ def test_reference_decode_on_cpu_checks_values(case):
         decode_attention(**_apply(decode_args(), changes), backend="reference")
 
 
+@pytest.mark.parametrize("grouped", [False, True], ids=["plain", "grouped"])
+@pytest.mark.parametrize("case", list(BAD_DECODE_VALUES))
+def test_triton_decode_checks_values_when_asked(case, grouped):
+    """Under `check_argument_values` the Triton path reads the values too (a sync a call on a GPU),
+    with the reference's messages; the grouped op shares the checks."""
+    changes, message = BAD_DECODE_VALUES[case]
+    args = _apply(decode_args(), changes)
+    with check_argument_values(), pytest.raises(ValueError, match=message):
+        if grouped:  # 5 heads over 1 group: q [b, h, 2P] with 2P = the cache's 8 RoPE columns
+            args.pop("kv_rank")
+            q_rope = args.pop("q")[..., 16:]
+            grouped_decode_attention(q_rope, **args, kv_rank=16, head_groups=1, backend="triton")
+        else:
+            decode_attention(**args, backend="triton")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_decode_table_entries_outside_the_visible_pages_may_be_anything(backend):
     """Entries past a sequence's length, or wholly before its kv_start, may be anything (engines
@@ -257,6 +285,38 @@ def test_reference_prefill_on_cpu_checks_values(case):
         prefill_attention(**{**prefill_args(), **changes}, backend="reference")
 
 
+@pytest.mark.parametrize("case", list(BAD_PREFILL_VALUES))
+def test_triton_prefill_checks_values_when_asked(case):
+    changes, message = BAD_PREFILL_VALUES[case]
+    with check_argument_values(), pytest.raises(ValueError, match=message):
+        prefill_attention(**{**prefill_args(), **changes}, backend="triton")
+
+
+def test_value_checks_are_opt_in_and_restored(monkeypatch):
+    """Off by default for the Triton path, on inside the block (nested blocks restore the outer
+    setting), off again after it; `M2LA_CHECK_VALUES=1` sets the default (read at import)."""
+    from m2la.kernels import _checks
+
+    calls = []
+    monkeypatch.setattr(_checks, "check_lengths", lambda *args: calls.append("checked"))
+    args = decode_args()
+    decode_attention(**args, backend="triton")
+    assert calls == []
+    with check_argument_values():
+        with check_argument_values(False):
+            decode_attention(**args, backend="triton")
+        assert calls == []
+        decode_attention(**args, backend="triton")
+    assert calls == ["checked"]
+    decode_attention(**args, backend="triton")
+    assert calls == ["checked"]
+    code = "import m2la.kernels.ops as o; print(o._CHECK_ARGUMENT_VALUES.get())"
+    env = {**os.environ, "M2LA_CHECK_VALUES": "1"}
+    assert (
+        subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip() == "True"
+    )
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["decode", "absorbed", "expanded"])
 def test_prefill_strided_small_inputs_give_the_contiguous_result(mode, backend):
@@ -326,11 +386,13 @@ def test_cache_write_refuses_bad_arguments_on_both_backends(case, backend):
 
 
 @pytest.mark.parametrize("slot", [12, -2])
-def test_reference_cache_write_on_cpu_checks_slots(slot):
+@pytest.mark.parametrize("backend", ["reference", "triton, checked"])
+def test_cache_write_on_cpu_checks_slots(slot, backend):
     args = write_args()
     args["slot_mapping"] = torch.tensor([5, -1, slot, 0])
-    with pytest.raises(ValueError, match=r"slot_mapping entries must be -1 \(skip\) or in \[0, 12\)"):
-        write_latent_cache(**args, backend="reference")
+    checked = check_argument_values() if backend == "triton, checked" else contextlib.nullcontext()
+    with checked, pytest.raises(ValueError, match=r"slot_mapping entries must be -1 \(skip\) or in \[0, 12\)"):
+        write_latent_cache(**args, backend=backend.split(",")[0])
     assert (args["kv_cache"] == 0).all()
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from kernel_cases import (
     assert_close_with_lse,
     dense_attention_fp64,
@@ -191,6 +193,47 @@ def test_packed_decode_blocks_match_fp64(block_h, poisoned_partials):
     assert part_lse.shape == (sum(new), 9, part_lse.shape[-1]) and part_lse.shape[-1] > 1
     assert not part_lse.isnan().any()  # every row of every split wrote its LSE
     assert (part_lse == float("-inf")).any()  # and some saw nothing
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    heads_per_group=st.integers(1, 9),
+    groups=st.integers(1, 4),
+    pairs=st.integers(1, 20),
+    block_size=st.sampled_from([8, 16, 24]),
+    chunks=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 60)), min_size=1, max_size=4),
+    start_frac=st.floats(0.0, 1.0),
+    block_h=st.sampled_from([16, 32, 64]),
+    splits=st.integers(0, 6),
+    fp8=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_packed_decode_matches_fp64_over_random_layouts(
+    heads_per_group, groups, pairs, block_size, chunks, start_frac, block_h, splits, fp8, seed
+):
+    """Any heads a group and group count, pair count, page size, chunk and prefix lengths (0 included),
+    left padding (reaching into the chunk), packed rows, split count (0 = the launcher's) and fp8 or
+    not: the packed grouped decode matches the fp64 oracle over a NaN-poisoned paged cache."""
+    heads, head_dim = heads_per_group * groups, 2 * pairs
+    block_h = max(block_h, 16 * -(-heads_per_group // 16))  # a group's heads at least
+    new = [n for n, _ in chunks]
+    seqlens = [n + c for n, c in chunks]
+    kv_rank = groups * head_dim
+    cache, table = random_paged_cache(seqlens, 2 * kv_rank, block_size, torch.float32, seed=seed)
+    scale = None
+    if fp8:
+        cache, scale = quantize_cache(cache, torch.float8_e4m3fn)
+    cu = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(int(cu[-1]), heads, head_dim, generator=torch.Generator().manual_seed(seed + 1))
+    lens = torch.tensor(seqlens, dtype=torch.int32)
+    kv_start = torch.tensor([int(start_frac * n) for n in seqlens], dtype=torch.int32)
+    out, lse = decode_triton.grouped_decode_triton(
+        q, cache, lens, 0.2, kv_rank, groups, table, kv_start, splits, dict(BLOCK_H=block_h), scale,
+        cu_seqlens_q=cu, max_seqlen_q=max(1, max(new)),
+    )  # fmt: skip
+    rows = cache.float() if fp8 else cache
+    ref_out, ref_lse = grouped_prefill_fp64(q, rows, table, cu, seqlens, 0.2, kv_rank, groups, kv_start, scale)
+    assert_close_with_lse(out, lse, ref_out, ref_lse, atol=1e-4 if fp8 else 3e-5, rtol=1e-4)
 
 
 def test_packed_decode_config_and_errors():

@@ -9,6 +9,8 @@
 - `grouped_prefill_attention`: the same prefill for grouped layers, GQA's flash attention over the
   cache (op folder `latent_prefill/`).
 - `write_latent_cache`: fused latent copy + RoPE rotation + paged scatter (op folder `cache_write/`).
+- `check_argument_values`: a context manager (or `M2LA_CHECK_VALUES=1`) under which every eager call
+  checks its argument values (lengths, offsets, block tables, slots) on any backend and device.
 
 Each op folder holds `reference.py` (pure torch, the test oracle) and `triton.py` (the kernel).
 `ops` registers them as torch custom ops and needs only torch, so importing it here keeps the
@@ -16,6 +18,7 @@ package light.
 """
 
 from m2la.kernels.ops import (
+    check_argument_values,
     decode_attention,
     grouped_decode_attention,
     grouped_prefill_attention,
@@ -24,6 +27,7 @@ from m2la.kernels.ops import (
 )
 
 __all__ = [
+    "check_argument_values",
     "decode_attention",
     "grouped_decode_attention",
     "grouped_prefill_attention",

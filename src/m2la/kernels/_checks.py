@@ -6,7 +6,8 @@ included. Values (lengths against the cache's capacity, block-table entries, slo
 the reference backend on CPU only (`ops._values_readable`). The Triton path never reads an argument's
 values on the host: on a GPU that would make the host wait for the device on every call and break
 CUDA-graph capture. There they are the caller's contract, as in FlashAttention's and FlashMLA's
-kv-cache APIs, and the kernels do not bounds-check them.
+kv-cache APIs, and the kernels do not bounds-check them, unless the caller opts in
+(`ops.check_argument_values`, `M2LA_CHECK_VALUES=1`: every eager call checks them, a sync a call).
 """
 
 from __future__ import annotations

@@ -10,6 +10,11 @@ decode kernel at short context. Tracing, tensor subclasses and autograd still go
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import os
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 from torch.nn import Parameter
@@ -74,11 +79,39 @@ def _rows_contiguous(t: Tensor) -> Tensor:
     return t if t.is_contiguous() or t.stride(-1) == 1 else t.contiguous()
 
 
+_CHECK_ARGUMENT_VALUES: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "m2la_check_argument_values", default=os.environ.get("M2LA_CHECK_VALUES", "") == "1"
+)
+
+
+@contextlib.contextmanager
+def check_argument_values(enabled: bool = True) -> Iterator[None]:
+    """Debugging aid: inside the block (or everywhere with `M2LA_CHECK_VALUES=1`), eager op calls on
+    either backend and any device check their argument values as the reference backend on CPU always
+    does: lengths within the cache, `cu_seqlens_q` rising from 0 to the token count, each chunk
+    counted in `cache_seqlens`, block-table entries of visible pages inside the cache, slots. A bad
+    value raises a ValueError naming it instead of reading another sequence's pages or faulting in a
+    kernel. Each check reads values on the host, a device sync a call on a GPU, hence opt-in; traced
+    calls (torch.compile) and CUDA-graph capture never read values. Nests and restores on exit."""
+    token = _CHECK_ARGUMENT_VALUES.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _CHECK_ARGUMENT_VALUES.reset(token)
+
+
 def _values_readable(direct: bool, backend: str, device: torch.device) -> bool:
     """Whether the argument checks may read tensor values: the reference backend on plain eager CPU
-    tensors. The Triton path never reads values on the host (CUDA graphs; the interpreter on CPU
-    behaves the same), and on a GPU a read would sync every call."""
-    return direct and backend == "reference" and device.type == "cpu"
+    tensors, or any eager call inside `check_argument_values`. Otherwise the Triton path never reads
+    values on the host (CUDA graphs; the interpreter on CPU behaves the same), and on a GPU a read
+    would sync every call."""
+    if not direct:
+        return False
+    if backend == "reference" and device.type == "cpu":
+        return True
+    if not _CHECK_ARGUMENT_VALUES.get():
+        return False
+    return device.type != "cuda" or not torch.cuda.is_current_stream_capturing()
 
 
 # ---------------------------------------------------------------- latent decode
