@@ -15,8 +15,9 @@
 # "tma_probe" for benchmarks/tma_decode_probe.py --run: the library's TMA decode tile and a stripped
 # TMA + wgmma loop for 896 + 128, timed beside the library default);
 # "lossless" for gpu_kernels.py's decode of a lossless conversion (32 heads, 1024 + 1024) beside SDPA over
-# the GQA cache it came from; "lossless_prefill" for its chunked prefill (plain, grouped, SDPA with
-# GQA) and short extends through the grouped prefill's two modes;
+# the GQA cache it came from, and a grouped decode tile sweep; "lossless_prefill" for its chunked
+# prefill (plain, grouped, SDPA with GQA) and short extends through the grouped prefill's two modes
+# and the one-decode-a-token route they replaced;
 # "flashmla" for benchmarks/flashmla_baseline.py run: FlashMLA's compiled decode (from vLLM's wheel)
 # against ours on DeepSeek's 512 + 64 layout, in a process of its own);
 # M2LA_REGISTER_FACTS=0 skips the ptxas table; M2LA_GPU_TESTS=0 skips the GPU tests and

@@ -693,6 +693,48 @@ def lossless_rows(device, dtype, batches, contexts, bandwidth, repeats, shape=No
     return rows
 
 
+# Grouped decode tiles to time (overrides of `grouped_decode_config`). sm_90 compile facts at
+# 8 x 128, bf16 (triton 3.9): the default (16 rows) runs mma.sync with one cache buffer, 100
+# registers, 38 KiB; 64 rows (4 real) run wgmma with two pipelined buffers, 166 registers, 80 KiB.
+GROUPED_DECODE_SWEEP = [{}, dict(BLOCK_H=64), dict(BLOCK_N=128), dict(BLOCK_N=32, num_stages=4), dict(num_stages=3)]
+
+
+def grouped_decode_sweep_rows(device, dtype, batches, context, bandwidth, repeats, shape=None) -> list[tuple]:
+    """`grouped_decode_attention` of a lossless layer (`shape` as in `lossless_rows`) per
+    GROUPED_DECODE_SWEEP config, `context` tokens a sequence: (batch, config, ms, % of copy BW, max
+    diff vs the default tiles). Graph replays on a GPU."""
+    from m2la.kernels.latent_decode.triton import grouped_decode_triton
+
+    heads, kv_heads, head_dim = shape or (HEADS, GQA_KV_HEADS, HEAD_DIM)
+    kv_rank = kv_heads * head_dim
+    row_bytes = 2 * kv_rank * dtype.itemsize
+    num_blocks = max(batches) * math.ceil(context / BLOCK_SIZE)
+    cache = torch.empty(num_blocks, BLOCK_SIZE, 2 * kv_rank, device=device, dtype=dtype).uniform_(-1, 1)
+    rows = []
+    for batch in batches:
+        _, table, lens = paged_inputs(batch, context, kv_rank, kv_rank, dtype, device, cache)
+        q = torch.randn(batch, heads, head_dim, device=device, dtype=dtype)
+        ref = None
+        for config in GROUPED_DECODE_SWEEP:
+            if _out_of_time():
+                rows.append((batch, str(config or "default"), None, None, "skipped (time)"))
+                continue
+
+            def run(config=config, q=q, table=table, lens=lens, cache=cache):
+                return grouped_decode_triton(q, cache, lens, head_dim**-0.5, kv_rank, kv_heads, table, config=config)
+
+            try:
+                out = run()[0].float()
+                ref = out if ref is None else ref
+                ms, _, pct, gms, gpct, _ = _measure(run, device, repeats, batch * context * row_bytes, bandwidth, 1)
+                diff = f"{(out - ref).abs().max().item():.1e}"
+                rows.append((batch, str(config or "default"), gms or ms, gpct if gms else pct, diff))
+            except Exception as exc:  # a tile that does not fit is reported, not fatal
+                rows.append((batch, str(config or "default"), None, None, type(exc).__name__))
+    del cache
+    return rows
+
+
 def lossless_prefill_inputs(device, dtype, chunk, total, heads, kv_heads, head_dim, batch=1):
     """`batch` sequences of a lossless conversion of GQA attention (`kv_heads` x `head_dim`): `chunk`
     new tokens after `total - chunk` cached rows of `r + 2p` (r = 2p = kv_heads x head_dim) in a paged
@@ -1275,6 +1317,13 @@ def main() -> None:
                       *[f"| {b} | {s} | {fmt(ms, '.3f')} | {fmt(p, '.0f')} | {fmt(gm, '.3f')} | {fmt(gp, '.0f')} "
                         f"| {fmt(sd, '.3f')} | {fmt(x, '.2f')} | {fmt(gx, '.2f')} | {fmt(d, '.1e')} |"
                         for b, s, ms, p, gm, gp, sd, x, gx, d in lossless]]  # fmt: skip
+            flush()
+            sweep_context = 64 if args.smoke else 32768
+            gd_sweep = grouped_decode_sweep_rows(device, dtype, batches[1:3], sweep_context, bandwidth, repeats, shape)
+            lines += ["", f"## Grouped decode tiles ({sweep_context} tokens a sequence; overrides of "
+                      "`grouped_decode_config`)", "", "| batch | config | ms | % of copy BW | max diff vs default |",
+                      "|---|---|---|---|---|",
+                      *[f"| {b} | {c} | {fmt(ms, '.3f')} | {fmt(p, '.0f')} | {d} |" for b, c, ms, p, d in gd_sweep]]  # fmt: skip
             flush()
         sections.append("lossless_prefill")
         if "lossless_prefill" in wanted:  # not in the default sections

@@ -48,6 +48,9 @@ def test_gpu_benchmark_smoke(tmp_path):
     lossless = re.findall(r"\| ([12]) \| 64 \|(?: [\d.]+ \|){7} (\S+) \|\n", report)
     assert [b for b, _ in lossless] == ["1", "2"], report
     assert all(float(d) < 1e-4 for _, d in lossless), lossless
+    # ... and the grouped decode's tile sweep, each config agreeing with the default tiles
+    grouped_tiles = re.findall(r"^\| 2 \| (default|\{[^|]*\}) \| [\d.]+ \| [\d.]+ \| (\S+) \|$", report, re.M)
+    assert len(grouped_tiles) == 5 and all(float(d) < 1e-4 for _, d in grouped_tiles), report
     # a lossless conversion's plain and grouped prefills agree with SDPA with GQA over the source keys and values
     prefills = re.findall(
         r"\| (m2la plain prefill \(before\)|m2la grouped prefill|SDPA, GQA) \| (?:0|64) \| 32 \| [\d.]+ \| [\d.]+ \| (\S+) \|",
