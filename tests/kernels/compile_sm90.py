@@ -162,11 +162,13 @@ def decode_case(heads, kv_rank, rope_dim, dtype="fp16", cache_dtype=None, paged=
         consts["BLOCK_N"] //= 2
 
 
-def grouped_decode_case(heads, groups, head_dim, dtype="bf16", cache_dtype=None, tokens_per_seq=1):
-    """`_decode_split_kernel_grouped` at its default tiles (`grouped_decode_config`), paged;
-    `tokens_per_seq` > 1: packed query blocks (a chunked prefill's decode route)."""
+def grouped_decode_case(heads, groups, head_dim, dtype="bf16", cache_dtype=None, tokens_per_seq=1, paged=True):
+    """`_decode_split_kernel_grouped` at its default tiles (`grouped_decode_config`), paged (or a
+    contiguous cache with left padding); `tokens_per_seq` > 1: packed query blocks (a chunked
+    prefill's decode route)."""
     cfg = decode.grouped_decode_config(heads // groups, head_dim, head_dim // 2, False, tokens_per_seq)
-    consts = dict(PAGED=True, PAGE_TILE=cfg["PAGE_TILE"], HAS_KV_START=False, HAS_SCALE=cache_dtype is not None,
+    consts = dict(PAGED=paged, PAGE_TILE=paged and cfg["PAGE_TILE"], HAS_KV_START=not paged,
+                  HAS_SCALE=cache_dtype is not None,
                   SPLIT_BY_LENGTH=True, DOT_PRECISION="tf32", PACKED=tokens_per_seq > 1,
                   **{k: v for k, v in cfg.items() if k.startswith("BLOCK")})  # fmt: skip
     ptrs = {"q_ptr": f"*{dtype}", "kv_ptr": f"*{cache_dtype or dtype}", "block_table_ptr": "*i32",
@@ -271,7 +273,7 @@ def main() -> None:
         "grouped_decode_h32_g8_d128_fp8": grouped_decode_case(32, 8, 128, cache_dtype="fp8e4nv"),
         # ... and their short chunks: 16 tokens x 4 heads a group on 64 MMA rows
         "grouped_decode_packed_h32_g8_d128": grouped_decode_case(32, 8, 128, tokens_per_seq=16),
-        "grouped_decode_packed_h9_g3_d64": grouped_decode_case(9, 3, 64, tokens_per_seq=16),
+        "grouped_decode_packed_h9_g3_d64_contiguous": grouped_decode_case(9, 3, 64, tokens_per_seq=16, paged=False),
         "grouped_decode_packed_h32_g8_d128_fp8": grouped_decode_case(32, 8, 128, "bf16", "fp8e4nv", 16),
         # ... and their prefill through the grouped flash tiles (GQA's keys and values, no expansion)
         "grouped_prefill_d128": grouped_prefill_case(128),

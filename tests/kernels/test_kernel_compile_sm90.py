@@ -72,7 +72,7 @@ GROUPED_DECODE_CASES = [
 # Their chunked prefill's decode route: 16 query tokens x a group's heads packed on the MMA rows.
 PACKED_DECODE_CASES = [
     "grouped_decode_packed_h32_g8_d128",
-    "grouped_decode_packed_h9_g3_d64",
+    "grouped_decode_packed_h9_g3_d64_contiguous",
     "grouped_decode_packed_h32_g8_d128_fp8",
 ]
 ALL_CASES = [
