@@ -6,6 +6,7 @@
 #  2. correctness + copy bandwidth + decode config sweep + decode/prefill timings vs SDPA, the decode
 #     table run with the sweep's best tile per layout, fp8-cache decode, and vLLM's Triton MLA decode
 #     on the same caches, and short extends (1-128 new tokens after 32K) through every prefill mode
+#     (and a 16-head layer's decode route with packed query blocks beside one decode a token)
 #     -> ${OUT:-/tmp/m2la-out}/kernels.md
 # Usage (repo root): bash benchmarks/gpu_check.sh
 # Environment: M2LA_SWEEP_SET=fp8 times the fp8-tile sweep (gpu_kernels.SWEEP_FP8) instead of the

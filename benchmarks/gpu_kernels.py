@@ -908,7 +908,7 @@ def _sdpa_gqa(q, k, v):
     )
 
 
-def prefill_inputs(device, dtype, chunk, total, kv_rank, rope_dim, batch=1, shuffled_pages=False):
+def prefill_inputs(device, dtype, chunk, total, kv_rank, rope_dim, batch=1, shuffled_pages=False, heads=HEADS):
     """`batch` sequences: `chunk` new queries each after `total - chunk` cached rows in a paged latent
     cache (pages in order, or shuffled), random up-projections
     -> (q_nope, q_rope, cache, w_uk, w_uv, cu_seqlens_q, seqlens, block_table)."""
@@ -919,10 +919,10 @@ def prefill_inputs(device, dtype, chunk, total, kv_rank, rope_dim, batch=1, shuf
         torch.randperm(batch * pages, device=device) if shuffled_pages else torch.arange(batch * pages, device=device)
     )
     table = order.to(torch.int32).view(batch, pages)
-    q_nope = torch.randn(batch * chunk, HEADS, NOPE_DIM, device=device, dtype=dtype)
-    q_rope = torch.randn(batch * chunk, HEADS, rope_dim, device=device, dtype=dtype)
-    w_uk = torch.randn(HEADS, kv_rank, NOPE_DIM, device=device, dtype=dtype) / kv_rank**0.5
-    w_uv = torch.randn(HEADS, kv_rank, VALUE_DIM, device=device, dtype=dtype) / kv_rank**0.5
+    q_nope = torch.randn(batch * chunk, heads, NOPE_DIM, device=device, dtype=dtype)
+    q_rope = torch.randn(batch * chunk, heads, rope_dim, device=device, dtype=dtype)
+    w_uk = torch.randn(heads, kv_rank, NOPE_DIM, device=device, dtype=dtype) / kv_rank**0.5
+    w_uv = torch.randn(heads, kv_rank, VALUE_DIM, device=device, dtype=dtype) / kv_rank**0.5
     cu = torch.arange(0, batch * chunk + 1, chunk, dtype=torch.int32, device=device)
     lens = torch.full((batch,), total, dtype=torch.int32, device=device)
     return q_nope, q_rope, cache, w_uk, w_uv, cu, lens, table
@@ -1185,6 +1185,34 @@ def extend_rows(device, dtype, batch, prefix, new_tokens, repeats):
     return rows
 
 
+def packed_extend_rows(device, dtype, batch, prefix, new_tokens, repeats, heads=16):
+    """The decode route of a `heads`-head layer (16: two tokens share a 32-row tile) with packed query
+    blocks (`max_seqlen_q` given) beside one decode a token (`max_seqlen_q=0`), each layout, `t` new
+    tokens in each of `batch` sequences after `prefix`: (layout, t, route, ms, max diff vs packed)."""
+    rows = []
+    for name, (kv_rank, rope_dim) in LAYOUTS.items():
+        for t in new_tokens:
+            if _out_of_time():
+                rows.append((name, t, "all", None, "skipped (time)"))
+                continue
+            total = prefix + t
+            *inputs, table = prefill_inputs(device, dtype, t, total, kv_rank, rope_dim, batch, True, heads)
+            ref = None
+            for route, max_q in (("packed", t), ("one decode a token", 0)):
+
+                def run(max_q=max_q, inputs=tuple(inputs), table=table):
+                    return prefill_attention(*inputs, 0.1, table, max_seqlen_q=max_q, mode="decode")
+
+                try:
+                    out = run()[0].float()
+                    ref = out if ref is None else ref
+                    ms = timed_ms(run, device, repeats)
+                    rows.append((name, t, route, ms, f"{(out - ref).abs().max().item():.1e}"))
+                except Exception as exc:  # e.g. out of memory: reported, not fatal
+                    rows.append((name, t, route, None, type(exc).__name__))
+    return rows
+
+
 def _prefix_causal_mask(chunk, total, device):
     pos = total - chunk + torch.arange(chunk, device=device)
     return torch.arange(total, device=device)[None, :] <= pos[:, None]
@@ -1389,6 +1417,12 @@ def main() -> None:
                       "", "| layout | new tokens a sequence | mode | ms | max diff vs decode route | auto |",
                       "|---|---|---|---|---|---|"]  # fmt: skip
             lines += [f"| {n} | {t} | {m} | {fmt(ms, '.3f')} | {d} | {a} |" for n, t, m, ms, d, a in extend]
+            flush()
+            packed_tokens = [2, 3] if args.smoke else [2, 4, 8, 16]
+            packed = packed_extend_rows(device, dtype, batch, prefix, packed_tokens, repeats)
+            lines += ["", f"## Packed decode route, 16 heads ({batch} sequences, {prefix} cached tokens each)", "",
+                      "| layout | new tokens a sequence | route | ms | max diff vs packed |", "|---|---|---|---|---|",
+                      *[f"| {n} | {t} | {r} | {fmt(ms, '.3f')} | {d} |" for n, t, r, ms, d in packed]]  # fmt: skip
     except Exception:
         lines += ["", f"**FAILED** after sections {sections}:", "```", traceback.format_exc(), "```"]
         raise

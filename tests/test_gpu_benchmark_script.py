@@ -90,6 +90,11 @@ def test_gpu_benchmark_smoke(tmp_path):
     extends = re.findall(r"\| latent 60\+16 \(smoke\) \| (\d+) \| (\w+) \| [\d.]+ \| (\S+) \| (auto)? \|", report)
     assert [(t, m) for t, m, _, _ in extends] == [(t, m) for t in "13" for m in ("decode", "absorbed", "expanded")]
     assert all(float(d) < 1e-4 for _, _, d, _ in extends) and sum(a == "auto" for *_, a in extends) == 2
+    # the packed decode route of a 16-head layer agrees with one decode a token
+    packed = re.findall(r"^\| latent 60\+16 \(smoke\) \| ([23]) \| (packed|one decode a token) \| [\d.]+ \| (\S+) \|$",
+                        report, re.M)  # fmt: skip
+    assert [(t, r) for t, r, _ in packed] == [(t, r) for t in "23" for r in ("packed", "one decode a token")], report
+    assert all(float(d) < 1e-4 for *_, d in packed), packed
 
 
 def test_register_facts_cover_every_sweep_tile_once():

@@ -142,19 +142,20 @@ TMA_896 = dict(HEADS_ON_N=True, LATENT_PIECES=True, TMA=True, BLOCK_N=64, num_wa
 TMA_448 = dict(HEADS_ON_N=True, LATENT_PIECES=True, TMA=True, BLOCK_N=64, num_warps=4, num_stages=2)
 
 
-def decode_case(heads, kv_rank, rope_dim, dtype="fp16", cache_dtype=None, paged=True, **overrides):
+def decode_case(heads, kv_rank, rope_dim, dtype="fp16", cache_dtype=None, paged=True, packed=False, **overrides):
     """`cache_dtype` "fp8e4nv": an fp8 cache with per-token scales, q in `dtype`; `paged=False`: a
-    contiguous `[b, s, r + 2p]` cache (what TMA tiles read)."""
+    contiguous `[b, s, r + 2p]` cache (what TMA tiles read); `packed`: query blocks of a chunk's
+    tokens x the heads on the rows (a chunked prefill's decode route)."""
     fp8 = cache_dtype is not None and cache_dtype.startswith("fp8")
     cfg = {**decode.decode_config(heads, kv_rank, rope_dim, interpret=False, fp8=fp8), **overrides}
     cfg = decode.resolve_latent_pieces(cfg, kv_rank)
     kernel, tiles = decode.split_kernel_for(cfg, kv_rank)
     consts = dict(PAGED=paged, PAGE_TILE=cfg["PAGE_TILE"], HAS_KV_START=False, DOT_PRECISION="tf32",
                   HAS_SCALE=cache_dtype is not None, SPLIT_BY_LENGTH=cfg.get("SPLIT_BY_LENGTH", True),
-                  BLOCK_N=cfg["BLOCK_N"], **tiles)  # fmt: skip
+                  PACKED=packed, BLOCK_N=cfg["BLOCK_N"], **tiles)  # fmt: skip
     ptrs = {"q_ptr": f"*{dtype}", "kv_ptr": f"*{cache_dtype or dtype}", "block_table_ptr": "*i32",
-            "seqlens_ptr": "*i32", "kv_start_ptr": "*i32", "kv_scale_ptr": "*fp32", "part_out_ptr": "*fp32",
-            "part_lse_ptr": "*fp32"}  # fmt: skip
+            "seqlens_ptr": "*i32", "kv_start_ptr": "*i32", "kv_scale_ptr": "*fp32", "cu_seqlens_q_ptr": "*i32",
+            "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32"}  # fmt: skip
     while True:  # like the launcher: halve BLOCK_N until the tile fits sm_90's shared memory
         facts = compile_sm90(kernel, ptrs, consts, cfg["num_warps"], cfg["num_stages"])
         if facts["shared"] <= H100_MAX_SHARED_BYTES or consts["BLOCK_N"] <= 16:
@@ -220,6 +221,7 @@ def main() -> None:
     results = {
         "decode_h32_r896_rope128": decode_case(32, 896, 128),
         "decode_h32_r448_rope64_bf16": decode_case(32, 448, 64, "bf16"),
+        "decode_h32_r896_rope128_bf16": decode_case(32, 896, 128, "bf16"),
         "decode_h64_r512_rope64_bf16": decode_case(64, 512, 64, "bf16"),
         "decode_h32_r448_rope64_bf16_heads_on_n": decode_case(32, 448, 64, "bf16", HEADS_ON_N=True),
         "decode_h128_r896_rope128": decode_case(128, 896, 128),
@@ -271,6 +273,9 @@ def main() -> None:
         "grouped_decode_h28_g4_d128": grouped_decode_case(28, 4, 128),
         "grouped_decode_h9_g3_d64": grouped_decode_case(9, 3, 64),
         "grouped_decode_h32_g8_d128_fp8": grouped_decode_case(32, 8, 128, cache_dtype="fp8e4nv"),
+        # packed query blocks of the plain decode: 2 tokens x 16 heads on the 32-head tiles' rows
+        "decode_packed_h16_r896_rope128_bf16": decode_case(16, 896, 128, "bf16", packed=True, BLOCK_H=32),
+        "decode_packed_h16_r448_rope64_bf16": decode_case(16, 448, 64, "bf16", packed=True, BLOCK_H=32),
         # ... and their short chunks: 16 tokens x 4 heads a group on 64 MMA rows
         "grouped_decode_packed_h32_g8_d128": grouped_decode_case(32, 8, 128, tokens_per_seq=16),
         "grouped_decode_packed_h9_g3_d64_contiguous": grouped_decode_case(9, 3, 64, tokens_per_seq=16, paged=False),

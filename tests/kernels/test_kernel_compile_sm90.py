@@ -78,6 +78,8 @@ PACKED_DECODE_CASES = [
 ALL_CASES = [
     *GROUPED_DECODE_CASES,
     *PACKED_DECODE_CASES,
+    "decode_packed_h16_r896_rope128_bf16",
+    "decode_packed_h16_r448_rope64_bf16",
     "decode_h32_r896_rope128",
     "decode_h32_r448_rope64_fp8",
     "decode_h32_r448_rope64_bf16",
@@ -206,9 +208,11 @@ def test_sm90_cache_tiles_are_double_buffered(compiled, case):
 def test_length_dependent_arguments_are_not_value_specialised(compiled):
     """Triton compiles a new variant for an int argument that becomes 1 or a multiple of 16. The
     decode split count follows the cache's tile count (1, 2, ... 128 as a growing cache fills) and
-    the prefill grid arguments follow the chunk and context lengths, so none may be specialised."""
+    the prefill grid arguments follow the chunk and context lengths, so none may be specialised;
+    nor may the packed decodes' query-block sizes, which follow the chunk lengths."""
+    packed_block_args = ["num_splits", "tokens_per_block", "blocks_per_seq"]
     assert compiled["not_specialised"] == {
-        "decode": ["num_splits"], "decode_heads_on_n": ["num_splits"], "decode_grouped": ["num_splits", "tokens_per_block", "blocks_per_seq"],
+        "decode": packed_block_args, "decode_heads_on_n": packed_block_args, "decode_grouped": packed_block_args,
         "prefill": ["num_query_tiles", "head_group"],
     }  # fmt: skip
 
@@ -222,6 +226,16 @@ def test_sm90_grouped_decode_tiles_are_light(compiled, case):
     facts = compiled[case]
     assert facts["spill_stores"] == 0 and facts["registers"] <= 128, facts
     assert facts["shared"] <= 64 * 1024, facts
+
+
+@pytest.mark.parametrize("layout", ["r896_rope128", "r448_rope64"])
+def test_sm90_packed_plain_decode_tiles_are_the_measured_32_head_tiles(compiled, layout):
+    """Packed blocks of a 16-head layer (2 tokens x 16 heads) run on the rows of the 32-head defaults
+    the H100 sweeps chose: the same shared memory and MMA instructions (spills move by a few dozen
+    bytes either way with the row mapping)."""
+    packed, default = compiled[f"decode_packed_h16_{layout}_bf16"], compiled[f"decode_h32_{layout}_bf16"]
+    for fact in ("shared", "wgmma", "mma_sync", "buffers"):
+        assert packed[fact] == default[fact], (fact, packed, default)
 
 
 @pytest.mark.parametrize("case", PACKED_DECODE_CASES)

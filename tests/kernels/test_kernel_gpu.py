@@ -196,13 +196,17 @@ def prefill_gpu_inputs(dtype, table):
 
 
 @pytest.mark.parametrize("dtype", LOWP, ids=["bf16", "fp16"])
-@pytest.mark.parametrize("mode", ["decode", "absorbed", "expanded"])
+@pytest.mark.parametrize("mode", ["decode", "decode-packed", "absorbed", "expanded"])
 def test_prefill_gpu(mode, dtype):
+    """Every prefill mode in bf16 / fp16 within 2x the same-dtype torch error; "decode-packed" is the
+    decode route given `max_seqlen_q`, so its 8 heads run 4 tokens a program (packed blocks)."""
     cache, table = random_paged_cache(PREFILL_SEQLENS, PREFILL_RANK + PREFILL_ROPE, 64, dtype)
     cache, table = cache.cuda(), table.cuda()
     q_nope, q_rope, w_uk, w_uv, args = prefill_gpu_inputs(dtype, table)
     cu, lens = args[:2]
-    out, lse = prefill_attention(q_nope, q_rope, cache, w_uk, w_uv, *args, mode=mode, backend="triton")
+    packed = dict(max_seqlen_q=max(PREFILL_NEW)) if mode == "decode-packed" else {}
+    mode = mode.split("-")[0]
+    out, lse = prefill_attention(q_nope, q_rope, cache, w_uk, w_uv, *args, mode=mode, backend="triton", **packed)
     f32 = [t.float() for t in (q_nope, q_rope, cache, w_uk, w_uv)]
     ref_out, ref_lse = prefill_attention(*f32, *args, backend="reference")
     lowp_out = prefill_lowp_torch(q_nope, q_rope, cache, w_uk, w_uv, cu, lens, args[2], table)

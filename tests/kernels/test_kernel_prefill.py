@@ -245,10 +245,12 @@ def test_key_tile_regions_match_fp64(new_len, cached, start_frac, block_m, block
     cached=st.lists(st.integers(0, 70), min_size=3, max_size=3),
     start_frac=st.floats(0.0, 1.0),
     contiguous=st.booleans(),
+    packed=st.booleans(),
 )
-def test_decode_route_matches_fp64(new_lens, cached, start_frac, contiguous):
-    """The decode route (one split-KV decode per query token): each token sees its own causal
-    prefix, hidden rows before kv_start hold NaN, empty chunks and a contiguous cache included."""
+def test_decode_route_matches_fp64(new_lens, cached, start_frac, contiguous, packed):
+    """The decode route (one split-KV decode per query token, or with `max_seqlen_q` given packed
+    blocks of tokens x the 3 heads): each token sees its own causal prefix, hidden rows before
+    kv_start hold NaN, empty chunks and a contiguous cache included."""
     cached = cached[: len(new_lens)]
     case = make_case(3, *SHAPES["r48"], new_lens, cached, 16, torch.float32, seed=sum(new_lens) + sum(cached))
     q_nope, q_rope, cache, w_uk, w_uv, cu, seqlens, table = case
@@ -267,7 +269,8 @@ def test_decode_route_matches_fp64(new_lens, cached, start_frac, contiguous):
         )
         table = None
     out, lse = prefill_attention(q_nope, q_rope, cache, w_uk, w_uv, cu, seqlens, 0.15, table, start,
-                                 mode="decode", backend="triton")  # fmt: skip
+                                 mode="decode", max_seqlen_q=max(new_lens) if packed else 0,
+                                 backend="triton")  # fmt: skip
     assert_close_with_lse(out, lse, ref_out, ref_lse, atol=TOL[torch.float32])
 
 
@@ -435,3 +438,117 @@ def test_tma_prefill_tiles_refuse_what_they_cannot_read():
     with pytest.raises(ValueError, match="16-byte"):  # rows of 63 fp32 values: 252 bytes
         latent_prefill_triton(q_nope, q_rope, dense[..., 1:].contiguous(), w_uk[:, 1:], w_uv[:, 1:], cu, seqlens,
                               0.15, mode="absorbed", config=tma)  # fmt: skip
+
+
+def chunked_latent_fp64(q, rows_by_seq, cu, seqlens, scale, kv_rank, kv_start=None, row_scales=None):
+    """Causal absorbed attention of packed chunks over latent rows in fp64: q `[tq, h, r+2p]`, rows
+    of sequence i `rows_by_seq[i] [s_i, r+2p]` (times `row_scales[i] [s_i]` for an fp8 cache) ->
+    (latent out `[tq, h, r]`, lse `[tq, h]`)."""
+    outs, lses = [], []
+    for seq, length in enumerate(seqlens):
+        lo, hi = int(cu[seq]), int(cu[seq + 1])
+        if hi == lo:
+            continue
+        rows = rows_by_seq[seq].double().clone()
+        if row_scales is not None:
+            rows = rows * row_scales[seq].double()[:, None]
+        first = 0 if kv_start is None else kv_start[seq]
+        pos = length - (hi - lo) + torch.arange(hi - lo)
+        key = torch.arange(length)
+        visible = (key[None, :] <= pos[:, None]) & (key[None, :] >= first)  # [t, s]
+        rows = torch.where(visible.any(0)[:, None], rows, 0.0)  # hidden rows may hold NaN
+        out, lse = dense_attention_fp64(q[lo:hi].double().transpose(0, 1), rows[None], rows[None, :, :kv_rank],
+                                        scale, visible)  # fmt: skip
+        outs.append(out.transpose(0, 1))
+        lses.append(lse.T)
+    return torch.cat(outs), torch.cat(lses)
+
+
+PACKED_TILINGS = {
+    "heads-on-m": {},
+    "heads-on-n-pieces": dict(HEADS_ON_N=True, LATENT_PIECES=True),
+    "heads-on-m-pieces": dict(HEADS_ON_N=False, LATENT_PIECES=True, BLOCK_V=64),
+}
+
+
+@pytest.mark.parametrize("tiling", PACKED_TILINGS)
+@pytest.mark.parametrize("heads,block_h", [(3, 16), (3, 32), (5, 32), (16, 32), (7, 16)])
+def test_packed_plain_decode_matches_fp64(heads, block_h, tiling, poisoned_partials):
+    """The decode route's packed blocks (`latent_decode_triton` with `cu_seqlens_q`): T = BLOCK_H // h
+    tokens of a chunk with all the heads on a tile's rows (7 heads in 16 rows: T = 2, 2 rows left;
+    16 in 16: T = 1). Chunks of T - 1, T, T + 1 and 2T + 1 tokens, an empty one, left padding reaching
+    into a chunk, NaN in unused cache slots and in the partial buffers, against fp64."""
+    from m2la.kernels.latent_decode.triton import latent_decode_triton
+
+    tokens = max(1, block_h // heads)
+    new, cached = [tokens - 1, tokens, tokens + 1, 2 * tokens + 1, 0, 1], [0, 17, 40, 3, 5, 70]
+    kv_rank, rope = 44, 12  # no power of two: 32 + 8 + 4 in pieces
+    seqlens = [n + c for n, c in zip(new, cached, strict=True)]
+    cache, table = random_paged_cache(seqlens, kv_rank + rope, 16, torch.float32, seed=heads + block_h)
+    cu = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(int(cu[-1]), heads, kv_rank + rope, generator=torch.Generator().manual_seed(block_h))
+    kv_start = [0, 3, 41, 0, 2, 0]  # sequence 2: padding past its first new token
+    config = dict(PACKED_TILINGS[tiling], BLOCK_H=block_h)
+    out, lse = latent_decode_triton(
+        q, cache, torch.tensor(seqlens, dtype=torch.int32), 0.2, kv_rank, table,
+        torch.tensor(kv_start, dtype=torch.int32), config=config, cu_seqlens_q=cu, max_seqlen_q=max(new),
+    )  # fmt: skip
+    rows = [rows_of(cache, table, i, n) for i, n in enumerate(seqlens)]
+    ref_out, ref_lse = chunked_latent_fp64(q, rows, cu, seqlens, 0.2, kv_rank, kv_start)
+    assert_close_with_lse(out, lse, ref_out, ref_lse, atol=TOL[torch.float32])
+    ((part_out, part_lse),) = poisoned_partials
+    assert not part_lse.isnan().any() and (part_lse == float("-inf")).any()
+
+
+def test_packed_plain_decode_fp8_and_contiguous_caches():
+    """fp8 cache rows (one scale per slot) and a contiguous `[b, s, r+2p]` cache through packed blocks."""
+    from kernel_cases import quantize_cache, random_contiguous_cache
+
+    from m2la.kernels.latent_decode.triton import latent_decode_triton
+
+    new, cached, heads, kv_rank, rope = [5, 2, 9], [30, 0, 11], 4, 40, 16
+    seqlens = [n + c for n, c in zip(new, cached, strict=True)]
+    cu = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(int(cu[-1]), heads, kv_rank + rope, generator=torch.Generator().manual_seed(2))
+    lens = torch.tensor(seqlens, dtype=torch.int32)
+    cache, table = random_paged_cache(seqlens, kv_rank + rope, 16, torch.float32, seed=8)
+    codes, scales = quantize_cache(cache, torch.float8_e4m3fn)
+    out, lse = latent_decode_triton(q, codes, lens, 0.2, kv_rank, table, kv_scale=scales, cu_seqlens_q=cu,
+                                    max_seqlen_q=9)  # fmt: skip
+    rows = [rows_of(codes.float(), table, i, n) for i, n in enumerate(seqlens)]
+    row_scales = [rows_of(scales[..., None], table, i, n)[:, 0] for i, n in enumerate(seqlens)]
+    ref_out, ref_lse = chunked_latent_fp64(q, rows, cu, seqlens, 0.2, kv_rank, None, row_scales)
+    assert_close_with_lse(out, lse, ref_out, ref_lse, atol=1e-4, rtol=1e-4)
+    contiguous = random_contiguous_cache(seqlens, kv_rank + rope, max(seqlens) + 4, torch.float32, seed=9)
+    out, lse = latent_decode_triton(q, contiguous, lens, 0.2, kv_rank, cu_seqlens_q=cu, max_seqlen_q=9)
+    rows = [contiguous[i, :n] for i, n in enumerate(seqlens)]
+    ref_out, ref_lse = chunked_latent_fp64(q, rows, cu, seqlens, 0.2, kv_rank)
+    assert_close_with_lse(out, lse, ref_out, ref_lse, atol=TOL[torch.float32])
+
+
+def test_packed_plain_decode_rows_and_route(monkeypatch):
+    """Rows for tokens x heads up to 32 (the measured 32-head tiles); the prefill's decode route
+    packs while two tokens share a tile (up to 16 heads) and `max_seqlen_q` is given, else one
+    decode a token; a packed call whose heads span head tiles is refused."""
+    from m2la.kernels.latent_decode import triton as decode
+    from m2la.kernels.latent_prefill import triton as prefill
+
+    assert decode.packed_decode_rows(9, 5) == 32 and decode.packed_tokens_per_block(9, 5) == 3
+    assert decode.packed_decode_rows(16, 4) == 32 and decode.packed_tokens_per_block(16, 4) == 2
+    assert decode.packed_decode_rows(4, 2) == 16 and decode.packed_tokens_per_block(4, 2) == 4
+    assert decode.packed_tokens_per_block(17, 8) == 1 and decode.packed_tokens_per_block(32, 8) == 1
+    assert decode.packed_decode_rows(40, 8) == 64  # more heads than the packed rows: the heads alone
+    case = make_case(3, *SHAPES["r48"], [4, 6], [9, 0], 16, torch.float32, seed=3)
+    ref_out, ref_lse = prefill_fp64_absorbed(*case[:7], 0.15, case[7])
+    calls = []
+    real = decode.latent_decode_triton
+    monkeypatch.setattr(
+        decode, "latent_decode_triton", lambda *a, **k: calls.append(k.get("max_seqlen_q")) or real(*a, **k)
+    )
+    for max_seqlen_q in (6, 0):
+        out, lse = prefill.latent_prefill_triton(*case[:7], 0.15, case[7], max_seqlen_q=max_seqlen_q, mode="decode")
+        assert_close_with_lse(out, lse, ref_out, ref_lse, atol=TOL[torch.float32])
+    assert calls == [6, None]  # packed, then one decode a token (no sync to learn the longest chunk)
+    q = torch.randn(10, 20, 64)
+    with pytest.raises(ValueError, match="need all 20 heads in one head tile"):
+        real(q, case[2], case[6], 0.15, 48, case[7], cu_seqlens_q=case[5], max_seqlen_q=6, config=dict(BLOCK_H=16))

@@ -192,21 +192,92 @@ def _store_output_piece_t(po, start: tl.constexpr, WIDTH: tl.constexpr, acc_t, n
     tl.store(po + offs[:, None], acc_t / norm[None, :], mask=(offs[:, None] < kv_rank) & head_mask[None, :])
 
 
+@triton.jit
+def _query_rows(
+    cu_seqlens_q_ptr, block_id, blocks_per_seq, tokens_per_block, head_base, row_heads, num_heads,
+    PACKED: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    """The query rows of one split program's tile: row m is one (query token, head).
+
+    Not PACKED: the program's query block is sequence `block_id`'s one token; row m is head
+    `head_base + m`, used while m < `row_heads` and the head < `num_heads`. PACKED (a chunked
+    prefill's short chunks): block `block_id = i * blocks_per_seq + j` is tokens `[j T, (j+1) T)` of
+    sequence i's chunk (`cu_seqlens_q`, T = `tokens_per_block`); row m is token `m // row_heads` of
+    the block and head `head_base + m % row_heads`, so the block's tokens share each cache tile.
+    -> (seq, head [BLOCK_H], row_ok [BLOCK_H], token: the rows' query index (the scalar seq, or
+    `[BLOCK_H]` int64 under PACKED), and under PACKED the chunk length, the block's first token in
+    the chunk and each row's token in the chunk). Callers form row addresses as `token * stride_t +
+    head * stride_h` where they use them, so nothing extra stays live across the token loop."""
+    offs_m = tl.arange(0, BLOCK_H)
+    if PACKED:
+        seq = block_id // blocks_per_seq
+        first_token = (block_id % blocks_per_seq) * tokens_per_block
+        chunk_start = tl.load(cu_seqlens_q_ptr + seq)
+        chunk_len = tl.load(cu_seqlens_q_ptr + seq + 1) - chunk_start
+        token_in_block = offs_m // row_heads
+        token_in_chunk = first_token + token_in_block
+        head = head_base + offs_m % row_heads
+        row_ok = (token_in_block < tokens_per_block) & (token_in_chunk < chunk_len) & (head < num_heads)
+        token = (chunk_start + token_in_chunk).to(tl.int64)
+    else:
+        seq = block_id
+        chunk_len = 1
+        first_token = 0
+        token_in_chunk = 0
+        head = head_base + offs_m
+        row_ok = (offs_m < row_heads) & (head < num_heads)
+        token = seq
+    return seq, head, row_ok, token, chunk_len, first_token, token_in_chunk
+
+
+@triton.jit
+def _as_rows(token, PACKED: tl.constexpr):
+    """`_query_rows`' token as a `[BLOCK_H, 1]` column (PACKED) or the scalar sequence index."""
+    if PACKED:
+        rows = token[:, None]
+    else:
+        rows = token
+    return rows
+
+
+@triton.jit
+def _as_cols(token, PACKED: tl.constexpr):
+    """`_query_rows`' token as a `[1, BLOCK_H]` row (PACKED) or the scalar sequence index."""
+    if PACKED:
+        cols = token[None, :]
+    else:
+        cols = token
+    return cols
+
+
+@triton.jit
+def _causal_rows(seqlens_ptr, seq, lo, hi, chunk_len, first_token, token_in_chunk, tokens_per_block):
+    """PACKED rows: each row's causal end (keys `< row_end` visible; `[BLOCK_H]`) and the split's `hi`
+    cut at the block's last token (and to `lo`, nothing, for a block past its chunk's end)."""
+    seqlen = tl.load(seqlens_ptr + seq)
+    row_end = seqlen - chunk_len + token_in_chunk + 1
+    hi = tl.minimum(hi, seqlen - chunk_len + tl.minimum(first_token + tokens_per_block, chunk_len))
+    hi = tl.where(first_token < chunk_len, hi, lo)
+    return row_end, hi
+
+
 # num_splits follows the cache's tile count: no value specialisation (== 1, multiple of 16), so a
 # growing cache never compiles new variants of the kernel.
-@triton.jit(do_not_specialize=["num_splits"])
+@triton.jit(do_not_specialize=["num_splits", "tokens_per_block", "blocks_per_seq"])
 def _decode_split_kernel(
-    q_ptr, kv_ptr, block_table_ptr, seqlens_ptr, kv_start_ptr, kv_scale_ptr, part_out_ptr, part_lse_ptr,
+    q_ptr, kv_ptr, block_table_ptr, seqlens_ptr, kv_start_ptr, kv_scale_ptr, cu_seqlens_q_ptr, part_out_ptr,
+    part_lse_ptr,
     scale_log2,
     num_heads, kv_rank, rope_dim, block_size, split_len, num_splits, num_value_tiles,
-    stride_q_b, stride_q_h,
+    tokens_per_block, blocks_per_seq,
+    stride_q_t, stride_q_h,
     stride_kv_blk, stride_kv_tok,
     stride_sc_blk, stride_sc_tok,
     stride_bt_b,
-    stride_po_b, stride_po_h, stride_po_s,
-    stride_pl_b, stride_pl_h,
+    stride_po_t, stride_po_h, stride_po_s,
+    stride_pl_t, stride_pl_h,
     PAGED: tl.constexpr, PAGE_TILE: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_SCALE: tl.constexpr,
-    SPLIT_BY_LENGTH: tl.constexpr,
+    SPLIT_BY_LENGTH: tl.constexpr, PACKED: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr,
     BLOCK_D2: tl.constexpr, BLOCK_ROPE: tl.constexpr, BLOCK_V: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SINGLE_D: tl.constexpr, VALUES_FROM_KEYS: tl.constexpr, TRANSPOSED_KEYS: tl.constexpr,
@@ -225,14 +296,22 @@ def _decode_split_kernel(
     # `_decode_split_kernel_heads_on_n`; pieces 1 and 2 keep accumulators of their own.
     # HAS_SCALE: fp8 cache; tiles are widened to q's dtype and each token's scale multiplies its
     # score and its value weight.
+    # PACKED: rows are (query token, head) pairs of a chunk's query block (`_query_rows`).
     compute_dtype: tl.constexpr = tl.float16 if FP8_AS_FP16 else q_ptr.dtype.element_ty
-    seq = tl.program_id(0)
     head_tile = tl.program_id(1)
     split = tl.program_id(2) // num_value_tiles
     value_tile = tl.program_id(2) % num_value_tiles
 
-    offs_h = head_tile * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
-    head_ok = offs_h < num_heads
+    if PACKED:  # the heads fit one head tile (head_tile = 0)
+        seq, offs_h, head_ok, token, chunk_len, first_token, token_in_chunk = _query_rows(
+            cu_seqlens_q_ptr, tl.program_id(0), blocks_per_seq, tokens_per_block, 0, num_heads, num_heads, PACKED,
+            BLOCK_H,
+        )  # fmt: skip
+    else:
+        seq = tl.program_id(0)
+        token = seq
+        offs_h = head_tile * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
+        head_ok = offs_h < num_heads
     offs_rope = tl.arange(0, BLOCK_ROPE)
     offs_v = value_tile * BLOCK_V + tl.arange(0, BLOCK_V)
     value_ok = offs_v < kv_rank
@@ -240,8 +319,10 @@ def _decode_split_kernel(
     first, lo, hi = _split_token_range(
         seqlens_ptr, kv_start_ptr, seq, split, split_len, num_splits, HAS_KV_START, SPLIT_BY_LENGTH, BLOCK_N
     )
+    if PACKED:
+        row_end, hi = _causal_rows(seqlens_ptr, seq, lo, hi, chunk_len, first_token, token_in_chunk, tokens_per_block)
 
-    q_rows = q_ptr + seq * stride_q_b + offs_h[:, None] * stride_q_h  # [BLOCK_H, 1]
+    q_rows = q_ptr + _as_rows(token, PACKED) * stride_q_t + offs_h[:, None] * stride_q_h  # [BLOCK_H, 1]
     q_rope = tl.load(
         q_rows + kv_rank + offs_rope[None, :],
         mask=head_ok[:, None] & (offs_rope[None, :] < rope_dim),
@@ -321,7 +402,11 @@ def _decode_split_kernel(
             scores += tl.dot(q_rope, tl.trans(k_rope), input_precision=DOT_PRECISION)
         if HAS_SCALE:
             scores = scores * (token_scale * q_shift)[None, :]
-        scores = tl.where(visible[None, :], scores * scale_log2, float("-inf"))
+        if PACKED:
+            seen = visible[None, :] & (offs_n[None, :] < row_end[:, None])  # [BLOCK_H, BLOCK_N]
+        else:
+            seen = visible[None, :]
+        scores = tl.where(seen, scores * scale_log2, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all-hidden rows: avoid -inf - -inf
@@ -357,31 +442,33 @@ def _decode_split_kernel(
 
     norm, lse = _softmax_norm_and_lse(m_i, l_i)
     out = acc / norm[:, None]
-    po = part_out_ptr + seq * stride_po_b + offs_h[:, None] * stride_po_h + split * stride_po_s
+    po = part_out_ptr + _as_rows(token, PACKED) * stride_po_t + offs_h[:, None] * stride_po_h + split * stride_po_s
     written = head_ok & (l_i > 0.0)  # heads that saw no token write only their LSE (-inf); the combine skips them
     tl.store(po + offs_v[None, :], out, mask=written[:, None] & value_ok[None, :])
     if BLOCK_D1 > 0:
         _store_output_piece(po, D1_START, BLOCK_D1, acc1, norm, written, kv_rank)
     if BLOCK_D2 > 0:
         _store_output_piece(po, D2_START, BLOCK_D2, acc2, norm, written, kv_rank)
-    pl = part_lse_ptr + seq * stride_pl_b + offs_h * stride_pl_h + split
+    pl = part_lse_ptr + token * stride_pl_t + offs_h * stride_pl_h + split
     if value_tile == 0:  # every value tile computed the same LSE
         tl.store(pl, lse, mask=head_ok)
 
 
-@triton.jit(do_not_specialize=["num_splits"])  # as `_decode_split_kernel`
+@triton.jit(do_not_specialize=["num_splits", "tokens_per_block", "blocks_per_seq"])  # as `_decode_split_kernel`
 def _decode_split_kernel_heads_on_n(
-    q_ptr, kv_ptr, block_table_ptr, seqlens_ptr, kv_start_ptr, kv_scale_ptr, part_out_ptr, part_lse_ptr,
+    q_ptr, kv_ptr, block_table_ptr, seqlens_ptr, kv_start_ptr, kv_scale_ptr, cu_seqlens_q_ptr, part_out_ptr,
+    part_lse_ptr,
     scale_log2,
     num_heads, kv_rank, rope_dim, block_size, split_len, num_splits, num_value_tiles,
-    stride_q_b, stride_q_h,
+    tokens_per_block, blocks_per_seq,
+    stride_q_t, stride_q_h,
     stride_kv_blk, stride_kv_tok,
     stride_sc_blk, stride_sc_tok,
     stride_bt_b,
-    stride_po_b, stride_po_h, stride_po_s,
-    stride_pl_b, stride_pl_h,
+    stride_po_t, stride_po_h, stride_po_s,
+    stride_pl_t, stride_pl_h,
     PAGED: tl.constexpr, PAGE_TILE: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_SCALE: tl.constexpr,
-    SPLIT_BY_LENGTH: tl.constexpr,
+    SPLIT_BY_LENGTH: tl.constexpr, PACKED: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr,
     BLOCK_D2: tl.constexpr, BLOCK_ROPE: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
@@ -400,21 +487,30 @@ def _decode_split_kernel_heads_on_n(
     no tile needs a mask on its loads (hidden rows may hold NaN) and only the scores are masked.
     Latent pieces read past r into the RoPE columns, which the zero query columns cancel."""
     compute_dtype = q_ptr.dtype.element_ty
-    seq = tl.program_id(0)
     head_tile = tl.program_id(1)
     split = tl.program_id(2)
     D1_START: tl.constexpr = BLOCK_D
     D2_START: tl.constexpr = BLOCK_D + BLOCK_D1
 
-    offs_h = head_tile * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
-    head_ok = offs_h < num_heads
+    if PACKED:  # the heads fit one head tile (head_tile = 0)
+        seq, offs_h, head_ok, token, chunk_len, first_token, token_in_chunk = _query_rows(
+            cu_seqlens_q_ptr, tl.program_id(0), blocks_per_seq, tokens_per_block, 0, num_heads, num_heads, PACKED,
+            BLOCK_H,
+        )  # fmt: skip
+    else:
+        seq = tl.program_id(0)
+        token = seq
+        offs_h = head_tile * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
+        head_ok = offs_h < num_heads
     offs_rope = tl.arange(0, BLOCK_ROPE)
 
     first, lo, hi = _split_token_range(
         seqlens_ptr, kv_start_ptr, seq, split, split_len, num_splits, HAS_KV_START, SPLIT_BY_LENGTH, BLOCK_N
     )
+    if PACKED:
+        row_end, hi = _causal_rows(seqlens_ptr, seq, lo, hi, chunk_len, first_token, token_in_chunk, tokens_per_block)
 
-    q_cols = q_ptr + seq * stride_q_b + offs_h[None, :] * stride_q_h  # [1, BLOCK_H]
+    q_cols = q_ptr + _as_cols(token, PACKED) * stride_q_t + offs_h[None, :] * stride_q_h  # [1, BLOCK_H]
     q0_t = _load_query_piece_t(q_cols, 0, BLOCK_D, head_ok, kv_rank)  # [BLOCK_D, BLOCK_H]
     acc0_t = tl.zeros([BLOCK_D, BLOCK_H], tl.float32)
     if BLOCK_D1 > 0:
@@ -473,7 +569,11 @@ def _decode_split_kernel_heads_on_n(
         scores_t += tl.dot(k_rope, q_rope_t, input_precision=DOT_PRECISION)
         if HAS_SCALE:
             scores_t = scores_t * token_scale[:, None]
-        scores_t = tl.where(visible[:, None], scores_t * scale_log2, float("-inf"))
+        if PACKED:
+            seen_t = visible[:, None] & (offs_n[:, None] < row_end[None, :])  # [BLOCK_N, BLOCK_H]
+        else:
+            seen_t = visible[:, None]
+        scores_t = tl.where(seen_t, scores_t * scale_log2, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(scores_t, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all-hidden heads: avoid -inf - -inf
@@ -491,14 +591,14 @@ def _decode_split_kernel_heads_on_n(
         m_i = m_new
 
     norm, lse = _softmax_norm_and_lse(m_i, l_i)
-    po = part_out_ptr + seq * stride_po_b + offs_h[None, :] * stride_po_h + split * stride_po_s
+    po = part_out_ptr + _as_cols(token, PACKED) * stride_po_t + offs_h[None, :] * stride_po_h + split * stride_po_s
     written = head_ok & (l_i > 0.0)  # heads that saw no token write only their LSE (-inf); the combine skips them
     _store_output_piece_t(po, 0, BLOCK_D, acc0_t, norm, written, kv_rank)
     if BLOCK_D1 > 0:
         _store_output_piece_t(po, D1_START, BLOCK_D1, acc1_t, norm, written, kv_rank)
     if BLOCK_D2 > 0:
         _store_output_piece_t(po, D2_START, BLOCK_D2, acc2_t, norm, written, kv_rank)
-    tl.store(part_lse_ptr + seq * stride_pl_b + offs_h * stride_pl_h + split, lse, mask=head_ok)
+    tl.store(part_lse_ptr + token * stride_pl_t + offs_h * stride_pl_h + split, lse, mask=head_ok)
 
 
 @triton.jit(do_not_specialize=["num_splits", "tokens_per_block", "blocks_per_seq"])  # as `_decode_split_kernel`
@@ -534,27 +634,10 @@ def _decode_split_kernel_grouped(
     compute_dtype = q_ptr.dtype.element_ty
     group = tl.program_id(1)
     split = tl.program_id(2)
-    offs_m = tl.arange(0, BLOCK_H)
-    if PACKED:
-        seq = tl.program_id(0) // blocks_per_seq
-        first_token = (tl.program_id(0) % blocks_per_seq) * tokens_per_block  # in the chunk
-        chunk_start = tl.load(cu_seqlens_q_ptr + seq)
-        chunk_len = tl.load(cu_seqlens_q_ptr + seq + 1) - chunk_start
-        token_in_block = offs_m // heads_per_group  # [BLOCK_H]
-        token_in_chunk = first_token + token_in_block
-        row_ok = (token_in_block < tokens_per_block) & (token_in_chunk < chunk_len)
-        offs_h = group * heads_per_group + offs_m % heads_per_group
-        token = (chunk_start + token_in_chunk).to(tl.int64)  # [BLOCK_H] the rows' query tokens
-        q_rows = q_ptr + token[:, None] * stride_q_t + offs_h[:, None] * stride_q_h  # [BLOCK_H, 1]
-        po_rows = part_out_ptr + token * stride_po_t + offs_h * stride_po_h  # [BLOCK_H]
-        pl_rows = part_lse_ptr + token * stride_pl_t + offs_h * stride_pl_h
-    else:  # one token a sequence: row m is head m of the group
-        seq = tl.program_id(0)
-        row_ok = offs_m < heads_per_group
-        offs_h = group * heads_per_group + offs_m
-        q_rows = q_ptr + seq * stride_q_t + offs_h[:, None] * stride_q_h
-        po_rows = part_out_ptr + seq * stride_po_t + offs_h * stride_po_h
-        pl_rows = part_lse_ptr + seq * stride_pl_t + offs_h * stride_pl_h
+    seq, offs_h, row_ok, token, chunk_len, first_token, token_in_chunk = _query_rows(
+        cu_seqlens_q_ptr, tl.program_id(0), blocks_per_seq, tokens_per_block, group * heads_per_group,
+        heads_per_group, (group + 1) * heads_per_group, PACKED, BLOCK_H,
+    )  # fmt: skip
     offs_p = tl.arange(0, BLOCK_P)
     pair_ok = offs_p < group_pairs
     offs_v = tl.arange(0, BLOCK_V)
@@ -564,10 +647,8 @@ def _decode_split_kernel_grouped(
         seqlens_ptr, kv_start_ptr, seq, split, split_len, num_splits, HAS_KV_START, SPLIT_BY_LENGTH, BLOCK_N
     )
     if PACKED:
-        seqlen = tl.load(seqlens_ptr + seq)
-        row_end = seqlen - chunk_len + token_in_chunk + 1  # [BLOCK_H] each row's causal end
-        hi = tl.minimum(hi, seqlen - chunk_len + tl.minimum(first_token + tokens_per_block, chunk_len))
-        hi = tl.where(first_token < chunk_len, hi, lo)  # a block past its chunk's end (ragged chunks) reads nothing
+        row_end, hi = _causal_rows(seqlens_ptr, seq, lo, hi, chunk_len, first_token, token_in_chunk, tokens_per_block)
+    q_rows = q_ptr + _as_rows(token, PACKED) * stride_q_t + offs_h[:, None] * stride_q_h  # [BLOCK_H, 1]
     q_mask = row_ok[:, None] & pair_ok[None, :]
     q_x = tl.load(q_rows + offs_p[None, :], mask=q_mask, other=0.0)  # [BLOCK_H, BLOCK_P]
     q_y = tl.load(q_rows + group_pairs + offs_p[None, :], mask=q_mask, other=0.0)
@@ -610,10 +691,10 @@ def _decode_split_kernel_grouped(
         m_i = m_new
 
     norm, lse = _softmax_norm_and_lse(m_i, l_i)
-    po = po_rows[:, None] + split * stride_po_s
+    po = part_out_ptr + _as_rows(token, PACKED) * stride_po_t + offs_h[:, None] * stride_po_h + split * stride_po_s
     written = row_ok & (l_i > 0.0)  # rows that saw no token write only their LSE (-inf); the combine skips them
     tl.store(po + offs_v[None, :], acc / norm[:, None], mask=written[:, None] & value_ok[None, :])
-    tl.store(pl_rows + split, lse, mask=row_ok)
+    tl.store(part_lse_ptr + token * stride_pl_t + offs_h * stride_pl_h + split, lse, mask=row_ok)
 
 
 @triton.jit
@@ -876,9 +957,11 @@ def _wave_slots(device: torch.device, plan_key: tuple, itemsize: int) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count * programs_per_sm(cfg, itemsize, device)
 
 
-def _plan(q, kv_cache, kv_rank, block_table, num_splits, config) -> tuple[_TilePlan, int]:
-    """The cached tile plan and the split count of a call (host arithmetic only: no sync)."""
+def _plan(q, kv_cache, kv_rank, block_table, num_splits, config, query_blocks=None) -> tuple[_TilePlan, int]:
+    """The cached tile plan and the split count of a call (host arithmetic only: no sync);
+    `query_blocks`: programs a split and head tile (default: one a query token)."""
     batch, num_heads, width = q.shape
+    batch = batch if query_blocks is None else query_blocks
     overrides = tuple(sorted(config.items())) if config else ()
     key = (num_heads, kv_rank, width - kv_rank, is_fp8(kv_cache.dtype), triton_interpreter_enabled(), overrides)
     plan = _tile_plan(*key)
@@ -925,6 +1008,24 @@ def _split_partials(
     return part_out, part_lse
 
 
+# Most MMA rows a packed plain decode tile holds: the 32-head tiles the H100 sweeps measured (an
+# accumulator of 32 x r fp32); 64 rows spill at 448 + 64 and do not fit at 896 + 128 (sm_90 compile).
+PLAIN_PACKED_ROWS = 32
+
+
+def packed_decode_rows(num_heads: int, max_seqlen_q: int) -> int:
+    """BLOCK_H of a packed plain decode: rows for up to `max_seqlen_q` tokens x `num_heads`, at most
+    `PLAIN_PACKED_ROWS` (16 at least, the MMA minimum), or the heads alone where two tokens do not fit
+    (then one token a block, as the unpacked decode)."""
+    rows = min(max_seqlen_q * num_heads, max(PLAIN_PACKED_ROWS, num_heads))
+    return max(16, next_power_of_2(max(rows, num_heads)))
+
+
+def packed_tokens_per_block(num_heads: int, max_seqlen_q: int) -> int:
+    """Query tokens a packed plain decode program holds (1: packing gains nothing)."""
+    return max(1, packed_decode_rows(num_heads, max_seqlen_q) // num_heads)
+
+
 def latent_decode_triton(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -936,8 +1037,16 @@ def latent_decode_triton(
     num_splits: int = 0,
     config: dict | None = None,
     kv_scale: torch.Tensor | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    max_seqlen_q: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `latent_decode_reference`; `num_splits=0` picks a split count.
+
+    With `cu_seqlens_q [b+1]` (int32) and `max_seqlen_q` > 0 (the longest chunk), q `[tq, h, r+2p]`
+    holds chunks already in the cache (a chunked prefill's absorbed queries): each program's rows
+    pack `BLOCK_H // h` tokens of one chunk with all the heads (`packed_decode_rows` sizes
+    BLOCK_H), each token seeing the keys up to its own position, so a cache tile is read once for
+    those tokens. The heads must fit one head tile.
 
     `config` overrides entries of `decode_config` (tile sizes, warps, stages) for tuning sweeps;
     `SPLIT_BY_LENGTH=False` cuts the capacity instead of each sequence's length into the splits (the
@@ -945,7 +1054,7 @@ def latent_decode_triton(
     An fp8 cache (with `kv_scale`) is read as fp8 and widened to q's dtype in registers; otherwise
     q and the cache share a dtype.
     """
-    batch, num_heads, width = q.shape
+    num_tokens, num_heads, width = q.shape
     rope_dim = width - kv_rank
     assert kv_cache.shape[-1] == width and kv_cache.stride(-1) == 1 and q.stride(-1) == 1
     assert cache_seqlens.dtype == torch.int32 and (kv_start is None or kv_start.dtype == torch.int32)
@@ -954,8 +1063,21 @@ def latent_decode_triton(
     paged = block_table is not None
     if paged:
         assert block_table.dtype == torch.int32 and block_table.stride(-1) == 1
-    plan, num_splits = _plan(q, kv_cache, kv_rank, block_table, num_splits, config)
+    packed = cu_seqlens_q is not None
+    tokens_per_block, blocks_per_seq, batch = 1, 1, num_tokens
+    if packed:
+        if max_seqlen_q <= 0:
+            raise ValueError(f"packed chunks need max_seqlen_q > 0 (the longest chunk), got {max_seqlen_q}")
+        config = {"BLOCK_H": packed_decode_rows(num_heads, max_seqlen_q), **(config or {})}
+        batch = cu_seqlens_q.shape[0] - 1
+        tokens_per_block = max(1, config["BLOCK_H"] // num_heads)
+        blocks_per_seq = cdiv(max_seqlen_q, tokens_per_block)
+    if num_tokens == 0:
+        return q.new_empty(0, num_heads, kv_rank), q.new_empty(0, num_heads, dtype=torch.float32)
+    plan, num_splits = _plan(q, kv_cache, kv_rank, block_table, num_splits, config, batch * blocks_per_seq)
     cfg = plan.cfg
+    if packed and plan.head_tiles != 1:
+        raise ValueError(f"packed chunks need all {num_heads} heads in one head tile; BLOCK_H={cfg['BLOCK_H']}")
     if cfg.get("FP8_AS_FP16") and kv_scale is None:
         raise ValueError(f"FP8_AS_FP16 is for fp8 caches; this cache is {kv_cache.dtype}")
     if cfg.get("TMA"):
@@ -964,13 +1086,15 @@ def latent_decode_triton(
     head_tiles, value_tiles = plan.head_tiles, plan.value_tiles
     split_len = cdiv(cdiv(capacity, num_splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
 
-    part_out, part_lse = _split_partials(batch, num_heads, num_splits, kv_rank, q.device)
+    part_out, part_lse = _split_partials(num_tokens, num_heads, num_splits, kv_rank, q.device)
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
     table, start, scale = _stand_ins(block_table, cache_seqlens, kv_start, kv_scale, part_lse)
     args = (
-        q, kv_cache, table, cache_seqlens, start, scale, part_out, part_lse,
+        q, kv_cache, table, cache_seqlens, start, scale, cu_seqlens_q if packed else cache_seqlens, part_out,
+        part_lse,
         softmax_scale * _LOG2E,
         num_heads, kv_rank, rope_dim, kv_cache.shape[1] if paged else 1, split_len, num_splits, value_tiles,
+        tokens_per_block, blocks_per_seq,
         q.stride(0), q.stride(1),
         kv_cache.stride(0), kv_cache.stride(1),
         scale.stride(0), scale.stride(1),
@@ -981,11 +1105,12 @@ def latent_decode_triton(
     kernel = plan.kernel
     constexprs = dict(
         PAGED=paged, HAS_KV_START=kv_start is not None, HAS_SCALE=kv_scale is not None, DOT_PRECISION=dot_precision,
-        SPLIT_BY_LENGTH=cfg.get("SPLIT_BY_LENGTH", True),
+        SPLIT_BY_LENGTH=cfg.get("SPLIT_BY_LENGTH", True), PACKED=packed,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **plan.tiles,
     )  # fmt: skip
-    grid = (batch, head_tiles, num_splits * value_tiles)
-    key = (num_heads, kv_rank, rope_dim, q.dtype, kv_cache.dtype, paged, kv_start is not None, cfg["BLOCK_D1"])
+    grid = (batch * blocks_per_seq, head_tiles, num_splits * value_tiles)
+    key = (num_heads, kv_rank, rope_dim, q.dtype, kv_cache.dtype, paged, kv_start is not None, cfg["BLOCK_D1"],
+           cfg["BLOCK_H"])  # fmt: skip
     block_size = kv_cache.shape[1] if paged else 1
 
     def page_tile_for(block_n: int) -> bool:

@@ -13,9 +13,11 @@ stride. The host picks what they point at:
   runs standard attention with per-head keys/values and the shared RoPE key
   (`expanded_prefill_attention`).
 
-A third mode, "decode", runs the absorbed computation through the split-KV decode kernel, one
-decode per query token (`_latent_attention_through_decode`): for short extends it splits the keys over the
-GPU where this kernel would not. See `choose_prefill_mode` for the rule between the modes.
+A third mode, "decode", runs the absorbed computation through the split-KV decode kernel
+(`_latent_attention_through_decode`): one decode per query token, or with up to 16 heads (and
+`max_seqlen_q` given) several tokens of a chunk packed with the heads on each program's rows, so a
+cache tile is read once for them. For short extends it splits the keys over the GPU where this
+kernel would not. See `choose_prefill_mode` for the rule between the modes.
 
 fp8 caches: absorbed mode reads the fp8 rows and widens them to the query dtype in registers, each
 token's scale multiplying its score and value weight (`HAS_SCALE`); expanded mode dequantizes the
@@ -620,13 +622,16 @@ def per_token_decodes(
 
 def _latent_attention_through_decode(
     q_latent, q_rope, kv_cache, cu_seqlens_q, cache_seqlens, softmax_scale, block_table, kv_start, kv_scale,
-    one_token_each: bool = False,
+    one_token_each: bool = False, max_seqlen_q: int = 0, config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Absorbed prefill as one split-KV decode per query token (`per_token_decodes`).
-    `one_token_each` (the caller knows every chunk is one token): token i is sequence i's decode,
-    with no per-token gather. q_latent `[tq, h, r]`, q_rope `[tq, h, 2p]` -> (latent output
-    `[tq, h, r]`, lse `[tq, h]`)."""
-    from m2la.kernels.latent_decode.triton import latent_decode_triton
+    """Absorbed prefill through the split-KV decode kernel. With `max_seqlen_q` > 0 (the longest
+    chunk) and heads few enough that two tokens share a tile (`packed_tokens_per_block`: up to 16
+    heads), each program packs several tokens of one chunk with all the heads, reading each cache tile
+    once for them; otherwise one decode per query token (`per_token_decodes`). `one_token_each` (the
+    caller knows every chunk is one token): token i is sequence i's decode, with no per-token gather.
+    q_latent `[tq, h, r]`, q_rope `[tq, h, 2p]` -> (latent output `[tq, h, r]`, lse `[tq, h]`).
+    `config`: `decode_config` overrides (tests)."""
+    from m2la.kernels.latent_decode.triton import latent_decode_triton, packed_tokens_per_block
 
     num_tokens, num_heads, kv_rank = q_latent.shape
     if num_tokens == 0:
@@ -634,10 +639,18 @@ def _latent_attention_through_decode(
     q = torch.cat((q_latent, q_rope), dim=-1)  # [tq, h, r + 2p]
     if one_token_each:
         return latent_decode_triton(
-            q, kv_cache, cache_seqlens, softmax_scale, kv_rank, block_table, kv_start, kv_scale=kv_scale
-        )
+            q, kv_cache, cache_seqlens, softmax_scale, kv_rank, block_table, kv_start, config=config,
+            kv_scale=kv_scale,
+        )  # fmt: skip
+    if max_seqlen_q > 1 and packed_tokens_per_block(num_heads, max_seqlen_q) > 1:
+        return latent_decode_triton(
+            q, kv_cache, cache_seqlens, softmax_scale, kv_rank, block_table, kv_start, config=config,
+            kv_scale=kv_scale, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q,
+        )  # fmt: skip
     seqlens, table, start = per_token_decodes(num_tokens, cu_seqlens_q, cache_seqlens, block_table, kv_start)
-    return latent_decode_triton(q, kv_cache, seqlens, softmax_scale, kv_rank, table, start, kv_scale=kv_scale)
+    return latent_decode_triton(
+        q, kv_cache, seqlens, softmax_scale, kv_rank, table, start, config=config, kv_scale=kv_scale
+    )
 
 
 def choose_grouped_prefill_mode(num_new_tokens: int, batch: int, heads_per_group: int) -> str:
@@ -724,8 +737,8 @@ def latent_prefill_triton(
     kv_scale: torch.Tensor | None = None,
     max_seqlen_k: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as `latent_prefill_reference`. `mode`: "decode" (absorbed, one split-KV decode
-    per query token), "absorbed" (absorbed, this file's kernel), "expanded" or "auto"
+    """Same contract as `latent_prefill_reference`. `mode`: "decode" (absorbed, split-KV decodes:
+    `_latent_attention_through_decode`), "absorbed" (absorbed, this file's kernel), "expanded" or "auto"
     (`choose_prefill_mode`).
 
     `max_seqlen_q` / `max_seqlen_k` (0 = read from `cu_seqlens_q` / `cache_seqlens`, one host sync
@@ -755,6 +768,7 @@ def latent_prefill_triton(
             out_latent, lse = _latent_attention_through_decode(
                 q_latent, q_rope, kv_cache, cu_seqlens_q, cache_seqlens, softmax_scale, block_table, kv_start,
                 kv_scale, one_token_each=max_seqlen_q == 1 and num_tokens == batch,  # chunks <= 1 summing to b
+                max_seqlen_q=max_seqlen_q,
             )  # fmt: skip
         else:
             lse = torch.empty(num_tokens, num_heads, device=q_nope.device, dtype=torch.float32)
