@@ -501,7 +501,8 @@ def test_packed_plain_decode_matches_fp64(heads, block_h, tiling, poisoned_parti
 
 
 def test_packed_plain_decode_fp8_and_contiguous_caches():
-    """fp8 cache rows (one scale per slot) and a contiguous `[b, s, r+2p]` cache through packed blocks."""
+    """fp8 cache rows (one scale per slot) and a contiguous `[b, s, r+2p]` cache (pointer loads and
+    TMA tiles) through packed blocks."""
     from kernel_cases import quantize_cache, random_contiguous_cache
 
     from m2la.kernels.latent_decode.triton import latent_decode_triton
@@ -520,10 +521,13 @@ def test_packed_plain_decode_fp8_and_contiguous_caches():
     ref_out, ref_lse = chunked_latent_fp64(q, rows, cu, seqlens, 0.2, kv_rank, None, row_scales)
     assert_close_with_lse(out, lse, ref_out, ref_lse, atol=1e-4, rtol=1e-4)
     contiguous = random_contiguous_cache(seqlens, kv_rank + rope, max(seqlens) + 4, torch.float32, seed=9)
-    out, lse = latent_decode_triton(q, contiguous, lens, 0.2, kv_rank, cu_seqlens_q=cu, max_seqlen_q=9)
     rows = [contiguous[i, :n] for i, n in enumerate(seqlens)]
     ref_out, ref_lse = chunked_latent_fp64(q, rows, cu, seqlens, 0.2, kv_rank)
-    assert_close_with_lse(out, lse, ref_out, ref_lse, atol=TOL[torch.float32])
+    tma = dict(HEADS_ON_N=True, LATENT_PIECES=True, TMA=True)  # tiles by tensor descriptor, packed rows
+    for config in (None, tma):
+        out, lse = latent_decode_triton(q, contiguous, lens, 0.2, kv_rank, config=config, cu_seqlens_q=cu,
+                                        max_seqlen_q=9)  # fmt: skip
+        assert_close_with_lse(out, lse, ref_out, ref_lse, atol=TOL[torch.float32])
 
 
 def test_packed_plain_decode_rows_and_route(monkeypatch):
