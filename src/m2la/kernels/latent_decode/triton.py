@@ -231,6 +231,30 @@ def _query_rows(
 
 
 @triton.jit
+def _plain_query_rows(
+    cu_seqlens_q_ptr, head_tile, blocks_per_seq, tokens_per_block, num_heads, PACKED: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    """`_query_rows` for the plain split kernels: PACKED rows hold every head (one head tile);
+    otherwise head tile `head_tile`'s heads of sequence `program_id(0)`, computed as the kernels did
+    before packing (the same compiled code)."""
+    if PACKED:
+        seq, offs_h, head_ok, token, chunk_len, first_token, token_in_chunk = _query_rows(
+            cu_seqlens_q_ptr, tl.program_id(0), blocks_per_seq, tokens_per_block, 0, num_heads, num_heads, PACKED,
+            BLOCK_H,
+        )  # fmt: skip
+    else:
+        seq = tl.program_id(0)
+        token = seq
+        offs_h = head_tile * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
+        head_ok = offs_h < num_heads
+        chunk_len = 1
+        first_token = 0
+        token_in_chunk = 0
+    return seq, offs_h, head_ok, token, chunk_len, first_token, token_in_chunk
+
+
+@triton.jit
 def _as_rows(token, PACKED: tl.constexpr):
     """`_query_rows`' token as a `[BLOCK_H, 1]` column (PACKED) or the scalar sequence index."""
     if PACKED:
@@ -302,16 +326,9 @@ def _decode_split_kernel(
     split = tl.program_id(2) // num_value_tiles
     value_tile = tl.program_id(2) % num_value_tiles
 
-    if PACKED:  # the heads fit one head tile (head_tile = 0)
-        seq, offs_h, head_ok, token, chunk_len, first_token, token_in_chunk = _query_rows(
-            cu_seqlens_q_ptr, tl.program_id(0), blocks_per_seq, tokens_per_block, 0, num_heads, num_heads, PACKED,
-            BLOCK_H,
-        )  # fmt: skip
-    else:
-        seq = tl.program_id(0)
-        token = seq
-        offs_h = head_tile * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
-        head_ok = offs_h < num_heads
+    seq, offs_h, head_ok, token, chunk_len, first_token, token_in_chunk = _plain_query_rows(
+        cu_seqlens_q_ptr, head_tile, blocks_per_seq, tokens_per_block, num_heads, PACKED, BLOCK_H
+    )
     offs_rope = tl.arange(0, BLOCK_ROPE)
     offs_v = value_tile * BLOCK_V + tl.arange(0, BLOCK_V)
     value_ok = offs_v < kv_rank
@@ -492,16 +509,9 @@ def _decode_split_kernel_heads_on_n(
     D1_START: tl.constexpr = BLOCK_D
     D2_START: tl.constexpr = BLOCK_D + BLOCK_D1
 
-    if PACKED:  # the heads fit one head tile (head_tile = 0)
-        seq, offs_h, head_ok, token, chunk_len, first_token, token_in_chunk = _query_rows(
-            cu_seqlens_q_ptr, tl.program_id(0), blocks_per_seq, tokens_per_block, 0, num_heads, num_heads, PACKED,
-            BLOCK_H,
-        )  # fmt: skip
-    else:
-        seq = tl.program_id(0)
-        token = seq
-        offs_h = head_tile * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
-        head_ok = offs_h < num_heads
+    seq, offs_h, head_ok, token, chunk_len, first_token, token_in_chunk = _plain_query_rows(
+        cu_seqlens_q_ptr, head_tile, blocks_per_seq, tokens_per_block, num_heads, PACKED, BLOCK_H
+    )
     offs_rope = tl.arange(0, BLOCK_ROPE)
 
     first, lo, hi = _split_token_range(
