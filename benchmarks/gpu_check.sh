@@ -19,6 +19,8 @@
 # the GQA cache it came from, and a grouped decode tile sweep; "lossless_prefill" for its chunked
 # prefill (plain, grouped, SDPA with GQA) and short extends through the grouped prefill's two modes
 # and the one-decode-a-token route they replaced;
+# "bench" for the packaged `m2la bench decode` and `m2la bench prefill` at their GPU defaults (the
+# issue's shapes; the tables users get from a pip install) -> $OUT/bench_decode.md, bench_prefill.md;
 # "flashmla" for benchmarks/flashmla_baseline.py run: FlashMLA's compiled decode (from vLLM's wheel)
 # against ours on DeepSeek's 512 + 64 layout, in a process of its own);
 # M2LA_REGISTER_FACTS=0 skips the ptxas table; M2LA_GPU_TESTS=0 skips the GPU tests and
@@ -73,6 +75,13 @@ timeout 330 python benchmarks/gpu_kernels.py --seconds "${M2LA_BENCH_SECONDS:-29
 if [[ ",$sections," == *",tma_probe,"* ]]; then  # not in the default sections: ~1-2 minutes
     echo "== TMA decode tile and probe for 896 + 128 against the library default (benchmarks/tma_decode_probe.py) =="
     timeout 180 python benchmarks/tma_decode_probe.py --run 2>&1 | tee "$OUT/tma_probe.md"
+fi
+if [[ ",$sections," == *",bench,"* ]]; then  # not in the default sections: ~1 minute
+    echo "== m2la bench decode / prefill (the packaged microbenchmark, GPU defaults) =="
+    for kernel in decode prefill; do
+        timeout 150 python -m m2la.cli bench "$kernel" --repeats 10 --json "$OUT/bench_$kernel.json" 2>&1 \
+            | tee "$OUT/bench_$kernel.md"
+    done
 fi
 if [[ ",$sections," == *",flashmla,"* ]]; then  # not in the default sections: ~1-2 minutes
     echo "== FlashMLA's dense decode beside m2la's on DeepSeek's 512 + 64 layout (benchmarks/flashmla_baseline.py) =="

@@ -22,8 +22,10 @@ import traceback
 import torch
 
 from m2la.attention_math import expand_latent_kv
-from m2la.kernels import decode_attention, grouped_decode_attention, grouped_prefill_attention, prefill_attention
+from m2la.kernels import bench, decode_attention, grouped_decode_attention, grouped_prefill_attention, prefill_attention
 from m2la.kernels._paging import gather_cache_rows
+from m2la.kernels.bench import capture_graph, copy_bandwidth_gbs, graph_ms  # noqa: F401  (capture_graph: other scripts)
+from m2la.kernels.bench import time_ms as timed_ms
 
 HEADS, GQA_KV_HEADS, HEAD_DIM = 32, 8, 128
 NOPE_DIM = VALUE_DIM = 128
@@ -31,61 +33,13 @@ LAYOUTS = {"latent 896+128 (InternVideo3)": (896, 128), "latent 448+64 (4x)": (4
 BLOCK_SIZE = 64
 
 
-def timed_ms(fn, device: torch.device, repeats: int = 20, warmup: int = 3, flush_l2: bool = True) -> float:
-    """Milliseconds per call. CUDA: `triton.testing.do_bench` (L2 flushed before every call, so
-    short contexts are not served from the 50 MB L2; mean over ~`repeats * 10` ms), or with
-    `flush_l2=False` the median of `repeats` CUDA-event timings (warm L2). Else: median wall."""
-    if device.type == "cuda" and flush_l2:
-        from triton.testing import do_bench
-
-        return do_bench(fn, warmup=25, rep=max(50, 10 * repeats))
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            stop.record()
-            stop.synchronize()
-            samples.append(start.elapsed_time(stop))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
-
-
-def capture_graph(fn, warmups: int = 1) -> torch.cuda.CUDAGraph:
-    """`fn` captured in a CUDA graph, after `warmups` calls on a side stream."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmups):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
-
-
-def graph_ms(fn, device: torch.device, repeats: int) -> float | None:
-    """Milliseconds per call replayed from a CUDA graph (no Python/launch overhead); None off CUDA."""
-    if device.type != "cuda":
-        return None
-    return timed_ms(capture_graph(fn).replay, device, repeats)
-
-
 NOT_MEASURED = (None,) * 6  # a decode row's measured fields, for skipped cases
 
 
 def latent_decode_flops(batch, context, kv_rank, rope_dim) -> int:
-    """Absorbed decode FLOPs: scores over r + 2p and the value sum over r, per query head and token.
-    At 32 heads that is 60 FLOP per bf16 cache byte (both latent layouts): about 180 TFLOPS to read
-    at 3 TB/s, so tensor-core throughput, not only bandwidth, bounds these kernels."""
-    return 2 * HEADS * batch * context * (2 * kv_rank + rope_dim)
+    """Absorbed decode FLOPs at 32 heads: 60 FLOP per bf16 cache byte (both latent layouts), about
+    180 TFLOPS to read at 3 TB/s, so tensor-core throughput, not only bandwidth, bounds these kernels."""
+    return bench.latent_decode_flops(batch, context, kv_rank, rope_dim, HEADS)
 
 
 def _measure(fn, device, repeats, nbytes, bandwidth, flops) -> tuple:
@@ -99,13 +53,6 @@ def _measure(fn, device, repeats, nbytes, bandwidth, flops) -> tuple:
     gbs = nbytes / ms / 1e6
     gpct = None if gms is None else 100 * nbytes / gms / 1e6 / bandwidth
     return ms, gbs, 100 * gbs / bandwidth, gms, gpct, flops / (gms or ms) / 1e9
-
-
-def copy_bandwidth_gbs(device: torch.device, nbytes: int) -> float:
-    src = torch.empty(nbytes // 2, dtype=torch.float16, device=device).uniform_(-1, 1)
-    dst = torch.empty_like(src)
-    ms = timed_ms(lambda: dst.copy_(src), device)
-    return 2 * nbytes / ms / 1e6  # read + write
 
 
 def paged_inputs(batch, context, kv_rank, rope_dim, dtype, device, cache):

@@ -28,7 +28,7 @@ def test_help_lists_the_subcommands_without_importing_transformers():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    for command in ("convert", "eval", "info"):
+    for command in ("convert", "eval", "info", "bench"):
         assert command in result.stdout
 
 

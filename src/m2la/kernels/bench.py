@@ -1,0 +1,501 @@
+"""Kernel microbenchmarks, measured side by side in one run: m2la's latent decode and chunked
+prefill against torch SDPA over the same model's uncompressed GQA cache (and flash_attn's kvcache
+decode where it imports).
+
+Each row gives milliseconds, the bytes the kernel must move at the least (cache rows read, queries
+read, outputs written), GB/s and its share of the device's measured copy bandwidth, TFLOPS of the
+attention computed, and its speed over the SDPA row of the same batch and context. Every kernel is
+checked against an fp32 run of the reference backend before anything is timed. `m2la bench decode`
+and `m2la bench prefill` print the tables; `benchmarks/gpu_kernels.py`, the repository's fuller GPU
+report, times with the same helpers.
+
+Importing this module imports neither triton nor anything CUDA; timing on CUDA uses triton's
+`do_bench` (L2 flushed between calls) over CUDA-graph replays where the call can be captured.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from m2la.backends import resolve_backend
+
+# --- shapes and row accounting -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchShape:
+    """One attention layer, uncompressed and converted. The defaults are the issue's comparison:
+    Qwen3-VL-8B's attention (32 query heads, GQA with 8 KV heads x 128) against InternVideo3's M²LA
+    layout (latent r = 896, shared RoPE key 2p = 128, per-head no-RoPE query and value 128 wide)."""
+
+    heads: int = 32
+    kv_rank: int = 896
+    rope_dim: int = 128
+    nope_dim: int = 128
+    value_dim: int = 128
+    kv_heads: int = 8
+    head_dim: int = 128
+    block_size: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("heads", "kv_rank", "rope_dim", "kv_heads", "head_dim", "block_size", "value_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.nope_dim < 0:
+            raise ValueError(f"nope_dim must be at least 0, got {self.nope_dim}")
+        if self.rope_dim % 2:
+            raise ValueError(f"rope_dim is 2 x the rotary pairs, so it must be even; got {self.rope_dim}")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+
+    @property
+    def latent_width(self) -> int:
+        return self.kv_rank + self.rope_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        return (self.nope_dim + self.rope_dim) ** -0.5
+
+    def latent_row_bytes(self, dtype: torch.dtype, fp8: bool = False) -> int:
+        """Cache bytes a token: `r + 2p` elements (fp8: one byte each plus a 4-byte scale)."""
+        return self.latent_width + 4 if fp8 else self.latent_width * dtype.itemsize
+
+    def gqa_row_bytes(self, dtype: torch.dtype) -> int:
+        """The uncompressed cache's bytes a token: keys and values of every KV head."""
+        return 2 * self.kv_heads * self.head_dim * dtype.itemsize
+
+
+def latent_decode_flops(batch: int, context: int, kv_rank: int, rope_dim: int, heads: int) -> int:
+    """Absorbed decode: scores over `r + 2p` and the value sum over `r`, per query head and key."""
+    return 2 * heads * batch * context * (2 * kv_rank + rope_dim)
+
+
+def gqa_decode_flops(batch: int, context: int, head_dim: int, heads: int) -> int:
+    """Decode over a GQA cache: scores and value sum over `head_dim` each, per query head and key."""
+    return 2 * heads * batch * context * 2 * head_dim
+
+
+def causal_pairs(chunk: int, prefix: int) -> int:
+    """(query, key) pairs a causal chunk of `chunk` new tokens after `prefix` cached ones computes."""
+    return chunk * prefix + chunk * (chunk + 1) // 2
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    """One timed kernel call. `ms` None: not measured (`note` says why)."""
+
+    kernel: str
+    batch: int
+    context: int  # decode: keys a sequence; prefill: the cached prefix before the chunk
+    new_tokens: int  # query tokens a sequence: 1 for decode
+    ms: float | None
+    nbytes: int  # the least a call moves: cache rows read, queries read, outputs written
+    flops: int
+    timing: str  # "cuda graph", "eager" or "wall"
+    baseline: str = ""  # the kernel this row is compared with (same batch, context and chunk)
+    note: str = ""
+
+    @property
+    def gbs(self) -> float | None:
+        return None if self.ms is None else self.nbytes / self.ms / 1e6
+
+    @property
+    def tflops(self) -> float | None:
+        return None if self.ms is None else self.flops / self.ms / 1e9
+
+
+@dataclass
+class BenchReport:
+    """What one `decode_benchmark` / `prefill_benchmark` call measured, with the device it ran on."""
+
+    kind: str  # "decode" or "prefill"
+    device: str
+    dtype: str
+    shape: BenchShape
+    copy_bandwidth_gbs: float
+    checks: list[str] = field(default_factory=list)  # the correctness checks run before timing
+    rows: list[BenchRow] = field(default_factory=list)
+
+    def speedup(self, row: BenchRow) -> float | None:
+        """The row's baseline time over its own (> 1: faster than the baseline)."""
+        base = next(
+            (
+                r
+                for r in self.rows
+                if r.kernel == row.baseline
+                and (r.batch, r.context, r.new_tokens) == (row.batch, row.context, row.new_tokens)
+            ),
+            None,
+        )
+        if base is None or base.ms is None or row.ms is None:
+            return None
+        return base.ms / row.ms
+
+    def to_markdown(self) -> str:
+        def fmt(value, spec=None):
+            if value is None:
+                return "n/a"
+            return format(value, spec or (".0f" if abs(value) >= 100 else ".3g"))
+
+        shape = self.shape
+        lines = [
+            f"{self.kind} on {self.device}, {self.dtype}; copy bandwidth {self.copy_bandwidth_gbs:.0f} GB/s "
+            f"(read + write). Layer: {shape.heads} query heads; GQA {shape.kv_heads} x {shape.head_dim} against "
+            f"latent {shape.kv_rank} + RoPE {shape.rope_dim} (no-RoPE {shape.nope_dim}, value {shape.value_dim}), "
+            f"pages of {shape.block_size}.",
+            "",
+            *(f"- {check}" for check in self.checks),
+            "",
+            "| kernel | batch | context | new tokens | ms | timing | GB/s | % of copy BW | TFLOPS | x baseline | note |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in self.rows:
+            share = None if row.gbs is None else 100 * row.gbs / self.copy_bandwidth_gbs
+            ratio = self.speedup(row)
+            lines.append(
+                f"| {row.kernel} | {row.batch} | {row.context} | {row.new_tokens} | {fmt(row.ms, '.4f')} | "
+                f"{row.timing} | {fmt(row.gbs)} | {fmt(share)} | {fmt(row.tflops)} | "
+                f"{'' if ratio is None else f'{ratio:.2f}x vs {row.baseline}'} | {row.note} |"
+            )
+        return "\n".join(lines) + "\n"
+
+    def to_json(self) -> dict:
+        return {
+            "kind": self.kind,
+            "device": self.device,
+            "dtype": self.dtype,
+            "shape": asdict(self.shape),
+            "copy_bandwidth_gbs": self.copy_bandwidth_gbs,
+            "checks": self.checks,
+            "rows": [
+                {**asdict(row), "gbs": row.gbs, "tflops": row.tflops, "speedup": self.speedup(row)} for row in self.rows
+            ],
+        }
+
+
+# --- timing --------------------------------------------------------------------------------------
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 20, warmup: int = 3,
+            flush_l2: bool = True) -> float:  # fmt: skip
+    """Milliseconds a call. CUDA: `triton.testing.do_bench` (L2 flushed before every call, so
+    short contexts are not served from L2; mean over ~`repeats * 10` ms), or with `flush_l2=False`
+    the median of `repeats` CUDA-event timings (warm L2). Else: median wall time."""
+    if device.type == "cuda" and flush_l2:
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=25, rep=max(50, 10 * repeats))
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            samples.append(start.elapsed_time(stop))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def capture_graph(fn: Callable[[], object], warmups: int = 1) -> torch.cuda.CUDAGraph:
+    """`fn` captured in a CUDA graph, after `warmups` calls on a side stream."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def graph_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float | None:
+    """Milliseconds a call replayed from a CUDA graph (no Python or launch overhead); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return time_ms(capture_graph(fn).replay, device, repeats)
+
+
+def measure_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, str]:
+    """(ms, how): on CUDA a CUDA-graph replay, as a serving engine runs decode, else eager calls
+    (a call that cannot be captured); off CUDA the median wall time."""
+    if device.type == "cuda":
+        try:
+            return graph_ms(fn, device, repeats), "cuda graph"
+        except Exception:  # noqa: BLE001  (not capturable: a host sync inside; time it eagerly)
+            torch.cuda.synchronize(device)
+            return time_ms(fn, device, repeats), "eager"
+    return time_ms(fn, device, repeats, warmup=min(3, repeats)), "wall"
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int | None = None) -> float:
+    """Device-to-device copy bandwidth (bytes read + bytes written) over `nbytes` buffers (default
+    1 GiB on CUDA, far past L2; 256 MiB elsewhere)."""
+    nbytes = nbytes or (2**30 if device.type == "cuda" else 2**28)
+    src = torch.empty(nbytes // 2, dtype=torch.float16, device=device).uniform_(-1, 1)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device)
+    return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+# --- inputs --------------------------------------------------------------------------------------
+
+
+def paged_latent_cache(shape: BenchShape, batch: int, context: int, dtype: torch.dtype, device: torch.device,
+                       fp8: bool = False, generator: torch.Generator | None = None):  # fmt: skip
+    """A paged latent cache holding `batch` sequences of `context` tokens on shuffled pages (as a
+    serving engine's allocator leaves them) -> (cache `[pages, block_size, r + 2p]`, kv_scale
+    `[pages, block_size]` fp32 or None, block_table `[batch, pages a sequence]` int32, lengths `[batch]` int32)."""
+    per_seq = math.ceil(context / shape.block_size)
+    pages = batch * per_seq
+    bound = 448.0 if fp8 else 1.0  # fp8: e4m3 codes over their whole range, each token scaled by 1 / 448
+    cache = torch.empty(pages, shape.block_size, shape.latent_width, device=device, dtype=dtype).uniform_(-bound, bound)
+    kv_scale = None
+    if fp8:
+        cache = cache.to(torch.float8_e4m3fn)
+        kv_scale = torch.full((pages, shape.block_size), 1 / 448, device=device)
+    order = torch.randperm(pages, generator=generator).to(device)
+    table = order.view(batch, per_seq).to(torch.int32)
+    lengths = torch.full((batch,), context, dtype=torch.int32, device=device)
+    return cache, kv_scale, table, lengths
+
+
+def _free_bytes(device: torch.device) -> int | None:
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+
+
+def _fits(device: torch.device, nbytes: int) -> bool:
+    free = _free_bytes(device)
+    return free is None or nbytes <= 0.8 * free
+
+
+# --- correctness, before timing ------------------------------------------------------------------
+
+
+def check_within_budget(name: str, got: torch.Tensor, same_dtype_torch: torch.Tensor, fp32: torch.Tensor) -> str:
+    """The kernel's error against an fp32 reference may be at most twice that of a torch run in the
+    kernel's dtype (flash-attention's budget), plus 1e-5 for fp32 runs where both are ~0.
+    Raises AssertionError naming the kernel when it is not; returns a line for the report."""
+    err = (got.double() - fp32.double()).abs().max().item()
+    torch_err = (same_dtype_torch.double() - fp32.double()).abs().max().item()
+    budget = 2 * torch_err + 1e-5
+    if not err <= budget:  # NaN fails too
+        raise AssertionError(f"{name}: max error {err:.3g} against fp32, over the budget {budget:.3g} (2x torch's)")
+    return f"{name}: max error {err:.2e} against fp32 (torch in the same dtype: {torch_err:.2e})"
+
+
+def _check_decode(shape: BenchShape, dtype: torch.dtype, device: torch.device, backend: str, fp8: bool) -> str:
+    """Decode of 3 sequences (one of 1 token, one not a multiple of the page) through `backend`
+    against the fp32 reference, before any timing."""
+    from m2la.kernels import decode_attention
+
+    gen = torch.Generator().manual_seed(0)
+    cache, kv_scale, table, lengths = paged_latent_cache(shape, 3, 3 * shape.block_size + 5, dtype, device, fp8, gen)
+    lengths[1] = 1
+    q = torch.randn(3, shape.heads, shape.latent_width, generator=gen).to(device=device, dtype=dtype)
+    args = (lengths, shape.softmax_scale, shape.kv_rank, table)
+    out, _ = decode_attention(q, cache, *args, kv_scale=kv_scale, backend=backend)
+    cache32 = cache.float() if kv_scale is None else cache.float() * kv_scale[..., None]
+    fp32, _ = decode_attention(q.float(), cache32, *args, backend="reference")
+    torch_dtype, _ = decode_attention(q, cache32.to(dtype), *args, backend="reference")
+    return check_within_budget(f"m2la decode ({backend})", out, torch_dtype, fp32)
+
+
+# --- decode --------------------------------------------------------------------------------------
+
+
+def _sdpa_gqa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q `[b, 1, h, d]`, k / v `[b, s, kv heads, d]` (the cache as it lies) -> `[b, h, 1, d]`."""
+    return torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True
+    )
+
+
+def _flash_attn_kvcache():
+    try:
+        from flash_attn import flash_attn_with_kvcache
+    except ImportError:
+        return None
+    return flash_attn_with_kvcache
+
+
+def decode_benchmark(
+    shape: BenchShape = BenchShape(),
+    batches: Sequence[int] = (1, 8, 32),
+    contexts: Sequence[int] = (4096, 32768),
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str | None = None,
+    backend: str = "auto",
+    fp8: bool = False,
+    repeats: int = 20,
+    bandwidth_gbs: float | None = None,
+) -> BenchReport:
+    """One decode step (one query token a sequence, all `shape.heads` heads) over a paged latent
+    cache of `context` tokens a sequence, through `m2la.kernels.decode_attention` on `backend`, side
+    by side with SDPA over the GQA cache of the same model and length (and flash_attn's kvcache
+    decode where it imports). `fp8`: the latent cache in e4m3 with a scale a token; the baseline
+    stays in `dtype`. Combinations that do not fit in free device memory are reported unmeasured."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from m2la.kernels import decode_attention
+
+    chosen = resolve_backend(backend, torch.empty(0, device=device))
+    report = BenchReport("decode", _device_name(device), str(dtype).removeprefix("torch."), shape,
+                         bandwidth_gbs or copy_bandwidth_gbs(device))  # fmt: skip
+    report.checks.append(_check_decode(shape, dtype, device, chosen, fp8))
+    ours = f"m2la latent decode ({chosen}{', fp8 e4m3 cache' if fp8 else ''})"
+    sdpa = "SDPA over the GQA cache"
+    flash = _flash_attn_kvcache() if device.type == "cuda" else None
+    for context in contexts:
+        for batch in batches:
+            common = dict(batch=batch, context=context, new_tokens=1)
+            q_bytes = batch * shape.heads * (shape.latent_width + shape.kv_rank) * dtype.itemsize  # q in, out back
+            latent_bytes = batch * context * shape.latent_row_bytes(dtype, fp8) + q_bytes
+            gqa_bytes = (
+                batch * context * shape.gqa_row_bytes(dtype) + 2 * batch * shape.heads * shape.head_dim * dtype.itemsize
+            )
+            latent_flops = latent_decode_flops(batch, context, shape.kv_rank, shape.rope_dim, shape.heads)
+            gqa_flops = gqa_decode_flops(batch, context, shape.head_dim, shape.heads)
+            if _fits(
+                device, batch * context * shape.latent_row_bytes(dtype) * (1.5 if fp8 else 1)
+            ):  # fp8: made in dtype
+                cache, kv_scale, table, lengths = paged_latent_cache(shape, batch, context, dtype, device, fp8)
+                q = torch.randn(batch, shape.heads, shape.latent_width, device=device, dtype=dtype)
+
+                def run(q=q, cache=cache, lengths=lengths, table=table, kv_scale=kv_scale):
+                    return decode_attention(q, cache, lengths, shape.softmax_scale, shape.kv_rank, table,
+                                            kv_scale=kv_scale, backend=chosen)  # fmt: skip
+
+                ms, how = measure_ms(run, device, repeats)
+                report.rows.append(BenchRow(ours, **common, ms=ms, nbytes=latent_bytes, flops=latent_flops, timing=how,
+                                            baseline=sdpa))  # fmt: skip
+                del cache, kv_scale, table, q, run
+            else:
+                report.rows.append(BenchRow(ours, **common, ms=None, nbytes=latent_bytes, flops=latent_flops,
+                                            timing="", baseline=sdpa, note="does not fit in free memory"))  # fmt: skip
+            if not _fits(device, gqa_bytes):
+                report.rows.append(BenchRow(sdpa, **common, ms=None, nbytes=gqa_bytes, flops=gqa_flops, timing="",
+                                            note="does not fit in free memory"))  # fmt: skip
+                continue
+            k = torch.empty(batch, context, shape.kv_heads, shape.head_dim, device=device, dtype=dtype).uniform_(-1, 1)
+            v = torch.empty_like(k).uniform_(-1, 1)
+            q = torch.randn(batch, 1, shape.heads, shape.head_dim, device=device, dtype=dtype)
+            ms, how = measure_ms(lambda q=q, k=k, v=v: _sdpa_gqa_decode(q, k, v), device, repeats)
+            report.rows.append(BenchRow(sdpa, **common, ms=ms, nbytes=gqa_bytes, flops=gqa_flops, timing=how))
+            if flash is not None:
+                ms, how = measure_ms(lambda q=q, k=k, v=v: flash(q, k, v, causal=True), device, repeats)
+                report.rows.append(BenchRow("flash_attn kvcache over the GQA cache", **common, ms=ms, nbytes=gqa_bytes,
+                                            flops=gqa_flops, timing=how, baseline=sdpa))  # fmt: skip
+            del k, v, q
+    return report
+
+
+# --- prefill -------------------------------------------------------------------------------------
+
+
+def _expanded_qkv(q_nope, q_rope, cache, w_uk, w_uv, table, total, kv_rank):
+    """The prefill baseline's inputs: the layer's keys and values expanded per head from the latent
+    rows -> q `[1, h, t, n + 2p]`, k `[1, h, s, n + 2p]` (the RoPE key shared by the heads), v `[1, h, s, v]`."""
+    from m2la.attention_math import expand_latent_kv
+    from m2la.kernels._paging import gather_cache_rows
+
+    rows = gather_cache_rows(cache, table, total)  # [1, s, r + 2p]
+    # the kernels take w_uk [h, r, n] and w_uv [h, r, v]; attention_math takes [h, n, r] and [h, v, r]
+    k, v = expand_latent_kv(rows[..., :kv_rank], rows[..., kv_rank:], w_uk.mT, w_uv.mT, rows.dtype)
+    return torch.cat((q_nope, q_rope), dim=-1).transpose(0, 1)[None], k, v
+
+
+def prefill_benchmark(
+    shape: BenchShape = BenchShape(),
+    chunk: int = 4096,
+    prefixes: Sequence[int] = (0, 16384),
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str | None = None,
+    backend: str = "auto",
+    repeats: int = 20,
+    bandwidth_gbs: float | None = None,
+) -> BenchReport:
+    """A chunk of `chunk` new tokens (one sequence) after `prefix` cached ones, causal, through
+    `m2la.kernels.prefill_attention` (`mode="auto"`, both maximum lengths given: no host sync), side
+    by side with SDPA over the same layer's expanded keys and values (the expansion not timed) and
+    SDPA over the GQA cache of the same length. TFLOPS count the causal pairs computed."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from torch.nn.attention.bias import causal_lower_right
+
+    from m2la.kernels import prefill_attention
+
+    chosen = resolve_backend(backend, torch.empty(0, device=device))
+    report = BenchReport("prefill", _device_name(device), str(dtype).removeprefix("torch."), shape,
+                         bandwidth_gbs or copy_bandwidth_gbs(device))  # fmt: skip
+    ours = f"m2la latent prefill ({chosen})"
+    expanded = "SDPA over expanded K/V"
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    for prefix in prefixes:
+        total = prefix + chunk
+        common = dict(batch=1, context=prefix, new_tokens=chunk)
+        pairs = causal_pairs(chunk, prefix)
+        gen = torch.Generator().manual_seed(prefix)
+        cache, _, table, lengths = paged_latent_cache(shape, 1, total, dtype, device, generator=gen)
+
+        def randn(*size, scale=1.0, gen=gen):
+            return (torch.randn(*size, generator=gen) * scale).to(device=device, dtype=dtype)
+
+        q_nope, q_rope = randn(chunk, shape.heads, shape.nope_dim), randn(chunk, shape.heads, shape.rope_dim)
+        w_uk = randn(shape.heads, shape.kv_rank, shape.nope_dim, scale=shape.kv_rank**-0.5)
+        w_uv = randn(shape.heads, shape.kv_rank, shape.value_dim, scale=shape.kv_rank**-0.5)
+        cu = torch.tensor([0, chunk], dtype=torch.int32, device=device)
+        inputs = (q_nope, q_rope, cache, w_uk, w_uv, cu, lengths, shape.softmax_scale, table)
+
+        def run(inputs=inputs, total=total):
+            return prefill_attention(*inputs, max_seqlen_q=chunk, max_seqlen_k=total, backend=chosen)
+
+        q, k, v = _expanded_qkv(q_nope, q_rope, cache, w_uk, w_uv, table, total, shape.kv_rank)
+        bias = causal_lower_right(chunk, total)
+
+        def baseline(q=q, k=k, v=v, bias=bias):
+            return sdpa(q, k, v, attn_mask=bias, scale=shape.softmax_scale)
+
+        if prefix == prefixes[0]:  # correctness first, on the first case
+            fp32 = prefill_attention(*(t.float() if t.is_floating_point() else t for t in inputs[:7]),
+                                     *inputs[7:], backend="reference")[0]  # fmt: skip
+            same_dtype = baseline()[0].transpose(0, 1)
+            report.checks.append(check_within_budget(f"m2la prefill ({chosen})", run()[0], same_dtype, fp32))
+        expanded_flops = 2 * shape.heads * pairs * (shape.nope_dim + shape.rope_dim + shape.value_dim)
+        q_out_bytes = chunk * shape.heads * (shape.nope_dim + shape.rope_dim + shape.value_dim) * dtype.itemsize
+        ms, how = measure_ms(run, device, repeats)
+        report.rows.append(BenchRow(ours, **common, ms=ms, nbytes=total * shape.latent_row_bytes(dtype) + q_out_bytes,
+                                    flops=expanded_flops, timing=how, baseline=expanded))  # fmt: skip
+        kv_bytes = (k.numel() + v.numel()) * dtype.itemsize  # the expanded keys and values SDPA reads
+        ms, how = measure_ms(baseline, device, repeats)
+        report.rows.append(BenchRow(expanded, **common, ms=ms, nbytes=kv_bytes + q_out_bytes, flops=expanded_flops,
+                                    timing=how, note="expansion not timed"))  # fmt: skip
+        del cache, q, k, v, inputs, run, baseline
+        q = randn(1, shape.heads, chunk, shape.head_dim)
+        k, v = randn(1, shape.kv_heads, total, shape.head_dim), randn(1, shape.kv_heads, total, shape.head_dim)
+        gqa_flops = 2 * shape.heads * pairs * 2 * shape.head_dim
+        gqa_bytes = total * shape.gqa_row_bytes(dtype) + 2 * chunk * shape.heads * shape.head_dim * dtype.itemsize
+        ms, how = measure_ms(lambda q=q, k=k, v=v, bias=bias: sdpa(q, k, v, attn_mask=bias, enable_gqa=True),
+                             device, repeats)  # fmt: skip
+        report.rows.append(BenchRow("SDPA over the GQA cache", **common, ms=ms, nbytes=gqa_bytes, flops=gqa_flops,
+                                    timing=how, baseline=expanded))  # fmt: skip
+        del q, k, v
+    return report
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({torch.get_num_threads()} threads)"

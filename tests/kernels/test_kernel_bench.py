@@ -1,0 +1,158 @@
+"""m2la.kernels.bench and `m2la bench`: the row accounting against hand counts, the correctness gate
+before timing, side-by-side rows, and the Triton path under the interpreter."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import m2la.kernels
+from m2la.cli import main
+from m2la.kernels import bench
+
+# 3 heads over one GQA KV head of 32; latent 44 + RoPE 12 (no power of two), pages of 16
+TINY = bench.BenchShape(heads=3, kv_rank=44, rope_dim=12, nope_dim=20, value_dim=24, kv_heads=1, head_dim=32,
+                        block_size=16)  # fmt: skip
+TINY_ARGS = ["--heads", "3", "--kv-rank", "44", "--rope-dim", "12", "--nope-dim", "20", "--value-dim", "24",
+             "--gqa", "1x32", "--page-size", "16", "--repeats", "1", "--device", "cpu"]  # fmt: skip
+
+
+def test_the_default_shape_is_the_issue_comparison():
+    """Qwen3-VL-8B's GQA cache (8 x 128 keys and values) is twice InternVideo3's 896 + 128 latent."""
+    shape = bench.BenchShape()
+    assert shape.latent_row_bytes(torch.bfloat16) == 1024 * 2
+    assert shape.gqa_row_bytes(torch.bfloat16) == 2 * 8 * 128 * 2
+    assert shape.latent_row_bytes(torch.bfloat16, fp8=True) == 1024 + 4
+    assert shape.softmax_scale == pytest.approx(256**-0.5)
+    # 32 heads x (scores over 1024 + values over 896) x 2 FLOP, per key
+    assert bench.latent_decode_flops(1, 1, 896, 128, 32) == 2 * 32 * (1024 + 896)
+    assert bench.gqa_decode_flops(3, 5, 128, 32) == 2 * 32 * 15 * 256
+
+
+@pytest.mark.parametrize("chunk,prefix", [(1, 0), (3, 2), (63, 0), (7, 113)])
+def test_causal_pairs_count_the_visible_pairs(chunk, prefix):
+    query = torch.arange(chunk)[:, None] + prefix
+    visible = torch.arange(prefix + chunk)[None, :] <= query
+    assert bench.causal_pairs(chunk, prefix) == int(visible.sum())
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(rope_dim=13), "must be even"),
+        (dict(heads=12, kv_heads=8), "multiple of kv_heads"),
+        (dict(kv_rank=0), "kv_rank must be at least 1"),
+        (dict(nope_dim=-1), "nope_dim must be at least 0"),
+    ],
+)
+def test_bad_shapes_are_refused_by_name(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        bench.BenchShape(**kwargs)
+
+
+def test_decode_rows_side_by_side():
+    """Each (batch, context) gets our row and the SDPA row; bytes are the cache rows plus the
+    queries and outputs, and the ratio is the baseline's time over ours."""
+    report = bench.decode_benchmark(TINY, batches=(1, 2), contexts=(63, 17), dtype=torch.float32, device="cpu",
+                                    backend="reference", repeats=1, bandwidth_gbs=10.0)  # fmt: skip
+    ours = [r for r in report.rows if r.kernel.startswith("m2la")]
+    sdpa = [r for r in report.rows if r.kernel == "SDPA over the GQA cache"]
+    assert [(r.batch, r.context) for r in ours] == [(1, 63), (2, 63), (1, 17), (2, 17)]
+    assert [(r.batch, r.context) for r in sdpa] == [(r.batch, r.context) for r in ours]
+    for row, base in zip(ours, sdpa, strict=True):
+        b, s = row.batch, row.context
+        assert row.nbytes == b * s * 56 * 4 + b * 3 * (56 + 44) * 4
+        assert base.nbytes == b * s * 2 * 32 * 4 + 2 * b * 3 * 32 * 4
+        assert row.flops == 2 * 3 * b * s * (2 * 44 + 12)
+        assert row.ms > 0 and row.timing == "wall"
+        assert report.speedup(row) == pytest.approx(base.ms / row.ms)
+        assert report.speedup(base) is None
+    assert report.checks and "m2la decode (reference)" in report.checks[0]
+    table = report.to_markdown()
+    assert table.count("| m2la latent decode (reference) |") == 4 and "x vs SDPA over the GQA cache" in table
+    assert json.loads(json.dumps(report.to_json()))["rows"][0]["speedup"] == pytest.approx(report.speedup(ours[0]))
+
+
+def test_prefill_rows_side_by_side():
+    report = bench.prefill_benchmark(TINY, chunk=13, prefixes=(0, 20), dtype=torch.float32, device="cpu",
+                                     backend="reference", repeats=1, bandwidth_gbs=10.0)  # fmt: skip
+    kernels = [r.kernel for r in report.rows]
+    assert kernels == ["m2la latent prefill (reference)", "SDPA over expanded K/V", "SDPA over the GQA cache"] * 2
+    ours, expanded = report.rows[3], report.rows[4]
+    pairs = 13 * 20 + 13 * 14 // 2
+    assert (
+        ours.context == 20 and ours.new_tokens == 13 and ours.flops == expanded.flops == 2 * 3 * pairs * (20 + 12 + 24)
+    )
+    assert expanded.nbytes == 3 * 33 * (20 + 12 + 24) * 4 + 13 * 3 * (20 + 12 + 24) * 4  # K and V; q and out
+    assert report.speedup(ours) == pytest.approx(expanded.ms / ours.ms)
+
+
+def _first_call_off_by_a_percent(real):
+    """`decode_attention` whose first call (the benchmark's kernel under check) is 1% off."""
+    calls = []
+
+    def decode_attention(*args, **kwargs):
+        out, lse = real(*args, **kwargs)
+        calls.append(None)
+        return (out * 1.01, lse) if len(calls) == 1 else (out, lse)
+
+    return decode_attention
+
+
+def test_a_kernel_over_its_error_budget_is_never_timed(monkeypatch, capsys):
+    """The gate: an fp16 kernel 1% off fails against 2x the error of torch's fp16 run, and the CLI
+    reports it instead of a table."""
+    real = m2la.kernels.decode_attention
+    monkeypatch.setattr(m2la.kernels, "decode_attention", _first_call_off_by_a_percent(real))
+    with pytest.raises(AssertionError, match=r"m2la decode \(reference\): max error .* over the budget"):
+        bench.decode_benchmark(TINY, batches=(1,), contexts=(5,), dtype=torch.float16, device="cpu",
+                               backend="reference", repeats=1, bandwidth_gbs=10.0)  # fmt: skip
+    monkeypatch.setattr(m2la.kernels, "decode_attention", _first_call_off_by_a_percent(real))
+    assert main(["bench", "decode", *TINY_ARGS, "--dtype", "float16", "--context", "5", "--batch", "1"]) == 1
+    captured = capsys.readouterr()
+    assert "correctness check failed" in captured.err and "| kernel |" not in captured.out
+
+
+def test_error_budget_refuses_nan():
+    fp32 = torch.ones(4)
+    with pytest.raises(AssertionError, match="budget"):
+        bench.check_within_budget("k", torch.tensor([1.0, float("nan"), 1.0, 1.0]), fp32, fp32)
+
+
+def test_bench_cli_writes_the_report(tmp_path, capsys):
+    path = tmp_path / "out" / "decode.json"
+    assert main(["bench", "decode", *TINY_ARGS, "--batch", "1,2", "--context", "63", "--json", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "copy bandwidth" in printed and printed.count("| SDPA over the GQA cache |") == 2
+    report = json.loads(path.read_text())
+    assert report["kind"] == "decode" and report["shape"]["kv_rank"] == 44 and len(report["rows"]) == 4
+    assert [p.name for p in path.parent.iterdir()] == ["decode.json"]  # no temporary file left behind
+
+
+def test_bench_cli_errors(monkeypatch, capsys):
+    assert main(["bench", "prefill", *TINY_ARGS, "--fp8"]) == 1
+    assert "--fp8 is a decode option" in capsys.readouterr().err
+    assert main(["bench", "decode", *TINY_ARGS, "--context", "0"]) == 1
+    assert "--context must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "decode", "--gqa", "8by128"])
+    assert "KV_HEADSxHEAD_DIM" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "decode", "--batch", "1,x"])
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # triton by name on CPU, no interpreter: refused
+    assert main(["bench", "decode", *TINY_ARGS, "--backend", "triton", "--context", "5"]) == 1
+    assert "needs CUDA tensors" in capsys.readouterr().err
+
+
+def test_triton_rows_under_the_interpreter():
+    """The Triton kernels pass the gate and are timed (fp16 decode with an fp8 cache; fp32 prefill)."""
+    decode = bench.decode_benchmark(TINY, batches=(2,), contexts=(63,), dtype=torch.float16, device="cpu",
+                                    backend="triton", fp8=True, repeats=1, bandwidth_gbs=10.0)  # fmt: skip
+    assert "m2la decode (triton)" in decode.checks[0]
+    assert decode.rows[0].kernel == "m2la latent decode (triton, fp8 e4m3 cache)"
+    assert decode.rows[0].nbytes == 2 * 63 * (56 + 4) + 2 * 3 * 100 * 2
+    prefill = bench.prefill_benchmark(TINY, chunk=9, prefixes=(21,), dtype=torch.float32, device="cpu",
+                                      backend="triton", repeats=1, bandwidth_gbs=10.0)  # fmt: skip
+    assert "m2la prefill (triton)" in prefill.checks[0] and prefill.rows[0].ms > 0
