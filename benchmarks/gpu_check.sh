@@ -20,7 +20,8 @@
 # prefill (plain, grouped, SDPA with GQA) and short extends through the grouped prefill's two modes
 # and the one-decode-a-token route they replaced;
 # "bench" for the packaged `m2la bench decode` and `m2la bench prefill` at their GPU defaults (the
-# issue's shapes; the tables users get from a pip install) -> $OUT/bench_decode.md, bench_prefill.md;
+# issue's shapes; the tables users get from a pip install; vLLM's Triton MLA decode beside ours when
+# benchmarks/_third_party holds it) -> $OUT/bench_decode.md, bench_prefill.md;
 # "flashmla" for benchmarks/flashmla_baseline.py run: FlashMLA's compiled decode (from vLLM's wheel)
 # against ours on DeepSeek's 512 + 64 layout, in a process of its own);
 # M2LA_REGISTER_FACTS=0 skips the ptxas table; M2LA_GPU_TESTS=0 skips the GPU tests and
@@ -78,10 +79,13 @@ if [[ ",$sections," == *",tma_probe,"* ]]; then  # not in the default sections: 
 fi
 if [[ ",$sections," == *",bench,"* ]]; then  # not in the default sections: ~1 minute
     echo "== m2la bench decode / prefill (the packaged microbenchmark, GPU defaults) =="
-    for kernel in decode prefill; do
-        timeout 150 python -m m2la.cli bench "$kernel" --repeats 10 --json "$OUT/bench_$kernel.json" 2>&1 \
-            | tee "$OUT/bench_$kernel.md"
-    done
+    vllm_args=()
+    vllm_copy=benchmarks/_third_party/vllm_triton_decode_attention.py
+    if [ -f "$vllm_copy" ]; then vllm_args=(--vllm-kernel "$vllm_copy"); fi
+    timeout 150 python -m m2la.cli bench decode --repeats 10 --json "$OUT/bench_decode.json" "${vllm_args[@]}" 2>&1 \
+        | tee "$OUT/bench_decode.md"
+    timeout 150 python -m m2la.cli bench prefill --repeats 10 --json "$OUT/bench_prefill.json" 2>&1 \
+        | tee "$OUT/bench_prefill.md"
 fi
 if [[ ",$sections," == *",flashmla,"* ]]; then  # not in the default sections: ~1-2 minutes
     echo "== FlashMLA's dense decode beside m2la's on DeepSeek's 512 + 64 layout (benchmarks/flashmla_baseline.py) =="

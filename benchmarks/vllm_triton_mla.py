@@ -14,12 +14,11 @@ re-export) with plain triton. `decode` calls it the way `forward_mqa` does.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import pathlib
 import sys
 import zipfile
 
-import torch
+from m2la.kernels import bench as m2la_bench
 
 SOURCE = "vllm/v1/attention/ops/triton_decode_attention.py"
 DEST = pathlib.Path(__file__).with_name("_third_party") / "vllm_triton_decode_attention.py"
@@ -50,37 +49,13 @@ def extract(wheel: str | pathlib.Path) -> pathlib.Path:
 
 def load():
     """The extracted module, or None when `extract` has not been run here."""
-    if not DEST.is_file():
-        return None
-    spec = importlib.util.spec_from_file_location("vllm_triton_decode_attention", DEST)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return m2la_bench.load_vllm_triton_mla(str(DEST)) if DEST.is_file() else None
 
 
-def num_kv_splits(max_seq_len: int, sm_count: int) -> int:
-    """vLLM's split rule (TritonMLAImpl): next power of 2 of seq_len / 512, capped at 2 x SMs."""
-    ideal = 1 << max(0, (max(1, max_seq_len // 512) - 1).bit_length())
-    return min(ideal, 2 * sm_count)
-
-
-def decode(module, q, kv_cache, block_table, seqlens, softmax_scale, kv_rank, max_seq_len, sm_count):
-    """`q [b, h, r + 2p]` over the paged `kv_cache [blocks, page, r + 2p]` -> (`out [b, h, r]`, `lse [b, h]`).
-
-    As `forward_mqa`: the cache gains a head dim of 1, V is its first `kv_rank` columns, and the
-    split-KV scratch holds r + 1 floats per split (the partial output and its LSE).
-    """
-    batch, heads, _ = q.shape
-    splits = num_kv_splits(max_seq_len, sm_count)
-    out = torch.zeros(batch, heads, kv_rank, dtype=q.dtype, device=q.device)
-    lse = torch.zeros(batch, heads, dtype=q.dtype, device=q.device)
-    logits = torch.empty(batch, heads, splits, kv_rank + 1, dtype=torch.float32, device=q.device)
-    cache = kv_cache.unsqueeze(2)  # [blocks, page, 1, r + 2p]
-    module.decode_attention_fwd(
-        q, cache, cache[..., :kv_rank], out, lse, block_table, seqlens, logits, splits, softmax_scale,
-        kv_cache.shape[1], is_mla=True,
-    )  # fmt: skip
-    return out, lse
+# The adapter lives in the package (`m2la bench decode` times vLLM's kernel too); these names stay for
+# the scripts that import them from here.
+num_kv_splits = m2la_bench.vllm_num_kv_splits
+decode = m2la_bench.vllm_mla_decode
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""The `m2la` command: convert a pretrained causal LM to M²LA, evaluate it, inspect it.
+"""The `m2la` command: convert a pretrained causal LM to M²LA, evaluate it, inspect it, time the kernels.
 
     m2la convert [SRC] OUT [--compression X | --kv-rank R --rope-dim D] [--method M] [--calib-tokens N]
                  [--dtype T]
@@ -325,10 +325,10 @@ def run_bench(args: argparse.Namespace) -> int:
             if min(contexts) < 1:
                 raise ValueError(f"--context must be at least 1, got {min(contexts)}")
             report = bench.decode_benchmark(batches=args.batch or defaults["batch"], contexts=contexts, fp8=args.fp8,
-                                            **common)  # fmt: skip
+                                            vllm_module=bench.load_vllm_triton_mla(args.vllm_kernel), **common)  # fmt: skip
         else:
-            if args.fp8:
-                raise ValueError("--fp8 is a decode option (the prefill benchmark times a bf16/fp16/fp32 cache)")
+            if args.fp8 or args.vllm_kernel:
+                raise ValueError("--fp8 and --vllm-kernel are decode options")
             chunk = args.chunk or defaults["chunk"]
             report = bench.prefill_benchmark(chunk=chunk, prefixes=args.prefix or defaults["prefix"], **common)
     except AssertionError as failure:  # a kernel over its error budget: nothing is timed
@@ -415,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="time the fused kernels side by side with SDPA over the uncompressed GQA cache",
         description="Microbenchmark m2la's latent decode or chunked prefill against torch SDPA over the same "
-        "model's GQA cache (and flash_attn's kvcache decode where it imports), after checking each kernel "
+        "model's GQA cache (and flash_attn's kvcache decode and vLLM's Triton MLA decode where they import), "
+        "after checking each kernel "
         "against an fp32 reference. Reports ms, bytes moved as GB/s and %% of the measured copy bandwidth, "
         "TFLOPS, and the ratio to the baseline. Defaults: Qwen3-VL-8B's attention (32 heads, GQA 8x128) "
         "against InternVideo3's latent 896 + RoPE 128; on CUDA batches 1,8,32 x contexts 4K,32K (prefill: "
@@ -441,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="m2la kernel backend; one asked for by name that cannot run is an error")  # fmt: skip
     bench.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     bench.add_argument("--repeats", type=int, default=20, help="timed calls a measurement")
+    bench.add_argument("--vllm-kernel", metavar="PATH",
+                       help="decode: time vLLM's Triton MLA decode from this copy of its triton_decode_attention.py "
+                       "(by default from an installed vLLM, where there is one)")  # fmt: skip
     bench.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     bench.set_defaults(handler=run_bench)
     return parser

@@ -133,7 +133,7 @@ def test_bench_cli_writes_the_report(tmp_path, capsys):
 
 def test_bench_cli_errors(monkeypatch, capsys):
     assert main(["bench", "prefill", *TINY_ARGS, "--fp8"]) == 1
-    assert "--fp8 is a decode option" in capsys.readouterr().err
+    assert "--fp8 and --vllm-kernel are decode options" in capsys.readouterr().err
     assert main(["bench", "decode", *TINY_ARGS, "--context", "0"]) == 1
     assert "--context must be at least 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -156,3 +156,55 @@ def test_triton_rows_under_the_interpreter():
     prefill = bench.prefill_benchmark(TINY, chunk=9, prefixes=(21,), dtype=torch.float32, device="cpu",
                                       backend="triton", repeats=1, bandwidth_gbs=10.0)  # fmt: skip
     assert "m2la prefill (triton)" in prefill.checks[0] and prefill.rows[0].ms > 0
+
+
+class VllmStandIn:
+    """vLLM's `decode_attention_fwd` contract in plain torch (`is_mla=True`): `q [b, h, d]`, key
+    cache `[blocks, page, 1, d]` with V its first columns, results written into `out [b, h, r]`
+    and `lse [b, h]`; `scale_out` scales the output (1: right, else a broken kernel)."""
+
+    def __init__(self, scale_out=1.0):
+        self.scale_out, self.calls = scale_out, 0
+
+    def decode_attention_fwd(self, q, k_buffer, v_buffer, out, lse, block_table, seqlens, logits, splits, scale,
+                             page_size, is_mla):  # fmt: skip
+        assert is_mla and k_buffer.dim() == 4 and k_buffer.shape[2] == 1 and logits.shape[2] == splits
+        self.calls += 1
+        for row, length in enumerate(seqlens.tolist()):
+            keys = k_buffer[block_table[row].long(), :, 0].flatten(0, 1)[:length].float()  # [s, d]
+            scores = torch.einsum("hd,sd->hs", q[row].float(), keys) * scale
+            out[row] = (scores.softmax(-1) @ keys[:, : v_buffer.shape[-1]] * self.scale_out).to(out.dtype)
+            lse[row] = torch.logsumexp(scores, -1).to(lse.dtype)
+
+
+def test_vllm_decode_is_timed_beside_ours_once_it_passes_the_gate():
+    """Given vLLM's kernel, its rows sit beside ours on the same cache; one over the error budget
+    or an fp8 cache (which it does not read) gets a note instead of rows."""
+    run = dict(batches=(2,), contexts=(40,), dtype=torch.float16, device="cpu", backend="reference", repeats=1,
+               bandwidth_gbs=10.0)  # fmt: skip
+    standin = VllmStandIn()
+    report = bench.decode_benchmark(TINY, vllm_module=standin, **run)
+    assert report.checks[1].startswith("vLLM Triton MLA decode: max error")
+    kernels = [row.kernel for row in report.rows]
+    assert kernels == ["m2la latent decode (reference)", "vLLM Triton MLA decode (same latent cache)",
+                       "SDPA over the GQA cache"]  # fmt: skip
+    theirs = report.rows[1]
+    assert theirs.nbytes == report.rows[0].nbytes and theirs.baseline == "SDPA over the GQA cache"
+    assert standin.calls >= 2  # the check, then the timed calls
+    broken = bench.decode_benchmark(TINY, vllm_module=VllmStandIn(scale_out=1.01), **run)
+    assert "not timed (AssertionError" in broken.checks[1] and len(broken.rows) == 2
+    fp8 = bench.decode_benchmark(TINY, vllm_module=VllmStandIn(), fp8=True, **run)
+    assert "not timed (it reads no fp8 cache)" in fp8.checks[1] and len(fp8.rows) == 2
+
+
+def test_vllm_kernel_loading(tmp_path, monkeypatch):
+    copy = tmp_path / "triton_decode_attention.py"
+    copy.write_text("def decode_attention_fwd(*args, **kwargs):\n    raise NotImplementedError\n")
+    assert callable(bench.load_vllm_triton_mla(str(copy)).decode_attention_fwd)
+    broken = tmp_path / "broken.py"
+    broken.write_text("def (:\n")
+    with pytest.raises(ImportError, match="broken.py"):
+        bench.load_vllm_triton_mla(str(broken))
+    assert main(["bench", "decode", *TINY_ARGS, "--vllm-kernel", str(tmp_path / "missing.py")]) == 1
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)  # no vLLM installed: no baseline
+    assert bench.load_vllm_triton_mla() is None

@@ -315,6 +315,85 @@ def _check_decode(shape: BenchShape, dtype: torch.dtype, device: torch.device, b
     return check_within_budget(f"m2la decode ({backend})", out, torch_dtype, fp32)
 
 
+def _check_vllm_decode(module, shape: BenchShape, dtype: torch.dtype, device: torch.device) -> str:
+    """`_check_decode` for vLLM's kernel (bf16/fp16 caches only)."""
+    from m2la.kernels import decode_attention
+
+    gen = torch.Generator().manual_seed(0)
+    context = 3 * shape.block_size + 5
+    cache, _, table, lengths = paged_latent_cache(shape, 3, context, dtype, device, generator=gen)
+    lengths[1] = 1
+    q = torch.randn(3, shape.heads, shape.latent_width, generator=gen).to(device=device, dtype=dtype)
+    args = (lengths, shape.softmax_scale, shape.kv_rank, table)
+    out, _ = vllm_mla_decode(module, q, cache, table, lengths, shape.softmax_scale, shape.kv_rank, context,
+                             _sm_count(device))  # fmt: skip
+    fp32, _ = decode_attention(q.float(), cache.float(), *args, backend="reference")
+    torch_dtype, _ = decode_attention(q, cache, *args, backend="reference")
+    return check_within_budget("vLLM Triton MLA decode", out, torch_dtype, fp32)
+
+
+# --- vLLM's Triton MLA decode, where it imports ---------------------------------------------------
+
+VLLM_TRITON_MLA_MODULES = (
+    "vllm.v1.attention.ops.triton_decode_attention",  # vLLM 0.9 and later
+    "vllm.attention.ops.triton_decode_attention",
+)
+
+
+def load_vllm_triton_mla(path: str | None = None):
+    """vLLM's Triton MLA decode module (the kernel behind its `TritonMLAImpl`): from the file at
+    `path` (a copy, such as `benchmarks/vllm_triton_mla.py` extracts from a wheel), else from an
+    installed vLLM, else None. Raises ImportError naming the file when `path` does not load."""
+    import importlib
+    import importlib.util
+
+    if path is not None:
+        spec = importlib.util.spec_from_file_location("vllm_triton_decode_attention", path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"{path}: not a Python file")
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except (OSError, SyntaxError) as error:
+            raise ImportError(f"{path}: {error}") from error
+        return module
+    if importlib.util.find_spec("vllm") is None:
+        return None
+    for name in VLLM_TRITON_MLA_MODULES:
+        try:
+            return importlib.import_module(name)
+        except Exception:  # noqa: BLE001, S112  (moved, or a vLLM that fails to import here: no baseline)
+            continue
+    return None
+
+
+def vllm_num_kv_splits(max_seq_len: int, sm_count: int) -> int:
+    """vLLM's split rule (TritonMLAImpl): next power of 2 of seq_len / 512, capped at 2 x SMs."""
+    ideal = 1 << max(0, (max(1, max_seq_len // 512) - 1).bit_length())
+    return min(ideal, 2 * sm_count)
+
+
+def vllm_mla_decode(module, q, kv_cache, block_table, seqlens, softmax_scale, kv_rank, max_seq_len, sm_count):
+    """vLLM's Triton MLA decode called as its `forward_mqa` does: `q [b, h, r + 2p]` over the paged
+    `kv_cache [blocks, page, r + 2p]` -> (`out [b, h, r]`, `lse [b, h]`). The cache gains a head
+    dim of 1, V is its first `kv_rank` columns, and the split-KV scratch holds r + 1 floats a split."""
+    batch, heads, _ = q.shape
+    splits = vllm_num_kv_splits(max_seq_len, sm_count)
+    out = torch.zeros(batch, heads, kv_rank, dtype=q.dtype, device=q.device)
+    lse = torch.zeros(batch, heads, dtype=q.dtype, device=q.device)
+    logits = torch.empty(batch, heads, splits, kv_rank + 1, dtype=torch.float32, device=q.device)
+    cache = kv_cache.unsqueeze(2)  # [blocks, page, 1, r + 2p]
+    module.decode_attention_fwd(
+        q, cache, cache[..., :kv_rank], out, lse, block_table, seqlens, logits, splits, softmax_scale,
+        kv_cache.shape[1], is_mla=True,
+    )  # fmt: skip
+    return out, lse
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 # --- decode --------------------------------------------------------------------------------------
 
 
@@ -343,12 +422,16 @@ def decode_benchmark(
     fp8: bool = False,
     repeats: int = 20,
     bandwidth_gbs: float | None = None,
+    vllm_module=None,
 ) -> BenchReport:
     """One decode step (one query token a sequence, all `shape.heads` heads) over a paged latent
     cache of `context` tokens a sequence, through `m2la.kernels.decode_attention` on `backend`, side
     by side with SDPA over the GQA cache of the same model and length (and flash_attn's kvcache
     decode where it imports). `fp8`: the latent cache in e4m3 with a scale a token; the baseline
-    stays in `dtype`. Combinations that do not fit in free device memory are reported unmeasured."""
+    stays in `dtype`. Combinations that do not fit in free device memory are reported unmeasured.
+    `vllm_module` (`load_vllm_triton_mla()`): vLLM's Triton MLA decode is timed too, on the same
+    latent cache and queries, once it passes the same error budget (not with an fp8 cache, which it
+    does not read)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     from m2la.kernels import decode_attention
 
@@ -356,6 +439,16 @@ def decode_benchmark(
     report = BenchReport("decode", _device_name(device), str(dtype).removeprefix("torch."), shape,
                          bandwidth_gbs or copy_bandwidth_gbs(device))  # fmt: skip
     report.checks.append(_check_decode(shape, dtype, device, chosen, fp8))
+    vllm = "vLLM Triton MLA decode (same latent cache)"
+    if vllm_module is not None and fp8:
+        report.checks.append("vLLM Triton MLA decode: not timed (it reads no fp8 cache)")
+        vllm_module = None
+    if vllm_module is not None:
+        try:
+            report.checks.append(_check_vllm_decode(vllm_module, shape, dtype, device))
+        except Exception as error:  # noqa: BLE001  (theirs failing must not sink our report)
+            report.checks.append(f"vLLM Triton MLA decode: not timed ({type(error).__name__}: {error})")
+            vllm_module = None
     ours = f"m2la latent decode ({chosen}{', fp8 e4m3 cache' if fp8 else ''})"
     sdpa = "SDPA over the GQA cache"
     flash = _flash_attn_kvcache() if device.type == "cuda" else None
@@ -382,7 +475,17 @@ def decode_benchmark(
                 ms, how = measure_ms(run, device, repeats)
                 report.rows.append(BenchRow(ours, **common, ms=ms, nbytes=latent_bytes, flops=latent_flops, timing=how,
                                             baseline=sdpa))  # fmt: skip
-                del cache, kv_scale, table, q, run
+                theirs = None
+                if vllm_module is not None:
+
+                    def theirs(q=q, cache=cache, lengths=lengths, table=table, context=context):
+                        return vllm_mla_decode(vllm_module, q, cache, table, lengths, shape.softmax_scale,
+                                               shape.kv_rank, context, _sm_count(device))  # fmt: skip
+
+                    ms, how = measure_ms(theirs, device, repeats)
+                    report.rows.append(BenchRow(vllm, **common, ms=ms, nbytes=latent_bytes, flops=latent_flops,
+                                                timing=how, baseline=sdpa))  # fmt: skip
+                del cache, kv_scale, table, q, run, theirs
             else:
                 report.rows.append(BenchRow(ours, **common, ms=None, nbytes=latent_bytes, flops=latent_flops,
                                             timing="", baseline=sdpa, note="does not fit in free memory"))  # fmt: skip
