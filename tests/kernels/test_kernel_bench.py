@@ -133,7 +133,7 @@ def test_bench_cli_writes_the_report(tmp_path, capsys):
 
 def test_bench_cli_errors(monkeypatch, capsys):
     assert main(["bench", "prefill", *TINY_ARGS, "--fp8"]) == 1
-    assert "--fp8 and --vllm-kernel are decode options" in capsys.readouterr().err
+    assert "--fp8, --lossless and --vllm-kernel are decode options" in capsys.readouterr().err
     assert main(["bench", "decode", *TINY_ARGS, "--context", "0"]) == 1
     assert "--context must be at least 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -208,3 +208,19 @@ def test_vllm_kernel_loading(tmp_path, monkeypatch):
     assert main(["bench", "decode", *TINY_ARGS, "--vllm-kernel", str(tmp_path / "missing.py")]) == 1
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)  # no vLLM installed: no baseline
     assert bench.load_vllm_triton_mla() is None
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_lossless_layout_moves_the_original_bytes(backend):
+    """`lossless`: the grouped decode of `convert(model)`'s layout, 2 KV heads x 32 under 6 query
+    heads: cache rows as wide as the GQA cache's, GQA's FLOPs, gated against fp32 like the rest."""
+    shape = bench.BenchShape(heads=6, kv_heads=2, head_dim=32, block_size=16)
+    report = bench.decode_benchmark(shape, batches=(2,), contexts=(45,), dtype=torch.float16, device="cpu",
+                                    backend=backend, lossless=True, repeats=1, bandwidth_gbs=10.0,
+                                    vllm_module=VllmStandIn())  # fmt: skip
+    assert report.shape.kv_rank == report.shape.rope_dim == 64 and report.shape.nope_dim == 0
+    assert f"m2la lossless grouped decode ({backend})" in report.checks[0]
+    assert "not timed (it has no grouped decode)" in report.checks[1]
+    ours, sdpa = report.rows
+    assert ours.kernel == f"m2la lossless grouped decode ({backend})" and sdpa.kernel == "SDPA over the GQA cache"
+    assert ours.flops == sdpa.flops and ours.nbytes == sdpa.nbytes  # the same cache, query and output bytes

@@ -19,7 +19,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -298,21 +298,57 @@ def check_within_budget(name: str, got: torch.Tensor, same_dtype_torch: torch.Te
     return f"{name}: max error {err:.2e} against fp32 (torch in the same dtype: {torch_err:.2e})"
 
 
-def _check_decode(shape: BenchShape, dtype: torch.dtype, device: torch.device, backend: str, fp8: bool) -> str:
+@dataclass(frozen=True)
+class _OurDecode:
+    """The m2la decode a benchmark times: the plain absorbed decode over `[latent | RoPE key]` rows,
+    or (`lossless`) the grouped decode of a GQA attention's lossless conversion, whose rows are
+    `kv_heads x head_dim` latent (the values) + the same width of RoPE key, the original's bytes."""
+
+    shape: BenchShape
+    lossless: bool
+
+    @property
+    def query_width(self) -> int:  # [b, h, query_width]
+        return self.shape.head_dim if self.lossless else self.shape.latent_width
+
+    @property
+    def out_width(self) -> int:  # [b, h, out_width]
+        return self.shape.head_dim if self.lossless else self.shape.kv_rank
+
+    @property
+    def scale(self) -> float:
+        return self.shape.head_dim**-0.5 if self.lossless else self.shape.softmax_scale
+
+    def flops(self, batch: int, context: int) -> int:
+        shape = self.shape
+        if self.lossless:  # GQA's work: each head scores its group's head_dim and sums its head_dim values
+            return gqa_decode_flops(batch, context, shape.head_dim, shape.heads)
+        return latent_decode_flops(batch, context, shape.kv_rank, shape.rope_dim, shape.heads)
+
+    def __call__(self, q, cache, lengths, table, kv_scale, backend):
+        from m2la.kernels import decode_attention, grouped_decode_attention
+
+        shape = self.shape
+        if self.lossless:
+            return grouped_decode_attention(q, cache, lengths, self.scale, shape.kv_rank, shape.kv_heads, table,
+                                            kv_scale=kv_scale, backend=backend)  # fmt: skip
+        return decode_attention(q, cache, lengths, self.scale, shape.kv_rank, table, kv_scale=kv_scale, backend=backend)
+
+
+def _check_decode(kernel: _OurDecode, dtype: torch.dtype, device: torch.device, backend: str, fp8: bool) -> str:
     """Decode of 3 sequences (one of 1 token, one not a multiple of the page) through `backend`
     against the fp32 reference, before any timing."""
-    from m2la.kernels import decode_attention
-
+    shape = kernel.shape
     gen = torch.Generator().manual_seed(0)
     cache, kv_scale, table, lengths = paged_latent_cache(shape, 3, 3 * shape.block_size + 5, dtype, device, fp8, gen)
     lengths[1] = 1
-    q = torch.randn(3, shape.heads, shape.latent_width, generator=gen).to(device=device, dtype=dtype)
-    args = (lengths, shape.softmax_scale, shape.kv_rank, table)
-    out, _ = decode_attention(q, cache, *args, kv_scale=kv_scale, backend=backend)
+    q = torch.randn(3, shape.heads, kernel.query_width, generator=gen).to(device=device, dtype=dtype)
+    out, _ = kernel(q, cache, lengths, table, kv_scale, backend)
     cache32 = cache.float() if kv_scale is None else cache.float() * kv_scale[..., None]
-    fp32, _ = decode_attention(q.float(), cache32, *args, backend="reference")
-    torch_dtype, _ = decode_attention(q, cache32.to(dtype), *args, backend="reference")
-    return check_within_budget(f"m2la decode ({backend})", out, torch_dtype, fp32)
+    fp32, _ = kernel(q.float(), cache32, lengths, table, None, "reference")
+    torch_dtype, _ = kernel(q, cache32.to(dtype), lengths, table, None, "reference")
+    name = "m2la lossless grouped decode" if kernel.lossless else "m2la decode"
+    return check_within_budget(f"{name} ({backend})", out, torch_dtype, fp32)
 
 
 def _check_vllm_decode(module, shape: BenchShape, dtype: torch.dtype, device: torch.device) -> str:
@@ -423,6 +459,7 @@ def decode_benchmark(
     repeats: int = 20,
     bandwidth_gbs: float | None = None,
     vllm_module=None,
+    lossless: bool = False,
 ) -> BenchReport:
     """One decode step (one query token a sequence, all `shape.heads` heads) over a paged latent
     cache of `context` tokens a sequence, through `m2la.kernels.decode_attention` on `backend`, side
@@ -431,46 +468,51 @@ def decode_benchmark(
     stays in `dtype`. Combinations that do not fit in free device memory are reported unmeasured.
     `vllm_module` (`load_vllm_triton_mla()`): vLLM's Triton MLA decode is timed too, on the same
     latent cache and queries, once it passes the same error budget (not with an fp8 cache, which it
-    does not read)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    from m2la.kernels import decode_attention
+    does not read).
 
+    `lossless`: time the layout `m2la.convert(model)` gives a GQA attention instead, whatever
+    `shape.kv_rank` and `shape.rope_dim` say: rows of `kv_heads x head_dim` latent plus as wide a
+    RoPE key (the original cache's bytes), decoded by `grouped_decode_attention` (GQA's work)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if lossless:
+        width = shape.kv_heads * shape.head_dim
+        shape = replace(shape, kv_rank=width, rope_dim=width, nope_dim=0)
+    kernel = _OurDecode(shape, lossless)
     chosen = resolve_backend(backend, torch.empty(0, device=device))
     report = BenchReport("decode", _device_name(device), str(dtype).removeprefix("torch."), shape,
                          bandwidth_gbs or copy_bandwidth_gbs(device))  # fmt: skip
-    report.checks.append(_check_decode(shape, dtype, device, chosen, fp8))
+    report.checks.append(_check_decode(kernel, dtype, device, chosen, fp8))
     vllm = "vLLM Triton MLA decode (same latent cache)"
-    if vllm_module is not None and fp8:
-        report.checks.append("vLLM Triton MLA decode: not timed (it reads no fp8 cache)")
-        vllm_module = None
+    for reason, applies in (("it reads no fp8 cache", fp8), ("it has no grouped decode", lossless)):
+        if vllm_module is not None and applies:
+            report.checks.append(f"vLLM Triton MLA decode: not timed ({reason})")
+            vllm_module = None
     if vllm_module is not None:
         try:
             report.checks.append(_check_vllm_decode(vllm_module, shape, dtype, device))
         except Exception as error:  # noqa: BLE001  (theirs failing must not sink our report)
             report.checks.append(f"vLLM Triton MLA decode: not timed ({type(error).__name__}: {error})")
             vllm_module = None
-    ours = f"m2la latent decode ({chosen}{', fp8 e4m3 cache' if fp8 else ''})"
+    ours = f"m2la {'lossless grouped' if lossless else 'latent'} decode ({chosen}{', fp8 e4m3 cache' if fp8 else ''})"
     sdpa = "SDPA over the GQA cache"
     flash = _flash_attn_kvcache() if device.type == "cuda" else None
     for context in contexts:
         for batch in batches:
             common = dict(batch=batch, context=context, new_tokens=1)
-            q_bytes = batch * shape.heads * (shape.latent_width + shape.kv_rank) * dtype.itemsize  # q in, out back
+            q_bytes = batch * shape.heads * (kernel.query_width + kernel.out_width) * dtype.itemsize  # q in, out back
             latent_bytes = batch * context * shape.latent_row_bytes(dtype, fp8) + q_bytes
             gqa_bytes = (
                 batch * context * shape.gqa_row_bytes(dtype) + 2 * batch * shape.heads * shape.head_dim * dtype.itemsize
             )
-            latent_flops = latent_decode_flops(batch, context, shape.kv_rank, shape.rope_dim, shape.heads)
+            latent_flops = kernel.flops(batch, context)
             gqa_flops = gqa_decode_flops(batch, context, shape.head_dim, shape.heads)
-            if _fits(
-                device, batch * context * shape.latent_row_bytes(dtype) * (1.5 if fp8 else 1)
-            ):  # fp8: made in dtype
+            made_bytes = batch * context * shape.latent_row_bytes(dtype) * (1.5 if fp8 else 1)  # fp8: made in dtype
+            if _fits(device, made_bytes):
                 cache, kv_scale, table, lengths = paged_latent_cache(shape, batch, context, dtype, device, fp8)
-                q = torch.randn(batch, shape.heads, shape.latent_width, device=device, dtype=dtype)
+                q = torch.randn(batch, shape.heads, kernel.query_width, device=device, dtype=dtype)
 
                 def run(q=q, cache=cache, lengths=lengths, table=table, kv_scale=kv_scale):
-                    return decode_attention(q, cache, lengths, shape.softmax_scale, shape.kv_rank, table,
-                                            kv_scale=kv_scale, backend=chosen)  # fmt: skip
+                    return kernel(q, cache, lengths, table, kv_scale, chosen)
 
                 ms, how = measure_ms(run, device, repeats)
                 report.rows.append(BenchRow(ours, **common, ms=ms, nbytes=latent_bytes, flops=latent_flops, timing=how,
