@@ -72,6 +72,7 @@ def test_decode_rows_side_by_side():
     assert report.checks and "m2la decode (reference)" in report.checks[0]
     table = report.to_markdown()
     assert table.count("| m2la latent decode (reference) |") == 4 and "x vs SDPA over the GQA cache" in table
+    assert report.notes == [bench.REFERENCE_NOTE] and bench.REFERENCE_NOTE in table  # not a speed claim
     assert json.loads(json.dumps(report.to_json()))["rows"][0]["speedup"] == pytest.approx(report.speedup(ours[0]))
 
 
@@ -150,7 +151,7 @@ def test_triton_rows_under_the_interpreter():
     """The Triton kernels pass the gate and are timed (fp16 decode with an fp8 cache; fp32 prefill)."""
     decode = bench.decode_benchmark(TINY, batches=(2,), contexts=(63,), dtype=torch.float16, device="cpu",
                                     backend="triton", fp8=True, repeats=1, bandwidth_gbs=10.0)  # fmt: skip
-    assert "m2la decode (triton)" in decode.checks[0]
+    assert "m2la decode (triton)" in decode.checks[0] and "interpreter" in decode.notes[0]
     assert decode.rows[0].kernel == "m2la latent decode (triton, fp8 e4m3 cache)"
     assert decode.rows[0].nbytes == 2 * 63 * (56 + 4) + 2 * 3 * 100 * 2
     prefill = bench.prefill_benchmark(TINY, chunk=9, prefixes=(21,), dtype=torch.float32, device="cpu",

@@ -121,6 +121,7 @@ class BenchReport:
     copy_bandwidth_gbs: float
     checks: list[str] = field(default_factory=list)  # the correctness checks run before timing
     rows: list[BenchRow] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # how to read the rows
 
     def speedup(self, row: BenchRow) -> float | None:
         """The row's baseline time over its own (> 1: faster than the baseline)."""
@@ -151,6 +152,7 @@ class BenchReport:
             f"pages of {shape.block_size}.",
             "",
             *(f"- {check}" for check in self.checks),
+            *(f"- {note}" for note in self.notes),
             "",
             "| kernel | batch | context | new tokens | ms | timing | GB/s | % of copy BW | TFLOPS | x baseline | note |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -173,6 +175,7 @@ class BenchReport:
             "shape": asdict(self.shape),
             "copy_bandwidth_gbs": self.copy_bandwidth_gbs,
             "checks": self.checks,
+            "notes": self.notes,
             "rows": [
                 {**asdict(row), "gbs": row.gbs, "tflops": row.tflops, "speedup": self.speedup(row)} for row in self.rows
             ],
@@ -479,8 +482,7 @@ def decode_benchmark(
         shape = replace(shape, kv_rank=width, rope_dim=width, nope_dim=0)
     kernel = _OurDecode(shape, lossless)
     chosen = resolve_backend(backend, torch.empty(0, device=device))
-    report = BenchReport("decode", _device_name(device), str(dtype).removeprefix("torch."), shape,
-                         bandwidth_gbs or copy_bandwidth_gbs(device))  # fmt: skip
+    report = _new_report("decode", device, dtype, shape, chosen, bandwidth_gbs)
     report.checks.append(_check_decode(kernel, dtype, device, chosen, fp8))
     vllm = "vLLM Triton MLA decode (same latent cache)"
     for reason, applies in (("it reads no fp8 cache", fp8), ("it has no grouped decode", lossless)):
@@ -583,8 +585,7 @@ def prefill_benchmark(
     from m2la.kernels import prefill_attention
 
     chosen = resolve_backend(backend, torch.empty(0, device=device))
-    report = BenchReport("prefill", _device_name(device), str(dtype).removeprefix("torch."), shape,
-                         bandwidth_gbs or copy_bandwidth_gbs(device))  # fmt: skip
+    report = _new_report("prefill", device, dtype, shape, chosen, bandwidth_gbs)
     ours = f"m2la latent prefill ({chosen})"
     expanded = "SDPA over expanded K/V"
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -637,6 +638,23 @@ def prefill_benchmark(
         report.rows.append(BenchRow("SDPA over the GQA cache", **common, ms=ms, nbytes=gqa_bytes, flops=gqa_flops,
                                     timing=how, baseline=expanded))  # fmt: skip
         del q, k, v
+    return report
+
+
+REFERENCE_NOTE = (
+    "The reference backend is the kernels' pure-torch test oracle (fp32 throughout, over every cache "
+    "slot), not a fast path: its times do not measure m2la's kernels. Time backend 'triton' on a GPU."
+)
+
+
+def _new_report(kind: str, device: torch.device, dtype: torch.dtype, shape: BenchShape, backend: str,
+                bandwidth_gbs: float | None) -> BenchReport:  # fmt: skip
+    report = BenchReport(kind, _device_name(device), str(dtype).removeprefix("torch."), shape,
+                         bandwidth_gbs or copy_bandwidth_gbs(device))  # fmt: skip
+    if backend == "reference":
+        report.notes.append(REFERENCE_NOTE)
+    elif device.type != "cuda":
+        report.notes.append("Triton on CPU runs under its interpreter: only the correctness checks mean anything.")
     return report
 
 
