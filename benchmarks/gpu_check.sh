@@ -21,7 +21,7 @@
 # and the one-decode-a-token route they replaced;
 # "bench" for the packaged `m2la bench decode` and `m2la bench prefill` at their GPU defaults (the
 # issue's shapes; the tables users get from a pip install; vLLM's Triton MLA decode beside ours when
-# benchmarks/_third_party holds it; the lossless layout's grouped decode) -> $OUT/bench_*.md;
+# benchmarks/_third_party holds it; the lossless layout's grouped kernels) -> $OUT/bench_*.md;
 # "flashmla" for benchmarks/flashmla_baseline.py run: FlashMLA's compiled decode (from vLLM's wheel)
 # against ours on DeepSeek's 512 + 64 layout, in a process of its own);
 # M2LA_REGISTER_FACTS=0 skips the ptxas table; M2LA_GPU_TESTS=0 skips the GPU tests and
@@ -88,6 +88,8 @@ if [[ ",$sections," == *",bench,"* ]]; then  # not in the default sections: ~1 m
         | tee "$OUT/bench_decode_lossless.md"
     timeout 150 python -m m2la.cli bench prefill --repeats 10 --json "$OUT/bench_prefill.json" 2>&1 \
         | tee "$OUT/bench_prefill.md"
+    timeout 120 python -m m2la.cli bench prefill --lossless --repeats 10 --json "$OUT/bench_prefill_lossless.json" \
+        2>&1 | tee "$OUT/bench_prefill_lossless.md"
 fi
 if [[ ",$sections," == *",flashmla,"* ]]; then  # not in the default sections: ~1-2 minutes
     echo "== FlashMLA's dense decode beside m2la's on DeepSeek's 512 + 64 layout (benchmarks/flashmla_baseline.py) =="

@@ -328,10 +328,11 @@ def run_bench(args: argparse.Namespace) -> int:
                                             lossless=args.lossless, vllm_module=bench.load_vllm_triton_mla(args.vllm_kernel),
                                             **common)  # fmt: skip
         else:
-            if args.fp8 or args.vllm_kernel or args.lossless:
-                raise ValueError("--fp8, --lossless and --vllm-kernel are decode options")
+            if args.fp8 or args.vllm_kernel:
+                raise ValueError("--fp8 and --vllm-kernel are decode options")
             chunk = args.chunk or defaults["chunk"]
-            report = bench.prefill_benchmark(chunk=chunk, prefixes=args.prefix or defaults["prefix"], **common)
+            report = bench.prefill_benchmark(chunk=chunk, prefixes=args.prefix or defaults["prefix"],
+                                             lossless=args.lossless, **common)  # fmt: skip
     except AssertionError as failure:  # a kernel over its error budget: nothing is timed
         print(f"m2la bench: correctness check failed: {failure}", file=sys.stderr)
         return 1
@@ -438,8 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prefix", type=_int_list, help="prefill: comma-separated cached prefixes")
     bench.add_argument("--fp8", action="store_true", help="decode: an fp8 e4m3 latent cache (one scale a token)")
     bench.add_argument("--lossless", action="store_true",
-                       help="decode: time the lossless conversion of the --gqa attention (what m2la.convert(model) "
-                       "gives: the original's bytes, grouped decode) instead of --kv-rank/--rope-dim")  # fmt: skip
+                       help="time the lossless conversion of the --gqa attention (what m2la.convert(model) gives: "
+                       "the original's bytes, the grouped kernels) instead of --kv-rank/--rope-dim")  # fmt: skip
     bench.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                        help="compute and cache dtype (default: bfloat16 on CUDA, float32 on CPU)")  # fmt: skip
     bench.add_argument("--backend", choices=("auto", "triton", "reference"), default="auto",

@@ -52,6 +52,12 @@ def test_bad_shapes_are_refused_by_name(kwargs, message):
         bench.BenchShape(**kwargs)
 
 
+def test_lossless_shape():
+    assert bench.lossless_shape(bench.BenchShape()) == bench.BenchShape(kv_rank=1024, rope_dim=1024, nope_dim=0)
+    with pytest.raises(ValueError, match="head_dim must be even"):
+        bench.lossless_shape(bench.BenchShape(heads=3, kv_heads=1, head_dim=45))
+
+
 def test_decode_rows_side_by_side():
     """Each (batch, context) gets our row and the SDPA row; bytes are the cache rows plus the
     queries and outputs, and the ratio is the baseline's time over ours."""
@@ -134,7 +140,7 @@ def test_bench_cli_writes_the_report(tmp_path, capsys):
 
 def test_bench_cli_errors(monkeypatch, capsys):
     assert main(["bench", "prefill", *TINY_ARGS, "--fp8"]) == 1
-    assert "--fp8, --lossless and --vllm-kernel are decode options" in capsys.readouterr().err
+    assert "--fp8 and --vllm-kernel are decode options" in capsys.readouterr().err
     assert main(["bench", "decode", *TINY_ARGS, "--context", "0"]) == 1
     assert "--context must be at least 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -225,3 +231,24 @@ def test_lossless_layout_moves_the_original_bytes(backend):
     ours, sdpa = report.rows
     assert ours.kernel == f"m2la lossless grouped decode ({backend})" and sdpa.kernel == "SDPA over the GQA cache"
     assert ours.flops == sdpa.flops and ours.nbytes == sdpa.nbytes  # the same cache, query and output bytes
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_lossless_prefill_against_the_original_cache(backend, capsys):
+    """The grouped prefill of the lossless layout (`m2la bench prefill --lossless`), gated and
+    compared with SDPA over the GQA cache: same FLOPs (GQA's work), same cache bytes."""
+    args = ["--heads", "6", "--gqa", "2x32", "--page-size", "16", "--chunk", "21", "--prefix", "0,40", "--repeats",
+            "1", "--device", "cpu", "--backend", backend, "--dtype", "float16"]  # fmt: skip
+    assert main(["bench", "prefill", "--lossless", *args]) == 0
+    table = capsys.readouterr().out
+    assert f"m2la lossless grouped prefill ({backend}): max error" in table
+    report = bench.prefill_benchmark(bench.BenchShape(heads=6, kv_heads=2, head_dim=32, block_size=16), chunk=21,
+                                     prefixes=(0, 40), dtype=torch.float16, device="cpu", backend=backend, repeats=1,
+                                     bandwidth_gbs=10.0, lossless=True)  # fmt: skip
+    assert [row.kernel for row in report.rows] == [
+        f"m2la lossless grouped prefill ({backend})",
+        "SDPA over the GQA cache",
+    ] * 2
+    ours, sdpa = report.rows[2:]
+    assert ours.flops == sdpa.flops == 2 * 6 * (21 * 40 + 21 * 22 // 2) * 64 and ours.nbytes == sdpa.nbytes
+    assert report.speedup(ours) == pytest.approx(sdpa.ms / ours.ms) and sdpa.baseline == ""

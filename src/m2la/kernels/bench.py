@@ -1,6 +1,7 @@
 """Kernel microbenchmarks, measured side by side in one run: m2la's latent decode and chunked
-prefill against torch SDPA over the same model's uncompressed GQA cache (and flash_attn's kvcache
-decode where it imports).
+prefill against torch SDPA over the same model's uncompressed GQA cache (and, where they import,
+flash_attn's kvcache decode and vLLM's Triton MLA decode on the same latent cache). `lossless`
+times instead the grouped kernels that a GQA model's lossless conversion (`m2la.convert(model)`) runs.
 
 Each row gives milliseconds, the bytes the kernel must move at the least (cache rows read, queries
 read, outputs written), GB/s and its share of the device's measured copy bandwidth, TFLOPS of the
@@ -25,13 +26,17 @@ import torch
 
 from m2la.backends import resolve_backend
 
+# The baselines' row labels
+GQA_SDPA = "SDPA over the GQA cache"
+EXPANDED_SDPA = "SDPA over expanded K/V"
+
 # --- shapes and row accounting -------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class BenchShape:
-    """One attention layer, uncompressed and converted. The defaults are the issue's comparison:
-    Qwen3-VL-8B's attention (32 query heads, GQA with 8 KV heads x 128) against InternVideo3's M²LA
+    """One attention layer, uncompressed and converted. The defaults are the comparison m2la's GPU
+    benchmarks report: Qwen3-VL-8B's attention (32 query heads, GQA with 8 KV heads x 128) against InternVideo3's M²LA
     layout (latent r = 896, shared RoPE key 2p = 128, per-head no-RoPE query and value 128 wide)."""
 
     heads: int = 32
@@ -69,6 +74,15 @@ class BenchShape:
     def gqa_row_bytes(self, dtype: torch.dtype) -> int:
         """The uncompressed cache's bytes a token: keys and values of every KV head."""
         return 2 * self.kv_heads * self.head_dim * dtype.itemsize
+
+
+def lossless_shape(shape: BenchShape) -> BenchShape:
+    """`shape`'s GQA attention after a lossless conversion: latent and RoPE key each `kv_heads x
+    head_dim` wide (every key dim rotary, so the head dim must be even), no no-RoPE part."""
+    if shape.head_dim % 2:
+        raise ValueError(f"a lossless conversion rotates every key dim, so head_dim must be even; got {shape.head_dim}")
+    width = shape.kv_heads * shape.head_dim
+    return replace(shape, kv_rank=width, rope_dim=width, nope_dim=0, value_dim=shape.head_dim)
 
 
 def latent_decode_flops(batch: int, context: int, kv_rank: int, rope_dim: int, heads: int) -> int:
@@ -478,8 +492,7 @@ def decode_benchmark(
     RoPE key (the original cache's bytes), decoded by `grouped_decode_attention` (GQA's work)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if lossless:
-        width = shape.kv_heads * shape.head_dim
-        shape = replace(shape, kv_rank=width, rope_dim=width, nope_dim=0)
+        shape = lossless_shape(shape)
     kernel = _OurDecode(shape, lossless)
     chosen = resolve_backend(backend, torch.empty(0, device=device))
     report = _new_report("decode", device, dtype, shape, chosen, bandwidth_gbs)
@@ -496,7 +509,7 @@ def decode_benchmark(
             report.checks.append(f"vLLM Triton MLA decode: not timed ({type(error).__name__}: {error})")
             vllm_module = None
     ours = f"m2la {'lossless grouped' if lossless else 'latent'} decode ({chosen}{', fp8 e4m3 cache' if fp8 else ''})"
-    sdpa = "SDPA over the GQA cache"
+    sdpa = GQA_SDPA
     flash = _flash_attn_kvcache() if device.type == "cuda" else None
     for context in contexts:
         for batch in batches:
@@ -574,71 +587,125 @@ def prefill_benchmark(
     backend: str = "auto",
     repeats: int = 20,
     bandwidth_gbs: float | None = None,
+    lossless: bool = False,
 ) -> BenchReport:
     """A chunk of `chunk` new tokens (one sequence) after `prefix` cached ones, causal, through
     `m2la.kernels.prefill_attention` (`mode="auto"`, both maximum lengths given: no host sync), side
-    by side with SDPA over the same layer's expanded keys and values (the expansion not timed) and
-    SDPA over the GQA cache of the same length. TFLOPS count the causal pairs computed."""
+    by side with SDPA over the same layer's expanded keys and values (the issue's baseline; the
+    expansion not timed) and SDPA over the GQA cache of the same length. TFLOPS count the causal
+    pairs computed. `lossless` (see `decode_benchmark`): `grouped_prefill_attention` over the
+    lossless layout instead, against SDPA over the GQA cache it came from."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    from torch.nn.attention.bias import causal_lower_right
-
-    from m2la.kernels import prefill_attention
-
+    if lossless:
+        shape = lossless_shape(shape)
     chosen = resolve_backend(backend, torch.empty(0, device=device))
     report = _new_report("prefill", device, dtype, shape, chosen, bandwidth_gbs)
-    ours = f"m2la latent prefill ({chosen})"
-    expanded = "SDPA over expanded K/V"
-    sdpa = torch.nn.functional.scaled_dot_product_attention
     for prefix in prefixes:
-        total = prefix + chunk
-        common = dict(batch=1, context=prefix, new_tokens=chunk)
-        pairs = causal_pairs(chunk, prefix)
-        gen = torch.Generator().manual_seed(prefix)
-        cache, _, table, lengths = paged_latent_cache(shape, 1, total, dtype, device, generator=gen)
-
-        def randn(*size, scale=1.0, gen=gen):
-            return (torch.randn(*size, generator=gen) * scale).to(device=device, dtype=dtype)
-
-        q_nope, q_rope = randn(chunk, shape.heads, shape.nope_dim), randn(chunk, shape.heads, shape.rope_dim)
-        w_uk = randn(shape.heads, shape.kv_rank, shape.nope_dim, scale=shape.kv_rank**-0.5)
-        w_uv = randn(shape.heads, shape.kv_rank, shape.value_dim, scale=shape.kv_rank**-0.5)
-        cu = torch.tensor([0, chunk], dtype=torch.int32, device=device)
-        inputs = (q_nope, q_rope, cache, w_uk, w_uv, cu, lengths, shape.softmax_scale, table)
-
-        def run(inputs=inputs, total=total):
-            return prefill_attention(*inputs, max_seqlen_q=chunk, max_seqlen_k=total, backend=chosen)
-
-        q, k, v = _expanded_qkv(q_nope, q_rope, cache, w_uk, w_uv, table, total, shape.kv_rank)
-        bias = causal_lower_right(chunk, total)
-
-        def baseline(q=q, k=k, v=v, bias=bias):
-            return sdpa(q, k, v, attn_mask=bias, scale=shape.softmax_scale)
-
-        if prefix == prefixes[0]:  # correctness first, on the first case
-            fp32 = prefill_attention(*(t.float() if t.is_floating_point() else t for t in inputs[:7]),
-                                     *inputs[7:], backend="reference")[0]  # fmt: skip
-            same_dtype = baseline()[0].transpose(0, 1)
-            report.checks.append(check_within_budget(f"m2la prefill ({chosen})", run()[0], same_dtype, fp32))
-        expanded_flops = 2 * shape.heads * pairs * (shape.nope_dim + shape.rope_dim + shape.value_dim)
-        q_out_bytes = chunk * shape.heads * (shape.nope_dim + shape.rope_dim + shape.value_dim) * dtype.itemsize
-        ms, how = measure_ms(run, device, repeats)
-        report.rows.append(BenchRow(ours, **common, ms=ms, nbytes=total * shape.latent_row_bytes(dtype) + q_out_bytes,
-                                    flops=expanded_flops, timing=how, baseline=expanded))  # fmt: skip
-        kv_bytes = (k.numel() + v.numel()) * dtype.itemsize  # the expanded keys and values SDPA reads
-        ms, how = measure_ms(baseline, device, repeats)
-        report.rows.append(BenchRow(expanded, **common, ms=ms, nbytes=kv_bytes + q_out_bytes, flops=expanded_flops,
-                                    timing=how, note="expansion not timed"))  # fmt: skip
-        del cache, q, k, v, inputs, run, baseline
-        q = randn(1, shape.heads, chunk, shape.head_dim)
-        k, v = randn(1, shape.kv_heads, total, shape.head_dim), randn(1, shape.kv_heads, total, shape.head_dim)
-        gqa_flops = 2 * shape.heads * pairs * 2 * shape.head_dim
-        gqa_bytes = total * shape.gqa_row_bytes(dtype) + 2 * chunk * shape.heads * shape.head_dim * dtype.itemsize
-        ms, how = measure_ms(lambda q=q, k=k, v=v, bias=bias: sdpa(q, k, v, attn_mask=bias, enable_gqa=True),
-                             device, repeats)  # fmt: skip
-        report.rows.append(BenchRow("SDPA over the GQA cache", **common, ms=ms, nbytes=gqa_bytes, flops=gqa_flops,
-                                    timing=how, baseline=expanded))  # fmt: skip
-        del q, k, v
+        case = _PrefillCase(shape, chunk, prefix, dtype, device)
+        check = prefix == prefixes[0]  # correctness first, on the first case
+        if lossless:
+            report.rows += _lossless_prefill_rows(case, chosen, repeats, report.checks if check else None)
+        else:
+            report.rows += _latent_prefill_rows(case, chosen, repeats, report.checks if check else None)
+        report.rows.append(_gqa_prefill_row(case, repeats, baseline="" if lossless else EXPANDED_SDPA))
     return report
+
+
+class _PrefillCase:
+    """One sequence: `chunk` new tokens after `prefix` cached ones in a paged latent cache, and
+    random inputs drawn from a generator seeded by the prefix."""
+
+    def __init__(self, shape: BenchShape, chunk: int, prefix: int, dtype: torch.dtype, device: torch.device):
+        self.shape, self.chunk, self.prefix, self.total = shape, chunk, prefix, prefix + chunk
+        self.dtype, self.device = dtype, device
+        self.gen = torch.Generator().manual_seed(prefix)
+        self.cache, _, self.table, self.lengths = paged_latent_cache(shape, 1, self.total, dtype, device,
+                                                                     generator=self.gen)  # fmt: skip
+        self.cu_seqlens = torch.tensor([0, chunk], dtype=torch.int32, device=device)
+        self.common = dict(batch=1, context=prefix, new_tokens=chunk)
+        self.pairs = causal_pairs(chunk, prefix)
+
+    def randn(self, *size: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*size, generator=self.gen) * scale).to(device=self.device, dtype=self.dtype)
+
+    def causal_bias(self):
+        from torch.nn.attention.bias import causal_lower_right
+
+        return causal_lower_right(self.chunk, self.total)
+
+
+def _latent_prefill_rows(case: _PrefillCase, backend: str, repeats: int, checks: list[str] | None) -> list[BenchRow]:
+    """Ours (`prefill_attention`) and SDPA over the expanded keys and values of the same layer."""
+    from m2la.kernels import prefill_attention
+
+    shape, chunk, dtype = case.shape, case.chunk, case.dtype
+    q_nope, q_rope = case.randn(chunk, shape.heads, shape.nope_dim), case.randn(chunk, shape.heads, shape.rope_dim)
+    w_uk = case.randn(shape.heads, shape.kv_rank, shape.nope_dim, scale=shape.kv_rank**-0.5)
+    w_uv = case.randn(shape.heads, shape.kv_rank, shape.value_dim, scale=shape.kv_rank**-0.5)
+    inputs = (q_nope, q_rope, case.cache, w_uk, w_uv, case.cu_seqlens, case.lengths, shape.softmax_scale, case.table)
+
+    def run():
+        return prefill_attention(*inputs, max_seqlen_q=chunk, max_seqlen_k=case.total, backend=backend)
+
+    q, k, v = _expanded_qkv(q_nope, q_rope, case.cache, w_uk, w_uv, case.table, case.total, shape.kv_rank)
+    bias = case.causal_bias()
+
+    def baseline():
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=shape.softmax_scale)
+
+    if checks is not None:
+        fp32 = prefill_attention(*(t.float() if t.is_floating_point() else t for t in inputs[:7]), *inputs[7:],
+                                 backend="reference")[0]  # fmt: skip
+        checks.append(check_within_budget(f"m2la prefill ({backend})", run()[0], baseline()[0].transpose(0, 1), fp32))
+    flops = 2 * shape.heads * case.pairs * (shape.nope_dim + shape.rope_dim + shape.value_dim)
+    q_out_bytes = chunk * shape.heads * (shape.nope_dim + shape.rope_dim + shape.value_dim) * dtype.itemsize
+    ms, how = measure_ms(run, case.device, repeats)
+    ours = BenchRow(f"m2la latent prefill ({backend})", **case.common, ms=ms, flops=flops, timing=how,
+                    nbytes=case.total * shape.latent_row_bytes(dtype) + q_out_bytes, baseline=EXPANDED_SDPA)  # fmt: skip
+    ms, how = measure_ms(baseline, case.device, repeats)
+    theirs = BenchRow(EXPANDED_SDPA, **case.common, ms=ms, flops=flops, timing=how, note="expansion not timed",
+                      nbytes=(k.numel() + v.numel()) * dtype.itemsize + q_out_bytes)  # fmt: skip
+    return [ours, theirs]
+
+
+def _lossless_prefill_rows(case: _PrefillCase, backend: str, repeats: int, checks: list[str] | None) -> list[BenchRow]:
+    """Ours (`grouped_prefill_attention` over the lossless layout: GQA's work from the latent cache)."""
+    from m2la.kernels import grouped_prefill_attention
+
+    shape, chunk = case.shape, case.chunk
+    q = case.randn(chunk, shape.heads, shape.head_dim)  # each head's own pairs, x half then y half
+    args = (case.cache, case.cu_seqlens, case.lengths, shape.head_dim**-0.5, shape.kv_rank, shape.kv_heads, case.table)
+
+    def run(q=q, backend=backend):
+        return grouped_prefill_attention(q, *args, max_seqlen_q=chunk, backend=backend)
+
+    if checks is not None:
+        fp32 = grouped_prefill_attention(q.float(), case.cache.float(), *args[1:], backend="reference")[0]
+        checks.append(check_within_budget(f"m2la lossless grouped prefill ({backend})", run()[0],
+                                          run(backend="reference")[0], fp32))  # fmt: skip
+    ms, how = measure_ms(run, case.device, repeats)
+    nbytes = (
+        case.total * shape.latent_row_bytes(case.dtype) + 2 * chunk * shape.heads * shape.head_dim * case.dtype.itemsize
+    )
+    return [BenchRow(f"m2la lossless grouped prefill ({backend})", **case.common, ms=ms, nbytes=nbytes, timing=how,
+                     flops=2 * shape.heads * case.pairs * 2 * shape.head_dim, baseline=GQA_SDPA)]  # fmt: skip
+
+
+def _gqa_prefill_row(case: _PrefillCase, repeats: int, baseline: str) -> BenchRow:
+    """SDPA over the uncompressed GQA cache of the same length (the model before conversion),
+    compared with the row named `baseline` (none: it is the baseline)."""
+    shape, chunk, total = case.shape, case.chunk, case.total
+    q = case.randn(1, shape.heads, chunk, shape.head_dim)
+    k, v = case.randn(1, shape.kv_heads, total, shape.head_dim), case.randn(1, shape.kv_heads, total, shape.head_dim)
+    bias = case.causal_bias()
+
+    def run():
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
+
+    ms, how = measure_ms(run, case.device, repeats)
+    nbytes = total * shape.gqa_row_bytes(case.dtype) + 2 * chunk * shape.heads * shape.head_dim * case.dtype.itemsize
+    return BenchRow(GQA_SDPA, **case.common, ms=ms, nbytes=nbytes, flops=2 * shape.heads * case.pairs * 2 * shape.head_dim,
+                    timing=how, baseline=baseline)  # fmt: skip
 
 
 REFERENCE_NOTE = (
