@@ -319,6 +319,10 @@ def run_bench(args: argparse.Namespace) -> int:
     )  # fmt: skip
     dtype = _torch_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     common = dict(shape=shape, dtype=dtype, device=device, backend=args.backend, repeats=args.repeats)
+    chunk = 1 if args.chunk is None else args.chunk
+    for name, value in (("--batch", min(args.batch or [1])), ("--chunk", chunk), ("--repeats", args.repeats)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
     try:
         if args.kernel == "decode":
             contexts = args.context or defaults["context"]
@@ -332,7 +336,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 raise ValueError("--fp8 and --vllm-kernel are decode options")
             chunk = args.chunk or defaults["chunk"]
             report = bench.prefill_benchmark(chunk=chunk, prefixes=args.prefix or defaults["prefix"],
-                                             lossless=args.lossless, **common)  # fmt: skip
+                                             batches=args.batch or [1], lossless=args.lossless, **common)  # fmt: skip
     except AssertionError as failure:  # a kernel over its error budget: nothing is timed
         print(f"m2la bench: correctness check failed: {failure}", file=sys.stderr)
         return 1
@@ -433,7 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--gqa", type=_gqa_layout, default=(8, 128), metavar="KVxD",
                        help="the uncompressed baseline's KV heads x head dim (default 8x128)")  # fmt: skip
     bench.add_argument("--page-size", type=int, default=64, help="tokens a cache page")
-    bench.add_argument("--batch", type=_int_list, help="decode: comma-separated batch sizes")
+    bench.add_argument("--batch", type=_int_list,
+                       help="comma-separated batch sizes (prefill default 1: with --chunk 1-64 and a long --prefix, "
+                       "the short extends of speculative decoding)")  # fmt: skip
     bench.add_argument("--context", type=_int_list, help="decode: comma-separated tokens a sequence")
     bench.add_argument("--chunk", type=int, help="prefill: new tokens")
     bench.add_argument("--prefix", type=_int_list, help="prefill: comma-separated cached prefixes")

@@ -143,6 +143,9 @@ def test_bench_cli_errors(monkeypatch, capsys):
     assert "--fp8 and --vllm-kernel are decode options" in capsys.readouterr().err
     assert main(["bench", "decode", *TINY_ARGS, "--context", "0"]) == 1
     assert "--context must be at least 1" in capsys.readouterr().err
+    for option in ("--batch", "--chunk"):
+        assert main(["bench", "prefill", *TINY_ARGS, option, "0"]) == 1
+        assert f"{option} must be at least 1, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["bench", "decode", "--gqa", "8by128"])
     assert "KV_HEADSxHEAD_DIM" in capsys.readouterr().err
@@ -154,14 +157,15 @@ def test_bench_cli_errors(monkeypatch, capsys):
 
 
 def test_triton_rows_under_the_interpreter():
-    """The Triton kernels pass the gate and are timed (fp16 decode with an fp8 cache; fp32 prefill)."""
+    """The Triton kernels pass the gate and are timed (fp16 decode with an fp8 cache; fp32 prefill of
+    two sequences)."""
     decode = bench.decode_benchmark(TINY, batches=(2,), contexts=(63,), dtype=torch.float16, device="cpu",
                                     backend="triton", fp8=True, repeats=1, bandwidth_gbs=10.0)  # fmt: skip
     assert "m2la decode (triton)" in decode.checks[0] and "interpreter" in decode.notes[0]
     assert decode.rows[0].kernel == "m2la latent decode (triton, fp8 e4m3 cache)"
     assert decode.rows[0].nbytes == 2 * 63 * (56 + 4) + 2 * 3 * 100 * 2
-    prefill = bench.prefill_benchmark(TINY, chunk=9, prefixes=(21,), dtype=torch.float32, device="cpu",
-                                      backend="triton", repeats=1, bandwidth_gbs=10.0)  # fmt: skip
+    prefill = bench.prefill_benchmark(TINY, chunk=9, prefixes=(21,), batches=(2,), dtype=torch.float32,
+                                      device="cpu", backend="triton", repeats=1, bandwidth_gbs=10.0)  # fmt: skip
     assert "m2la prefill (triton)" in prefill.checks[0] and prefill.rows[0].ms > 0
 
 
@@ -252,3 +256,15 @@ def test_lossless_prefill_against_the_original_cache(backend, capsys):
     ours, sdpa = report.rows[2:]
     assert ours.flops == sdpa.flops == 2 * 6 * (21 * 40 + 21 * 22 // 2) * 64 and ours.nbytes == sdpa.nbytes
     assert report.speedup(ours) == pytest.approx(sdpa.ms / ours.ms) and sdpa.baseline == ""
+
+
+def test_prefill_batches_of_short_extends():
+    """`batches`: several sequences' chunks at once (a speculative step's short extends): rows per
+    batch, bytes and pairs over the whole batch, the gate on the first case."""
+    report = bench.prefill_benchmark(TINY, chunk=3, prefixes=(50,), batches=(1, 4), dtype=torch.float32,
+                                     device="cpu", backend="reference", repeats=1, bandwidth_gbs=10.0)  # fmt: skip
+    assert len(report.checks) == 1 and [row.batch for row in report.rows] == [1, 1, 1, 4, 4, 4]
+    one, four = report.rows[0], report.rows[3]
+    assert four.flops == 4 * one.flops == 4 * 2 * 3 * (3 * 50 + 6) * (20 + 12 + 24)
+    assert four.nbytes == 4 * one.nbytes
+    assert report.rows[5].nbytes == 4 * report.rows[2].nbytes  # the GQA row too

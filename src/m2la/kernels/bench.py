@@ -568,14 +568,16 @@ def decode_benchmark(
 
 def _expanded_qkv(q_nope, q_rope, cache, w_uk, w_uv, table, total, kv_rank):
     """The prefill baseline's inputs: the layer's keys and values expanded per head from the latent
-    rows -> q `[1, h, t, n + 2p]`, k `[1, h, s, n + 2p]` (the RoPE key shared by the heads), v `[1, h, s, v]`."""
+    rows of `b` sequences -> q `[b, h, t, n + 2p]`, k `[b, h, s, n + 2p]` (the RoPE key shared by the
+    heads), v `[b, h, s, v]`."""
     from m2la.attention_math import expand_latent_kv
     from m2la.kernels._paging import gather_cache_rows
 
-    rows = gather_cache_rows(cache, table, total)  # [1, s, r + 2p]
+    rows = gather_cache_rows(cache, table, total)  # [b, s, r + 2p]
     # the kernels take w_uk [h, r, n] and w_uv [h, r, v]; attention_math takes [h, n, r] and [h, v, r]
     k, v = expand_latent_kv(rows[..., :kv_rank], rows[..., kv_rank:], w_uk.mT, w_uv.mT, rows.dtype)
-    return torch.cat((q_nope, q_rope), dim=-1).transpose(0, 1)[None], k, v
+    q = torch.cat((q_nope, q_rope), dim=-1)  # [b t, h, n + 2p]
+    return q.unflatten(0, (rows.shape[0], -1)).transpose(1, 2), k, v
 
 
 def prefill_benchmark(
@@ -588,8 +590,10 @@ def prefill_benchmark(
     repeats: int = 20,
     bandwidth_gbs: float | None = None,
     lossless: bool = False,
+    batches: Sequence[int] = (1,),
 ) -> BenchReport:
-    """A chunk of `chunk` new tokens (one sequence) after `prefix` cached ones, causal, through
+    """A chunk of `chunk` new tokens a sequence (`batches`: how many sequences) after `prefix` cached
+    ones, causal, through
     `m2la.kernels.prefill_attention` (`mode="auto"`, both maximum lengths given: no host sync), side
     by side with SDPA over the same layer's expanded keys and values (the issue's baseline; the
     expansion not timed) and SDPA over the GQA cache of the same length. TFLOPS count the causal
@@ -601,29 +605,31 @@ def prefill_benchmark(
     chosen = resolve_backend(backend, torch.empty(0, device=device))
     report = _new_report("prefill", device, dtype, shape, chosen, bandwidth_gbs)
     for prefix in prefixes:
-        case = _PrefillCase(shape, chunk, prefix, dtype, device)
-        check = prefix == prefixes[0]  # correctness first, on the first case
-        if lossless:
-            report.rows += _lossless_prefill_rows(case, chosen, repeats, report.checks if check else None)
-        else:
-            report.rows += _latent_prefill_rows(case, chosen, repeats, report.checks if check else None)
-        report.rows.append(_gqa_prefill_row(case, repeats, baseline="" if lossless else EXPANDED_SDPA))
+        for batch in batches:
+            case = _PrefillCase(shape, batch, chunk, prefix, dtype, device)
+            checks = None if report.checks else report.checks  # correctness first, on the first case
+            if lossless:
+                report.rows += _lossless_prefill_rows(case, chosen, repeats, checks)
+            else:
+                report.rows += _latent_prefill_rows(case, chosen, repeats, checks)
+            report.rows.append(_gqa_prefill_row(case, repeats, baseline="" if lossless else EXPANDED_SDPA))
     return report
 
 
 class _PrefillCase:
-    """One sequence: `chunk` new tokens after `prefix` cached ones in a paged latent cache, and
-    random inputs drawn from a generator seeded by the prefix."""
+    """`batch` sequences, each `chunk` new tokens after `prefix` cached ones in a paged latent cache,
+    and random inputs drawn from a generator seeded by the case."""
 
-    def __init__(self, shape: BenchShape, chunk: int, prefix: int, dtype: torch.dtype, device: torch.device):
-        self.shape, self.chunk, self.prefix, self.total = shape, chunk, prefix, prefix + chunk
+    def __init__(self, shape: BenchShape, batch: int, chunk: int, prefix: int, dtype: torch.dtype,
+                 device: torch.device):  # fmt: skip
+        self.shape, self.batch, self.chunk, self.prefix, self.total = shape, batch, chunk, prefix, prefix + chunk
         self.dtype, self.device = dtype, device
-        self.gen = torch.Generator().manual_seed(prefix)
-        self.cache, _, self.table, self.lengths = paged_latent_cache(shape, 1, self.total, dtype, device,
+        self.gen = torch.Generator().manual_seed(prefix * 1000 + batch)
+        self.cache, _, self.table, self.lengths = paged_latent_cache(shape, batch, self.total, dtype, device,
                                                                      generator=self.gen)  # fmt: skip
-        self.cu_seqlens = torch.tensor([0, chunk], dtype=torch.int32, device=device)
-        self.common = dict(batch=1, context=prefix, new_tokens=chunk)
-        self.pairs = causal_pairs(chunk, prefix)
+        self.cu_seqlens = torch.arange(0, (batch + 1) * chunk, chunk, dtype=torch.int32, device=device)  # [b + 1]
+        self.common = dict(batch=batch, context=prefix, new_tokens=chunk)
+        self.pairs = batch * causal_pairs(chunk, prefix)  # over the batch
 
     def randn(self, *size: int, scale: float = 1.0) -> torch.Tensor:
         return (torch.randn(*size, generator=self.gen) * scale).to(device=self.device, dtype=self.dtype)
@@ -638,8 +644,8 @@ def _latent_prefill_rows(case: _PrefillCase, backend: str, repeats: int, checks:
     """Ours (`prefill_attention`) and SDPA over the expanded keys and values of the same layer."""
     from m2la.kernels import prefill_attention
 
-    shape, chunk, dtype = case.shape, case.chunk, case.dtype
-    q_nope, q_rope = case.randn(chunk, shape.heads, shape.nope_dim), case.randn(chunk, shape.heads, shape.rope_dim)
+    shape, chunk, dtype, tokens = case.shape, case.chunk, case.dtype, case.batch * case.chunk
+    q_nope, q_rope = case.randn(tokens, shape.heads, shape.nope_dim), case.randn(tokens, shape.heads, shape.rope_dim)
     w_uk = case.randn(shape.heads, shape.kv_rank, shape.nope_dim, scale=shape.kv_rank**-0.5)
     w_uv = case.randn(shape.heads, shape.kv_rank, shape.value_dim, scale=shape.kv_rank**-0.5)
     inputs = (q_nope, q_rope, case.cache, w_uk, w_uv, case.cu_seqlens, case.lengths, shape.softmax_scale, case.table)
@@ -649,6 +655,7 @@ def _latent_prefill_rows(case: _PrefillCase, backend: str, repeats: int, checks:
 
     q, k, v = _expanded_qkv(q_nope, q_rope, case.cache, w_uk, w_uv, case.table, case.total, shape.kv_rank)
     bias = case.causal_bias()
+    packed = (tokens, shape.heads, shape.value_dim)  # [b, h, t, v] -> the kernels' [b t, h, v]
 
     def baseline():
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=shape.softmax_scale)
@@ -656,12 +663,14 @@ def _latent_prefill_rows(case: _PrefillCase, backend: str, repeats: int, checks:
     if checks is not None:
         fp32 = prefill_attention(*(t.float() if t.is_floating_point() else t for t in inputs[:7]), *inputs[7:],
                                  backend="reference")[0]  # fmt: skip
-        checks.append(check_within_budget(f"m2la prefill ({backend})", run()[0], baseline()[0].transpose(0, 1), fp32))
+        same_dtype = baseline().transpose(1, 2).reshape(packed)
+        checks.append(check_within_budget(f"m2la prefill ({backend})", run()[0], same_dtype, fp32))
     flops = 2 * shape.heads * case.pairs * (shape.nope_dim + shape.rope_dim + shape.value_dim)
-    q_out_bytes = chunk * shape.heads * (shape.nope_dim + shape.rope_dim + shape.value_dim) * dtype.itemsize
+    q_out_bytes = tokens * shape.heads * (shape.nope_dim + shape.rope_dim + shape.value_dim) * dtype.itemsize
     ms, how = measure_ms(run, case.device, repeats)
     ours = BenchRow(f"m2la latent prefill ({backend})", **case.common, ms=ms, flops=flops, timing=how,
-                    nbytes=case.total * shape.latent_row_bytes(dtype) + q_out_bytes, baseline=EXPANDED_SDPA)  # fmt: skip
+                    nbytes=case.batch * case.total * shape.latent_row_bytes(dtype) + q_out_bytes,
+                    baseline=EXPANDED_SDPA)  # fmt: skip
     ms, how = measure_ms(baseline, case.device, repeats)
     theirs = BenchRow(EXPANDED_SDPA, **case.common, ms=ms, flops=flops, timing=how, note="expansion not timed",
                       nbytes=(k.numel() + v.numel()) * dtype.itemsize + q_out_bytes)  # fmt: skip
@@ -672,8 +681,8 @@ def _lossless_prefill_rows(case: _PrefillCase, backend: str, repeats: int, check
     """Ours (`grouped_prefill_attention` over the lossless layout: GQA's work from the latent cache)."""
     from m2la.kernels import grouped_prefill_attention
 
-    shape, chunk = case.shape, case.chunk
-    q = case.randn(chunk, shape.heads, shape.head_dim)  # each head's own pairs, x half then y half
+    shape, chunk, tokens = case.shape, case.chunk, case.batch * case.chunk
+    q = case.randn(tokens, shape.heads, shape.head_dim)  # each head's own pairs, x half then y half
     args = (case.cache, case.cu_seqlens, case.lengths, shape.head_dim**-0.5, shape.kv_rank, shape.kv_heads, case.table)
 
     def run(q=q, backend=backend):
@@ -685,7 +694,8 @@ def _lossless_prefill_rows(case: _PrefillCase, backend: str, repeats: int, check
                                           run(backend="reference")[0], fp32))  # fmt: skip
     ms, how = measure_ms(run, case.device, repeats)
     nbytes = (
-        case.total * shape.latent_row_bytes(case.dtype) + 2 * chunk * shape.heads * shape.head_dim * case.dtype.itemsize
+        case.batch * case.total * shape.latent_row_bytes(case.dtype)
+        + 2 * tokens * shape.heads * shape.head_dim * case.dtype.itemsize
     )
     return [BenchRow(f"m2la lossless grouped prefill ({backend})", **case.common, ms=ms, nbytes=nbytes, timing=how,
                      flops=2 * shape.heads * case.pairs * 2 * shape.head_dim, baseline=GQA_SDPA)]  # fmt: skip
@@ -694,16 +704,19 @@ def _lossless_prefill_rows(case: _PrefillCase, backend: str, repeats: int, check
 def _gqa_prefill_row(case: _PrefillCase, repeats: int, baseline: str) -> BenchRow:
     """SDPA over the uncompressed GQA cache of the same length (the model before conversion),
     compared with the row named `baseline` (none: it is the baseline)."""
-    shape, chunk, total = case.shape, case.chunk, case.total
-    q = case.randn(1, shape.heads, chunk, shape.head_dim)
-    k, v = case.randn(1, shape.kv_heads, total, shape.head_dim), case.randn(1, shape.kv_heads, total, shape.head_dim)
+    shape, batch, chunk, total = case.shape, case.batch, case.chunk, case.total
+    q = case.randn(batch, shape.heads, chunk, shape.head_dim)
+    k = case.randn(batch, shape.kv_heads, total, shape.head_dim)
+    v = case.randn(batch, shape.kv_heads, total, shape.head_dim)
     bias = case.causal_bias()
 
     def run():
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
 
     ms, how = measure_ms(run, case.device, repeats)
-    nbytes = total * shape.gqa_row_bytes(case.dtype) + 2 * chunk * shape.heads * shape.head_dim * case.dtype.itemsize
+    nbytes = batch * (
+        total * shape.gqa_row_bytes(case.dtype) + 2 * chunk * shape.heads * shape.head_dim * case.dtype.itemsize
+    )
     return BenchRow(GQA_SDPA, **case.common, ms=ms, nbytes=nbytes, flops=2 * shape.heads * case.pairs * 2 * shape.head_dim,
                     timing=how, baseline=baseline)  # fmt: skip
 
