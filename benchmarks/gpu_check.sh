@@ -90,6 +90,10 @@ if [[ ",$sections," == *",bench,"* ]]; then  # not in the default sections: ~1 m
         | tee "$OUT/bench_prefill.md"
     timeout 120 python -m m2la.cli bench prefill --lossless --repeats 10 --json "$OUT/bench_prefill_lossless.json" \
         2>&1 | tee "$OUT/bench_prefill_lossless.md"
+    for layout in "" --lossless; do  # a speculative step: 4 tokens for each of 8 sequences after 32K
+        timeout 90 python -m m2la.cli bench prefill $layout --chunk 4 --prefix 32768 --batch 8 --repeats 10 2>&1 \
+            | tee -a "$OUT/bench_extend.md"
+    done
 fi
 if [[ ",$sections," == *",flashmla,"* ]]; then  # not in the default sections: ~1-2 minutes
     echo "== FlashMLA's dense decode beside m2la's on DeepSeek's 512 + 64 layout (benchmarks/flashmla_baseline.py) =="
