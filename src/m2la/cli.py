@@ -319,22 +319,16 @@ def run_bench(args: argparse.Namespace) -> int:
     )  # fmt: skip
     dtype = _torch_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     common = dict(shape=shape, dtype=dtype, device=device, backend=args.backend, repeats=args.repeats)
-    chunk = 1 if args.chunk is None else args.chunk
-    for name, value in (("--batch", min(args.batch or [1])), ("--chunk", chunk), ("--repeats", args.repeats)):
-        if value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
     try:
         if args.kernel == "decode":
             contexts = args.context or defaults["context"]
-            if min(contexts) < 1:
-                raise ValueError(f"--context must be at least 1, got {min(contexts)}")
             report = bench.decode_benchmark(batches=args.batch or defaults["batch"], contexts=contexts, fp8=args.fp8,
                                             lossless=args.lossless, vllm_module=bench.load_vllm_triton_mla(args.vllm_kernel),
                                             **common)  # fmt: skip
         else:
             if args.fp8 or args.vllm_kernel:
                 raise ValueError("--fp8 and --vllm-kernel are decode options")
-            chunk = args.chunk or defaults["chunk"]
+            chunk = defaults["chunk"] if args.chunk is None else args.chunk
             report = bench.prefill_benchmark(chunk=chunk, prefixes=args.prefix or defaults["prefix"],
                                              batches=args.batch or [1], lossless=args.lossless, **common)  # fmt: skip
     except AssertionError as failure:  # a kernel over its error budget: nothing is timed

@@ -142,10 +142,12 @@ def test_bench_cli_errors(monkeypatch, capsys):
     assert main(["bench", "prefill", *TINY_ARGS, "--fp8"]) == 1
     assert "--fp8 and --vllm-kernel are decode options" in capsys.readouterr().err
     assert main(["bench", "decode", *TINY_ARGS, "--context", "0"]) == 1
-    assert "--context must be at least 1" in capsys.readouterr().err
-    for option in ("--batch", "--chunk"):
+    assert "contexts must be at least 1, got [0]" in capsys.readouterr().err
+    for option, name in (("--batch", "batches"), ("--chunk", "chunk")):
         assert main(["bench", "prefill", *TINY_ARGS, option, "0"]) == 1
-        assert f"{option} must be at least 1, got 0" in capsys.readouterr().err
+        assert f"{name} must be at least 1, got [0]" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"prefixes must be at least 0, got \[\]"):
+        bench.prefill_benchmark(TINY, prefixes=(), device="cpu")
     with pytest.raises(SystemExit):
         main(["bench", "decode", "--gqa", "8by128"])
     assert "KV_HEADSxHEAD_DIM" in capsys.readouterr().err

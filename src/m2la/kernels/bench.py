@@ -76,6 +76,13 @@ class BenchShape:
         return 2 * self.kv_heads * self.head_dim * dtype.itemsize
 
 
+def _check_sizes(**sizes: tuple[Sequence[int], int]) -> None:
+    """Each named list of sizes (values, least allowed) must be non-empty and at least its least value."""
+    for name, (values, least) in sizes.items():
+        if not values or min(values) < least:
+            raise ValueError(f"{name} must be at least {least}, got {list(values)}")
+
+
 def lossless_shape(shape: BenchShape) -> BenchShape:
     """`shape`'s GQA attention after a lossless conversion: latent and RoPE key each `kv_heads x
     head_dim` wide (every key dim rotary, so the head dim must be even), no no-RoPE part."""
@@ -490,6 +497,7 @@ def decode_benchmark(
     `lossless`: time the layout `m2la.convert(model)` gives a GQA attention instead, whatever
     `shape.kv_rank` and `shape.rope_dim` say: rows of `kv_heads x head_dim` latent plus as wide a
     RoPE key (the original cache's bytes), decoded by `grouped_decode_attention` (GQA's work)."""
+    _check_sizes(batches=(batches, 1), contexts=(contexts, 1), repeats=((repeats,), 1))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if lossless:
         shape = lossless_shape(shape)
@@ -599,6 +607,7 @@ def prefill_benchmark(
     expansion not timed) and SDPA over the GQA cache of the same length. TFLOPS count the causal
     pairs computed. `lossless` (see `decode_benchmark`): `grouped_prefill_attention` over the
     lossless layout instead, against SDPA over the GQA cache it came from."""
+    _check_sizes(chunk=((chunk,), 1), prefixes=(prefixes, 0), batches=(batches, 1), repeats=((repeats,), 1))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if lossless:
         shape = lossless_shape(shape)
