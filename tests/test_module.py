@@ -307,3 +307,24 @@ def test_grouped_reference_benchmark_agrees_with_the_plain_paths():
     diffs = re.findall(r"^\| (decode|prefill \(causal\)) \| \d+ \|.* \| (\S+) \|$", proc.stdout, re.M)
     assert [step for step, _ in diffs] == ["decode", "decode", "prefill (causal)"], proc.stdout
     assert all(float(d) < 1e-5 for _, d in diffs), diffs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("t,past", [(1, 0), (1, 62), (3, 5)])
+def test_rope_only_query_skips_the_zero_latent_columns(dtype, t, past):
+    """`latent_mqa` with `q_rope` alone (a layer with n = 0) equals the full query with its zero
+    latent part, on both the GEMM and the oracle path; any other width is refused by name."""
+    from m2la import attention_math as am
+
+    torch.manual_seed(t + past)
+    b, h, r, rope = 2, 7, 13, 6
+    q_rope, rows = torch.randn(b, t, h, rope, dtype=dtype), torch.randn(b, t + past, r + rope, dtype=dtype)
+    mask = torch.ones(b, t + past, dtype=torch.long)
+    mask[0, :1] = 0
+    full = torch.cat((q_rope.new_zeros(b, t, h, r), q_rope), dim=-1)
+    for return_lse in (True, False):
+        want, _ = am.latent_mqa(full, rows, r, 0.4, mask, return_lse)
+        got, _ = am.latent_mqa(q_rope, rows, r, 0.4, mask, return_lse)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="query width 5 matches neither the rows"):
+        am.latent_mqa(q_rope[..., :5], rows, r, 0.4)

@@ -258,16 +258,24 @@ def latent_mqa(
     """Absorbed attention as MQA over the cache rows themselves (the fused decode kernel's contract).
 
     query ``[b, t, h, r + 2p]`` (``[q_nope W_uk | q_rope]``), rows ``[b, s, r + 2p]`` (``[latent | k_rope]``).
-    Returns ``out_latent [b, t, h, r]`` and ``lse [b, h, t]``. With ``return_lse=False`` (and not fp64)
-    it computes in the inputs' dtype with two batched GEMMs and returns ``lse=None``; otherwise an
-    explicit softmax in fp32/fp64 (the oracle).
+    A layer without a no-RoPE part (``n = 0``: a lossless conversion, fine-tuned out of its grouped
+    form) has a zero latent query; pass ``q_rope [b, t, h, 2p]`` alone and the scores skip those
+    ``r`` columns. Returns ``out_latent [b, t, h, r]`` and ``lse [b, h, t]``. With
+    ``return_lse=False`` (and not fp64) it computes in the inputs' dtype with two batched GEMMs and
+    returns ``lse=None``; otherwise an explicit softmax in fp32/fp64 (the oracle).
     """
     t, s = query.shape[1], rows.shape[1]
+    keys = rows if query.shape[-1] == rows.shape[-1] else rows[..., kv_rank:]  # [b, s, r + 2p] or [b, s, 2p]
+    if query.shape[-1] != keys.shape[-1]:
+        raise ValueError(
+            f"query width {query.shape[-1]} matches neither the rows ({rows.shape[-1]}) nor their RoPE key "
+            f"({rows.shape[-1] - kv_rank})"
+        )
     if not return_lse and query.dtype != torch.float64:
         # two GEMMs with M = t*h against the shared rows; torch's SDPA with enable_gqa was ~50x slower
         # here on CPU (it expands the single key "head" to every query head)
         b, _, h, c = query.shape
-        scores = torch.bmm(query.reshape(b, t * h, c), rows.transpose(1, 2).to(query.dtype)) * softmax_scale
+        scores = torch.bmm(query.reshape(b, t * h, c), keys.transpose(1, 2).to(query.dtype)) * softmax_scale
         if mask is not None or t > 1:
             bias = attention_bias(mask, t, s, rows.device, scores.dtype)
             bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape)).transpose(1, 2)  # [b|1, t, h|1, s]
@@ -278,10 +286,9 @@ def latent_mqa(
         out = torch.bmm(probs, rows[..., :kv_rank].to(query.dtype))  # [b, t*h, r]
         return out.view(b, t, h, kv_rank), None
     dtype = _compute_dtype(query.dtype)
-    rows_c = rows.to(dtype)
-    scores = torch.einsum("bthc,bsc->bhts", query.to(dtype), rows_c) * softmax_scale
+    scores = torch.einsum("bthc,bsc->bhts", query.to(dtype), keys.to(dtype)) * softmax_scale
     bias = attention_bias(mask, t, s, rows.device, dtype)
-    return masked_softmax_attention(scores, rows_c[:, :, None, :kv_rank], bias)
+    return masked_softmax_attention(scores, rows[:, :, None, :kv_rank].to(dtype), bias)
 
 
 def latent_attention_absorbed(

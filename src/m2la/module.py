@@ -303,7 +303,10 @@ class M2LAttention(nn.Module):
             if v_bias is not None:
                 out = out + v_bias.to(out.dtype)
         elif absorbed if absorbed is not None else self.use_absorbed(hidden.shape[1]):
-            query = torch.cat((attention_math.absorb_query(q_nope, w_uk.to(q_nope.dtype)), q_rope), dim=-1)
+            if c.qk_nope_dim == 0:  # no latent query: score the RoPE key alone
+                query = q_rope
+            else:
+                query = torch.cat((attention_math.absorb_query(q_nope, w_uk.to(q_nope.dtype)), q_rope), dim=-1)
             out, _ = attention_math.absorbed_from_rows(
                 query, rows, w_uv, c.softmax_scale, attention_mask, v_bias, return_lse=False
             )
