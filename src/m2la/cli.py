@@ -19,7 +19,7 @@ import math
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -307,37 +307,88 @@ _CPU_BENCH_DEFAULTS = {"batch": [1, 4], "context": [1024, 4096], "chunk": 256, "
 _GPU_BENCH_DEFAULTS = {"batch": [1, 8, 32], "context": [4096, 32768], "chunk": 4096, "prefix": [0, 16384]}
 
 
+_BENCH_SHAPE_OPTIONS = {"heads": "--heads", "kv_rank": "--kv-rank", "rope_dim": "--rope-dim", "nope_dim": "--nope-dim",
+                        "value_dim": "--value-dim", "gqa": "--gqa"}  # fmt: skip
+
+
+def _bench_layouts(args: argparse.Namespace):
+    """What to time: the shape the options give, or with --model each attention layout of that
+    model (an m2la checkpoint's converted layers, or an unconverted model's GQA attention against
+    the latent the options give)."""
+    from .kernels import bench
+
+    given = {name: getattr(args, name) for name in _BENCH_SHAPE_OPTIONS if getattr(args, name) is not None}
+    if args.model is None:
+        kv_heads, head_dim = given.pop("gqa", (8, 128))
+        shape = bench.BenchShape(kv_heads=kv_heads, head_dim=head_dim, block_size=args.page_size, **given)
+        return [bench.ModelLayout(shape, args.lossless, ())]
+    path = Path(args.model)
+    config_file = path / "config.json" if path.is_dir() else path
+    try:
+        config = json.loads(config_file.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--model {args.model}: no config.json there") from None
+    except ValueError as error:
+        raise ValueError(f"--model {args.model}: config.json is not JSON ({error})") from None
+    layouts = bench.model_layouts(config, args.page_size)
+    converted = "m2la" in config
+    fixed = [flag for name, flag in _BENCH_SHAPE_OPTIONS.items() if name in given and (converted or name == "gqa")]
+    if fixed:
+        raise ValueError(f"--model sets {', '.join(fixed)} from its config.json; drop them")
+    if converted:
+        if args.lossless:
+            raise ValueError("--lossless: an m2la checkpoint's layouts come from its config.json; drop it")
+        return layouts
+    given.pop("gqa", None)
+    return [bench.ModelLayout(replace(layouts[0].shape, **given), args.lossless, ())]
+
+
 def run_bench(args: argparse.Namespace) -> int:
     from .kernels import bench
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     defaults = _GPU_BENCH_DEFAULTS if device.type == "cuda" else _CPU_BENCH_DEFAULTS
-    kv_heads, head_dim = args.gqa
-    shape = bench.BenchShape(
-        heads=args.heads, kv_rank=args.kv_rank, rope_dim=args.rope_dim, nope_dim=args.nope_dim,
-        value_dim=args.value_dim, kv_heads=kv_heads, head_dim=head_dim, block_size=args.page_size,
-    )  # fmt: skip
     dtype = _torch_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    common = dict(shape=shape, dtype=dtype, device=device, backend=args.backend, repeats=args.repeats)
-    try:
-        if args.kernel == "decode":
-            contexts = args.context or defaults["context"]
-            report = bench.decode_benchmark(batches=args.batch or defaults["batch"], contexts=contexts, fp8=args.fp8,
-                                            lossless=args.lossless, vllm_module=bench.load_vllm_triton_mla(args.vllm_kernel),
-                                            **common)  # fmt: skip
-        else:
-            if args.fp8 or args.vllm_kernel:
-                raise ValueError("--fp8 and --vllm-kernel are decode options")
-            chunk = defaults["chunk"] if args.chunk is None else args.chunk
-            report = bench.prefill_benchmark(chunk=chunk, prefixes=args.prefix or defaults["prefix"],
-                                             batches=args.batch or [1], lossless=args.lossless, **common)  # fmt: skip
-    except AssertionError as failure:  # a kernel over its error budget: nothing is timed
-        print(f"m2la bench: correctness check failed: {failure}", file=sys.stderr)
-        return 1
-    print(report.to_markdown(), end="")
+    if args.kernel == "prefill" and (args.fp8 or args.vllm_kernel):
+        raise ValueError("--fp8 and --vllm-kernel are decode options")
+    layouts = _bench_layouts(args)
+    vllm_module = bench.load_vllm_triton_mla(args.vllm_kernel) if args.kernel == "decode" else None
+    reports = []
+    for layout in layouts:
+        common = dict(shape=layout.shape, dtype=dtype, device=device, backend=args.backend, repeats=args.repeats,
+                      lossless=layout.lossless)  # fmt: skip
+        try:
+            if args.kernel == "decode":
+                report = bench.decode_benchmark(batches=args.batch or defaults["batch"],
+                                                contexts=args.context or defaults["context"], fp8=args.fp8,
+                                                vllm_module=vllm_module, **common)  # fmt: skip
+            else:
+                report = bench.prefill_benchmark(chunk=defaults["chunk"] if args.chunk is None else args.chunk,
+                                                 prefixes=args.prefix or defaults["prefix"],
+                                                 batches=args.batch or [1], **common)  # fmt: skip
+        except AssertionError as failure:  # a kernel over its error budget: nothing is timed
+            print(f"m2la bench: correctness check failed: {failure}", file=sys.stderr)
+            return 1
+        if layout.layers:
+            print(
+                f"## {args.model}: {_layer_span(layout.layers)}{' (lossless, grouped kernels)' if layout.lossless else ''}\n"
+            )
+        print(report.to_markdown())
+        reports.append({"layers": list(layout.layers), "report": report.to_json()})
     if args.json:
-        _write_json_atomically(Path(args.json), report.to_json())
+        result = reports[0]["report"] if args.model is None else {"model": args.model, "layouts": reports}
+        _write_json_atomically(Path(args.json), result)
     return 0
+
+
+def _layer_span(layers: tuple[int, ...]) -> str:
+    """(0, 1, 2, 5) -> "layers 0-2, 5 (4 layers)"."""
+    runs, start = [], layers[0]
+    for previous, index in zip(layers, (*layers[1:], None), strict=True):
+        if index != previous + 1:
+            runs.append(f"{start}-{previous}" if previous > start else f"{start}")
+            start = index
+    return f"layers {', '.join(runs)} ({len(layers)} layer{'s' if len(layers) > 1 else ''})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,13 +474,17 @@ def build_parser() -> argparse.ArgumentParser:
         "4096 new tokens after 0 and 16K), on CPU smaller ones.",
     )
     bench.add_argument("kernel", choices=("decode", "prefill"), help="which kernel to time")
-    bench.add_argument("--heads", type=int, default=32, help="query heads")
-    bench.add_argument("--kv-rank", type=int, default=896, help="latent rank r (the cached latent's width)")
-    bench.add_argument("--rope-dim", type=int, default=128, help="width of the shared RoPE key (2 x rotary pairs)")
-    bench.add_argument("--nope-dim", type=int, default=128, help="per-head no-RoPE query/key width (prefill)")
-    bench.add_argument("--value-dim", type=int, default=128, help="per-head value width (prefill)")
-    bench.add_argument("--gqa", type=_gqa_layout, default=(8, 128), metavar="KVxD",
+    bench.add_argument("--heads", type=int, help="query heads (default 32)")
+    bench.add_argument("--kv-rank", type=int, help="latent rank r, the cached latent's width (default 896)")
+    bench.add_argument("--rope-dim", type=int, help="width of the shared RoPE key, 2 x rotary pairs (default 128)")
+    bench.add_argument("--nope-dim", type=int, help="per-head no-RoPE query/key width, prefill (default 128)")
+    bench.add_argument("--value-dim", type=int, help="per-head value width, prefill (default 128)")
+    bench.add_argument("--gqa", type=_gqa_layout, metavar="KVxD",
                        help="the uncompressed baseline's KV heads x head dim (default 8x128)")  # fmt: skip
+    bench.add_argument("--model", metavar="PATH",
+                       help="take the shapes from this model's config.json: each converted layout of an m2la "
+                       "checkpoint (lossless layers through the grouped kernels), or an unconverted model's GQA "
+                       "attention")  # fmt: skip
     bench.add_argument("--page-size", type=int, default=64, help="tokens a cache page")
     bench.add_argument("--batch", type=_int_list,
                        help="comma-separated batch sizes (prefill default 1: with --chunk 1-64 and a long --prefix, "

@@ -270,3 +270,65 @@ def test_prefill_batches_of_short_extends():
     assert four.flops == 4 * one.flops == 4 * 2 * 3 * (3 * 50 + 6) * (20 + 12 + 24)
     assert four.nbytes == 4 * one.nbytes
     assert report.rows[5].nbytes == 4 * report.rows[2].nbytes  # the GQA row too
+
+
+def _layer(heads, kv_rank, rope_dim, nope, value):
+    return dict(num_heads=heads, kv_rank=kv_rank, rope_dim=rope_dim, qk_nope_dim=nope, v_head_dim=value)
+
+
+def test_model_layouts_of_a_saved_checkpoint(tmp_path, capsys):
+    """`--model`: an m2la checkpoint's converted layouts as `m2la.save_pretrained` writes them (a
+    lossless Llama and a Qwen3-VL, whose attention shape sits in text_config), timed per layout."""
+    pytest.importorskip("transformers")
+    import tiny_hf
+
+    for family, layers in (("llama", 3), ("qwen3_vl", 2)):
+        model = tiny_hf.build(family, heads=6, kv_heads=2, head_dim=12, layers=layers)
+        m2la.convert(model)
+        m2la.save_pretrained(model, tmp_path / family)
+        config = json.loads((tmp_path / family / "config.json").read_text())
+        layout = bench.BenchShape(heads=6, kv_rank=24, rope_dim=24, nope_dim=0, value_dim=12, kv_heads=2, head_dim=12)
+        assert bench.model_layouts(config) == [bench.ModelLayout(layout, True, tuple(range(layers)))]
+    args = ["bench", "decode", "--model", str(tmp_path / "llama"), "--device", "cpu", "--context", "20", "--batch",
+            "1", "--repeats", "1", "--page-size", "16", "--json", str(tmp_path / "bench.json")]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert f"## {tmp_path / 'llama'}: layers 0-2 (3 layers) (lossless, grouped kernels)" in printed
+    assert "m2la lossless grouped decode (reference)" in printed
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["layouts"][0]["layers"] == [0, 1, 2] and saved["layouts"][0]["report"]["shape"]["kv_rank"] == 24
+
+
+def test_model_layouts_group_layers_by_layout(tmp_path, capsys):
+    """Compressed checkpoints have per-layer ranks: one layout per distinct shape, its layers in
+    order; an unconverted model gives its GQA attention under the latent the options set."""
+    config = {"num_attention_heads": 6, "num_key_value_heads": 2, "hidden_size": 72,
+              "m2la": {"layers": [_layer(6, 20, 8, 12, 12), _layer(6, 20, 8, 12, 12), _layer(6, 24, 24, 0, 12),
+                                  _layer(6, 20, 8, 12, 12)]}}  # fmt: skip
+    layouts = bench.model_layouts(config, block_size=16)
+    assert [(lay.shape.kv_rank, lay.lossless, lay.layers) for lay in layouts] == [(20, False, (0, 1, 3)),
+                                                                                   (24, True, (2,))]  # fmt: skip
+    assert layouts[0].shape == bench.BenchShape(heads=6, kv_rank=20, rope_dim=8, nope_dim=12, value_dim=12,
+                                                kv_heads=2, head_dim=12, block_size=16)  # fmt: skip
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    args = ["bench", "prefill", "--model", str(tmp_path), "--device", "cpu", "--chunk", "5", "--prefix", "3",
+            "--repeats", "1", "--page-size", "16"]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "layers 0-1, 3 (3 layers)" in printed and "layers 2 (1 layer) (lossless, grouped kernels)" in printed
+    assert main([*args, "--kv-rank", "8"]) == 1
+    assert "--model sets --kv-rank from its config.json; drop them" in capsys.readouterr().err
+    del config["m2la"]  # unconverted: GQA from the config, latent from the options
+    path.write_text(json.dumps(config))
+    assert bench.model_layouts(config) == [
+        bench.ModelLayout(bench.BenchShape(heads=6, kv_heads=2, head_dim=12), False, ())
+    ]
+    assert main([*args, "--kv-rank", "16", "--rope-dim", "8", "--nope-dim", "4", "--value-dim", "12"]) == 0
+    assert "latent 16 + RoPE 8" in capsys.readouterr().out
+    assert main([*args, "--gqa", "2x12"]) == 1
+    assert "--model sets --gqa" in capsys.readouterr().err
+    assert main(["bench", "decode", "--model", str(tmp_path / "missing")]) == 1
+    assert "no config.json there" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="no attention shape"):
+        bench.model_layouts({"m2la": {}})

@@ -92,6 +92,47 @@ def lossless_shape(shape: BenchShape) -> BenchShape:
     return replace(shape, kv_rank=width, rope_dim=width, nope_dim=0, value_dim=shape.head_dim)
 
 
+@dataclass(frozen=True)
+class ModelLayout:
+    """One attention layout of a model (`model_layouts`): the shape, whether it is the lossless
+    conversion of the GQA attention (so its layers run the grouped kernels), and its layers."""
+
+    shape: BenchShape
+    lossless: bool
+    layers: tuple[int, ...]
+
+
+def model_layouts(config: dict, block_size: int = 64) -> list[ModelLayout]:
+    """The distinct attention layouts of a transformers `config.json` (a dict): an m2la checkpoint's
+    converted layers (its "m2la" entry), grouped by layout in layer order, or for an unconverted
+    model its GQA attention alone (latent ranks left at the defaults). Raises ValueError naming
+    what is missing."""
+    text = config.get("text_config") or config  # VL models keep the language model's in text_config
+    try:
+        heads = int(text.get("num_attention_heads") or config["num_attention_heads"])
+        kv_heads = int(text.get("num_key_value_heads") or config.get("num_key_value_heads") or heads)
+        head_dim = int(text.get("head_dim") or (text.get("hidden_size") or config["hidden_size"]) // heads)
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"config.json has no attention shape (num_attention_heads, hidden_size): {error}") from None
+    base = BenchShape(heads=heads, kv_heads=kv_heads, head_dim=head_dim, block_size=block_size)
+    meta = config.get("m2la")
+    if meta is None:
+        return [ModelLayout(base, False, ())]
+    layouts: dict[tuple, list[int]] = {}
+    try:
+        for index, layer in enumerate(meta["layers"]):
+            key = (layer["num_heads"], layer["kv_rank"], layer["rope_dim"], layer["qk_nope_dim"], layer["v_head_dim"])
+            layouts.setdefault(key, []).append(index)
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"config.json's m2la entry lists no layer configs: {error}") from None
+    result = []
+    for (layer_heads, kv_rank, rope_dim, nope, value), layers in layouts.items():
+        shape = replace(base, heads=layer_heads, kv_rank=kv_rank, rope_dim=rope_dim, nope_dim=nope, value_dim=value)
+        lossless = nope == 0 and kv_rank == rope_dim == kv_heads * head_dim and value == head_dim
+        result.append(ModelLayout(shape, lossless, tuple(layers)))
+    return result
+
+
 def latent_decode_flops(batch: int, context: int, kv_rank: int, rope_dim: int, heads: int) -> int:
     """Absorbed decode: scores over `r + 2p` and the value sum over `r`, per query head and key."""
     return 2 * heads * batch * context * (2 * kv_rank + rope_dim)
