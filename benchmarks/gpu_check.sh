@@ -82,6 +82,7 @@ if [[ ",$sections," == *",bench,"* ]]; then  # not in the default sections; firs
         | tee "$OUT/bench_prefill.md"
     timeout 60 python -m m2la.cli bench prefill --lossless --repeats 10 --json "$OUT/bench_prefill_lossless.json" \
         2>&1 | tee "$OUT/bench_prefill_lossless.md"
+    timeout 45 python -m m2la.cli bench write --repeats 10 --json "$OUT/bench_write.json" 2>&1 | tee "$OUT/bench_write.md"
     for layout in "" --lossless; do  # a speculative step: 4 tokens for each of 8 sequences after 32K
         timeout 45 python -m m2la.cli bench prefill $layout --chunk 4 --prefix 32768 --batch 8 --repeats 10 2>&1 \
             | tee -a "$OUT/bench_extend.md"

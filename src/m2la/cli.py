@@ -4,7 +4,7 @@
                  [--dtype T]
     m2la eval MODEL [--tokens N] [--windows K] [--baseline SRC] [--json PATH]
     m2la info MODEL
-    m2la bench decode|prefill [--model PATH | --heads H --kv-rank R --rope-dim D --gqa KVxD] [--lossless]
+    m2la bench decode|prefill|write [--model PATH | --heads H --kv-rank R --rope-dim D --gqa KVxD] [--lossless]
                [--batch B,..] [--context S,..] [--chunk T] [--prefix S,..] [--fp8] [--dtype T] [--backend B]
                [--json PATH]
 
@@ -352,6 +352,16 @@ def run_bench(args: argparse.Namespace) -> int:
     dtype = _torch_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if args.kernel == "prefill" and (args.fp8 or args.vllm_kernel):
         raise ValueError("--fp8 and --vllm-kernel are decode options")
+    if args.kernel == "write":
+        if args.lossless or args.vllm_kernel or args.model:
+            raise ValueError("--lossless, --vllm-kernel and --model are decode and prefill options")
+        shape = _bench_layouts(args)[0].shape
+        report = bench.write_benchmark(shape, args.tokens or [32, 4096, 32768], dtype, device, args.backend, args.fp8,
+                                       args.repeats)  # fmt: skip
+        print(report.to_markdown(), end="")
+        if args.json:
+            _write_json_atomically(Path(args.json), report.to_json())
+        return 0
     layouts = _bench_layouts(args)
     vllm_module = bench.load_vllm_triton_mla(args.vllm_kernel) if args.kernel == "decode" else None
     reports = []
@@ -474,7 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
         "against InternVideo3's latent 896 + RoPE 128; on CUDA batches 1,8,32 x contexts 4K,32K (prefill: "
         "4096 new tokens after 0 and 16K), on CPU smaller ones.",
     )
-    bench.add_argument("kernel", choices=("decode", "prefill"), help="which kernel to time")
+    bench.add_argument("kernel", choices=("decode", "prefill", "write"),
+                       help="which kernel to time (write: the fused cache write)")  # fmt: skip
     bench.add_argument("--heads", type=int, help="query heads (default 32)")
     bench.add_argument("--kv-rank", type=int, help="latent rank r, the cached latent's width (default 896)")
     bench.add_argument("--rope-dim", type=int, help="width of the shared RoPE key, 2 x rotary pairs (default 128)")
@@ -493,7 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--context", type=_int_list, help="decode: comma-separated tokens a sequence")
     bench.add_argument("--chunk", type=int, help="prefill: new tokens")
     bench.add_argument("--prefix", type=_int_list, help="prefill: comma-separated cached prefixes")
-    bench.add_argument("--fp8", action="store_true", help="decode: an fp8 e4m3 latent cache (one scale a token)")
+    bench.add_argument("--tokens", type=_int_list, help="write: comma-separated rows a call (default 32,4096,32768)")
+    bench.add_argument("--fp8", action="store_true", help="decode, write: an fp8 e4m3 latent cache (one scale a token)")
     bench.add_argument("--lossless", action="store_true",
                        help="time the lossless conversion of the --gqa attention (what m2la.convert(model) gives: "
                        "the original's bytes, the grouped kernels) instead of --kv-rank/--rope-dim")  # fmt: skip

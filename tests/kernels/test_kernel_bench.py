@@ -332,3 +332,37 @@ def test_model_layouts_group_layers_by_layout(tmp_path, capsys):
     assert "no config.json there" in capsys.readouterr().err
     with pytest.raises(ValueError, match="no attention shape"):
         bench.model_layouts({"m2la": {}})
+
+
+@pytest.mark.parametrize("backend,dtype,fp8", [("reference", torch.float32, False), ("triton", torch.float16, False),
+                                               ("triton", torch.float16, True)])  # fmt: skip
+def test_cache_write_rows(backend, dtype, fp8):
+    """`write_benchmark`: the fused write gated against the fp32 reference (one slot skipped), then
+    timed beside the unfused torch write; bytes count inputs read and rows written."""
+    report = bench.write_benchmark(TINY, tokens=(1, 63), dtype=dtype, device="cpu", backend=backend, fp8=fp8,
+                                   repeats=1, bandwidth_gbs=10.0)  # fmt: skip
+    assert f"m2la cache write ({backend}): max error" in report.checks[0]
+    ours = [row for row in report.rows if row.kernel.startswith("m2la fused cache write")]
+    assert [row.batch for row in ours] == [1, 63] and all(report.speedup(row) is not None for row in ours)
+    row_bytes = 56 + 4 if fp8 else 56 * dtype.itemsize
+    assert ours[1].nbytes == 63 * (56 * dtype.itemsize + 12 * 4 + 8 + row_bytes)
+
+
+def test_a_cache_write_over_budget_is_never_timed(monkeypatch):
+    real, calls = m2la.kernels.write_latent_cache, []
+
+    def off_by_a_percent(cache, latent, *args, **kwargs):  # the first call: the kernel under check
+        calls.append(None)
+        real(cache, latent * 1.01 if len(calls) == 1 else latent, *args, **kwargs)
+
+    monkeypatch.setattr(m2la.kernels, "write_latent_cache", off_by_a_percent)
+    with pytest.raises(AssertionError, match=r"m2la cache write \(reference\): max error"):
+        bench.write_benchmark(TINY, tokens=(5,), dtype=torch.float16, device="cpu", backend="reference", repeats=1,
+                              bandwidth_gbs=10.0)  # fmt: skip
+
+
+def test_bench_write_cli(capsys):
+    assert main(["bench", "write", *TINY_ARGS, "--tokens", "3,17", "--fp8"]) == 0
+    assert capsys.readouterr().out.count("| m2la fused cache write (reference, fp8 e4m3 cache) |") == 2
+    assert main(["bench", "write", *TINY_ARGS, "--lossless"]) == 1
+    assert "are decode and prefill options" in capsys.readouterr().err

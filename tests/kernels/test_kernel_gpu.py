@@ -566,6 +566,8 @@ def test_bench_times_cuda_graph_replays_gpu(fp8):
     lossless = bench.decode_benchmark(shape, batches=(3,), contexts=(1000,), device="cuda", backend="triton",
                                       lossless=True, repeats=3)  # fmt: skip
     assert {row.timing for row in lossless.rows} == {"cuda graph"} and lossless.speedup(lossless.rows[0]) is not None
+    write = bench.write_benchmark(shape, tokens=(5, 3000), device="cuda", backend="triton", fp8=fp8, repeats=3)
+    assert {row.timing for row in write.rows} == {"cuda graph"} and write.speedup(write.rows[0]) is not None
     for lossless in (False, True):
         prefill = bench.prefill_benchmark(shape, chunk=113, prefixes=(0, 300), batches=(1, 3), device="cuda",
                                           backend="triton", repeats=3, lossless=lossless)  # fmt: skip

@@ -771,9 +771,119 @@ def _gqa_prefill_row(case: _PrefillCase, repeats: int, baseline: str) -> BenchRo
                     timing=how, baseline=baseline)  # fmt: skip
 
 
+# --- fused cache write ---------------------------------------------------------------------------
+
+UNFUSED_WRITE = "torch, unfused (rotate, concatenate, index_copy_)"
+
+
+def _unfused_write(cache, scale_rows, latent, k_rope, cos, sin, slots) -> None:
+    """What a framework does without the fused kernel: RoPE on the key in the inputs' dtype, the
+    row concatenated, (fp8: quantized, `m2la.quantization`), then copied into the flat cache."""
+    from m2la.quantization import is_fp8, quantize_rows
+
+    x, y = k_rope.chunk(2, dim=-1)  # [t, p] each
+    cos, sin = cos.to(k_rope.dtype), sin.to(k_rope.dtype)
+    rows = torch.cat((latent, x * cos - y * sin, x * sin + y * cos), dim=-1)  # [t, r + 2p]
+    flat = cache.view(-1, cache.shape[-1])  # [pages * page size, r + 2p]
+    if is_fp8(cache.dtype):
+        rows, scales = quantize_rows(rows, cache.dtype)
+        scale_rows.view(-1).index_copy_(0, slots, scales)
+        flat, rows = flat.view(torch.uint8), rows.view(torch.uint8)  # CPU torch has no fp8 index_copy_
+    flat.index_copy_(0, slots, rows.to(flat.dtype))
+
+
+class _WriteCase:
+    """`tokens` new rows for scattered slots of a paged cache just big enough (as a serving engine's
+    allocator hands out slots), random inputs; cos/sin fp32 as the converted models pass them."""
+
+    def __init__(self, shape: BenchShape, tokens: int, dtype: torch.dtype, device: torch.device, fp8: bool, seed: int):
+        gen = torch.Generator().manual_seed(seed)
+        pages = math.ceil(tokens / shape.block_size)
+        cache_dtype = torch.float8_e4m3fn if fp8 else dtype
+        self.cache = torch.zeros(pages, shape.block_size, shape.latent_width, dtype=cache_dtype, device=device)
+        self.kv_scale = torch.zeros(pages, shape.block_size, device=device) if fp8 else None
+        self.latent = torch.randn(tokens, shape.kv_rank, generator=gen).to(device=device, dtype=dtype)
+        self.k_rope = torch.randn(tokens, shape.rope_dim, generator=gen).to(device=device, dtype=dtype)
+        angles = torch.rand(tokens, shape.rope_dim // 2, generator=gen).to(device) * 6.3
+        self.cos, self.sin = angles.cos(), angles.sin()  # [t, p] fp32
+        self.slots = torch.randperm(pages * shape.block_size, generator=gen)[:tokens].to(device)  # int64
+
+    def inputs(self) -> tuple:
+        return self.latent, self.k_rope, self.cos, self.sin, self.slots
+
+
+def write_benchmark(
+    shape: BenchShape = BenchShape(),
+    tokens: Sequence[int] = (32, 4096, 32768),
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str | None = None,
+    backend: str = "auto",
+    fp8: bool = False,
+    repeats: int = 20,
+    bandwidth_gbs: float | None = None,
+) -> BenchReport:
+    """`m2la.kernels.write_latent_cache` (RoPE on the key, fp8 scale, store: one pass) writing
+    `tokens` rows to scattered slots (a decode step's batch, or a prefill chunk), side by side with
+    the same write done by unfused torch ops. Bytes: inputs read (latent, RoPE key, fp32 cos/sin,
+    slots) and rows written (fp8: one byte an element and a 4-byte scale)."""
+    _check_sizes(tokens=(tokens, 1), repeats=((repeats,), 1))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from m2la.kernels import write_latent_cache
+
+    chosen = resolve_backend(backend, torch.empty(0, device=device))
+    report = _new_report("cache write", device, dtype, shape, chosen, bandwidth_gbs)
+    report.checks.append(_check_write(shape, dtype, device, chosen, fp8))
+    ours = f"m2la fused cache write ({chosen}{', fp8 e4m3 cache' if fp8 else ''})"
+    for count in tokens:
+        case = _WriteCase(shape, count, dtype, device, fp8, seed=count)
+        nbytes = count * (
+            shape.latent_width * dtype.itemsize + shape.rope_dim * 4 + 8 + shape.latent_row_bytes(dtype, fp8)
+        )
+        common = dict(batch=count, context=0, new_tokens=1, nbytes=nbytes, flops=0)
+
+        def run(case=case):
+            write_latent_cache(case.cache, *case.inputs(), kv_scale=case.kv_scale, backend=chosen)
+
+        def unfused(case=case):
+            _unfused_write(case.cache, case.kv_scale, *case.inputs())
+
+        ms, how = measure_ms(run, device, repeats)
+        report.rows.append(BenchRow(ours, **common, ms=ms, timing=how, baseline=UNFUSED_WRITE))
+        ms, how = measure_ms(unfused, device, repeats)
+        report.rows.append(BenchRow(UNFUSED_WRITE, **common, ms=ms, timing=how))
+    report.notes.append("Rows: batch = rows written (one token each); FLOPs not counted (a copy with a rotation).")
+    return report
+
+
+def _check_write(shape: BenchShape, dtype: torch.dtype, device: torch.device, backend: str, fp8: bool) -> str:
+    """The fused write of 77 rows (one skipped, slot -1) against the fp32 reference write, with the
+    unfused torch write in `dtype` as the yardstick; fp8 rows compared after dequantizing."""
+    from m2la.kernels import write_latent_cache
+    from m2la.quantization import dequantize_rows
+
+    case = _WriteCase(shape, 77, dtype, device, fp8, seed=1)
+    case.slots[5] = -1
+    kept = case.slots >= 0
+
+    def written(cache, kv_scale):  # the rows at the kept slots, fp32 [t', r + 2p]
+        rows = cache.view(-1, cache.shape[-1])[case.slots[kept]]
+        return rows.float() if kv_scale is None else dequantize_rows(rows, kv_scale.view(-1)[case.slots[kept]])
+
+    write_latent_cache(case.cache, *case.inputs(), kv_scale=case.kv_scale, backend=backend)
+    fp32 = torch.zeros(case.cache.shape, device=device)
+    write_latent_cache(fp32, *(t.float() for t in case.inputs()[:4]), case.slots, backend="reference")
+    torch_cache = torch.zeros_like(case.cache)
+    torch_scale = None if case.kv_scale is None else torch.zeros_like(case.kv_scale)
+    _unfused_write(torch_cache, torch_scale, *(t[kept] for t in case.inputs()))
+    got = written(case.cache, case.kv_scale)
+    return check_within_budget(f"m2la cache write ({backend})", got, written(torch_cache, torch_scale),
+                               written(fp32, None))  # fmt: skip
+
+
 REFERENCE_NOTE = (
-    "The reference backend is the kernels' pure-torch test oracle (fp32 throughout, over every cache "
-    "slot), not a fast path: its times do not measure m2la's kernels. Time backend 'triton' on a GPU."
+    "The reference backend is the kernels' pure-torch test oracle (fp32 throughout; the attention "
+    "oracles read every cache slot), not a fast path: its times do not measure m2la's kernels. Time "
+    "backend 'triton' on a GPU."
 )
 
 
