@@ -390,6 +390,22 @@ class _OurDecode:
             return gqa_decode_flops(batch, context, shape.head_dim, shape.heads)
         return latent_decode_flops(batch, context, shape.kv_rank, shape.rope_dim, shape.heads)
 
+    def in_torch(self, q, cache, lengths, table):
+        """The same decode in plain torch ops in q's dtype (the error budget's yardstick; the reference
+        backend computes in fp32): `cache` a paged cache in q's dtype -> `[b, h, out_width]`."""
+        from m2la.attention_math import grouped_attention_from_rows, latent_mqa
+        from m2la.kernels._paging import gather_cache_rows
+
+        shape = self.shape
+        rows = gather_cache_rows(cache, table, table.shape[1] * cache.shape[1])  # [b, s, r + 2p]
+        visible = (torch.arange(rows.shape[1], device=rows.device) < lengths[:, None]).long()  # [b, s]
+        if self.lossless:
+            out = grouped_attention_from_rows(q[:, None], rows, shape.kv_rank, shape.kv_heads, self.scale, visible,
+                                              fused_softmax=False)  # fmt: skip
+        else:
+            out, _ = latent_mqa(q[:, None], rows, shape.kv_rank, self.scale, visible, return_lse=False)
+        return out[:, 0]
+
     def __call__(self, q, cache, lengths, table, kv_scale, backend):
         from m2la.kernels import decode_attention, grouped_decode_attention
 
@@ -411,7 +427,7 @@ def _check_decode(kernel: _OurDecode, dtype: torch.dtype, device: torch.device, 
     out, _ = kernel(q, cache, lengths, table, kv_scale, backend)
     cache32 = cache.float() if kv_scale is None else cache.float() * kv_scale[..., None]
     fp32, _ = kernel(q.float(), cache32, lengths, table, None, "reference")
-    torch_dtype, _ = kernel(q, cache32.to(dtype), lengths, table, None, "reference")
+    torch_dtype = kernel.in_torch(q, cache32.to(dtype), lengths, table)
     name = "m2la lossless grouped decode" if kernel.lossless else "m2la decode"
     return check_within_budget(f"{name} ({backend})", out, torch_dtype, fp32)
 
@@ -425,11 +441,11 @@ def _check_vllm_decode(module, shape: BenchShape, dtype: torch.dtype, device: to
     cache, _, table, lengths = paged_latent_cache(shape, 3, context, dtype, device, generator=gen)
     lengths[1] = 1
     q = torch.randn(3, shape.heads, shape.latent_width, generator=gen).to(device=device, dtype=dtype)
-    args = (lengths, shape.softmax_scale, shape.kv_rank, table)
     out, _ = vllm_mla_decode(module, q, cache, table, lengths, shape.softmax_scale, shape.kv_rank, context,
                              _sm_count(device))  # fmt: skip
-    fp32, _ = decode_attention(q.float(), cache.float(), *args, backend="reference")
-    torch_dtype, _ = decode_attention(q, cache, *args, backend="reference")
+    fp32, _ = decode_attention(q.float(), cache.float(), lengths, shape.softmax_scale, shape.kv_rank, table,
+                               backend="reference")  # fmt: skip
+    torch_dtype = _OurDecode(shape, lossless=False).in_torch(q, cache, lengths, table)
     return check_within_budget("vLLM Triton MLA decode", out, torch_dtype, fp32)
 
 
@@ -739,9 +755,15 @@ def _lossless_prefill_rows(case: _PrefillCase, backend: str, repeats: int, check
         return grouped_prefill_attention(q, *args, max_seqlen_q=chunk, backend=backend)
 
     if checks is not None:
+        from m2la.attention_math import grouped_attention_from_rows
+        from m2la.kernels._paging import gather_cache_rows
+
         fp32 = grouped_prefill_attention(q.float(), case.cache.float(), *args[1:], backend="reference")[0]
+        rows = gather_cache_rows(case.cache, case.table, case.total)  # [b, s, r + 2p]
+        same_dtype = grouped_attention_from_rows(q.unflatten(0, (case.batch, chunk)), rows, shape.kv_rank,
+                                                 shape.kv_heads, args[3], fused_softmax=True)  # SDPA, q's dtype  # fmt: skip
         checks.append(check_within_budget(f"m2la lossless grouped prefill ({backend})", run()[0],
-                                          run(backend="reference")[0], fp32))  # fmt: skip
+                                          same_dtype.flatten(0, 1), fp32))  # fmt: skip
     ms, how = measure_ms(run, case.device, repeats)
     nbytes = (
         case.batch * case.total * shape.latent_row_bytes(case.dtype)
