@@ -299,11 +299,12 @@ def measure_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> 
     """(ms, how): on CUDA a CUDA-graph replay, as a serving engine runs decode, else eager calls
     (a call that cannot be captured); off CUDA the median wall time."""
     if device.type == "cuda":
-        try:
-            return graph_ms(fn, device, repeats), "cuda graph"
-        except Exception:  # noqa: BLE001  (not capturable: a host sync inside; time it eagerly)
-            torch.cuda.synchronize(device)
-            return time_ms(fn, device, repeats), "eager"
+        with torch.cuda.device(device):  # streams, graphs and do_bench's buffers on `device`, not the current one
+            try:
+                return graph_ms(fn, device, repeats), "cuda graph"
+            except Exception:  # noqa: BLE001  (not capturable: a host sync inside; time it eagerly)
+                torch.cuda.synchronize(device)
+                return time_ms(fn, device, repeats), "eager"
     return time_ms(fn, device, repeats, warmup=min(3, repeats)), "wall"
 
 
@@ -313,7 +314,11 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int | None = None) -> float
     nbytes = nbytes or (2**30 if device.type == "cuda" else 2**28)
     src = torch.empty(nbytes // 2, dtype=torch.float16, device=device).uniform_(-1, 1)
     dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            ms = time_ms(lambda: dst.copy_(src), device)
+    else:
+        ms = time_ms(lambda: dst.copy_(src), device)
     return 2 * src.numel() * src.element_size() / ms / 1e6
 
 
