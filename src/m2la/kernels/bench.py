@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from m2la import kernels  # called as kernels.<op>, so the ops are looked up (and can be patched) at call time
 from m2la.backends import resolve_backend
 
 # The baselines' row labels
@@ -412,13 +413,13 @@ class _OurDecode:
         return out[:, 0]
 
     def __call__(self, q, cache, lengths, table, kv_scale, backend):
-        from m2la.kernels import decode_attention, grouped_decode_attention
-
         shape = self.shape
         if self.lossless:
-            return grouped_decode_attention(q, cache, lengths, self.scale, shape.kv_rank, shape.kv_heads, table,
+            return kernels.grouped_decode_attention(q, cache, lengths, self.scale, shape.kv_rank, shape.kv_heads, table,
                                             kv_scale=kv_scale, backend=backend)  # fmt: skip
-        return decode_attention(q, cache, lengths, self.scale, shape.kv_rank, table, kv_scale=kv_scale, backend=backend)
+        return kernels.decode_attention(
+            q, cache, lengths, self.scale, shape.kv_rank, table, kv_scale=kv_scale, backend=backend
+        )
 
 
 def _check_decode(kernel: _OurDecode, dtype: torch.dtype, device: torch.device, backend: str, fp8: bool) -> str:
@@ -439,8 +440,6 @@ def _check_decode(kernel: _OurDecode, dtype: torch.dtype, device: torch.device, 
 
 def _check_vllm_decode(module, shape: BenchShape, dtype: torch.dtype, device: torch.device) -> str:
     """`_check_decode` for vLLM's kernel (bf16/fp16 caches only)."""
-    from m2la.kernels import decode_attention
-
     gen = torch.Generator().manual_seed(0)
     context = 3 * shape.block_size + 5
     cache, _, table, lengths = paged_latent_cache(shape, 3, context, dtype, device, generator=gen)
@@ -448,7 +447,7 @@ def _check_vllm_decode(module, shape: BenchShape, dtype: torch.dtype, device: to
     q = torch.randn(3, shape.heads, shape.latent_width, generator=gen).to(device=device, dtype=dtype)
     out, _ = vllm_mla_decode(module, q, cache, table, lengths, shape.softmax_scale, shape.kv_rank, context,
                              _sm_count(device))  # fmt: skip
-    fp32, _ = decode_attention(q.float(), cache.float(), lengths, shape.softmax_scale, shape.kv_rank, table,
+    fp32, _ = kernels.decode_attention(q.float(), cache.float(), lengths, shape.softmax_scale, shape.kv_rank, table,
                                backend="reference")  # fmt: skip
     torch_dtype = _OurDecode(shape, lossless=False).in_torch(q, cache, lengths, table)
     return check_within_budget("vLLM Triton MLA decode", out, torch_dtype, fp32)
@@ -675,14 +674,15 @@ def prefill_benchmark(
         shape = lossless_shape(shape)
     chosen = resolve_backend(backend, torch.empty(0, device=device))
     report = _new_report("prefill", device, dtype, shape, chosen, bandwidth_gbs)
+    layout = _LosslessPrefill if lossless else _LatentPrefill
+    # Correctness first, on a case of the same chunk route but at most 2 sequences and 300 cached
+    # tokens: the fp32 reference expands keys per head, too much memory at the timed sizes.
+    gate = _PrefillCase(shape, min(max(batches), 2), min(chunk, 512), min(max(prefixes), 300), dtype, device)
+    report.checks.append(layout(gate, chosen).check())
     for prefix in prefixes:
         for batch in batches:
             case = _PrefillCase(shape, batch, chunk, prefix, dtype, device)
-            checks = None if report.checks else report.checks  # correctness first, on the first case
-            if lossless:
-                report.rows += _lossless_prefill_rows(case, chosen, repeats, checks)
-            else:
-                report.rows += _latent_prefill_rows(case, chosen, repeats, checks)
+            report.rows += layout(case, chosen).rows(repeats)
             report.rows.append(_gqa_prefill_row(case, repeats, baseline="" if lossless else EXPANDED_SDPA))
     return report
 
@@ -695,6 +695,7 @@ class _PrefillCase:
                  device: torch.device):  # fmt: skip
         self.shape, self.batch, self.chunk, self.prefix, self.total = shape, batch, chunk, prefix, prefix + chunk
         self.dtype, self.device = dtype, device
+        self.tokens = batch * chunk  # query rows, packed by cu_seqlens
         self.gen = torch.Generator().manual_seed(prefix * 1000 + batch)
         self.cache, _, self.table, self.lengths = paged_latent_cache(shape, batch, self.total, dtype, device,
                                                                      generator=self.gen)  # fmt: skip
@@ -711,71 +712,90 @@ class _PrefillCase:
         return causal_lower_right(self.chunk, self.total)
 
 
-def _latent_prefill_rows(case: _PrefillCase, backend: str, repeats: int, checks: list[str] | None) -> list[BenchRow]:
+class _LatentPrefill:
     """Ours (`prefill_attention`) and SDPA over the expanded keys and values of the same layer."""
-    from m2la.kernels import prefill_attention
 
-    shape, chunk, dtype, tokens = case.shape, case.chunk, case.dtype, case.batch * case.chunk
-    q_nope, q_rope = case.randn(tokens, shape.heads, shape.nope_dim), case.randn(tokens, shape.heads, shape.rope_dim)
-    w_uk = case.randn(shape.heads, shape.kv_rank, shape.nope_dim, scale=shape.kv_rank**-0.5)
-    w_uv = case.randn(shape.heads, shape.kv_rank, shape.value_dim, scale=shape.kv_rank**-0.5)
-    inputs = (q_nope, q_rope, case.cache, w_uk, w_uv, case.cu_seqlens, case.lengths, shape.softmax_scale, case.table)
+    def __init__(self, case: _PrefillCase, backend: str):
+        shape = case.shape
+        self.case, self.backend = case, backend
+        self.q_nope = case.randn(case.tokens, shape.heads, shape.nope_dim)
+        self.q_rope = case.randn(case.tokens, shape.heads, shape.rope_dim)
+        self.w_uk = case.randn(shape.heads, shape.kv_rank, shape.nope_dim, scale=shape.kv_rank**-0.5)
+        self.w_uv = case.randn(shape.heads, shape.kv_rank, shape.value_dim, scale=shape.kv_rank**-0.5)
+        self.q, self.k, self.v = _expanded_qkv(self.q_nope, self.q_rope, case.cache, self.w_uk, self.w_uv, case.table,
+                                               case.total, shape.kv_rank)  # fmt: skip
+        self.bias = case.causal_bias()
 
-    def run():
-        return prefill_attention(*inputs, max_seqlen_q=chunk, max_seqlen_k=case.total, backend=backend)
+    def inputs(self, dtype: torch.dtype | None = None) -> tuple:
+        case, cast = self.case, (lambda t: t if dtype is None else t.to(dtype))
+        tensors = (self.q_nope, self.q_rope, case.cache, self.w_uk, self.w_uv)
+        return (*map(cast, tensors), case.cu_seqlens, case.lengths, case.shape.softmax_scale, case.table)
 
-    q, k, v = _expanded_qkv(q_nope, q_rope, case.cache, w_uk, w_uv, case.table, case.total, shape.kv_rank)
-    bias = case.causal_bias()
-    packed = (tokens, shape.heads, shape.value_dim)  # [b, h, t, v] -> the kernels' [b t, h, v]
+    def run(self):
+        case = self.case
+        return kernels.prefill_attention(*self.inputs(), max_seqlen_q=case.chunk, max_seqlen_k=case.total,
+                                      backend=self.backend)  # fmt: skip
 
-    def baseline():
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=shape.softmax_scale)
+    def baseline(self) -> torch.Tensor:  # [b, h, t, v]
+        return torch.nn.functional.scaled_dot_product_attention(self.q, self.k, self.v, attn_mask=self.bias,
+                                                                scale=self.case.shape.softmax_scale)  # fmt: skip
 
-    if checks is not None:
-        fp32 = prefill_attention(*(t.float() if t.is_floating_point() else t for t in inputs[:7]), *inputs[7:],
-                                 backend="reference")[0]  # fmt: skip
-        same_dtype = baseline().transpose(1, 2).reshape(packed)
-        checks.append(check_within_budget(f"m2la prefill ({backend})", run()[0], same_dtype, fp32))
-    flops = 2 * shape.heads * case.pairs * (shape.nope_dim + shape.rope_dim + shape.value_dim)
-    q_out_bytes = tokens * shape.heads * (shape.nope_dim + shape.rope_dim + shape.value_dim) * dtype.itemsize
-    ms, how = measure_ms(run, case.device, repeats)
-    ours = BenchRow(f"m2la latent prefill ({backend})", **case.common, ms=ms, flops=flops, timing=how,
-                    nbytes=case.batch * case.total * shape.latent_row_bytes(dtype) + q_out_bytes,
-                    baseline=EXPANDED_SDPA)  # fmt: skip
-    ms, how = measure_ms(baseline, case.device, repeats)
-    theirs = BenchRow(EXPANDED_SDPA, **case.common, ms=ms, flops=flops, timing=how, note="expansion not timed",
-                      nbytes=(k.numel() + v.numel()) * dtype.itemsize + q_out_bytes)  # fmt: skip
-    return [ours, theirs]
+    def check(self) -> str:
+        shape = self.case.shape
+        fp32 = kernels.prefill_attention(*self.inputs(torch.float32), backend="reference")[0]
+        same_dtype = self.baseline().transpose(1, 2).reshape(self.case.tokens, shape.heads, shape.value_dim)
+        return check_within_budget(f"m2la prefill ({self.backend})", self.run()[0], same_dtype, fp32)
+
+    def rows(self, repeats: int) -> list[BenchRow]:
+        case, shape, dtype = self.case, self.case.shape, self.case.dtype
+        flops = 2 * shape.heads * case.pairs * (shape.nope_dim + shape.rope_dim + shape.value_dim)
+        q_out_bytes = case.tokens * shape.heads * (shape.nope_dim + shape.rope_dim + shape.value_dim) * dtype.itemsize
+        ms, how = measure_ms(self.run, case.device, repeats)
+        ours = BenchRow(f"m2la latent prefill ({self.backend})", **case.common, ms=ms, flops=flops, timing=how,
+                        nbytes=case.batch * case.total * shape.latent_row_bytes(dtype) + q_out_bytes,
+                        baseline=EXPANDED_SDPA)  # fmt: skip
+        ms, how = measure_ms(self.baseline, case.device, repeats)
+        theirs = BenchRow(EXPANDED_SDPA, **case.common, ms=ms, flops=flops, timing=how, note="expansion not timed",
+                          nbytes=(self.k.numel() + self.v.numel()) * dtype.itemsize + q_out_bytes)  # fmt: skip
+        return [ours, theirs]
 
 
-def _lossless_prefill_rows(case: _PrefillCase, backend: str, repeats: int, checks: list[str] | None) -> list[BenchRow]:
+class _LosslessPrefill:
     """Ours (`grouped_prefill_attention` over the lossless layout: GQA's work from the latent cache)."""
-    from m2la.kernels import grouped_prefill_attention
 
-    shape, chunk, tokens = case.shape, case.chunk, case.batch * case.chunk
-    q = case.randn(tokens, shape.heads, shape.head_dim)  # each head's own pairs, x half then y half
-    args = (case.cache, case.cu_seqlens, case.lengths, shape.head_dim**-0.5, shape.kv_rank, shape.kv_heads, case.table)
+    def __init__(self, case: _PrefillCase, backend: str):
+        shape = case.shape
+        self.case, self.backend = case, backend
+        self.q = case.randn(case.tokens, shape.heads, shape.head_dim)  # each head's own pairs, x half then y half
+        self.scale = shape.head_dim**-0.5
 
-    def run(q=q, backend=backend):
-        return grouped_prefill_attention(q, *args, max_seqlen_q=chunk, backend=backend)
+    def run(self, q: torch.Tensor | None = None, cache: torch.Tensor | None = None, backend: str | None = None):
+        case, shape = self.case, self.case.shape
+        return kernels.grouped_prefill_attention(
+            self.q if q is None else q, case.cache if cache is None else cache, case.cu_seqlens, case.lengths,
+            self.scale, shape.kv_rank, shape.kv_heads, case.table, max_seqlen_q=case.chunk,
+            backend=backend or self.backend,
+        )  # fmt: skip
 
-    if checks is not None:
+    def check(self) -> str:
         from m2la.attention_math import grouped_attention_from_rows
         from m2la.kernels._paging import gather_cache_rows
 
-        fp32 = grouped_prefill_attention(q.float(), case.cache.float(), *args[1:], backend="reference")[0]
+        case, shape = self.case, self.case.shape
+        fp32 = self.run(self.q.float(), case.cache.float(), "reference")[0]
         rows = gather_cache_rows(case.cache, case.table, case.total)  # [b, s, r + 2p]
-        same_dtype = grouped_attention_from_rows(q.unflatten(0, (case.batch, chunk)), rows, shape.kv_rank,
-                                                 shape.kv_heads, args[3], fused_softmax=True)  # SDPA, q's dtype  # fmt: skip
-        checks.append(check_within_budget(f"m2la lossless grouped prefill ({backend})", run()[0],
-                                          same_dtype.flatten(0, 1), fp32))  # fmt: skip
-    ms, how = measure_ms(run, case.device, repeats)
-    nbytes = (
-        case.batch * case.total * shape.latent_row_bytes(case.dtype)
-        + 2 * tokens * shape.heads * shape.head_dim * case.dtype.itemsize
-    )
-    return [BenchRow(f"m2la lossless grouped prefill ({backend})", **case.common, ms=ms, nbytes=nbytes, timing=how,
-                     flops=2 * shape.heads * case.pairs * 2 * shape.head_dim, baseline=GQA_SDPA)]  # fmt: skip
+        same_dtype = grouped_attention_from_rows(self.q.unflatten(0, (case.batch, case.chunk)), rows, shape.kv_rank,
+                                                 shape.kv_heads, self.scale, fused_softmax=True)  # SDPA, q's dtype  # fmt: skip
+        return check_within_budget(f"m2la lossless grouped prefill ({self.backend})", self.run()[0],
+                                   same_dtype.flatten(0, 1), fp32)  # fmt: skip
+
+    def rows(self, repeats: int) -> list[BenchRow]:
+        case, shape, itemsize = self.case, self.case.shape, self.case.dtype.itemsize
+        ms, how = measure_ms(self.run, case.device, repeats)
+        nbytes = case.batch * case.total * shape.latent_row_bytes(case.dtype)
+        nbytes += 2 * case.tokens * shape.heads * shape.head_dim * itemsize
+        return [BenchRow(f"m2la lossless grouped prefill ({self.backend})", **case.common, ms=ms, nbytes=nbytes,
+                         timing=how, flops=2 * shape.heads * case.pairs * 2 * shape.head_dim, baseline=GQA_SDPA)]  # fmt: skip
 
 
 def _gqa_prefill_row(case: _PrefillCase, repeats: int, baseline: str) -> BenchRow:
@@ -855,8 +875,6 @@ def write_benchmark(
     slots) and rows written (fp8: one byte an element and a 4-byte scale)."""
     _check_sizes(tokens=(tokens, 1), repeats=((repeats,), 1))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    from m2la.kernels import write_latent_cache
-
     chosen = resolve_backend(backend, torch.empty(0, device=device))
     report = _new_report("cache write", device, dtype, shape, chosen, bandwidth_gbs)
     report.checks.append(_check_write(shape, dtype, device, chosen, fp8))
@@ -869,7 +887,7 @@ def write_benchmark(
         common = dict(batch=count, context=0, new_tokens=1, nbytes=nbytes, flops=0)
 
         def run(case=case):
-            write_latent_cache(case.cache, *case.inputs(), kv_scale=case.kv_scale, backend=chosen)
+            kernels.write_latent_cache(case.cache, *case.inputs(), kv_scale=case.kv_scale, backend=chosen)
 
         def unfused(case=case):
             _unfused_write(case.cache, case.kv_scale, *case.inputs())
@@ -885,7 +903,6 @@ def write_benchmark(
 def _check_write(shape: BenchShape, dtype: torch.dtype, device: torch.device, backend: str, fp8: bool) -> str:
     """The fused write of 77 rows (one skipped, slot -1) against the fp32 reference write, with the
     unfused torch write in `dtype` as the yardstick; fp8 rows compared after dequantizing."""
-    from m2la.kernels import write_latent_cache
     from m2la.quantization import dequantize_rows
 
     case = _WriteCase(shape, 77, dtype, device, fp8, seed=1)
@@ -896,9 +913,9 @@ def _check_write(shape: BenchShape, dtype: torch.dtype, device: torch.device, ba
         rows = cache.view(-1, cache.shape[-1])[case.slots[kept]]
         return rows.float() if kv_scale is None else dequantize_rows(rows, kv_scale.view(-1)[case.slots[kept]])
 
-    write_latent_cache(case.cache, *case.inputs(), kv_scale=case.kv_scale, backend=backend)
+    kernels.write_latent_cache(case.cache, *case.inputs(), kv_scale=case.kv_scale, backend=backend)
     fp32 = torch.zeros(case.cache.shape, device=device)
-    write_latent_cache(fp32, *(t.float() for t in case.inputs()[:4]), case.slots, backend="reference")
+    kernels.write_latent_cache(fp32, *(t.float() for t in case.inputs()[:4]), case.slots, backend="reference")
     torch_cache = torch.zeros_like(case.cache)
     torch_scale = None if case.kv_scale is None else torch.zeros_like(case.kv_scale)
     _unfused_write(torch_cache, torch_scale, *(t[kept] for t in case.inputs()))
