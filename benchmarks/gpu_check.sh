@@ -19,9 +19,10 @@
 # the GQA cache it came from, and a grouped decode tile sweep; "lossless_prefill" for its chunked
 # prefill (plain, grouped, SDPA with GQA) and short extends through the grouped prefill's two modes
 # and the one-decode-a-token route they replaced;
-# "bench" (run before gpu_kernels.py) for the packaged `m2la bench decode` and `m2la bench prefill` at their GPU defaults (the
-# issue's shapes; the tables users get from a pip install; vLLM's Triton MLA decode beside ours when
-# benchmarks/_third_party holds it; the lossless layout's grouped kernels) -> $OUT/bench_*.md;
+# "bench" (run before gpu_kernels.py) for the packaged `m2la bench decode | prefill | write` at their
+# GPU defaults (the shapes; the tables users get from a pip install; vLLM's Triton MLA decode
+# beside ours when benchmarks/_third_party holds it; the lossless layout's grouped kernels; 8 x 4-token
+# extends after 32K) -> $OUT/bench_*.md;
 # "flashmla" for benchmarks/flashmla_baseline.py run: FlashMLA's compiled decode (from vLLM's wheel)
 # against ours on DeepSeek's 512 + 64 layout, in a process of its own);
 # M2LA_REGISTER_FACTS=0 skips the ptxas table; M2LA_GPU_TESTS=0 skips the GPU tests and
@@ -69,8 +70,8 @@ if [ -n "$tests_pid" ]; then
 fi
 echo "== tests + compile took ${SECONDS} s =="
 
-if [[ ",$sections," == *",bench,"* ]]; then  # not in the default sections; first, as the headline tables (~2-3 minutes, 6 minutes at most)
-    echo "== m2la bench decode / prefill (the packaged microbenchmark, GPU defaults) =="
+if [[ ",$sections," == *",bench,"* ]]; then  # not a default section; first, the headline tables (~2-3 min)
+    echo "== m2la bench decode / prefill / write (the packaged microbenchmark, GPU defaults) =="
     vllm_args=()
     vllm_copy=benchmarks/_third_party/vllm_triton_decode_attention.py
     if [ -f "$vllm_copy" ]; then vllm_args=(--vllm-kernel "$vllm_copy"); fi
