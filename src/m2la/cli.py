@@ -350,8 +350,8 @@ def run_bench(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     defaults = _GPU_BENCH_DEFAULTS if device.type == "cuda" else _CPU_BENCH_DEFAULTS
     dtype = _torch_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    if args.kernel == "prefill" and (args.fp8 or args.vllm_kernel):
-        raise ValueError("--fp8 and --vllm-kernel are decode options")
+    if args.kernel == "prefill" and args.vllm_kernel:
+        raise ValueError("--vllm-kernel is a decode option")
     if args.kernel == "write":
         if args.lossless or args.vllm_kernel or args.model:
             raise ValueError("--lossless, --vllm-kernel and --model are decode and prefill options")
@@ -376,7 +376,7 @@ def run_bench(args: argparse.Namespace) -> int:
             else:
                 report = bench.prefill_benchmark(chunk=defaults["chunk"] if args.chunk is None else args.chunk,
                                                  prefixes=args.prefix or defaults["prefix"],
-                                                 batches=args.batch or [1], **common)  # fmt: skip
+                                                 batches=args.batch or [1], fp8=args.fp8, **common)  # fmt: skip
         except AssertionError as failure:  # a kernel over its error budget: nothing is timed
             print(f"m2la bench: correctness check failed: {failure}", file=sys.stderr)
             return 1
@@ -505,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--chunk", type=int, help="prefill: new tokens")
     bench.add_argument("--prefix", type=_int_list, help="prefill: comma-separated cached prefixes")
     bench.add_argument("--tokens", type=_int_list, help="write: comma-separated rows a call (default 32,4096,32768)")
-    bench.add_argument("--fp8", action="store_true", help="decode, write: an fp8 e4m3 latent cache (one scale a token)")
+    bench.add_argument("--fp8", action="store_true", help="an fp8 e4m3 latent cache (one scale a token)")
     bench.add_argument("--lossless", action="store_true",
                        help="time the lossless conversion of the --gqa attention (what m2la.convert(model) gives: "
                        "the original's bytes, the grouped kernels) instead of --kv-rank/--rope-dim")  # fmt: skip

@@ -139,8 +139,8 @@ def test_bench_cli_writes_the_report(tmp_path, capsys):
 
 
 def test_bench_cli_errors(monkeypatch, capsys):
-    assert main(["bench", "prefill", *TINY_ARGS, "--fp8"]) == 1
-    assert "--fp8 and --vllm-kernel are decode options" in capsys.readouterr().err
+    assert main(["bench", "prefill", *TINY_ARGS, "--vllm-kernel", "x.py"]) == 1
+    assert "--vllm-kernel is a decode option" in capsys.readouterr().err
     assert main(["bench", "decode", *TINY_ARGS, "--context", "0"]) == 1
     assert "contexts must be at least 1, got [0]" in capsys.readouterr().err
     for option, name in (("--batch", "batches"), ("--chunk", "chunk")):
@@ -366,3 +366,20 @@ def test_bench_write_cli(capsys):
     assert capsys.readouterr().out.count("| m2la fused cache write (reference, fp8 e4m3 cache) |") == 2
     assert main(["bench", "write", *TINY_ARGS, "--lossless"]) == 1
     assert "are decode and prefill options" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("lossless", [False, True])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_prefill_over_an_fp8_cache(backend, lossless):
+    """`fp8`: the prefill reads e4m3 rows and their scales (a byte an element plus 4 a token), gated
+    against fp32 over the dequantized rows; the baselines read them dequantized."""
+    shape = bench.BenchShape(heads=6, kv_heads=2, head_dim=32, block_size=16) if lossless else TINY
+    report = bench.prefill_benchmark(shape, chunk=7, prefixes=(20,), dtype=torch.float16, device="cpu",
+                                     backend=backend, repeats=1, bandwidth_gbs=10.0, lossless=lossless, fp8=True)  # fmt: skip
+    name = "lossless grouped prefill" if lossless else "prefill"
+    assert f"m2la {name} ({backend}, fp8 e4m3 cache): max error" in report.checks[0]
+    ours = report.rows[0]
+    assert ours.kernel.endswith(f"({backend}, fp8 e4m3 cache)")
+    width = report.shape.latent_width
+    queries_and_outputs = 7 * (2 * 6 * 32 * 2 if lossless else 3 * (20 + 12 + 24) * 2)
+    assert ours.nbytes == 27 * (width + 4) + queries_and_outputs

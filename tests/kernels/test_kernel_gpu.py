@@ -570,5 +570,5 @@ def test_bench_times_cuda_graph_replays_gpu(fp8):
     assert {row.timing for row in write.rows} == {"cuda graph"} and write.speedup(write.rows[0]) is not None
     for lossless in (False, True):
         prefill = bench.prefill_benchmark(shape, chunk=113, prefixes=(0, 300), batches=(1, 3), device="cuda",
-                                          backend="triton", repeats=3, lossless=lossless)  # fmt: skip
+                                          backend="triton", repeats=3, lossless=lossless, fp8=fp8)  # fmt: skip
         assert {row.timing for row in prefill.rows} == {"cuda graph"} and prefill.speedup(prefill.rows[0]) is not None

@@ -660,6 +660,7 @@ def prefill_benchmark(
     bandwidth_gbs: float | None = None,
     lossless: bool = False,
     batches: Sequence[int] = (1,),
+    fp8: bool = False,
 ) -> BenchReport:
     """A chunk of `chunk` new tokens a sequence (`batches`: how many sequences) after `prefix` cached
     ones, causal, through
@@ -667,7 +668,8 @@ def prefill_benchmark(
     by side with SDPA over the same layer's expanded keys and values (the issue's baseline; the
     expansion not timed) and SDPA over the GQA cache of the same length. TFLOPS count the causal
     pairs computed. `lossless` (see `decode_benchmark`): `grouped_prefill_attention` over the
-    lossless layout instead, against SDPA over the GQA cache it came from."""
+    lossless layout instead, against SDPA over the GQA cache it came from. `fp8`: the latent cache in
+    e4m3 with a scale a token (the baselines read it dequantized to `dtype`)."""
     _check_sizes(chunk=((chunk,), 1), prefixes=(prefixes, 0), batches=(batches, 1), repeats=((repeats,), 1))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if lossless:
@@ -677,11 +679,11 @@ def prefill_benchmark(
     layout = _LosslessPrefill if lossless else _LatentPrefill
     # Correctness first, on a case of the same chunk route but at most 2 sequences and 300 cached
     # tokens: the fp32 reference expands keys per head, too much memory at the timed sizes.
-    gate = _PrefillCase(shape, min(max(batches), 2), min(chunk, 512), min(max(prefixes), 300), dtype, device)
+    gate = _PrefillCase(shape, min(max(batches), 2), min(chunk, 512), min(max(prefixes), 300), dtype, device, fp8)
     report.checks.append(layout(gate, chosen).check())
     for prefix in prefixes:
         for batch in batches:
-            case = _PrefillCase(shape, batch, chunk, prefix, dtype, device)
+            case = _PrefillCase(shape, batch, chunk, prefix, dtype, device, fp8)
             report.rows += layout(case, chosen).rows(repeats)
             report.rows.append(_gqa_prefill_row(case, repeats, baseline="" if lossless else EXPANDED_SDPA))
     return report
@@ -692,19 +694,33 @@ class _PrefillCase:
     and random inputs drawn from a generator seeded by the case."""
 
     def __init__(self, shape: BenchShape, batch: int, chunk: int, prefix: int, dtype: torch.dtype,
-                 device: torch.device):  # fmt: skip
+                 device: torch.device, fp8: bool = False):  # fmt: skip
         self.shape, self.batch, self.chunk, self.prefix, self.total = shape, batch, chunk, prefix, prefix + chunk
-        self.dtype, self.device = dtype, device
+        self.dtype, self.device, self.fp8 = dtype, device, fp8
         self.tokens = batch * chunk  # query rows, packed by cu_seqlens
         self.gen = torch.Generator().manual_seed(prefix * 1000 + batch)
-        self.cache, _, self.table, self.lengths = paged_latent_cache(shape, batch, self.total, dtype, device,
-                                                                     generator=self.gen)  # fmt: skip
+        self.cache, self.kv_scale, self.table, self.lengths = paged_latent_cache(shape, batch, self.total, dtype,
+                                                                                 device, fp8, self.gen)  # fmt: skip
         self.cu_seqlens = torch.arange(0, (batch + 1) * chunk, chunk, dtype=torch.int32, device=device)  # [b + 1]
         self.common = dict(batch=batch, context=prefix, new_tokens=chunk)
         self.pairs = batch * causal_pairs(chunk, prefix)  # over the batch
 
     def randn(self, *size: int, scale: float = 1.0) -> torch.Tensor:
         return (torch.randn(*size, generator=self.gen) * scale).to(device=self.device, dtype=self.dtype)
+
+    def rows_in(self, dtype: torch.dtype) -> torch.Tensor:
+        """The paged cache in `dtype` (an fp8 cache dequantized): what the baselines and references read."""
+        if self.kv_scale is None:
+            return self.cache.to(dtype)
+        return (self.cache.float() * self.kv_scale[..., None]).to(dtype)
+
+    @property
+    def label(self) -> str:
+        return ", fp8 e4m3 cache" if self.fp8 else ""
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.batch * self.total * self.shape.latent_row_bytes(self.dtype, self.fp8)
 
     def causal_bias(self):
         from torch.nn.attention.bias import causal_lower_right
@@ -722,19 +738,22 @@ class _LatentPrefill:
         self.q_rope = case.randn(case.tokens, shape.heads, shape.rope_dim)
         self.w_uk = case.randn(shape.heads, shape.kv_rank, shape.nope_dim, scale=shape.kv_rank**-0.5)
         self.w_uv = case.randn(shape.heads, shape.kv_rank, shape.value_dim, scale=shape.kv_rank**-0.5)
-        self.q, self.k, self.v = _expanded_qkv(self.q_nope, self.q_rope, case.cache, self.w_uk, self.w_uv, case.table,
-                                               case.total, shape.kv_rank)  # fmt: skip
+        self.q, self.k, self.v = _expanded_qkv(self.q_nope, self.q_rope, case.rows_in(case.dtype), self.w_uk,
+                                               self.w_uv, case.table, case.total, shape.kv_rank)  # fmt: skip
         self.bias = case.causal_bias()
 
     def inputs(self, dtype: torch.dtype | None = None) -> tuple:
-        case, cast = self.case, (lambda t: t if dtype is None else t.to(dtype))
-        tensors = (self.q_nope, self.q_rope, case.cache, self.w_uk, self.w_uv)
-        return (*map(cast, tensors), case.cu_seqlens, case.lengths, case.shape.softmax_scale, case.table)
+        """The prefill's arguments: as timed, or (`dtype`) cast, with the cache dequantized."""
+        case = self.case
+        queries = (self.q_nope, self.q_rope) if dtype is None else (self.q_nope.to(dtype), self.q_rope.to(dtype))
+        cache = case.cache if dtype is None else case.rows_in(dtype)
+        weights = (self.w_uk, self.w_uv) if dtype is None else (self.w_uk.to(dtype), self.w_uv.to(dtype))
+        return (*queries, cache, *weights, case.cu_seqlens, case.lengths, case.shape.softmax_scale, case.table)
 
     def run(self):
         case = self.case
-        return kernels.prefill_attention(*self.inputs(), max_seqlen_q=case.chunk, max_seqlen_k=case.total,
-                                      backend=self.backend)  # fmt: skip
+        return kernels.prefill_attention(*self.inputs(), kv_scale=case.kv_scale, max_seqlen_q=case.chunk,
+                                         max_seqlen_k=case.total, backend=self.backend)  # fmt: skip
 
     def baseline(self) -> torch.Tensor:  # [b, h, t, v]
         return torch.nn.functional.scaled_dot_product_attention(self.q, self.k, self.v, attn_mask=self.bias,
@@ -744,16 +763,15 @@ class _LatentPrefill:
         shape = self.case.shape
         fp32 = kernels.prefill_attention(*self.inputs(torch.float32), backend="reference")[0]
         same_dtype = self.baseline().transpose(1, 2).reshape(self.case.tokens, shape.heads, shape.value_dim)
-        return check_within_budget(f"m2la prefill ({self.backend})", self.run()[0], same_dtype, fp32)
+        return check_within_budget(f"m2la prefill ({self.backend}{self.case.label})", self.run()[0], same_dtype, fp32)
 
     def rows(self, repeats: int) -> list[BenchRow]:
         case, shape, dtype = self.case, self.case.shape, self.case.dtype
         flops = 2 * shape.heads * case.pairs * (shape.nope_dim + shape.rope_dim + shape.value_dim)
         q_out_bytes = case.tokens * shape.heads * (shape.nope_dim + shape.rope_dim + shape.value_dim) * dtype.itemsize
         ms, how = measure_ms(self.run, case.device, repeats)
-        ours = BenchRow(f"m2la latent prefill ({self.backend})", **case.common, ms=ms, flops=flops, timing=how,
-                        nbytes=case.batch * case.total * shape.latent_row_bytes(dtype) + q_out_bytes,
-                        baseline=EXPANDED_SDPA)  # fmt: skip
+        ours = BenchRow(f"m2la latent prefill ({self.backend}{case.label})", **case.common, ms=ms, flops=flops,
+                        timing=how, nbytes=case.cache_bytes + q_out_bytes, baseline=EXPANDED_SDPA)  # fmt: skip
         ms, how = measure_ms(self.baseline, case.device, repeats)
         theirs = BenchRow(EXPANDED_SDPA, **case.common, ms=ms, flops=flops, timing=how, note="expansion not timed",
                           nbytes=(self.k.numel() + self.v.numel()) * dtype.itemsize + q_out_bytes)  # fmt: skip
@@ -770,10 +788,12 @@ class _LosslessPrefill:
         self.scale = shape.head_dim**-0.5
 
     def run(self, q: torch.Tensor | None = None, cache: torch.Tensor | None = None, backend: str | None = None):
+        """As timed, or the reference backend over the query `q` and the plain cache `cache`."""
         case, shape = self.case, self.case.shape
+        kv_scale = case.kv_scale if cache is None else None
         return kernels.grouped_prefill_attention(
             self.q if q is None else q, case.cache if cache is None else cache, case.cu_seqlens, case.lengths,
-            self.scale, shape.kv_rank, shape.kv_heads, case.table, max_seqlen_q=case.chunk,
+            self.scale, shape.kv_rank, shape.kv_heads, case.table, kv_scale=kv_scale, max_seqlen_q=case.chunk,
             backend=backend or self.backend,
         )  # fmt: skip
 
@@ -782,19 +802,18 @@ class _LosslessPrefill:
         from m2la.kernels._paging import gather_cache_rows
 
         case, shape = self.case, self.case.shape
-        fp32 = self.run(self.q.float(), case.cache.float(), "reference")[0]
-        rows = gather_cache_rows(case.cache, case.table, case.total)  # [b, s, r + 2p]
+        fp32 = self.run(self.q.float(), case.rows_in(torch.float32), "reference")[0]
+        rows = gather_cache_rows(case.rows_in(case.dtype), case.table, case.total)  # [b, s, r + 2p]
         same_dtype = grouped_attention_from_rows(self.q.unflatten(0, (case.batch, case.chunk)), rows, shape.kv_rank,
                                                  shape.kv_heads, self.scale, fused_softmax=True)  # SDPA, q's dtype  # fmt: skip
-        return check_within_budget(f"m2la lossless grouped prefill ({self.backend})", self.run()[0],
+        return check_within_budget(f"m2la lossless grouped prefill ({self.backend}{case.label})", self.run()[0],
                                    same_dtype.flatten(0, 1), fp32)  # fmt: skip
 
     def rows(self, repeats: int) -> list[BenchRow]:
         case, shape, itemsize = self.case, self.case.shape, self.case.dtype.itemsize
         ms, how = measure_ms(self.run, case.device, repeats)
-        nbytes = case.batch * case.total * shape.latent_row_bytes(case.dtype)
-        nbytes += 2 * case.tokens * shape.heads * shape.head_dim * itemsize
-        return [BenchRow(f"m2la lossless grouped prefill ({self.backend})", **case.common, ms=ms, nbytes=nbytes,
+        nbytes = case.cache_bytes + 2 * case.tokens * shape.heads * shape.head_dim * itemsize
+        return [BenchRow(f"m2la lossless grouped prefill ({self.backend}{case.label})", **case.common, ms=ms, nbytes=nbytes,
                          timing=how, flops=2 * shape.heads * case.pairs * 2 * shape.head_dim, baseline=GQA_SDPA)]  # fmt: skip
 
 
