@@ -304,8 +304,10 @@ def _gqa_layout(text: str) -> tuple[int, int]:
 
 
 # Defaults off CUDA: the reference backend on CPU cannot time the GPU shapes in reasonable time.
-_CPU_BENCH_DEFAULTS = {"batch": [1, 4], "context": [1024, 4096], "chunk": 256, "prefix": [0, 2048]}
-_GPU_BENCH_DEFAULTS = {"batch": [1, 8, 32], "context": [4096, 32768], "chunk": 4096, "prefix": [0, 16384]}
+_CPU_BENCH_DEFAULTS = {"batch": [1, 4], "context": [1024, 4096], "chunk": 256, "prefix": [0, 2048],
+                       "tokens": [32, 4096, 32768]}  # fmt: skip
+_GPU_BENCH_DEFAULTS = {"batch": [1, 8, 32], "context": [4096, 32768], "chunk": 4096, "prefix": [0, 16384],
+                       "tokens": [32, 4096, 32768]}  # fmt: skip
 
 
 _BENCH_SHAPE_OPTIONS = {"heads": "--heads", "kv_rank": "--kv-rank", "rope_dim": "--rope-dim", "nope_dim": "--nope-dim",
@@ -347,43 +349,35 @@ def _bench_layouts(args: argparse.Namespace) -> list:
 def run_bench(args: argparse.Namespace) -> int:
     from .kernels import bench
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = bench.resolve_device(args.device)
     defaults = _GPU_BENCH_DEFAULTS if device.type == "cuda" else _CPU_BENCH_DEFAULTS
     dtype = _torch_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if args.kernel == "prefill" and args.vllm_kernel:
         raise ValueError("--vllm-kernel is a decode option")
-    if args.kernel == "write":
-        if args.lossless or args.vllm_kernel or args.model:
-            raise ValueError("--lossless, --vllm-kernel and --model are decode and prefill options")
-        shape = _bench_layouts(args)[0].shape
-        report = bench.write_benchmark(shape, args.tokens or [32, 4096, 32768], dtype, device, args.backend, args.fp8,
-                                       args.repeats)  # fmt: skip
-        print(report.to_markdown(), end="")
-        if args.json:
-            _write_json_atomically(Path(args.json), report.to_json())
-        return 0
+    if args.kernel == "write" and (args.lossless or args.vllm_kernel or args.model):
+        raise ValueError("--lossless, --vllm-kernel and --model are decode and prefill options")
     layouts = _bench_layouts(args)
     vllm_module = bench.load_vllm_triton_mla(args.vllm_kernel) if args.kernel == "decode" else None
     reports = []
     for layout in layouts:
-        common = dict(shape=layout.shape, dtype=dtype, device=device, backend=args.backend, repeats=args.repeats,
-                      lossless=layout.lossless)  # fmt: skip
+        common = dict(shape=layout.shape, dtype=dtype, device=device, backend=args.backend, repeats=args.repeats)
         try:
             if args.kernel == "decode":
                 report = bench.decode_benchmark(batches=args.batch or defaults["batch"],
                                                 contexts=args.context or defaults["context"], fp8=args.fp8,
-                                                vllm_module=vllm_module, **common)  # fmt: skip
-            else:
+                                                vllm_module=vllm_module, lossless=layout.lossless, **common)  # fmt: skip
+            elif args.kernel == "prefill":
                 report = bench.prefill_benchmark(chunk=defaults["chunk"] if args.chunk is None else args.chunk,
-                                                 prefixes=args.prefix or defaults["prefix"],
-                                                 batches=args.batch or [1], fp8=args.fp8, **common)  # fmt: skip
+                                                 prefixes=args.prefix or defaults["prefix"], batches=args.batch or [1],
+                                                 fp8=args.fp8, lossless=layout.lossless, **common)  # fmt: skip
+            else:
+                report = bench.write_benchmark(tokens=args.tokens or defaults["tokens"], fp8=args.fp8, **common)
         except AssertionError as failure:  # a kernel over its error budget: nothing is timed
             print(f"m2la bench: correctness check failed: {failure}", file=sys.stderr)
             return 1
         if layout.layers:
-            print(
-                f"## {args.model}: {_layer_span(layout.layers)}{' (lossless, grouped kernels)' if layout.lossless else ''}\n"
-            )
+            grouped = " (lossless, grouped kernels)" if layout.lossless else ""
+            print(f"## {args.model}: {_layer_span(layout.layers)}{grouped}\n")
         print(report.to_markdown())
         reports.append({"layers": list(layout.layers), "report": report.to_json()})
     if args.json:

@@ -16,6 +16,7 @@ Importing this module imports neither triton nor anything CUDA; timing on CUDA u
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -27,9 +28,10 @@ import torch
 from m2la import kernels  # called as kernels.<op>, so the ops are looked up (and can be patched) at call time
 from m2la.backends import resolve_backend
 
-# The baselines' row labels
+# The baselines' row labels, and what an fp8 cache adds to a kernel's
 GQA_SDPA = "SDPA over the GQA cache"
 EXPANDED_SDPA = "SDPA over expanded K/V"
+FP8_LABEL = ", fp8 e4m3 cache"
 
 # --- shapes and row accounting -------------------------------------------------------------------
 
@@ -300,7 +302,7 @@ def measure_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> 
     """(ms, how): on CUDA a CUDA-graph replay, as a serving engine runs decode, else eager calls
     (a call that cannot be captured); off CUDA the median wall time."""
     if device.type == "cuda":
-        with torch.cuda.device(device):  # streams, graphs and do_bench's buffers on `device`, not the current one
+        with _on_device(device):
             try:
                 return graph_ms(fn, device, repeats), "cuda graph"
             except Exception:  # noqa: BLE001  (not capturable: a host sync inside; time it eagerly)
@@ -309,16 +311,23 @@ def measure_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> 
     return time_ms(fn, device, repeats, warmup=min(3, repeats)), "wall"
 
 
+def _on_device(device: torch.device):
+    """Streams, graphs and do_bench's buffers on `device`, not on the current CUDA device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """`device`, or CUDA when there is one, else the CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def copy_bandwidth_gbs(device: torch.device, nbytes: int | None = None) -> float:
     """Device-to-device copy bandwidth (bytes read + bytes written) over `nbytes` buffers (default
     1 GiB on CUDA, far past L2; 256 MiB elsewhere)."""
     nbytes = nbytes or (2**30 if device.type == "cuda" else 2**28)
     src = torch.empty(nbytes // 2, dtype=torch.float16, device=device).uniform_(-1, 1)
     dst = torch.empty_like(src)
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            ms = time_ms(lambda: dst.copy_(src), device)
-    else:
+    with _on_device(device):
         ms = time_ms(lambda: dst.copy_(src), device)
     return 2 * src.numel() * src.element_size() / ms / 1e6
 
@@ -415,23 +424,35 @@ class _OurDecode:
     def __call__(self, q, cache, lengths, table, kv_scale, backend):
         shape = self.shape
         if self.lossless:
-            return kernels.grouped_decode_attention(q, cache, lengths, self.scale, shape.kv_rank, shape.kv_heads, table,
-                                            kv_scale=kv_scale, backend=backend)  # fmt: skip
-        return kernels.decode_attention(
-            q, cache, lengths, self.scale, shape.kv_rank, table, kv_scale=kv_scale, backend=backend
-        )
+            return kernels.grouped_decode_attention(q, cache, lengths, self.scale, shape.kv_rank, shape.kv_heads,
+                                                    table, kv_scale=kv_scale, backend=backend)  # fmt: skip
+        return kernels.decode_attention(q, cache, lengths, self.scale, shape.kv_rank, table, kv_scale=kv_scale,
+                                        backend=backend)  # fmt: skip
+
+
+def _check_context(shape: BenchShape) -> int:
+    """The decode gates' longest sequence: 3 pages and 5 tokens (not a multiple of the page)."""
+    return 3 * shape.block_size + 5
+
+
+def _decode_check_case(kernel: _OurDecode, dtype: torch.dtype, device: torch.device, fp8: bool) -> tuple:
+    """The decode gates' case, 3 sequences (one of 1 token) of up to `_check_context` tokens -> (q
+    `[3, h, query width]`, cache, kv_scale, block table, lengths, the cache in fp32, dequantized)."""
+    from m2la.quantization import dequantize_rows
+
+    shape = kernel.shape
+    gen = torch.Generator().manual_seed(0)
+    cache, kv_scale, table, lengths = paged_latent_cache(shape, 3, _check_context(shape), dtype, device, fp8, gen)
+    lengths[1] = 1
+    q = torch.randn(3, shape.heads, kernel.query_width, generator=gen).to(device=device, dtype=dtype)
+    cache32 = cache.float() if kv_scale is None else dequantize_rows(cache, kv_scale)
+    return q, cache, kv_scale, table, lengths, cache32
 
 
 def _check_decode(kernel: _OurDecode, dtype: torch.dtype, device: torch.device, backend: str, fp8: bool) -> str:
-    """Decode of 3 sequences (one of 1 token, one not a multiple of the page) through `backend`
-    against the fp32 reference, before any timing."""
-    shape = kernel.shape
-    gen = torch.Generator().manual_seed(0)
-    cache, kv_scale, table, lengths = paged_latent_cache(shape, 3, 3 * shape.block_size + 5, dtype, device, fp8, gen)
-    lengths[1] = 1
-    q = torch.randn(3, shape.heads, kernel.query_width, generator=gen).to(device=device, dtype=dtype)
+    """Our decode through `backend` on `_decode_check_case` against the fp32 reference, before any timing."""
+    q, cache, kv_scale, table, lengths, cache32 = _decode_check_case(kernel, dtype, device, fp8)
     out, _ = kernel(q, cache, lengths, table, kv_scale, backend)
-    cache32 = cache.float() if kv_scale is None else cache.float() * kv_scale[..., None]
     fp32, _ = kernel(q.float(), cache32, lengths, table, None, "reference")
     torch_dtype = kernel.in_torch(q, cache32.to(dtype), lengths, table)
     name = "m2la lossless grouped decode" if kernel.lossless else "m2la decode"
@@ -440,17 +461,12 @@ def _check_decode(kernel: _OurDecode, dtype: torch.dtype, device: torch.device, 
 
 def _check_vllm_decode(module, shape: BenchShape, dtype: torch.dtype, device: torch.device) -> str:
     """`_check_decode` for vLLM's kernel (bf16/fp16 caches only)."""
-    gen = torch.Generator().manual_seed(0)
-    context = 3 * shape.block_size + 5
-    cache, _, table, lengths = paged_latent_cache(shape, 3, context, dtype, device, generator=gen)
-    lengths[1] = 1
-    q = torch.randn(3, shape.heads, shape.latent_width, generator=gen).to(device=device, dtype=dtype)
-    out, _ = vllm_mla_decode(module, q, cache, table, lengths, shape.softmax_scale, shape.kv_rank, context,
+    kernel = _OurDecode(shape, lossless=False)
+    q, cache, _, table, lengths, cache32 = _decode_check_case(kernel, dtype, device, fp8=False)
+    out, _ = vllm_mla_decode(module, q, cache, table, lengths, kernel.scale, shape.kv_rank, _check_context(shape),
                              _sm_count(device))  # fmt: skip
-    fp32, _ = kernels.decode_attention(q.float(), cache.float(), lengths, shape.softmax_scale, shape.kv_rank, table,
-                               backend="reference")  # fmt: skip
-    torch_dtype = _OurDecode(shape, lossless=False).in_torch(q, cache, lengths, table)
-    return check_within_budget("vLLM Triton MLA decode", out, torch_dtype, fp32)
+    fp32, _ = kernel(q.float(), cache32, lengths, table, None, "reference")
+    return check_within_budget("vLLM Triton MLA decode", out, kernel.in_torch(q, cache, lengths, table), fp32)
 
 
 # --- vLLM's Triton MLA decode, where it imports ---------------------------------------------------
@@ -559,7 +575,7 @@ def decode_benchmark(
     `shape.kv_rank` and `shape.rope_dim` say: rows of `kv_heads x head_dim` latent plus as wide a
     RoPE key (the original cache's bytes), decoded by `grouped_decode_attention` (GQA's work)."""
     _check_sizes(batches=(batches, 1), contexts=(contexts, 1), repeats=((repeats,), 1))
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     if lossless:
         shape = lossless_shape(shape)
     kernel = _OurDecode(shape, lossless)
@@ -577,9 +593,10 @@ def decode_benchmark(
         except Exception as error:  # noqa: BLE001  (theirs failing must not sink our report)
             report.checks.append(f"vLLM Triton MLA decode: not timed ({type(error).__name__}: {error})")
             vllm_module = None
-    ours = f"m2la {'lossless grouped' if lossless else 'latent'} decode ({chosen}{', fp8 e4m3 cache' if fp8 else ''})"
+    ours = f"m2la {'lossless grouped' if lossless else 'latent'} decode ({chosen}{FP8_LABEL if fp8 else ''})"
     sdpa = GQA_SDPA
     flash = _flash_attn_kvcache() if device.type == "cuda" else None
+    sms = _sm_count(device)  # vLLM's split rule; read once, not inside a timed call
     for context in contexts:
         for batch in batches:
             common = dict(batch=batch, context=context, new_tokens=1)
@@ -606,7 +623,7 @@ def decode_benchmark(
 
                     def theirs(q=q, cache=cache, lengths=lengths, table=table, context=context):
                         return vllm_mla_decode(vllm_module, q, cache, table, lengths, shape.softmax_scale,
-                                               shape.kv_rank, context, _sm_count(device))  # fmt: skip
+                                               shape.kv_rank, context, sms)  # fmt: skip
 
                     ms, how = measure_ms(theirs, device, repeats)
                     report.rows.append(BenchRow(vllm, **common, ms=ms, nbytes=latent_bytes, flops=latent_flops,
@@ -671,7 +688,7 @@ def prefill_benchmark(
     lossless layout instead, against SDPA over the GQA cache it came from. `fp8`: the latent cache in
     e4m3 with a scale a token (the baselines read it dequantized to `dtype`)."""
     _check_sizes(chunk=((chunk,), 1), prefixes=(prefixes, 0), batches=(batches, 1), repeats=((repeats,), 1))
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     if lossless:
         shape = lossless_shape(shape)
     chosen = resolve_backend(backend, torch.empty(0, device=device))
@@ -710,13 +727,15 @@ class _PrefillCase:
 
     def rows_in(self, dtype: torch.dtype) -> torch.Tensor:
         """The paged cache in `dtype` (an fp8 cache dequantized): what the baselines and references read."""
+        from m2la.quantization import dequantize_rows
+
         if self.kv_scale is None:
             return self.cache.to(dtype)
-        return (self.cache.float() * self.kv_scale[..., None]).to(dtype)
+        return dequantize_rows(self.cache, self.kv_scale, dtype)
 
     @property
     def label(self) -> str:
-        return ", fp8 e4m3 cache" if self.fp8 else ""
+        return FP8_LABEL if self.fp8 else ""
 
     @property
     def cache_bytes(self) -> int:
@@ -843,19 +862,17 @@ UNFUSED_WRITE = "torch, unfused (rotate, concatenate, index_copy_)"
 
 
 def _unfused_write(cache, scale_rows, latent, k_rope, cos, sin, slots) -> None:
-    """What a framework does without the fused kernel: RoPE on the key in the inputs' dtype, the
-    row concatenated, (fp8: quantized, `m2la.quantization`), then copied into the flat cache."""
+    """What m2la does without the fused kernel: RoPE on the key in the inputs' dtype, the row
+    concatenated (fp8: quantized, `m2la.quantization`), then copied into the cache's slots."""
+    from m2la.cache import copy_rows_at
     from m2la.quantization import is_fp8, quantize_rows
+    from m2la.rope import apply_rope_half
 
-    x, y = k_rope.chunk(2, dim=-1)  # [t, p] each
-    cos, sin = cos.to(k_rope.dtype), sin.to(k_rope.dtype)
-    rows = torch.cat((latent, x * cos - y * sin, x * sin + y * cos), dim=-1)  # [t, r + 2p]
-    flat = cache.view(-1, cache.shape[-1])  # [pages * page size, r + 2p]
+    rows = torch.cat((latent, apply_rope_half(k_rope, cos, sin)), dim=-1)  # [t, r + 2p]
     if is_fp8(cache.dtype):
         rows, scales = quantize_rows(rows, cache.dtype)
-        scale_rows.view(-1).index_copy_(0, slots, scales)
-        flat, rows = flat.view(torch.uint8), rows.view(torch.uint8)  # CPU torch has no fp8 index_copy_
-    flat.index_copy_(0, slots, rows.to(flat.dtype))
+        copy_rows_at(scale_rows.view(1, -1), slots, scales[None])
+    copy_rows_at(cache.view(1, -1, cache.shape[-1]), slots, rows[None])  # slots of [1, pages * page size, r + 2p]
 
 
 class _WriteCase:
@@ -893,11 +910,11 @@ def write_benchmark(
     the same write done by unfused torch ops. Bytes: inputs read (latent, RoPE key, fp32 cos/sin,
     slots) and rows written (fp8: one byte an element and a 4-byte scale)."""
     _check_sizes(tokens=(tokens, 1), repeats=((repeats,), 1))
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     chosen = resolve_backend(backend, torch.empty(0, device=device))
     report = _new_report("cache write", device, dtype, shape, chosen, bandwidth_gbs)
     report.checks.append(_check_write(shape, dtype, device, chosen, fp8))
-    ours = f"m2la fused cache write ({chosen}{', fp8 e4m3 cache' if fp8 else ''})"
+    ours = f"m2la fused cache write ({chosen}{FP8_LABEL if fp8 else ''})"
     for count in tokens:
         case = _WriteCase(shape, count, dtype, device, fp8, seed=count)
         nbytes = count * (
