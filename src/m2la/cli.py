@@ -483,7 +483,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--heads", type=int, help="query heads (default 32)")
     bench.add_argument("--kv-rank", type=int, help="latent rank r, the cached latent's width (default 896)")
     bench.add_argument("--rope-dim", type=int, help="width of the shared RoPE key, 2 x rotary pairs (default 128)")
-    bench.add_argument("--nope-dim", type=int, help="per-head no-RoPE query/key width, prefill (default 128)")
+    bench.add_argument(
+        "--nope-dim",
+        type=int,
+        help="per-head no-RoPE query/key width (default 128; 0: the decode takes RoPE-only queries)",
+    )
     bench.add_argument("--value-dim", type=int, help="per-head value width, prefill (default 128)")
     bench.add_argument("--gqa", type=_gqa_layout, metavar="KVxD",
                        help="the uncompressed baseline's KV heads x head dim (default 8x128)")  # fmt: skip

@@ -389,7 +389,10 @@ class M2LAttention(nn.Module):
             w_group = grouped_value_maps(w_uv, groups).to(out_group.dtype)
             return torch.einsum("bthr,hvr->bthv", out_group.view(b, t, h, -1), w_group)
         if t == 1:
-            q = torch.cat((attention_math.absorb_query(q_nope, w_uk), q_rope), dim=-1)[:, 0]  # [b, h, r + 2p]
+            if c.qk_nope_dim == 0:  # no latent query: the kernel scores the RoPE key alone
+                q = q_rope[:, 0]  # [b, h, 2p]
+            else:
+                q = torch.cat((attention_math.absorb_query(q_nope, w_uk), q_rope), dim=-1)[:, 0]  # [b, h, r + 2p]
             out_latent, _ = kernels.decode_attention(
                 q, rows, seqlens, c.softmax_scale, c.kv_rank, kv_start=starts, kv_scale=kv_scale
             )

@@ -142,17 +142,20 @@ TMA_896 = dict(HEADS_ON_N=True, LATENT_PIECES=True, TMA=True, BLOCK_N=64, num_wa
 TMA_448 = dict(HEADS_ON_N=True, LATENT_PIECES=True, TMA=True, BLOCK_N=64, num_warps=4, num_stages=2)
 
 
-def decode_case(heads, kv_rank, rope_dim, dtype="fp16", cache_dtype=None, paged=True, packed=False, **overrides):
+def decode_case(
+    heads, kv_rank, rope_dim, dtype="fp16", cache_dtype=None, paged=True, packed=False, rope_only=False, **overrides
+):  # fmt: skip
     """`cache_dtype` "fp8e4nv": an fp8 cache with per-token scales, q in `dtype`; `paged=False`: a
     contiguous `[b, s, r + 2p]` cache (what TMA tiles read); `packed`: query blocks of a chunk's
-    tokens x the heads on the rows (a chunked prefill's decode route)."""
+    tokens x the heads on the rows (a chunked prefill's decode route); `rope_only`: an n = 0
+    layer's RoPE-only queries."""
     fp8 = cache_dtype is not None and cache_dtype.startswith("fp8")
     cfg = {**decode.decode_config(heads, kv_rank, rope_dim, interpret=False, fp8=fp8), **overrides}
     cfg = decode.resolve_latent_pieces(cfg, kv_rank)
     kernel, tiles = decode.split_kernel_for(cfg, kv_rank)
     consts = dict(PAGED=paged, PAGE_TILE=cfg["PAGE_TILE"], HAS_KV_START=False, DOT_PRECISION="tf32",
                   HAS_SCALE=cache_dtype is not None, SPLIT_BY_LENGTH=cfg.get("SPLIT_BY_LENGTH", True),
-                  PACKED=packed, BLOCK_N=cfg["BLOCK_N"], **tiles)  # fmt: skip
+                  PACKED=packed, ROPE_ONLY=rope_only, BLOCK_N=cfg["BLOCK_N"], **tiles)  # fmt: skip
     ptrs = {"q_ptr": f"*{dtype}", "kv_ptr": f"*{cache_dtype or dtype}", "block_table_ptr": "*i32",
             "seqlens_ptr": "*i32", "kv_start_ptr": "*i32", "kv_scale_ptr": "*fp32", "cu_seqlens_q_ptr": "*i32",
             "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32"}  # fmt: skip
@@ -268,6 +271,10 @@ def main() -> None:
         "decode_h32_r1024_rope1024_lossless": decode_case(32, 1024, 1024, "bf16"),
         "decode_h28_r512_rope512_lossless": decode_case(28, 512, 512, "bf16"),
         "decode_h9_r192_rope192_lossless": decode_case(9, 192, 192, "bf16"),
+        # ... fine-tuned out of their grouped form (n = 0, plain decode): RoPE-only queries
+        "decode_h32_r1024_rope1024_rope_only": decode_case(32, 1024, 1024, "bf16", rope_only=True),
+        "decode_h28_r512_rope512_rope_only": decode_case(28, 512, 512, "bf16", rope_only=True),
+        "decode_h9_r192_rope192_rope_only": decode_case(9, 192, 192, "bf16", rope_only=True),
         # the same three through the grouped decode (each KV group's heads read only its 2 x 128 columns)
         "grouped_decode_h32_g8_d128": grouped_decode_case(32, 8, 128),
         "grouped_decode_h28_g4_d128": grouped_decode_case(28, 4, 128),

@@ -210,6 +210,24 @@ def test_vllm_decode_is_timed_beside_ours_once_it_passes_the_gate():
     assert "not timed (it reads no fp8 cache)" in fp8.checks[1] and len(fp8.rows) == 2
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_rope_only_layout_decodes_rope_only_queries(backend):
+    """A plain layout with no no-RoPE part (`nope_dim` 0: a lossless conversion fine-tuned out of its
+    grouped form) decodes `[b, h, 2p]` queries as its layers do, counting 2p + r FLOPs a head and
+    key, not 2r + 2p; vLLM's kernel gets the zero-padded full query and passes the same gate."""
+    from dataclasses import replace
+
+    shape = replace(TINY, nope_dim=0)
+    standin = VllmStandIn()
+    report = bench.decode_benchmark(shape, batches=(2,), contexts=(40,), dtype=torch.float16, device="cpu",
+                                    backend=backend, repeats=1, bandwidth_gbs=10.0, vllm_module=standin)  # fmt: skip
+    assert f"m2la decode ({backend})" in report.checks[0] and report.checks[1].startswith("vLLM Triton MLA decode:")
+    ours, theirs, _ = report.rows
+    assert ours.flops == 2 * 3 * 2 * 40 * (12 + 44) and theirs.flops == ours.flops
+    assert ours.nbytes == 2 * 40 * 56 * 2 + 2 * 3 * (12 + 44) * 2  # the cache, RoPE queries in, latent out
+    assert main(["bench", "decode", *TINY_ARGS[:6], "--nope-dim", "0", *TINY_ARGS[8:], "--backend", backend]) == 0
+
+
 def test_vllm_kernel_loading(tmp_path, monkeypatch):
     copy = tmp_path / "triton_decode_attention.py"
     copy.write_text("def decode_attention_fwd(*args, **kwargs):\n    raise NotImplementedError\n")

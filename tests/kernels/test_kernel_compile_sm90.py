@@ -61,6 +61,8 @@ LOSSLESS_DECODE_CASES = [
     "decode_h28_r512_rope512_lossless",
     "decode_h9_r192_rope192_lossless",
 ]
+# ... fine-tuned out of their grouped form: n = 0 layers through the plain decode, RoPE-only queries.
+ROPE_ONLY_DECODE_CASES = [case.replace("lossless", "rope_only") for case in LOSSLESS_DECODE_CASES]
 # The grouped decode of the same lossless conversions (`grouped_decode_attention`): one KV group's
 # heads over its 2 x 128 (SmolLM2: 2 x 64) columns, fp8 cache too.
 GROUPED_DECODE_CASES = [
@@ -92,6 +94,7 @@ ALL_CASES = [
     "decode_h32_r448_rope64_fp8_transposed_keys_fp16",
     "decode_h32_r448_rope64_fp8_pieces",
     *LOSSLESS_DECODE_CASES,
+    *ROPE_ONLY_DECODE_CASES,
     *WGMMA_CASES,
 ]
 
@@ -226,6 +229,17 @@ def test_sm90_grouped_decode_tiles_are_light(compiled, case):
     facts = compiled[case]
     assert facts["spill_stores"] == 0 and facts["registers"] <= 128, facts
     assert facts["shared"] <= 64 * 1024, facts
+
+
+@pytest.mark.parametrize("case", LOSSLESS_DECODE_CASES)
+def test_sm90_rope_only_queries_issue_fewer_mmas_a_cache_token(compiled, case):
+    """An n = 0 layer's RoPE-only query skips the zero latent query's MMAs: fewer MMA instructions a
+    cache token than the same layer's full query, and a tile of at least as many tokens (at 32 heads
+    over 1024 + 1024 the shared memory freed by the latent query lets 32-token tiles fit, not 16)."""
+    full, rope_only = compiled[case], compiled[case.replace("lossless", "rope_only")]
+    per_token = {k: (f["wgmma"] + f["mma_sync"]) / f["BLOCK_N"] for k, f in (("full", full), ("rope", rope_only))}
+    assert per_token["rope"] < per_token["full"], (per_token, full, rope_only)
+    assert rope_only["BLOCK_N"] >= full["BLOCK_N"], (full, rope_only)
 
 
 @pytest.mark.parametrize("layout", ["r896_rope128", "r448_rope64"])

@@ -154,6 +154,48 @@ def test_triton_single_d_variants(config, kv_start):
     assert_close_with_lse(out, lse, ref_out, ref_lse, atol=2e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        None,  # the interpreter default: latent chunks of BLOCK_D
+        dict(BLOCK_D=64, BLOCK_V=32),  # resident, two value tiles loaded separately: no latent key tile
+        dict(BLOCK_D=64, BLOCK_V=64),  # resident, values from the latent tile
+        dict(HEADS_ON_N=True, LATENT_PIECES=True),
+        dict(HEADS_ON_N=False, LATENT_PIECES=True),
+        dict(HEADS_ON_N=False, LATENT_PIECES=True, TRANSPOSED_KEYS=True),
+    ],
+    ids=["chunked", "resident-q", "values-from-keys", "pieces-heads-on-n", "pieces-heads-on-m", "transposed-keys"],
+)
+def test_rope_only_query_scores_the_rope_key_alone(config, dtype):
+    """An n = 0 layer passes its RoPE query `[b, h, 2p]` alone: through every tiling, the result of
+    the zero-padded full query (fp64 oracle), NaN in the unused slots."""
+    from m2la.kernels.latent_decode.triton import latent_decode_triton
+
+    seqlens, kv_rank = [0, 1, 63, 37], 60
+    q, cache, table, lens = make_case(7, kv_rank, 16, seqlens, 16, dtype, seed=17)
+    q[..., :kv_rank] = 0.0
+    q_rope = q[..., kv_rank:].contiguous()
+    start = torch.tensor([0, 0, 9, 30], dtype=torch.int32)
+    out, lse = latent_decode_triton(q_rope, cache, lens, 0.2, kv_rank, table, start, num_splits=3, config=config)
+    ref_out, ref_lse = decode_fp64(q.double(), cache.double(), table, seqlens, 0.2, kv_rank, start)
+    tol = TOL[dtype]
+    assert_close_with_lse(out.float(), lse, ref_out.float(), ref_lse.float(), atol=tol, rtol=tol)
+    if config is None:  # the op, both backends
+        for backend in ("reference", "triton"):
+            out_op, lse_op = decode_attention(q_rope, cache, lens, 0.2, kv_rank, table, start, backend=backend)
+            assert_close_with_lse(out_op.float(), lse_op, ref_out.float(), ref_lse.float(), atol=tol, rtol=tol)
+
+
+def test_decode_refuses_a_query_of_neither_width():
+    q, cache, table, lens = make_case(3, 48, 16, [5, 9], 16, torch.float32)
+    for width in (63, 15, 17):
+        with pytest.raises(ValueError, match=r"expected q \[b, h, r\+2p\] = \[.., .., 64\] or its RoPE part"):
+            decode_attention(q[..., :width], cache, lens, 0.2, 48, table, backend="reference")
+    with pytest.raises(ValueError, match=r"kv_rank=65 must be in \(0, 64\]"):
+        decode_attention(q, cache, lens, 0.2, 65, table, backend="reference")
+
+
 @pytest.mark.parametrize("heads_on_n", [False, True], ids=["heads-on-m", "heads-on-n"])
 def test_triton_head_tiles_match_fp64(heads_on_n):
     """33 heads in 16-head tiles (the two-programs-per-SM sweep tile): three head tiles, the last
@@ -529,14 +571,16 @@ def test_resident_tilings_against_reference(heads, dtype):
     start_frac=st.floats(0.0, 1.0),
     fp8=st.booleans(),
     tiling=st.sampled_from(["default", "heads_on_n", "pieces", "pieces_heads_on_m", "transposed_keys_fp16"]),
+    rope_only=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_triton_matches_fp64_over_random_layouts(
-    heads, kv_rank, rope_half, block_size, lengths, splits, start_frac, fp8, tiling, seed
+    heads, kv_rank, rope_half, block_size, lengths, splits, start_frac, fp8, tiling, rope_only, seed
 ):
     """Any head count, latent/RoPE width, page size, lengths (0 included), split count (0 = the
-    launcher's choice, or more splits than tiles), left padding, fp8 or not, any tiling: the
-    kernel matches the fp64 oracle over the rows the cache holds (NaN in every unused slot)."""
+    launcher's choice, or more splits than tiles), left padding, fp8 or not, any tiling, a full or a
+    RoPE-only query (n = 0 layers): the kernel matches the fp64 oracle over the rows the cache holds
+    (NaN in every unused slot)."""
     from kernel_cases import random_quantized_paged_cache
 
     from m2la.kernels.latent_decode.triton import latent_decode_triton
@@ -550,6 +594,8 @@ def test_triton_matches_fp64_over_random_layouts(
         cache, table = random_paged_cache(lengths, width, block_size, torch.float32, seed=seed)
         scale, rows = None, cache
     q = torch.randn(len(lengths), heads, width, generator=torch.Generator().manual_seed(seed))
+    if rope_only:  # the oracle scores the zero latent query; the kernel gets the RoPE query alone
+        q[..., :kv_rank] = 0.0
     lens, start = torch.tensor(lengths, dtype=torch.int32), torch.tensor(kv_start, dtype=torch.int32)
     config = {
         "default": None,
@@ -559,7 +605,8 @@ def test_triton_matches_fp64_over_random_layouts(
         # fp8 tiles widened to fp16 (q in fp16 after a power-of-two shift): fp16's rounding budget
         "transposed_keys_fp16": dict(HEADS_ON_N=False, LATENT_PIECES=True, TRANSPOSED_KEYS=True, FP8_AS_FP16=fp8),
     }[tiling]
-    out, lse = latent_decode_triton(q, cache, lens, 0.2, kv_rank, table, start, splits, config, kv_scale=scale)
+    q_kernel = q[..., kv_rank:].contiguous() if rope_only else q
+    out, lse = latent_decode_triton(q_kernel, cache, lens, 0.2, kv_rank, table, start, splits, config, kv_scale=scale)
     ref_out, ref_lse = decode_fp64(q, rows, table, lengths, 0.2, kv_rank, kv_start)
     tol = 4e-3 if config and config.get("FP8_AS_FP16") else 3e-5
     assert_close_with_lse(out, lse, ref_out.float(), ref_lse.float(), atol=tol, rtol=tol / 3)

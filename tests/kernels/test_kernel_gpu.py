@@ -61,6 +61,33 @@ def test_decode_gpu(heads, kv_rank, rope_dim, dtype):
     within_budget(out, decode_lowp_torch(q, cache, table, lens, scale, kv_rank), ref_out, "decode")
 
 
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16-cache", "fp8-cache"])
+@pytest.mark.parametrize("heads,kv_rank,rope_dim", [(32, 1024, 1024), (28, 512, 512), (9, 192, 192)])
+def test_rope_only_decode_gpu(heads, kv_rank, rope_dim, fp8):
+    """n = 0 layers (lossless conversions of Llama-3-8B, Qwen2.5-7B and SmolLM2 fine-tuned out of
+    their grouped form) decode RoPE-only queries at their default tiles: within 2x torch bf16's
+    error of the zero-padded full query's fp32 result."""
+    seqlens = [0, 1, 63, 1000, 4097]
+    if fp8:
+        cache, kv_scale, table = fp8_paged_case(seqlens, kv_rank + rope_dim, torch.float8_e4m3fn, seed=heads)
+        rows = cache.float() * kv_scale[..., None]
+    else:
+        cache, table = random_paged_cache(seqlens, kv_rank + rope_dim, 64, torch.bfloat16, seed=heads)
+        cache, table, kv_scale = cache.cuda(), table.cuda(), None
+        rows = cache.float()
+    q_rope = torch.randn(len(seqlens), heads, rope_dim, device="cuda").to(torch.bfloat16)
+    q_full = torch.cat((q_rope.new_zeros(len(seqlens), heads, kv_rank), q_rope), dim=-1)
+    lens = torch.tensor(seqlens, dtype=torch.int32, device="cuda")
+    scale = rope_dim**-0.5
+    out, lse = decode_attention(q_rope, cache, lens, scale, kv_rank, table, kv_scale=kv_scale, backend="triton")
+    ref_out, ref_lse = decode_attention(q_full.float(), rows, lens, scale, kv_rank, table, backend="reference")
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[finite], ref_lse[finite], atol=2e-2, rtol=1e-3)
+    lowp = decode_lowp_torch(q_full, rows.to(torch.bfloat16), table, lens, scale, kv_rank)
+    within_budget(out, lowp, ref_out, "rope-only decode")
+
+
 @pytest.mark.parametrize("dtype", LOWP, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("heads,groups,head_dim", [(32, 8, 128), (28, 4, 128), (9, 3, 64), (7, 7, 48)])
 def test_grouped_decode_gpu(heads, groups, head_dim, dtype):

@@ -97,6 +97,10 @@ def test_mode_rule():
     assert choose_prefill_mode(55, 1, 448, 128, 128, 64) == "decode"
     assert choose_prefill_mode(56, 1, 448, 128, 128, 64) == "expanded"
     assert choose_prefill_mode(10**6, 1, 16, 128, 128) == "decode"  # 2c r <= n + v: never expand
+    # n = 0 (a lossless 8 x 128 layer fine-tuned out of its grouped form): RoPE-only queries score 2p,
+    # not r + 2p, so the decode route holds longer: 131072 / (2.5 * 2048 - 1152) = 33.0 tokens
+    assert choose_prefill_mode(33, 1, 1024, 0, 128, 1024) == "decode"
+    assert choose_prefill_mode(34, 1, 1024, 0, 128, 1024) == "expanded"
 
 
 KV_START = [3, 0, 50]  # hides padding keys; in the third sequence the first 7 new queries see nothing
@@ -246,13 +250,15 @@ def test_key_tile_regions_match_fp64(new_len, cached, start_frac, block_m, block
     start_frac=st.floats(0.0, 1.0),
     contiguous=st.booleans(),
     packed=st.booleans(),
+    shape=st.sampled_from(["r48", "lossless-n0"]),
 )
-def test_decode_route_matches_fp64(new_lens, cached, start_frac, contiguous, packed):
+def test_decode_route_matches_fp64(new_lens, cached, start_frac, contiguous, packed, shape):
     """The decode route (one split-KV decode per query token, or with `max_seqlen_q` given packed
     blocks of tokens x the 3 heads): each token sees its own causal prefix, hidden rows before
-    kv_start hold NaN, empty chunks and a contiguous cache included."""
+    kv_start hold NaN, empty chunks and a contiguous cache included; n = 0 layers send RoPE-only
+    queries."""
     cached = cached[: len(new_lens)]
-    case = make_case(3, *SHAPES["r48"], new_lens, cached, 16, torch.float32, seed=sum(new_lens) + sum(cached))
+    case = make_case(3, *SHAPES[shape], new_lens, cached, 16, torch.float32, seed=sum(new_lens) + sum(cached))
     q_nope, q_rope, cache, w_uk, w_uv, cu, seqlens, table = case
     kv_start = [int(start_frac * length) for length in seqlens.tolist()]
     for seq, hidden in enumerate(kv_start):
@@ -498,6 +504,36 @@ def test_packed_plain_decode_matches_fp64(heads, block_h, tiling, poisoned_parti
     assert_close_with_lse(out, lse, ref_out, ref_lse, atol=TOL[torch.float32])
     ((part_out, part_lse),) = poisoned_partials
     assert not part_lse.isnan().any() and (part_lse == float("-inf")).any()
+
+
+@pytest.mark.parametrize("tiling", [*PACKED_TILINGS, "tma"])
+def test_packed_rope_only_decode_matches_fp64(tiling):
+    """Packed blocks of an n = 0 layer's RoPE-only queries `[tq, h, 2p]` (7 heads, 2 tokens a
+    16-row block): the zero-padded queries' result in fp64, NaN past each sequence's end."""
+    from kernel_cases import random_contiguous_cache
+
+    from m2la.kernels.latent_decode.triton import latent_decode_triton
+
+    new, cached, heads, kv_rank, rope = [1, 2, 3, 5, 0], [0, 17, 40, 3, 5], 7, 44, 12
+    seqlens = [n + c for n, c in zip(new, cached, strict=True)]
+    cu = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(int(cu[-1]), heads, kv_rank + rope, generator=torch.Generator().manual_seed(4))
+    q[..., :kv_rank] = 0.0
+    if tiling == "tma":
+        cache, table = random_contiguous_cache(seqlens, kv_rank + rope, max(seqlens) + 4, torch.float32, seed=5), None
+        rows = [cache[i, :n] for i, n in enumerate(seqlens)]
+        config = dict(HEADS_ON_N=True, LATENT_PIECES=True, TMA=True, BLOCK_H=16)
+    else:
+        cache, table = random_paged_cache(seqlens, kv_rank + rope, 16, torch.float32, seed=5)
+        rows = [rows_of(cache, table, i, n) for i, n in enumerate(seqlens)]
+        config = dict(PACKED_TILINGS[tiling], BLOCK_H=16)
+    kv_start = [0, 3, 41, 0, 2]
+    out, lse = latent_decode_triton(
+        q[..., kv_rank:].contiguous(), cache, torch.tensor(seqlens, dtype=torch.int32), 0.2, kv_rank, table,
+        torch.tensor(kv_start, dtype=torch.int32), config=config, cu_seqlens_q=cu, max_seqlen_q=max(new),
+    )  # fmt: skip
+    ref_out, ref_lse = chunked_latent_fp64(q, rows, cu, seqlens, 0.2, kv_rank, kv_start)
+    assert_close_with_lse(out, lse, ref_out, ref_lse, atol=TOL[torch.float32])
 
 
 def test_packed_plain_decode_fp8_and_contiguous_caches():

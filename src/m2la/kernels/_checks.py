@@ -84,16 +84,22 @@ def check_decode_args(
     block_table: torch.Tensor | None,
     kv_start: torch.Tensor | None,
 ) -> None:
-    """`decode_attention`'s metadata: q `[b, h, r + 2p]`, a cache of the same row width in q's dtype
-    (or fp8), `cache_seqlens [b]` / `kv_start [b]` int32, one device."""
-    if q.dim() != 3 or kv_cache.dim() != 3 or q.shape[-1] != kv_cache.shape[-1]:
+    """`decode_attention`'s metadata: q `[b, h, r + 2p]` (or the RoPE query `[b, h, 2p]` alone), a
+    cache of rows `r + 2p` in q's dtype (or fp8), `cache_seqlens [b]` / `kv_start [b]` int32, one device."""
+    if q.dim() != 3 or kv_cache.dim() != 3:
         raise ValueError(f"expected q [b, h, r+2p] and a 3-d cache, got {_shape(q)}, {_shape(kv_cache)}")
-    if not 0 < kv_rank <= q.shape[-1]:
-        raise ValueError(f"kv_rank={kv_rank} must be in (0, {q.shape[-1]}]")
+    width = kv_cache.shape[-1]
+    if not 0 < kv_rank <= width:
+        raise ValueError(f"kv_rank={kv_rank} must be in (0, {width}] (the cache row width)")
+    if q.shape[-1] not in (width, width - kv_rank) or q.shape[-1] == 0:
+        raise ValueError(
+            f"expected q [b, h, r+2p] = [.., .., {width}] or its RoPE part [b, h, 2p] = [.., .., {width - kv_rank}] "
+            f"(kv_rank {kv_rank}, cache rows of {width}), got {_shape(q)}"
+        )
     _check_floats("q", q)
     if not is_fp8(kv_cache.dtype) and kv_cache.dtype != q.dtype:
         raise ValueError(f"q ({q.dtype}) and kv_cache ({kv_cache.dtype}) must share a dtype (an fp8 cache may differ)")
-    _check_cache_rows(kv_cache, None, q.shape[-1])
+    _check_cache_rows(kv_cache, None, kv_cache.shape[-1])
     _check_decode_metadata("q", q, kv_cache, cache_seqlens, block_table, kv_start)
 
 

@@ -136,9 +136,13 @@ def model_layouts(config: dict, block_size: int = 64) -> list[ModelLayout]:
     return result
 
 
-def latent_decode_flops(batch: int, context: int, kv_rank: int, rope_dim: int, heads: int) -> int:
-    """Absorbed decode: scores over `r + 2p` and the value sum over `r`, per query head and key."""
-    return 2 * heads * batch * context * (2 * kv_rank + rope_dim)
+def latent_decode_flops(
+    batch: int, context: int, kv_rank: int, rope_dim: int, heads: int, rope_only: bool = False
+) -> int:  # fmt: skip
+    """Absorbed decode: scores over `r + 2p` (`rope_only`: `2p`) and the value sum over `r`, per
+    query head and key."""
+    score_width = rope_dim if rope_only else kv_rank + rope_dim
+    return 2 * heads * batch * context * (score_width + kv_rank)
 
 
 def gqa_decode_flops(batch: int, context: int, head_dim: int, heads: int) -> int:
@@ -382,14 +386,26 @@ def check_within_budget(name: str, got: torch.Tensor, same_dtype_torch: torch.Te
 class _OurDecode:
     """The m2la decode a benchmark times: the plain absorbed decode over `[latent | RoPE key]` rows,
     or (`lossless`) the grouped decode of a GQA attention's lossless conversion, whose rows are
-    `kv_heads x head_dim` latent (the values) + the same width of RoPE key, the original's bytes."""
+    `kv_heads x head_dim` latent (the values) + the same width of RoPE key, the original's bytes.
+    A plain layout with no no-RoPE part (`nope_dim` 0) decodes RoPE-only queries, as its layers do."""
 
     shape: BenchShape
     lossless: bool
 
     @property
+    def rope_only(self) -> bool:
+        return not self.lossless and self.shape.nope_dim == 0
+
+    @property
     def query_width(self) -> int:  # [b, h, query_width]
-        return self.shape.head_dim if self.lossless else self.shape.latent_width
+        if self.lossless:
+            return self.shape.head_dim
+        return self.shape.rope_dim if self.rope_only else self.shape.latent_width
+
+    def full_query(self, q: torch.Tensor) -> torch.Tensor:
+        """A plain decode's query as `[b, h, r + 2p]` (a RoPE-only one with its zero latent part), for
+        kernels that take only that."""
+        return torch.cat((q.new_zeros(*q.shape[:-1], self.shape.kv_rank), q), dim=-1) if self.rope_only else q
 
     @property
     def out_width(self) -> int:  # [b, h, out_width]
@@ -403,7 +419,7 @@ class _OurDecode:
         shape = self.shape
         if self.lossless:  # GQA's work: each head scores its group's head_dim and sums its head_dim values
             return gqa_decode_flops(batch, context, shape.head_dim, shape.heads)
-        return latent_decode_flops(batch, context, shape.kv_rank, shape.rope_dim, shape.heads)
+        return latent_decode_flops(batch, context, shape.kv_rank, shape.rope_dim, shape.heads, self.rope_only)
 
     def in_torch(self, q, cache, lengths, table):
         """The same decode in plain torch ops in q's dtype (the error budget's yardstick; the reference
@@ -463,8 +479,8 @@ def _check_vllm_decode(module, shape: BenchShape, dtype: torch.dtype, device: to
     """`_check_decode` for vLLM's kernel (bf16/fp16 caches only)."""
     kernel = _OurDecode(shape, lossless=False)
     q, cache, _, table, lengths, cache32 = _decode_check_case(kernel, dtype, device, fp8=False)
-    out, _ = vllm_mla_decode(module, q, cache, table, lengths, kernel.scale, shape.kv_rank, _check_context(shape),
-                             _sm_count(device))  # fmt: skip
+    out, _ = vllm_mla_decode(module, kernel.full_query(q), cache, table, lengths, kernel.scale, shape.kv_rank,
+                             _check_context(shape), _sm_count(device))  # fmt: skip
     fp32, _ = kernel(q.float(), cache32, lengths, table, None, "reference")
     return check_within_budget("vLLM Triton MLA decode", out, kernel.in_torch(q, cache, lengths, table), fp32)
 
@@ -620,8 +636,9 @@ def decode_benchmark(
                                             baseline=sdpa))  # fmt: skip
                 theirs = None
                 if vllm_module is not None:
+                    q_full = kernel.full_query(q)  # vLLM takes [b, h, r + 2p] only
 
-                    def theirs(q=q, cache=cache, lengths=lengths, table=table, context=context):
+                    def theirs(q=q_full, cache=cache, lengths=lengths, table=table, context=context):
                         return vllm_mla_decode(vllm_module, q, cache, table, lengths, shape.softmax_scale,
                                                shape.kv_rank, context, sms)  # fmt: skip
 

@@ -188,7 +188,9 @@ def decode_attention(
     num_splits: int = 0,
     backend: str | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Absorbed decode: MQA of `q [b, h, r+2p]` over the latent cache, V = latent.
+    """Absorbed decode: MQA of `q [b, h, r+2p]` over the latent cache, V = latent. A layer with no
+    latent query (`n = 0`: a lossless conversion fine-tuned out of its grouped form) passes its RoPE
+    query `q [b, h, 2p]` alone, and the scores skip the latent columns.
 
     `kv_cache [num_blocks, block_size, r+2p]` with `block_table [b, max_blocks]` int32 (paged), or
     `[b, s_max, r+2p]` with `block_table=None` (contiguous). `cache_seqlens [b]` int32; optional

@@ -18,7 +18,9 @@ def latent_decode_reference(
     kv_start: torch.Tensor | None = None,
     kv_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """MQA of `q [b, h, r+2p]` over cache rows `[latent r | rope key 2p]` with V = latent.
+    """MQA of `q [b, h, r+2p]` over cache rows `[latent r | rope key 2p]` with V = latent. A layer
+    with no latent query (`n = 0`) may pass its RoPE query `q [b, h, 2p]` alone: the scores then
+    read the RoPE key columns only.
 
     Returns `out [b, h, r]` in q's dtype and `lse [b, h]` fp32 (natural log). A sequence with no
     visible token (length 0, or `kv_start >= cache_seqlens`) gives `out = 0`, `lse = -inf`.
@@ -36,7 +38,8 @@ def latent_decode_reference(
         visible &= positions[None, :] >= kv_start.long()[:, None]
     # Zero hidden rows: 0 * NaN would otherwise leak through the value product.
     rows = torch.where(visible[..., None], rows, 0.0)
-    scores = torch.einsum("bhd,bsd->bhs", q.float(), rows) * softmax_scale  # [b, h, s]
+    keys = rows if q.shape[-1] == rows.shape[-1] else rows[..., kv_rank:]  # [b, s, r + 2p] or [b, s, 2p]
+    scores = torch.einsum("bhd,bsd->bhs", q.float(), keys) * softmax_scale  # [b, h, s]
     scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # [b, h]
     probs = torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0.0)[..., None])  # [b, h, s]

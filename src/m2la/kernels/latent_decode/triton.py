@@ -161,6 +161,16 @@ def _piece_scores(q, k, rows_t, start: tl.constexpr, WIDTH: tl.constexpr, visibl
 
 
 @triton.jit
+def _query_rope_start(kv_rank, ROPE_ONLY: tl.constexpr):
+    """Column of q where its RoPE query starts: 0 when q holds it alone (ROPE_ONLY), else after r."""
+    if ROPE_ONLY:
+        start = 0
+    else:
+        start = kv_rank
+    return start
+
+
+@triton.jit
 def _query_to_fp16(q, q_shift):
     """`q / q_shift` in fp16: `q_shift` is a power of two near |q|'s max, so fp16's range holds it."""
     return (q * (1.0 / q_shift)).to(tl.float16)
@@ -305,7 +315,7 @@ def _decode_split_kernel(
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr,
     BLOCK_D2: tl.constexpr, BLOCK_ROPE: tl.constexpr, BLOCK_V: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SINGLE_D: tl.constexpr, VALUES_FROM_KEYS: tl.constexpr, TRANSPOSED_KEYS: tl.constexpr,
-    FP8_AS_FP16: tl.constexpr,
+    FP8_AS_FP16: tl.constexpr, ROPE_ONLY: tl.constexpr,
 ):  # fmt: skip
     # SINGLE_D: BLOCK_D (+ BLOCK_D1 + BLOCK_D2) >= r, so the latent query is loaded once, before the
     # token loop. VALUES_FROM_KEYS: SINGLE_D and one value tile: the values are the key tile.
@@ -321,6 +331,8 @@ def _decode_split_kernel(
     # HAS_SCALE: fp8 cache; tiles are widened to q's dtype and each token's scale multiplies its
     # score and its value weight.
     # PACKED: rows are (query token, head) pairs of a chunk's query block (`_query_rows`).
+    # ROPE_ONLY (n = 0 layers): q holds the RoPE query `[.., 2p]` alone; the scores read only the
+    # RoPE key columns and the latent tiles serve as values only.
     compute_dtype: tl.constexpr = tl.float16 if FP8_AS_FP16 else q_ptr.dtype.element_ty
     head_tile = tl.program_id(1)
     split = tl.program_id(2) // num_value_tiles
@@ -341,7 +353,7 @@ def _decode_split_kernel(
 
     q_rows = q_ptr + _as_rows(token, PACKED) * stride_q_t + offs_h[:, None] * stride_q_h  # [BLOCK_H, 1]
     q_rope = tl.load(
-        q_rows + kv_rank + offs_rope[None, :],
+        q_rows + _query_rope_start(kv_rank, ROPE_ONLY) + offs_rope[None, :],
         mask=head_ok[:, None] & (offs_rope[None, :] < rope_dim),
         other=0.0,
     )  # [BLOCK_H, BLOCK_ROPE]
@@ -349,28 +361,34 @@ def _decode_split_kernel(
     offs_d0 = tl.arange(0, BLOCK_D)
     D1_START: tl.constexpr = BLOCK_D
     D2_START: tl.constexpr = BLOCK_D + BLOCK_D1
-    if SINGLE_D:
+    SCORE_LATENT: tl.constexpr = not ROPE_ONLY
+    if SINGLE_D and SCORE_LATENT:
         q_latent = _load_query_piece(q_rows, 0, BLOCK_D, head_ok, kv_rank)  # [BLOCK_H, BLOCK_D]
     if BLOCK_D1 > 0:
-        q1 = _load_query_piece(q_rows, D1_START, BLOCK_D1, head_ok, kv_rank)  # [BLOCK_H, BLOCK_D1]
+        if SCORE_LATENT:
+            q1 = _load_query_piece(q_rows, D1_START, BLOCK_D1, head_ok, kv_rank)  # [BLOCK_H, BLOCK_D1]
         acc1 = tl.zeros([BLOCK_H, BLOCK_D1], tl.float32)
     if BLOCK_D2 > 0:
-        q2 = _load_query_piece(q_rows, D2_START, BLOCK_D2, head_ok, kv_rank)  # [BLOCK_H, BLOCK_D2]
+        if SCORE_LATENT:
+            q2 = _load_query_piece(q_rows, D2_START, BLOCK_D2, head_ok, kv_rank)  # [BLOCK_H, BLOCK_D2]
         acc2 = tl.zeros([BLOCK_H, BLOCK_D2], tl.float32)
     q_shift = 1.0
     if FP8_AS_FP16:
-        q_amax = tl.maximum(tl.max(tl.abs(q_latent.to(tl.float32))), tl.max(tl.abs(q_rope.to(tl.float32))))
-        if BLOCK_D1 > 0:
-            q_amax = tl.maximum(q_amax, tl.max(tl.abs(q1.to(tl.float32))))
-        if BLOCK_D2 > 0:
-            q_amax = tl.maximum(q_amax, tl.max(tl.abs(q2.to(tl.float32))))
+        q_amax = tl.max(tl.abs(q_rope.to(tl.float32)))
+        if SCORE_LATENT:
+            q_amax = tl.maximum(q_amax, tl.max(tl.abs(q_latent.to(tl.float32))))
+            if BLOCK_D1 > 0:
+                q_amax = tl.maximum(q_amax, tl.max(tl.abs(q1.to(tl.float32))))
+            if BLOCK_D2 > 0:
+                q_amax = tl.maximum(q_amax, tl.max(tl.abs(q2.to(tl.float32))))
         q_shift = tl.where(q_amax > 0.0, tl.exp2(tl.floor(tl.log2(q_amax))), 1.0)
-        q_latent = _query_to_fp16(q_latent, q_shift)
         q_rope = _query_to_fp16(q_rope, q_shift)
-        if BLOCK_D1 > 0:
-            q1 = _query_to_fp16(q1, q_shift)
-        if BLOCK_D2 > 0:
-            q2 = _query_to_fp16(q2, q_shift)
+        if SCORE_LATENT:
+            q_latent = _query_to_fp16(q_latent, q_shift)
+            if BLOCK_D1 > 0:
+                q1 = _query_to_fp16(q1, q_shift)
+            if BLOCK_D2 > 0:
+                q2 = _query_to_fp16(q2, q_shift)
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)  # running max, base-2 scaled
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -383,8 +401,9 @@ def _decode_split_kernel(
         token_scale = _token_scales(kv_scale_ptr, block, slot, visible, stride_sc_blk, stride_sc_tok, HAS_SCALE)
 
         rows_t = tl.trans(rows)  # [1, BLOCK_N]; read only under TRANSPOSED_KEYS
-        if SINGLE_D:
+        if SINGLE_D and (SCORE_LATENT or VALUES_FROM_KEYS):
             k_latent = _load_latent_piece(rows, 0, BLOCK_D, visible, kv_rank, compute_dtype)  # [BLOCK_N, BLOCK_D]
+        if SINGLE_D and SCORE_LATENT:
             scores = _piece_scores(q_latent, k_latent, rows_t, 0, BLOCK_D, visible, kv_rank, compute_dtype,
                                    DOT_PRECISION, TRANSPOSED_KEYS)  # fmt: skip
             if BLOCK_D1 > 0:
@@ -395,14 +414,21 @@ def _decode_split_kernel(
                 k2 = _load_latent_piece(rows, D2_START, BLOCK_D2, visible, kv_rank, compute_dtype)
                 scores += _piece_scores(q2, k2, rows_t, D2_START, BLOCK_D2, visible, kv_rank, compute_dtype,
                                         DOT_PRECISION, TRANSPOSED_KEYS)  # fmt: skip
+        elif SINGLE_D:  # ROPE_ONLY: pieces 1 and 2 are value tiles only
+            scores = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
+            if BLOCK_D1 > 0:
+                k1 = _load_latent_piece(rows, D1_START, BLOCK_D1, visible, kv_rank, compute_dtype)
+            if BLOCK_D2 > 0:
+                k2 = _load_latent_piece(rows, D2_START, BLOCK_D2, visible, kv_rank, compute_dtype)
         else:
             scores = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
-            for d0 in range(0, kv_rank, BLOCK_D):
-                offs_d = d0 + offs_d0
-                d_ok = offs_d < kv_rank
-                q_chunk = tl.load(q_rows + offs_d[None, :], mask=head_ok[:, None] & d_ok[None, :], other=0.0)
-                k_chunk = tl.load(rows + offs_d[None, :], mask=visible[:, None] & d_ok[None, :], other=0.0)
-                scores += tl.dot(q_chunk, tl.trans(k_chunk.to(compute_dtype)), input_precision=DOT_PRECISION)
+            if SCORE_LATENT:  # not under ROPE_ONLY
+                for d0 in range(0, kv_rank, BLOCK_D):
+                    offs_d = d0 + offs_d0
+                    d_ok = offs_d < kv_rank
+                    q_chunk = tl.load(q_rows + offs_d[None, :], mask=head_ok[:, None] & d_ok[None, :], other=0.0)
+                    k_chunk = tl.load(rows + offs_d[None, :], mask=visible[:, None] & d_ok[None, :], other=0.0)
+                    scores += tl.dot(q_chunk, tl.trans(k_chunk.to(compute_dtype)), input_precision=DOT_PRECISION)
         if TRANSPOSED_KEYS:
             k_rope_t = tl.load(
                 rows_t + kv_rank + offs_rope[:, None],
@@ -488,6 +514,7 @@ def _decode_split_kernel_heads_on_n(
     SPLIT_BY_LENGTH: tl.constexpr, PACKED: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr,
     BLOCK_D2: tl.constexpr, BLOCK_ROPE: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
+    ROPE_ONLY: tl.constexpr,
 ):  # fmt: skip
     """The resident tiling transposed: tokens and latent columns are the M dimension of the two
     matmuls and heads the N dimension (scores^T = K q^T, out^T = K^T p^T), so 32 heads fill whole
@@ -502,7 +529,9 @@ def _decode_split_kernel_heads_on_n(
     tensor descriptors over this sequence's visible rows `[first, seqlen)`, straight into shared
     memory where both MMAs read them (wgmma on sm_90); rows outside those bounds read as zeros, so
     no tile needs a mask on its loads (hidden rows may hold NaN) and only the scores are masked.
-    Latent pieces read past r into the RoPE columns, which the zero query columns cancel."""
+    Latent pieces read past r into the RoPE columns, which the zero query columns cancel.
+
+    ROPE_ONLY (n = 0 layers): q holds the RoPE query alone; the latent pieces are values only."""
     compute_dtype = q_ptr.dtype.element_ty
     head_tile = tl.program_id(1)
     split = tl.program_id(2)
@@ -521,16 +550,22 @@ def _decode_split_kernel_heads_on_n(
         row_end, hi = _causal_rows(seqlens_ptr, seq, lo, hi, chunk_len, first_token, token_in_chunk, tokens_per_block)
 
     q_cols = q_ptr + _as_cols(token, PACKED) * stride_q_t + offs_h[None, :] * stride_q_h  # [1, BLOCK_H]
-    q0_t = _load_query_piece_t(q_cols, 0, BLOCK_D, head_ok, kv_rank)  # [BLOCK_D, BLOCK_H]
+    SCORE_LATENT: tl.constexpr = not ROPE_ONLY
+    if SCORE_LATENT:
+        q0_t = _load_query_piece_t(q_cols, 0, BLOCK_D, head_ok, kv_rank)  # [BLOCK_D, BLOCK_H]
     acc0_t = tl.zeros([BLOCK_D, BLOCK_H], tl.float32)
     if BLOCK_D1 > 0:
-        q1_t = _load_query_piece_t(q_cols, D1_START, BLOCK_D1, head_ok, kv_rank)  # [BLOCK_D1, BLOCK_H]
+        if SCORE_LATENT:
+            q1_t = _load_query_piece_t(q_cols, D1_START, BLOCK_D1, head_ok, kv_rank)  # [BLOCK_D1, BLOCK_H]
         acc1_t = tl.zeros([BLOCK_D1, BLOCK_H], tl.float32)
     if BLOCK_D2 > 0:
-        q2_t = _load_query_piece_t(q_cols, D2_START, BLOCK_D2, head_ok, kv_rank)  # [BLOCK_D2, BLOCK_H]
+        if SCORE_LATENT:
+            q2_t = _load_query_piece_t(q_cols, D2_START, BLOCK_D2, head_ok, kv_rank)  # [BLOCK_D2, BLOCK_H]
         acc2_t = tl.zeros([BLOCK_D2, BLOCK_H], tl.float32)
     q_rope_t = tl.load(
-        q_cols + kv_rank + offs_rope[:, None], mask=(offs_rope[:, None] < rope_dim) & head_ok[None, :], other=0.0
+        q_cols + _query_rope_start(kv_rank, ROPE_ONLY) + offs_rope[:, None],
+        mask=(offs_rope[:, None] < rope_dim) & head_ok[None, :],
+        other=0.0,
     )  # [BLOCK_ROPE, BLOCK_H]
 
     if TMA:  # descriptors over rows [first, seqlen) of this sequence, `[BLOCK_N, piece]` boxes
@@ -557,19 +592,24 @@ def _decode_split_kernel_heads_on_n(
             rows = kv_ptr + (block * stride_kv_blk + slot * stride_kv_tok)[:, None]  # [BLOCK_N, 1]
             token_scale = _token_scales(kv_scale_ptr, block, slot, visible, stride_sc_blk, stride_sc_tok, HAS_SCALE)
             k0 = _load_latent_piece(rows, 0, BLOCK_D, visible, kv_rank, compute_dtype)  # [BLOCK_N, BLOCK_D]
-        scores_t = tl.dot(k0, q0_t, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_H]
+        if SCORE_LATENT:
+            scores_t = tl.dot(k0, q0_t, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_H]
+        else:
+            scores_t = tl.zeros([BLOCK_N, BLOCK_H], tl.float32)
         if BLOCK_D1 > 0:
             if TMA:
                 k1 = desc1.load([start - first, D1_START])
             else:
                 k1 = _load_latent_piece(rows, D1_START, BLOCK_D1, visible, kv_rank, compute_dtype)
-            scores_t += tl.dot(k1, q1_t, input_precision=DOT_PRECISION)
+            if SCORE_LATENT:
+                scores_t += tl.dot(k1, q1_t, input_precision=DOT_PRECISION)
         if BLOCK_D2 > 0:
             if TMA:
                 k2 = desc2.load([start - first, D2_START])
             else:
                 k2 = _load_latent_piece(rows, D2_START, BLOCK_D2, visible, kv_rank, compute_dtype)
-            scores_t += tl.dot(k2, q2_t, input_precision=DOT_PRECISION)
+            if SCORE_LATENT:
+                scores_t += tl.dot(k2, q2_t, input_precision=DOT_PRECISION)
         if TMA:
             k_rope = desc_rope.load([start - first, kv_rank])  # columns past r + 2p read as 0
         else:
@@ -970,7 +1010,8 @@ def _wave_slots(device: torch.device, plan_key: tuple, itemsize: int) -> int:
 def _plan(q, kv_cache, kv_rank, block_table, num_splits, config, query_blocks=None) -> tuple[_TilePlan, int]:
     """The cached tile plan and the split count of a call (host arithmetic only: no sync);
     `query_blocks`: programs a split and head tile (default: one a query token)."""
-    batch, num_heads, width = q.shape
+    batch, num_heads = q.shape[:2]
+    width = kv_cache.shape[-1]  # r + 2p (q may hold the RoPE query alone)
     batch = batch if query_blocks is None else query_blocks
     overrides = tuple(sorted(config.items())) if config else ()
     key = (num_heads, kv_rank, width - kv_rank, is_fp8(kv_cache.dtype), triton_interpreter_enabled(), overrides)
@@ -1050,7 +1091,8 @@ def latent_decode_triton(
     cu_seqlens_q: torch.Tensor | None = None,
     max_seqlen_q: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as `latent_decode_reference`; `num_splits=0` picks a split count.
+    """Same contract as `latent_decode_reference`; `num_splits=0` picks a split count. A RoPE-only
+    q `[.., h, 2p]` (n = 0 layers) scores the RoPE key columns alone (`ROPE_ONLY`).
 
     With `cu_seqlens_q [b+1]` (int32) and `max_seqlen_q` > 0 (the longest chunk), q `[tq, h, r+2p]`
     holds chunks already in the cache (a chunked prefill's absorbed queries): each program's rows
@@ -1065,8 +1107,9 @@ def latent_decode_triton(
     q and the cache share a dtype.
     """
     num_tokens, num_heads, width = q.shape
-    rope_dim = width - kv_rank
-    assert kv_cache.shape[-1] == width and kv_cache.stride(-1) == 1 and q.stride(-1) == 1
+    rope_dim = kv_cache.shape[-1] - kv_rank
+    rope_only = width != kv_cache.shape[-1]
+    assert width in (kv_rank + rope_dim, rope_dim) and kv_cache.stride(-1) == 1 and q.stride(-1) == 1
     assert cache_seqlens.dtype == torch.int32 and (kv_start is None or kv_start.dtype == torch.int32)
     assert (kv_scale is not None) == is_fp8(kv_cache.dtype), "fp8 caches (and only they) take kv_scale"
     assert kv_scale is not None or q.dtype == kv_cache.dtype, "q and the cache must share a dtype"
@@ -1115,12 +1158,12 @@ def latent_decode_triton(
     kernel = plan.kernel
     constexprs = dict(
         PAGED=paged, HAS_KV_START=kv_start is not None, HAS_SCALE=kv_scale is not None, DOT_PRECISION=dot_precision,
-        SPLIT_BY_LENGTH=cfg.get("SPLIT_BY_LENGTH", True), PACKED=packed,
+        SPLIT_BY_LENGTH=cfg.get("SPLIT_BY_LENGTH", True), PACKED=packed, ROPE_ONLY=rope_only,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **plan.tiles,
     )  # fmt: skip
     grid = (batch * blocks_per_seq, head_tiles, num_splits * value_tiles)
     key = (num_heads, kv_rank, rope_dim, q.dtype, kv_cache.dtype, paged, kv_start is not None, cfg["BLOCK_D1"],
-           cfg["BLOCK_H"])  # fmt: skip
+           cfg["BLOCK_H"], rope_only)  # fmt: skip
     block_size = kv_cache.shape[1] if paged else 1
 
     def page_tile_for(block_n: int) -> bool:

@@ -59,16 +59,18 @@ def choose_prefill_mode(
     """Return "decode" (absorbed, through the split-KV decode kernel) or "expanded", whichever
     costs less tensor-core time by a multiply-add count.
 
-    Per (head, query, key) the absorbed route spends `2r + 2p` MACs (2p = `rope_dim`) and the
-    expanded one `n + 2p + v`; expanding costs `r * (n + v)` MACs per (head, key) once. Counting the
-    absorbed MACs at `ABSORBED_MAC_COST` times the expanded ones, with `t` new queries per sequence
-    on average, expanded wins exactly when `t * (c * (2r + 2p) - (n + 2p + v)) > r * (n + v)`.
+    Per (head, query, key) the absorbed route spends `2r + 2p` MACs (2p = `rope_dim`; `r + 2p` when
+    n = 0, whose RoPE-only queries skip the latent scores) and the expanded one `n + 2p + v`;
+    expanding costs `r * (n + v)` MACs per (head, key) once. Counting the absorbed MACs at
+    `ABSORBED_MAC_COST` times the expanded ones, with `t` new queries per sequence on average,
+    expanded wins exactly when `t * (c * (2r + 2p) - (n + 2p + v)) > r * (n + v)`.
     InternVideo3 (r=896, n=v=128, 2p=128): chunks above ~52 tokens go expanded; shorter extends
     (speculative tokens, short turns) take the decode route, which splits each query token's keys
     over the whole GPU where the prefill kernel would run one program per (head, 64 queries).
     """
     tokens_per_seq = num_new_tokens / max(1, batch)
-    absorbed = ABSORBED_MAC_COST * (2 * kv_rank + rope_dim) - (nope_dim + rope_dim + value_dim)
+    score_rank = kv_rank if nope_dim else 0  # the latent columns a query scores
+    absorbed = ABSORBED_MAC_COST * (score_rank + kv_rank + rope_dim) - (nope_dim + rope_dim + value_dim)
     return "expanded" if tokens_per_seq * absorbed > kv_rank * (nope_dim + value_dim) else "decode"
 
 
@@ -629,14 +631,16 @@ def _latent_attention_through_decode(
     heads), each program packs several tokens of one chunk with all the heads, reading each cache tile
     once for them; otherwise one decode per query token (`per_token_decodes`). `one_token_each` (the
     caller knows every chunk is one token): token i is sequence i's decode, with no per-token gather.
-    q_latent `[tq, h, r]`, q_rope `[tq, h, 2p]` -> (latent output `[tq, h, r]`, lse `[tq, h]`).
-    `config`: `decode_config` overrides (tests)."""
+    q_latent `[tq, h, r]` (None for n = 0 layers: the decodes score the RoPE key alone), q_rope
+    `[tq, h, 2p]` -> (latent output `[tq, h, r]`, lse `[tq, h]`). `config`: `decode_config`
+    overrides (tests)."""
     from m2la.kernels.latent_decode.triton import latent_decode_triton, packed_tokens_per_block
 
-    num_tokens, num_heads, kv_rank = q_latent.shape
+    num_tokens, num_heads, rope_dim = q_rope.shape
+    kv_rank = kv_cache.shape[-1] - rope_dim
     if num_tokens == 0:
-        return q_latent.new_empty(0, num_heads, kv_rank), q_latent.new_empty(0, num_heads, dtype=torch.float32)
-    q = torch.cat((q_latent, q_rope), dim=-1)  # [tq, h, r + 2p]
+        return q_rope.new_empty(0, num_heads, kv_rank), q_rope.new_empty(0, num_heads, dtype=torch.float32)
+    q = q_rope if q_latent is None else torch.cat((q_latent, q_rope), dim=-1)  # [tq, h, r + 2p] or [tq, h, 2p]
     if one_token_each:
         return latent_decode_triton(
             q, kv_cache, cache_seqlens, softmax_scale, kv_rank, block_table, kv_start, config=config,
@@ -763,7 +767,10 @@ def latent_prefill_triton(
     if mode != "decode":
         max_seqlen_q = longest_chunk(cu_seqlens_q, max_seqlen_q)
     if mode in ("decode", "absorbed"):
-        q_latent = _absorption_product("thn,hrn->thr", q_nope, w_uk, dtype)  # [tq, h, r]
+        if mode == "decode" and nope_dim == 0:  # n = 0: no latent query; the decodes score the RoPE key alone
+            q_latent = None
+        else:
+            q_latent = _absorption_product("thn,hrn->thr", q_nope, w_uk, dtype)  # [tq, h, r]
         if mode == "decode":
             out_latent, lse = _latent_attention_through_decode(
                 q_latent, q_rope, kv_cache, cu_seqlens_q, cache_seqlens, softmax_scale, block_table, kv_start,
