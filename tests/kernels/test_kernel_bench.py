@@ -228,6 +228,21 @@ def test_rope_only_layout_decodes_rope_only_queries(backend):
     assert main(["bench", "decode", *TINY_ARGS[:6], "--nope-dim", "0", *TINY_ARGS[8:], "--backend", backend]) == 0
 
 
+def test_gate_cases_are_the_same_on_every_run():
+    """A seeded generator fixes the gate case's values and page order, whatever the global RNG holds."""
+    made = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        made.append(bench.paged_latent_cache(TINY, 2, 40, torch.float16, torch.device("cpu"),
+                                             generator=torch.Generator().manual_seed(7)))  # fmt: skip
+    (cache_a, _, table_a, _), (cache_b, _, table_b, _) = made
+    assert torch.equal(cache_a, cache_b) and torch.equal(table_a, table_b)
+    assert cache_a.abs().max() <= 1 and cache_a.std() > 0.5  # uniform over [-1, 1]
+    other = bench.paged_latent_cache(TINY, 2, 40, torch.float16, torch.device("cpu"),
+                                     generator=torch.Generator().manual_seed(8))  # fmt: skip
+    assert not torch.equal(other[0], cache_a)
+
+
 def test_vllm_kernel_loading(tmp_path, monkeypatch):
     copy = tmp_path / "triton_decode_attention.py"
     copy.write_text("def decode_attention_fwd(*args, **kwargs):\n    raise NotImplementedError\n")

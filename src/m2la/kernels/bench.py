@@ -343,11 +343,17 @@ def paged_latent_cache(shape: BenchShape, batch: int, context: int, dtype: torch
                        fp8: bool = False, generator: torch.Generator | None = None):  # fmt: skip
     """A paged latent cache holding `batch` sequences of `context` tokens on shuffled pages (as a
     serving engine's allocator leaves them) -> (cache `[pages, block_size, r + 2p]`, kv_scale
-    `[pages, block_size]` fp32 or None, block_table `[batch, pages a sequence]` int32, lengths `[batch]` int32)."""
+    `[pages, block_size]` fp32 or None, block_table `[batch, pages a sequence]` int32, lengths `[batch]` int32).
+    With a (CPU) `generator` the values and the page order are drawn from it on the host, so a case is
+    the same on every run and device; without one they are drawn on the device (timed sizes)."""
     per_seq = math.ceil(context / shape.block_size)
     pages = batch * per_seq
     bound = 448.0 if fp8 else 1.0  # fp8: e4m3 codes over their whole range, each token scaled by 1 / 448
-    cache = torch.empty(pages, shape.block_size, shape.latent_width, device=device, dtype=dtype).uniform_(-bound, bound)
+    size = (pages, shape.block_size, shape.latent_width)
+    if generator is None:
+        cache = torch.empty(size, device=device, dtype=dtype).uniform_(-bound, bound)
+    else:
+        cache = (torch.rand(size, generator=generator) * (2 * bound) - bound).to(device=device, dtype=dtype)
     kv_scale = None
     if fp8:
         cache = cache.to(torch.float8_e4m3fn)
