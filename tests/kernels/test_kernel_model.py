@@ -431,6 +431,26 @@ def test_triton_module_matches_reference_over_random_layouts(
     torch.testing.assert_close(got[keep], expected[keep], rtol=bound, atol=bound * float(expected[keep].abs().max()))
 
 
+@pytest.mark.parametrize("nope", [0, 5])
+def test_expanded_prefill_reads_kv_b_proj_in_place(nope, monkeypatch):
+    """The module's expanded prefill up-projects with `kv_b_proj.weight` itself: `expansion_weight`
+    finds the two views it is passed to be that weight's row blocks and makes no copy."""
+    import m2la.kernels.latent_prefill.triton as prefill_module
+
+    torch.manual_seed(nope)
+    module = random_layer(3, 20, nope, 4, 6, std=0.4)
+    seen = []
+    real = prefill_module.expansion_weight
+    monkeypatch.setattr(prefill_module, "choose_prefill_mode", lambda *args: "expanded")
+    monkeypatch.setattr(prefill_module, "expansion_weight", lambda *args: seen.append(real(*args)) or seen[-1])
+    hidden = torch.randn(2, 7, 24)
+    got, _ = attend_in_chunks(module, "triton", hidden, [7], [0, 2], "latent")
+    want, real_tokens = attend_in_chunks(module, "reference", hidden, [7], [0, 2], "latent")
+    torch.testing.assert_close(got[real_tokens], want[real_tokens], rtol=2e-5, atol=2e-5)
+    assert len(seen) == 1 and seen[0].data_ptr() == module.kv_b_proj.weight.data_ptr()
+    assert torch.equal(seen[0], module.kv_b_proj.weight.t())
+
+
 def attend_in_chunks(module, backend, hidden, chunks, padding, cache_kind) -> tuple[torch.Tensor, torch.Tensor]:
     """`module.attend` over `hidden [2, s, d]` in `chunks` of new tokens, one cache ("latent",
     "latent-fp8" or "static"), left padding of `padding` tokens a sequence (at most s - 1), under

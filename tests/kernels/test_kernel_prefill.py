@@ -178,10 +178,11 @@ def test_head_group_keeps_a_group_of_keys_within_the_l2_budget():
     assert prefill_head_group(32, 0) == 32  # absorbed: every head reads the same rows
 
 
-@pytest.mark.parametrize("weight_layout", ["h r n", "h n r"])
+@pytest.mark.parametrize("weight_layout", ["h r n", "h n r", "kv_b_proj"])
 def test_expand_cache_prefix_matches_fp64_per_head_projections(weight_layout):
     """One GEMM over [W_uk | W_uv] gives each head's keys and values, as strided views; weights
-    stored row-major as [h, r, n] or (converted models) as [h, n, r] and passed as [h, r, n] views."""
+    stored row-major as [h, r, n] or as [h, n, r] and passed as [h, r, n] views, or (converted
+    models) views of one [h, n + v, r] weight, which is the GEMM's matrix already: no copy."""
     from m2la.kernels.latent_prefill.triton import expand_cache_prefix, expansion_weight
 
     q_nope, q_rope, cache, w_uk, w_uv, cu, seqlens, table = make_case(
@@ -190,6 +191,13 @@ def test_expand_cache_prefix_matches_fp64_per_head_projections(weight_layout):
     if weight_layout == "h n r":
         w_uk, w_uv = w_uk.mT.contiguous().mT, w_uv.mT.contiguous().mT
         assert expansion_weight(w_uk, w_uv, torch.float32).stride() == (1, 48)  # [h, n+v, r] read as B^T
+    elif weight_layout == "kv_b_proj":  # M2LAttention.up_projections' views, transposed as _attend_fused passes them
+        kv_b = torch.cat((w_uk.mT, w_uv.mT), dim=1).flatten(0, 1)  # [h (n + v), r], an nn.Linear weight
+        w_uk, w_uv = kv_b.unflatten(0, (3, 40))[:, :16].mT, kv_b.unflatten(0, (3, 40))[:, 16:].mT
+        weight = expansion_weight(w_uk, w_uv, torch.float32)
+        assert weight.data_ptr() == kv_b.data_ptr() and torch.equal(weight, kv_b.t())
+        assert expansion_weight(w_uk, w_uv, torch.float64).data_ptr() != kv_b.data_ptr()  # another dtype: a copy
+        assert expansion_weight(w_uk[1:], w_uv[:2], torch.float32).data_ptr() != kv_b.data_ptr()  # not one weight
     else:
         assert expansion_weight(w_uk, w_uv, torch.float32).stride() == (3 * 40, 1)
     k_nope, k_rope, values = expand_cache_prefix(cache, w_uk, w_uv, table, 2, 63, torch.float32)

@@ -778,8 +778,11 @@ class _LatentPrefill:
         self.case, self.backend = case, backend
         self.q_nope = case.randn(case.tokens, shape.heads, shape.nope_dim)
         self.q_rope = case.randn(case.tokens, shape.heads, shape.rope_dim)
-        self.w_uk = case.randn(shape.heads, shape.kv_rank, shape.nope_dim, scale=shape.kv_rank**-0.5)
-        self.w_uv = case.randn(shape.heads, shape.kv_rank, shape.value_dim, scale=shape.kv_rank**-0.5)
+        # one [h (n + v), r] up-projection, passed as [h, r, n] / [h, r, v] views as a converted model's
+        # kv_b_proj.weight is (the expansion GEMM then reads it in place)
+        kv_b = case.randn(shape.heads * (shape.nope_dim + shape.value_dim), shape.kv_rank, scale=shape.kv_rank**-0.5)
+        per_head = kv_b.unflatten(0, (shape.heads, shape.nope_dim + shape.value_dim))
+        self.w_uk, self.w_uv = per_head[:, : shape.nope_dim].mT, per_head[:, shape.nope_dim :].mT
         self.q, self.k, self.v = _expanded_qkv(self.q_nope, self.q_rope, case.rows_in(case.dtype), self.w_uk,
                                                self.w_uv, case.table, case.total, shape.kv_rank)  # fmt: skip
         self.bias = case.causal_bias()

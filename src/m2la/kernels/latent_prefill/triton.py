@@ -551,11 +551,37 @@ def expansion_weight(w_uk: torch.Tensor, w_uv: torch.Tensor, dtype: torch.dtype)
     copy: `[r, h, n + v]` for row-major `[h, r, n]` weights, else `[h, n + v, r]` returned as a
     transposed view (the GEMM reads it as B^T, no further copy). Converted models pass `[h, r, n]`
     views of `[h, n, r]` projections (`M2LAttention`), the second case: there a `[r, h, n + v]`
-    copy would read the weights with a stride of r elements."""
+    copy would read the weights with a stride of r elements. Where those views are the two column
+    blocks of one row-major `[h, n + v, r]` weight in `dtype` (`kv_b_proj.weight` as the module
+    passes it), that weight is the matrix already: returned as a view, no copy."""
+    whole = _one_weight_view(w_uk, w_uv, dtype)
+    if whole is not None:
+        return whole
     if w_uk.stride(1) == 1 and w_uv.stride(1) == 1:  # [h, r, n] views of [h, n, r] storage
         weight_t = torch.cat((w_uk.transpose(1, 2), w_uv.transpose(1, 2)), dim=1).to(dtype)  # [h, n+v, r]
         return weight_t.flatten(0, 1).t()
     return torch.cat((w_uk.transpose(0, 1), w_uv.transpose(0, 1)), dim=-1).to(dtype).flatten(1)  # [r, h(n+v)]
+
+
+def _one_weight_view(w_uk: torch.Tensor, w_uv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """`[r, h * (n + v)]` as a transposed view of the row-major `[h, n + v, r]` weight whose per-head
+    row blocks `w_uk [h, r, n]` and `w_uv [h, r, v]` view (each head's n key rows, then its v value
+    rows), or None when they are not such views in `dtype`."""
+    heads, kv_rank, nope_dim = w_uk.shape
+    value_dim = w_uv.shape[2]
+    head_rows = (nope_dim + value_dim) * kv_rank  # elements a head's block spans
+    if (
+        w_uk.dtype != dtype
+        or w_uv.dtype != dtype
+        or w_uv.shape[:2] != (heads, kv_rank)
+        or w_uv.stride() != (head_rows, 1, kv_rank)
+        or (nope_dim and w_uk.stride() != (head_rows, 1, kv_rank))
+        or w_uk.untyped_storage().data_ptr() != w_uv.untyped_storage().data_ptr()
+        or w_uv.storage_offset() != w_uk.storage_offset() + nope_dim * kv_rank
+    ):
+        return None
+    whole = w_uv.as_strided((heads * (nope_dim + value_dim), kv_rank), (kv_rank, 1), w_uk.storage_offset())
+    return whole.t()
 
 
 def expanded_prefill_attention(
