@@ -21,7 +21,8 @@
 # and the one-decode-a-token route they replaced;
 # "bench" (run before gpu_kernels.py) for the packaged `m2la bench decode | prefill | write` at their
 # GPU defaults (the shapes; the tables users get from a pip install; vLLM's Triton MLA decode
-# beside ours when benchmarks/_third_party holds it; the lossless layout's grouped kernels; 8 x 4-token
+# beside ours when benchmarks/_third_party holds it; the lossless layout's grouped kernels and, fine-tuned
+# out of them, its plain decode of RoPE-only queries; 8 x 4-token
 # extends after 32K) -> $OUT/bench_*.md;
 # "flashmla" for benchmarks/flashmla_baseline.py run: FlashMLA's compiled decode (from vLLM's wheel)
 # against ours on DeepSeek's 512 + 64 layout, in a process of its own);
@@ -79,6 +80,9 @@ if [[ ",$sections," == *",bench,"* ]]; then  # not a default section; first, the
         | tee "$OUT/bench_decode.md"
     timeout 60 python -m m2la.cli bench decode --lossless --repeats 10 --json "$OUT/bench_decode_lossless.json" 2>&1 \
         | tee "$OUT/bench_decode_lossless.md"
+    # the same layer fine-tuned out of its grouped form: the plain decode, RoPE-only queries (n = 0)
+    timeout 60 python -m m2la.cli bench decode --kv-rank 1024 --rope-dim 1024 --nope-dim 0 --repeats 10 \
+        --json "$OUT/bench_decode_rope_only.json" 2>&1 | tee "$OUT/bench_decode_rope_only.md"
     timeout 90 python -m m2la.cli bench prefill --repeats 10 --json "$OUT/bench_prefill.json" 2>&1 \
         | tee "$OUT/bench_prefill.md"
     timeout 60 python -m m2la.cli bench prefill --lossless --repeats 10 --json "$OUT/bench_prefill_lossless.json" \
