@@ -96,6 +96,20 @@ def test_prefill_rows_side_by_side():
     assert report.speedup(ours) == pytest.approx(expanded.ms / ours.ms)
 
 
+def test_rows_against_the_measured_gemm_roof():
+    """The compute side of the roofline: a dense GEMM timed in the report's dtype (CUDA only; on CPU
+    the reference rows measure no kernel speed), each row's TFLOPS as a share of it."""
+    assert bench.gemm_tflops(torch.device("cpu"), torch.float32, size=96) > 0
+    report = bench.prefill_benchmark(TINY, chunk=13, prefixes=(20,), dtype=torch.float32, device="cpu",
+                                     backend="reference", repeats=1, bandwidth_gbs=10.0)  # fmt: skip
+    assert report.gemm_tflops is None and report.gemm_share(report.rows[0]) is None  # not measured off CUDA
+    report.gemm_tflops = 2 * report.rows[0].tflops
+    assert report.gemm_share(report.rows[0]) == pytest.approx(50.0)
+    table = report.to_markdown()
+    assert f"dense GEMM {report.gemm_tflops:.0f} TFLOPS" in table and "| TFLOPS | % of GEMM |" in table
+    assert json.loads(json.dumps(report.to_json()))["rows"][0]["gemm_percent"] == pytest.approx(50.0)
+
+
 def _first_call_off_by_a_percent(real):
     """`decode_attention` whose first call (the benchmark's kernel under check) is 1% off."""
     calls = []

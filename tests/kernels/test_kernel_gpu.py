@@ -590,6 +590,7 @@ def test_bench_times_cuda_graph_replays_gpu(fp8):
                                     repeats=3)  # fmt: skip
     assert "m2la decode (triton)" in decode.checks[0]
     assert {row.timing for row in decode.rows} == {"cuda graph"} and all(row.ms > 0 for row in decode.rows)
+    assert decode.gemm_tflops > 10 and all(decode.gemm_share(row) > 0 for row in decode.rows)  # the compute roof
     lossless = bench.decode_benchmark(shape, batches=(3,), contexts=(1000,), device="cuda", backend="triton",
                                       lossless=True, repeats=3)  # fmt: skip
     assert {row.timing for row in lossless.rows} == {"cuda graph"} and lossless.speedup(lossless.rows[0]) is not None

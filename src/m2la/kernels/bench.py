@@ -5,7 +5,8 @@ times instead the grouped kernels that a GQA model's lossless conversion (`m2la.
 
 Each row gives milliseconds, the bytes the kernel must move at the least (cache rows read, queries
 read, outputs written), GB/s and its share of the device's measured copy bandwidth, TFLOPS of the
-attention computed, and its speed over the SDPA row of the same batch and context. Every kernel is
+attention computed and (on CUDA) their share of a dense GEMM's measured in the same run: the two
+sides of the roofline. Last, its speed over the SDPA row of the same batch and context. Every kernel is
 checked against an fp32 run of the reference backend before anything is timed. `m2la bench decode`
 and `m2la bench prefill` print the tables; `benchmarks/gpu_kernels.py`, the repository's fuller GPU
 report, times with the same helpers.
@@ -188,6 +189,7 @@ class BenchReport:
     dtype: str
     shape: BenchShape
     copy_bandwidth_gbs: float
+    gemm_tflops: float | None = None  # a dense GEMM's in the report's dtype (`gemm_tflops`); None: not measured
     checks: list[str] = field(default_factory=list)  # the correctness checks run before timing
     rows: list[BenchRow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # how to read the rows
@@ -207,6 +209,12 @@ class BenchReport:
             return None
         return base.ms / row.ms
 
+    def gemm_share(self, row: BenchRow) -> float | None:
+        """The row's TFLOPS as a percentage of the dense GEMM's (None where either is unmeasured)."""
+        if row.tflops is None or not self.gemm_tflops:
+            return None
+        return 100 * row.tflops / self.gemm_tflops
+
     def to_markdown(self) -> str:
         def fmt(value, spec=None):
             if value is None:
@@ -214,24 +222,27 @@ class BenchReport:
             return format(value, spec or (".0f" if abs(value) >= 100 else ".3g"))
 
         shape = self.shape
+        gemm = "" if self.gemm_tflops is None else f", dense GEMM {self.gemm_tflops:.0f} TFLOPS"
         lines = [
             f"{self.kind} on {self.device}, {self.dtype}; copy bandwidth {self.copy_bandwidth_gbs:.0f} GB/s "
-            f"(read + write). Layer: {shape.heads} query heads; GQA {shape.kv_heads} x {shape.head_dim} against "
+            f"(read + write){gemm}. Layer: {shape.heads} query heads; GQA {shape.kv_heads} x {shape.head_dim} against "
             f"latent {shape.kv_rank} + RoPE {shape.rope_dim} (no-RoPE {shape.nope_dim}, value {shape.value_dim}), "
             f"pages of {shape.block_size}.",
             "",
             *(f"- {check}" for check in self.checks),
             *(f"- {note}" for note in self.notes),
             "",
-            "| kernel | batch | context | new tokens | ms | timing | GB/s | % of copy BW | TFLOPS | x baseline | note |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| kernel | batch | context | new tokens | ms | timing | GB/s | % of copy BW | TFLOPS | % of GEMM "
+            "| x baseline | note |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in self.rows:
             share = None if row.gbs is None else 100 * row.gbs / self.copy_bandwidth_gbs
+            compute_share = self.gemm_share(row)
             ratio = self.speedup(row)
             lines.append(
                 f"| {row.kernel} | {row.batch} | {row.context} | {row.new_tokens} | {fmt(row.ms, '.4f')} | "
-                f"{row.timing} | {fmt(row.gbs)} | {fmt(share)} | {fmt(row.tflops)} | "
+                f"{row.timing} | {fmt(row.gbs)} | {fmt(share)} | {fmt(row.tflops)} | {fmt(compute_share)} | "
                 f"{'' if ratio is None else f'{ratio:.2f}x vs {row.baseline}'} | {row.note} |"
             )
         return "\n".join(lines) + "\n"
@@ -243,10 +254,18 @@ class BenchReport:
             "dtype": self.dtype,
             "shape": asdict(self.shape),
             "copy_bandwidth_gbs": self.copy_bandwidth_gbs,
+            "gemm_tflops": self.gemm_tflops,
             "checks": self.checks,
             "notes": self.notes,
             "rows": [
-                {**asdict(row), "gbs": row.gbs, "tflops": row.tflops, "speedup": self.speedup(row)} for row in self.rows
+                {
+                    **asdict(row),
+                    "gbs": row.gbs,
+                    "tflops": row.tflops,
+                    "gemm_percent": self.gemm_share(row),
+                    "speedup": self.speedup(row),
+                }
+                for row in self.rows
             ],
         }
 
@@ -334,6 +353,17 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int | None = None) -> float
     with _on_device(device):
         ms = time_ms(lambda: dst.copy_(src), device)
     return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+def gemm_tflops(device: torch.device, dtype: torch.dtype, size: int | None = None) -> float:
+    """Dense `[size, size] @ [size, size]` matmul throughput in `dtype`: the compute side of the
+    roofline, measured beside `copy_bandwidth_gbs` (default size 8192 on CUDA, 512 elsewhere)."""
+    size = size or (8192 if device.type == "cuda" else 512)
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=gen).to(device=device, dtype=dtype) for _ in range(2))
+    with _on_device(device):
+        ms = time_ms(lambda: a @ b, device)
+    return 2 * size**3 / ms / 1e9
 
 
 # --- inputs --------------------------------------------------------------------------------------
@@ -996,7 +1026,8 @@ REFERENCE_NOTE = (
 def _new_report(kind: str, device: torch.device, dtype: torch.dtype, shape: BenchShape, backend: str,
                 bandwidth_gbs: float | None) -> BenchReport:  # fmt: skip
     report = BenchReport(kind, _device_name(device), str(dtype).removeprefix("torch."), shape,
-                         bandwidth_gbs or copy_bandwidth_gbs(device))  # fmt: skip
+                         bandwidth_gbs or copy_bandwidth_gbs(device),
+                         gemm_tflops(device, dtype) if device.type == "cuda" else None)  # fmt: skip
     if backend == "reference":
         report.notes.append(REFERENCE_NOTE)
     elif device.type != "cuda":
