@@ -187,6 +187,31 @@ def test_rope_only_query_scores_the_rope_key_alone(config, dtype):
             assert_close_with_lse(out_op.float(), lse_op, ref_out.float(), ref_lse.float(), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize(
+    "config",
+    [None, dict(HEADS_ON_N=False, LATENT_PIECES=True, TRANSPOSED_KEYS=True, FP8_AS_FP16=True)],
+    ids=["widened", "fp8-as-fp16"],
+)
+def test_rope_only_query_over_an_fp8_cache(config):
+    """RoPE-only queries over an fp8 cache (a scale a token), the MMAs in q's dtype or in fp16 with
+    the query shifted by a power of two near its max (taken over the RoPE query alone)."""
+    from kernel_cases import random_quantized_paged_cache
+
+    from m2la.kernels.latent_decode.triton import latent_decode_triton
+
+    seqlens, kv_rank, rope = [0, 1, 63, 37], 60, 16
+    cache, scale, table, _ = random_quantized_paged_cache(seqlens, kv_rank + rope, 16, torch.float8_e4m3fn, seed=3)
+    rows = cache.float() * scale[..., None]  # what the fp8 cache holds
+    q = torch.randn(len(seqlens), 7, kv_rank + rope, generator=torch.Generator().manual_seed(3)) * 8
+    q[..., :kv_rank] = 0.0
+    lens = torch.tensor(seqlens, dtype=torch.int32)
+    out, lse = latent_decode_triton(q[..., kv_rank:].contiguous(), cache, lens, 0.2, kv_rank, table, num_splits=3,
+                                    config=config, kv_scale=scale)  # fmt: skip
+    ref_out, ref_lse = decode_fp64(q, rows, table, seqlens, 0.2, kv_rank)
+    tol = 4e-3 if config else 3e-5
+    assert_close_with_lse(out, lse, ref_out.float(), ref_lse.float(), atol=tol, rtol=tol / 3)
+
+
 def test_decode_refuses_a_query_of_neither_width():
     q, cache, table, lens = make_case(3, 48, 16, [5, 9], 16, torch.float32)
     for width in (63, 15, 17):
