@@ -551,9 +551,10 @@ def expansion_weight(w_uk: torch.Tensor, w_uv: torch.Tensor, dtype: torch.dtype)
     copy: `[r, h, n + v]` for row-major `[h, r, n]` weights, else `[h, n + v, r]` returned as a
     transposed view (the GEMM reads it as B^T, no further copy). Converted models pass `[h, r, n]`
     views of `[h, n, r]` projections (`M2LAttention`), the second case: there a `[r, h, n + v]`
-    copy would read the weights with a stride of r elements. Where those views are the two column
-    blocks of one row-major `[h, n + v, r]` weight in `dtype` (`kv_b_proj.weight` as the module
-    passes it), that weight is the matrix already: returned as a view, no copy."""
+    copy would read the weights with a stride of r elements. Where those views are each head's two
+    row blocks (n key rows, then v value rows) of one row-major `[h, n + v, r]` weight in `dtype`
+    (`kv_b_proj.weight`, as the module passes it), that weight is the matrix already: returned as a
+    transposed view, no copy."""
     whole = _one_weight_view(w_uk, w_uv, dtype)
     if whole is not None:
         return whole
