@@ -242,3 +242,21 @@ print("\\n".join(f.case_rows(Refusing(), 5, 2, 100, 60, 16, torch.device("cpu"),
         f"m2la, 64-head tile, {n} tokens (candidate)" for n in (64, 32)
     ]
     assert all(float(err) < 1e-4 and float(lse_err) < 1e-4 for _, err, lse_err in rows[1:]), rows
+
+
+def test_softmax_overlap_probe_reports_each_variant():
+    """`benchmarks/softmax_overlap_probe.py` compiles its three loops for sm_90 (no GPU, no
+    interpreter) and reports, per variant, the facts benchmarks/RESULTS.md quotes."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = SCRIPT.with_name("softmax_overlap_probe.py")
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 and any(word in proc.stderr for word in ("ptxas", "No such file", "backend")):
+        pytest.skip(f"triton's sm_90 compile path is unavailable here: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = dict(line.split(" ", 1) for line in proc.stdout.splitlines()[1:])
+    assert list(found) == ["plain", "warp_specialized", "scores_ahead"]
+    facts = {name: json.loads(text) for name, text in found.items()}
+    assert facts["plain"]["fits_sm90"] and facts["plain"]["wgmma"] > 0 and facts["plain"]["wait_group_pending"]
+    assert facts["scores_ahead"]["wgmma"] == 2 * facts["plain"]["wgmma"]  # each MMA twice: in the loop and outside it
