@@ -33,6 +33,18 @@ import compile_sm90  # noqa: E402  (the test helpers: signature, ptxas log, fact
 
 
 @triton.jit
+def _tile_start(q_ptr, stride_t, BLOCK_M: tl.constexpr, D: tl.constexpr, DV: tl.constexpr):
+    """A query tile's rows and columns, its queries `[M, D]` and the empty online-softmax state."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d, offs_v = tl.arange(0, D), tl.arange(0, DV)
+    q = tl.load(q_ptr + offs_m[:, None] * stride_t + offs_d[None, :])
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DV], tl.float32)
+    return offs_m, offs_d, offs_v, q, m_i, l_i, acc
+
+
+@triton.jit
 def _softmax_step(s, m_i, l_i, acc, v, scale_log2):
     """One key tile's online softmax and value product: s `[M, N]` fp32 scores -> (m, l, acc)."""
     s = s * scale_log2
@@ -47,12 +59,7 @@ def _softmax_step(s, m_i, l_i, acc, v, scale_log2):
 @triton.jit
 def plain(q_ptr, k_ptr, v_ptr, o_ptr, n_keys, scale_log2, stride_t, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
           D: tl.constexpr, DV: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):  # fmt: skip
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d, offs_v = tl.arange(0, D), tl.arange(0, DV)
-    q = tl.load(q_ptr + offs_m[:, None] * stride_t + offs_d[None, :])  # [M, D]
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, DV], tl.float32)
+    offs_m, offs_d, offs_v, q, m_i, l_i, acc = _tile_start(q_ptr, stride_t, BLOCK_M, D, DV)
     for start in tl.range(0, n_keys, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         offs_n = start + tl.arange(0, BLOCK_N)
         k = tl.load(k_ptr + offs_n[:, None] * stride_t + offs_d[None, :])  # [N, D]
@@ -64,12 +71,7 @@ def plain(q_ptr, k_ptr, v_ptr, o_ptr, n_keys, scale_log2, stride_t, BLOCK_M: tl.
 @triton.jit
 def scores_ahead(q_ptr, k_ptr, v_ptr, o_ptr, n_keys, scale_log2, stride_t, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):  # fmt: skip
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d, offs_v = tl.arange(0, D), tl.arange(0, DV)
-    q = tl.load(q_ptr + offs_m[:, None] * stride_t + offs_d[None, :])  # [M, D]
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, DV], tl.float32)
+    offs_m, offs_d, offs_v, q, m_i, l_i, acc = _tile_start(q_ptr, stride_t, BLOCK_M, D, DV)
     offs_n = tl.arange(0, BLOCK_N)
     s = tl.dot(q, tl.trans(tl.load(k_ptr + offs_n[:, None] * stride_t + offs_d[None, :])))  # tile 0's scores
     for start in range(BLOCK_N, n_keys, BLOCK_N):
