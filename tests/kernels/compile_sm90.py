@@ -65,9 +65,9 @@ def divisibility_attrs(kernel, sig: dict[str, str]) -> dict:
     }
 
 
-def ptxas_compile(src, num_warps, num_stages, **options):
-    """triton.compile for sm_90, always running ptxas (no cache hit), with ptxas's `-v` log captured;
-    `options`: launch options the launcher passes (`enable_fp_fusion`, ...)."""
+def ptxas_compile(src, num_warps, num_stages, arch=90, **options):
+    """triton.compile for sm_90 (or `arch`), always running ptxas (no cache hit), with ptxas's `-v`
+    log captured; `options`: launch options the launcher passes (`enable_fp_fusion`, ...)."""
     log = io.StringIO()
     saved = knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log
     knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log = True, True
@@ -75,7 +75,7 @@ def ptxas_compile(src, num_warps, num_stages, **options):
         with contextlib.redirect_stdout(log):  # triton prints the log it asked ptxas for
             compiled = triton.compile(
                 src,
-                target=GPUTarget("cuda", 90, 32),
+                target=GPUTarget("cuda", arch, 32),
                 options=dict(num_warps=num_warps, num_stages=num_stages, **options),
             )
     finally:
@@ -110,10 +110,10 @@ def float_negations(ttgir: str) -> int:
     return from_zero + len(re.findall(r"arith\.negf", ttgir))
 
 
-def compile_sm90(kernel, pointer_types, constexprs, num_warps, num_stages, **options):
+def compile_sm90(kernel, pointer_types, constexprs, num_warps, num_stages, arch=90, **options):
     sig = signature(kernel, pointer_types, constexprs)
     src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=divisibility_attrs(kernel, sig))
-    return compile_facts(*ptxas_compile(src, num_warps, num_stages, **options))
+    return compile_facts(*ptxas_compile(src, num_warps, num_stages, arch, **options))
 
 
 def compile_facts(compiled, ptxas_log: str) -> dict:
@@ -143,12 +143,14 @@ TMA_448 = dict(HEADS_ON_N=True, LATENT_PIECES=True, TMA=True, BLOCK_N=64, num_wa
 
 
 def decode_case(
-    heads, kv_rank, rope_dim, dtype="fp16", cache_dtype=None, paged=True, packed=False, rope_only=False, **overrides
+    heads, kv_rank, rope_dim, dtype="fp16", cache_dtype=None, paged=True, packed=False, rope_only=False, arch=90,
+    **overrides,
 ):  # fmt: skip
     """`cache_dtype` "fp8e4nv": an fp8 cache with per-token scales, q in `dtype`; `paged=False`: a
     contiguous `[b, s, r + 2p]` cache (what TMA tiles read); `packed`: query blocks of a chunk's
     tokens x the heads on the rows (a chunked prefill's decode route); `rope_only`: an n = 0
-    layer's RoPE-only queries."""
+    layer's RoPE-only queries; `arch`: another target (its BLOCK_N halving still stops at sm_90's
+    shared memory)."""
     fp8 = cache_dtype is not None and cache_dtype.startswith("fp8")
     cfg = {**decode.decode_config(heads, kv_rank, rope_dim, interpret=False, fp8=fp8), **overrides}
     cfg = decode.resolve_latent_pieces(cfg, kv_rank)
@@ -160,7 +162,7 @@ def decode_case(
             "seqlens_ptr": "*i32", "kv_start_ptr": "*i32", "kv_scale_ptr": "*fp32", "cu_seqlens_q_ptr": "*i32",
             "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32"}  # fmt: skip
     while True:  # like the launcher: halve BLOCK_N until the tile fits sm_90's shared memory
-        facts = compile_sm90(kernel, ptrs, consts, cfg["num_warps"], cfg["num_stages"])
+        facts = compile_sm90(kernel, ptrs, consts, cfg["num_warps"], cfg["num_stages"], arch)
         if facts["shared"] <= H100_MAX_SHARED_BYTES or consts["BLOCK_N"] <= 16:
             return {**facts, "BLOCK_N": consts["BLOCK_N"]}
         consts["BLOCK_N"] //= 2
@@ -215,6 +217,17 @@ def cache_write_case(kv_rank, rope_dim, cache_dtype="fp8e4nv"):
     ptrs = {"latent_ptr": "*bf16", "k_rope_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "slot_ptr": "*i64",
             "cache_ptr": f"*{cache_dtype}", "kv_scale_ptr": "*fp32"}  # fmt: skip
     return compile_sm90(cache_write._cache_write_kernel, ptrs, consts, 4, 1, **cache_write.COMPILE_OPTIONS)
+
+
+def _compiles(make) -> bool:
+    """Whether `make()` compiles; False on triton's "type not supported in this architecture"."""
+    try:
+        make()
+    except Exception as error:  # noqa: BLE001  (triton's CompilationError wraps the ValueError)
+        if "not supported in this architecture" in str(error):
+            return False
+        raise
+    return True
 
 
 def main() -> None:
@@ -297,6 +310,13 @@ def main() -> None:
         "decode_h32_r448_rope64_bf16_tma": decode_case(32, 448, 64, "bf16", paged=False, **TMA_448),
         # expanded prefill with its keys and values by TMA (`config=dict(TMA=True)`)
         "prefill_v128_rope128_tma": prefill_case(128, 128, 128, "bf16", paged=False, TMA=True),
+    }
+    # the fp8 types by target, which `m2la.kernels._launch.E4M3_MIN_CAPABILITY` states: e5m2 compiles
+    # for sm_80 (A100), e4m3 from sm_89 (Ada) only
+    results["fp8_by_arch"] = {
+        f"sm{arch}_{name}": _compiles(lambda arch=arch, dtype=dtype: decode_case(32, 448, 64, "bf16", dtype, arch=arch))
+        for arch in (80, 89)
+        for name, dtype in (("e4m3", "fp8e4nv"), ("e5m2", "fp8e5"))
     }
     # arguments that change with lengths, which the launcher must not value-specialise (new variants)
     kernels = {"decode": decode._decode_split_kernel, "decode_heads_on_n": decode._decode_split_kernel_heads_on_n,

@@ -299,3 +299,18 @@ def test_sm90_lossless_decode_tiles_fit_without_spills(compiled, case):
     shrunk, without spilling (triton 3.6, 2026-11-28: BLOCK_N 16 / 32 / 64, 0 B)."""
     facts = compiled[case]
     assert facts["spill_stores"] == 0, f"{case}: {facts['spill_stores']} B of spills ({facts})"
+
+
+def test_fp8_types_compile_where_the_launchers_allow_them(compiled):
+    """`E4M3_MIN_CAPABILITY`, which the launchers check before an fp8 launch, is where triton's
+    compiler puts it: e4m3 from sm_89, e5m2 from sm_80."""
+    import torch
+
+    from m2la.kernels._launch import E4M3_MIN_CAPABILITY, fp8_cache_problem
+
+    assert E4M3_MIN_CAPABILITY == (8, 9)
+    for arch in (80, 89):
+        capability = divmod(arch, 10)
+        for name, dtype in (("e4m3", torch.float8_e4m3fn), ("e5m2", torch.float8_e5m2)):
+            allowed = fp8_cache_problem(dtype, capability) is None
+            assert compiled["fp8_by_arch"][f"sm{arch}_{name}"] == allowed, (arch, name)

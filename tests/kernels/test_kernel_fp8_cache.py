@@ -259,3 +259,60 @@ def test_prefill_triton_matches_reference(heads, shape, mode, q_dtype, fp8_dtype
     assert out.dtype == q_dtype
     tol = 5e-5 if q_dtype == torch.float32 else 2e-2
     assert_close_with_lse(out, lse, ref_out, ref_lse, atol=tol, rtol=tol)
+
+
+FP8_LAUNCHES = ["decode", "grouped decode", "grouped prefill", "write", "prefill (decode)", "prefill (absorbed)"]
+
+
+def fp8_launch(name: str, fp8_dtype: torch.dtype) -> None:
+    """One Triton op reading (or writing) a small fp8 cache: 4 heads, r = 32, 2p = 32, two sequences."""
+    from m2la.kernels import grouped_decode_attention, grouped_prefill_attention
+
+    seqlens, kv_rank, rope = [5, 9], 32, 32
+    cache, scale, table, _ = random_quantized_paged_cache(seqlens, kv_rank + rope, 16, fp8_dtype, seed=1)
+    lens = torch.tensor(seqlens, dtype=torch.int32)
+    q_nope, q_rope, _, w_uk, w_uv, cu, _, _ = make_prefill_case(4, kv_rank, rope, 0, 16, [2, 3], [3, 6], 16,
+                                                                torch.float32)  # fmt: skip
+    grouped_q = torch.randn(5, 4, rope // 2)  # 2 KV groups of 2 heads: 2P = 16
+    fp8 = dict(kv_scale=scale, backend="triton")
+    if name == "decode":
+        decode_attention(torch.randn(2, 4, kv_rank + rope), cache, lens, 0.2, kv_rank, table, **fp8)
+    elif name == "grouped decode":
+        grouped_decode_attention(grouped_q[:2], cache, lens, 0.2, kv_rank, 2, table, **fp8)
+    elif name == "grouped prefill":
+        grouped_prefill_attention(grouped_q, cache, cu, lens, 0.2, kv_rank, 2, table, max_seqlen_q=3, **fp8)
+    elif name == "write":
+        cos, sin = torch.ones(1, rope // 2), torch.zeros(1, rope // 2)
+        write_latent_cache(cache, torch.randn(1, kv_rank), torch.randn(1, rope), cos, sin, torch.tensor([0]), **fp8)
+    else:  # "prefill (<mode>)"
+        mode = name.removeprefix("prefill (").removesuffix(")")
+        prefill_attention(q_nope, q_rope, cache, w_uk, w_uv, cu, lens, 0.2, table, mode=mode, max_seqlen_q=3, **fp8)
+
+
+@pytest.mark.parametrize("launch", FP8_LAUNCHES + ["prefill (expanded)"])
+@pytest.mark.parametrize("fp8_dtype", FP8, ids=FP8_IDS)
+def test_e4m3_caches_are_refused_by_name_below_compute_capability_8_9(fp8_dtype, launch, monkeypatch):
+    """Every Triton launch that reads or writes an fp8 cache checks that its GPU can: on an A100
+    (8.0, as the capability query is made to answer here) an e4m3 cache raises ValueError naming the
+    e5m2 and reference remedies, before triton's compiler would fail without naming either. e5m2
+    runs, and so does expanded prefill, which dequantizes in torch."""
+    from m2la.kernels import _launch
+
+    monkeypatch.setattr(_launch, "_device_capability", lambda device: (8, 0))
+    if fp8_dtype == torch.float8_e4m3fn and launch in FP8_LAUNCHES:
+        with pytest.raises(ValueError, match=r"e4m3 caches on GPUs of compute capability 8\.9.*this GPU is 8\.0"):
+            fp8_launch(launch, fp8_dtype)
+    else:
+        fp8_launch(launch, fp8_dtype)
+
+
+def test_fp8_cache_problem_by_capability():
+    from m2la.kernels._launch import _device_capability, fp8_cache_problem
+
+    assert (
+        fp8_cache_problem(torch.float8_e4m3fn, (9, 0)) is None
+        and fp8_cache_problem(torch.float8_e4m3fn, (8, 9)) is None
+    )
+    assert "torch.float8_e5m2" in fp8_cache_problem(torch.float8_e4m3fn, (8, 6))
+    assert fp8_cache_problem(torch.float8_e5m2, (8, 0)) is None and fp8_cache_problem(torch.bfloat16, (7, 5)) is None
+    assert _device_capability(torch.device("cpu")) is None  # the interpreter reads every fp8 type

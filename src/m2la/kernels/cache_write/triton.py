@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from m2la.kernels._host import cdiv, next_power_of_2
+from m2la.kernels._launch import check_fp8_cache_readable
 from m2la.quantization import is_fp8
 
 COMPILE_OPTIONS = {"enable_fp_fusion": False}  # launch options; the sm_90 compile check uses them too
@@ -106,6 +107,7 @@ def write_latent_cache_triton(
     for t in (kv_cache, latent, k_rope, cos, sin):
         assert t.stride(-1) == 1, "last dim must be contiguous"
     assert (kv_scale is not None) == is_fp8(kv_cache.dtype), "fp8 caches (and only they) take kv_scale"
+    check_fp8_cache_readable(kv_cache)
     if num_tokens == 0:
         return
     block_t = 16

@@ -58,7 +58,12 @@ import triton.language as tl
 
 from m2la.backends import triton_interpreter_enabled
 from m2la.kernels._host import cdiv, next_power_of_2
-from m2la.kernels._launch import launch_shrinking, tma_misalignment, with_scratch_allocator
+from m2la.kernels._launch import (
+    check_fp8_cache_readable,
+    launch_shrinking,
+    tma_misalignment,
+    with_scratch_allocator,
+)
 from m2la.kernels._paging import cache_capacity
 from m2la.quantization import is_fp8
 
@@ -1113,6 +1118,7 @@ def latent_decode_triton(
     assert cache_seqlens.dtype == torch.int32 and (kv_start is None or kv_start.dtype == torch.int32)
     assert (kv_scale is not None) == is_fp8(kv_cache.dtype), "fp8 caches (and only they) take kv_scale"
     assert kv_scale is not None or q.dtype == kv_cache.dtype, "q and the cache must share a dtype"
+    check_fp8_cache_readable(kv_cache)
     paged = block_table is not None
     if paged:
         assert block_table.dtype == torch.int32 and block_table.stride(-1) == 1
@@ -1269,6 +1275,7 @@ def grouped_decode_triton(
     cache tile is read once for all of them, and each token sees the keys up to its own position."""
     num_tokens, num_heads, width = q_rope.shape
     group_pairs, group_rank, per_group = width // 2, kv_rank // head_groups, num_heads // head_groups
+    check_fp8_cache_readable(kv_cache)
     paged, packed = block_table is not None, cu_seqlens_q is not None
     if packed and max_seqlen_q <= 0:
         raise ValueError(f"packed chunks need max_seqlen_q > 0 (the longest chunk), got {max_seqlen_q}")

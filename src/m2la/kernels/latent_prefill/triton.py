@@ -35,7 +35,12 @@ import triton.language as tl
 
 from m2la.backends import triton_interpreter_enabled
 from m2la.kernels._host import cdiv, next_power_of_2
-from m2la.kernels._launch import launch_shrinking, tma_misalignment, with_scratch_allocator
+from m2la.kernels._launch import (
+    check_fp8_cache_readable,
+    launch_shrinking,
+    tma_misalignment,
+    with_scratch_allocator,
+)
 from m2la.kernels._paging import cache_capacity, gather_cache_rows
 from m2la.kernels._quant import gather_dequantized_rows
 from m2la.kernels.latent_decode.triton import GROUPED_PACKED_ROWS
@@ -444,6 +449,8 @@ def _launch(q_nope, q_rope, k_nope, k_rope, v, block_table, cu_seqlens_q, cache_
     head_tile_bytes = rows * per_head_width * v.element_size() // kv_group_size  # a KV group's heads share
     head_group = cfg.get("HEAD_GROUP") or prefill_head_group(head_tiles, head_tile_bytes)
     scale = kv_scale if kv_scale is not None else lse  # any 2-d fp32 tensor: unused without HAS_SCALE
+    if kv_scale is not None:
+        check_fp8_cache_readable(k_rope)
 
     tma = bool(cfg.get("TMA"))
     if tma and rope_half_stride:
