@@ -38,6 +38,7 @@ def signature(kernel, pointer_types: dict[str, str], constexprs: dict) -> dict[s
 
 
 H100_MAX_SHARED_BYTES = 227 * 1024  # opt-in dynamic shared memory per block on sm_90
+SM89_MAX_SHARED_BYTES = 99 * 1024  # the same on sm_86 / sm_89 (RTX 30xx / 40xx, L4, L40S)
 
 
 # Integer arguments whose runtime values are not multiples of 16 for the cases below (a split count,
@@ -144,13 +145,13 @@ TMA_448 = dict(HEADS_ON_N=True, LATENT_PIECES=True, TMA=True, BLOCK_N=64, num_wa
 
 def decode_case(
     heads, kv_rank, rope_dim, dtype="fp16", cache_dtype=None, paged=True, packed=False, rope_only=False, arch=90,
-    **overrides,
+    shared_limit=H100_MAX_SHARED_BYTES, **overrides,
 ):  # fmt: skip
     """`cache_dtype` "fp8e4nv": an fp8 cache with per-token scales, q in `dtype`; `paged=False`: a
     contiguous `[b, s, r + 2p]` cache (what TMA tiles read); `packed`: query blocks of a chunk's
     tokens x the heads on the rows (a chunked prefill's decode route); `rope_only`: an n = 0
-    layer's RoPE-only queries; `arch`: another target (its BLOCK_N halving still stops at sm_90's
-    shared memory)."""
+    layer's RoPE-only queries; `arch`: another target, whose shared memory `shared_limit` is where
+    the launcher's BLOCK_N halving stops."""
     fp8 = cache_dtype is not None and cache_dtype.startswith("fp8")
     cfg = {**decode.decode_config(heads, kv_rank, rope_dim, interpret=False, fp8=fp8), **overrides}
     cfg = decode.resolve_latent_pieces(cfg, kv_rank)
@@ -161,9 +162,9 @@ def decode_case(
     ptrs = {"q_ptr": f"*{dtype}", "kv_ptr": f"*{cache_dtype or dtype}", "block_table_ptr": "*i32",
             "seqlens_ptr": "*i32", "kv_start_ptr": "*i32", "kv_scale_ptr": "*fp32", "cu_seqlens_q_ptr": "*i32",
             "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32"}  # fmt: skip
-    while True:  # like the launcher: halve BLOCK_N until the tile fits sm_90's shared memory
+    while True:  # like the launcher: halve BLOCK_N until the tile fits the shared memory
         facts = compile_sm90(kernel, ptrs, consts, cfg["num_warps"], cfg["num_stages"], arch)
-        if facts["shared"] <= H100_MAX_SHARED_BYTES or consts["BLOCK_N"] <= 16:
+        if facts["shared"] <= shared_limit or consts["BLOCK_N"] <= 16:
             return {**facts, "BLOCK_N": consts["BLOCK_N"]}
         consts["BLOCK_N"] //= 2
 
@@ -318,6 +319,19 @@ def main() -> None:
         for arch in (80, 89)
         for name, dtype in (("e4m3", "fp8e4nv"), ("e5m2", "fp8e5"))
     }
+    # wide plain decodes on sm_89 (99 KiB): the default tiles do not fit even at 16 tokens, so the
+    # launcher falls back to `NARROW_DECODE_TILES`
+    sm89 = dict(arch=89, shared_limit=SM89_MAX_SHARED_BYTES)
+    narrow = dict(decode.NARROW_DECODE_TILES)
+    for name, (heads, width, rope_only) in {
+        "h32_r1024_rope1024": (32, 1024, False),
+        "h32_r1024_rope1024_rope_only": (32, 1024, True),
+        "h28_r512_rope512": (28, 512, False),
+    }.items():
+        results[f"sm89_decode_{name}_default"] = decode_case(heads, width, width, "bf16", rope_only=rope_only, **sm89)
+        results[f"sm89_decode_{name}_narrow"] = decode_case(
+            heads, width, width, "bf16", rope_only=rope_only, **sm89, **narrow
+        )
     # arguments that change with lengths, which the launcher must not value-specialise (new variants)
     kernels = {"decode": decode._decode_split_kernel, "decode_heads_on_n": decode._decode_split_kernel_heads_on_n,
                "decode_grouped": decode._decode_split_kernel_grouped, "prefill": prefill._prefill_kernel}  # fmt: skip

@@ -314,3 +314,16 @@ def test_fp8_types_compile_where_the_launchers_allow_them(compiled):
         for name, dtype in (("e4m3", torch.float8_e4m3fn), ("e5m2", torch.float8_e5m2)):
             allowed = fp8_cache_problem(dtype, capability) is None
             assert compiled["fp8_by_arch"][f"sm{arch}_{name}"] == allowed, (arch, name)
+
+
+@pytest.mark.parametrize("layer", ["h32_r1024_rope1024", "h32_r1024_rope1024_rope_only", "h28_r512_rope512"])
+def test_narrow_decode_tiles_fit_where_the_defaults_do_not(compiled, layer):
+    """On sm_89's 99 KiB a plain decode of wide rows needs more shared memory than there is at the
+    default tiles even at 16 tokens, which is when the launcher falls back to `NARROW_DECODE_TILES`;
+    those fit, without spills."""
+    from compile_sm90 import SM89_MAX_SHARED_BYTES
+
+    default, narrow = compiled[f"sm89_decode_{layer}_default"], compiled[f"sm89_decode_{layer}_narrow"]
+    assert default["BLOCK_N"] == 16 and default["shared"] > SM89_MAX_SHARED_BYTES, default
+    assert narrow["shared"] <= SM89_MAX_SHARED_BYTES and narrow["spill_stores"] == 0, narrow
+    assert narrow["mma_sync"] > 0, narrow

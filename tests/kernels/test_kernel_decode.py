@@ -282,6 +282,53 @@ def test_launcher_halves_block_n_when_shared_memory_runs_out(monkeypatch, fresh_
         decode.latent_decode_triton(q, cache, lens, 0.3, 48, table, config=dict(BLOCK_N=64))
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["decode", "packed-chunks"])
+def test_launcher_falls_back_to_narrow_tiles_when_nothing_else_fits(packed, monkeypatch, fresh_decode_plans):
+    """Default tiles that do not fit shared memory even at 16-token tiles (a wide layer on a GPU with
+    less shared memory than an H100) give way to `NARROW_DECODE_TILES`, remembered for the shape; tiles
+    the caller chose are never replaced. Packed chunks keep all heads on one tile's rows."""
+    from triton.runtime.errors import OutOfResources
+
+    from m2la.kernels.latent_decode import triton as decode
+
+    tried = []
+    real_kernel = decode._decode_split_kernel
+
+    class OnlyNarrowFits:  # any tile but the narrow value tiles "needs more shared memory than there is"
+        def __getitem__(self, grid):
+            def launch(*args, BLOCK_N, BLOCK_V, **kwargs):
+                tried.append((BLOCK_N, BLOCK_V))
+                if BLOCK_V != decode.NARROW_DECODE_TILES["BLOCK_V"]:
+                    raise OutOfResources(237568, 101376, "shared memory")
+                return real_kernel[grid](*args, BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(decode, "_decode_split_kernel", OnlyNarrowFits())
+    monkeypatch.setattr(decode, "_BLOCK_N_THAT_FITS", {})
+    monkeypatch.setattr(decode, "_NEEDS_NARROW_TILES", set())
+    seqlens, kv_rank = [3, 70, 41], 200  # values 200 wide: two narrow value tiles
+    q, cache, table, lens = make_case(9, kv_rank, 16, seqlens, 16, torch.float32, seed=4)
+    chunks = {}
+    if packed:  # chunks of 1, 2 and 3 new tokens (3 tokens x 9 heads on 32 rows)
+        from test_kernel_prefill import chunked_latent_fp64
+
+        chunks = dict(cu_seqlens_q=torch.tensor([0, 1, 3, 6], dtype=torch.int32), max_seqlen_q=3)
+        q = torch.randn(6, 9, kv_rank + 16, generator=torch.Generator().manual_seed(5))
+        rows = [rows_of(cache, table, i, n) for i, n in enumerate(seqlens)]
+        ref_out, ref_lse = chunked_latent_fp64(q, rows, chunks["cu_seqlens_q"], seqlens, 0.3, kv_rank)
+    else:
+        ref_out, ref_lse = decode_fp64(q, cache, table, seqlens, 0.3, kv_rank)
+    out, lse = decode.latent_decode_triton(q, cache, lens, 0.3, kv_rank, table, **chunks)
+    assert_close_with_lse(out, lse, ref_out, ref_lse, atol=2e-5)
+    assert tried == [(16, 64), (32, 128)]  # the interpreter's default tile (already 16 tokens), then narrow
+    tried.clear()
+    decode.latent_decode_triton(q, cache, lens, 0.3, kv_rank, table, **chunks)
+    assert tried == [(32, 128)]  # remembered: straight to the narrow tiles
+    with pytest.raises(OutOfResources):
+        decode.latent_decode_triton(q, cache, lens, 0.3, kv_rank, table, config=dict(BLOCK_V=64), **chunks)
+
+
 def expected_filled_splits(seqlen: int, first: int, num_splits: int, block_n: int, by_length: bool, capacity: int):
     """Splits that hold a visible token: by length, the visible range (first rounded down to a tile)
     cut into `num_splits` runs of whole tiles; by capacity, the capacity cut into runs."""

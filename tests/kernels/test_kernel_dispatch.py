@@ -118,6 +118,44 @@ def test_grouped_ops_registered_with_fake_kernels():
     torch.library.opcheck(prefill, (q_chunks, cache, cu, lens, table, None, None, 0.2, 24, 2, 7, "auto", "reference"))
 
 
+@pytest.mark.parametrize("mode", ["decode", "absorbed", "expanded"])
+@pytest.mark.parametrize("nope", [16, 0], ids=["n16", "n0"])
+def test_triton_prefill_op_matches_its_fake_kernel(mode, nope):
+    """Through the Triton backend (interpreter) the prefill op returns what its fake kernel says, strides
+    included, in every mode: compiled code (inductor) asserts the fake's layout. The absorbed modes
+    once returned their output as a permuted [h, tq, v] buffer."""
+    from test_kernel_prefill import make_case
+
+    q_nope, q_rope, cache, w_uk, w_uv, cu, lens, table = make_case(3, 32, 16, nope, 24, [5, 2], [7, 3], 16,
+                                                                   torch.float32)  # fmt: skip
+    prefill = torch.ops.m2la.latent_prefill.default
+    args = (q_nope, q_rope, cache, w_uk, w_uv, cu, lens, table, None, None, 0.2, 5, 12, mode, "triton")
+    torch.library.opcheck(prefill, args, test_utils=("test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_triton_decode_ops_match_their_fake_kernels():
+    """The decode ops (plain, RoPE-only queries, grouped) and the grouped prefill's two routes, through
+    the Triton backend."""
+    q, cache, lens, table = decode_inputs()
+    checks = ("test_faketensor", "test_aot_dispatch_dynamic")
+    decode = torch.ops.m2la.latent_decode.default
+    torch.library.opcheck(decode, (q, cache, lens, table, None, None, 0.2, 32, 0, "triton"), test_utils=checks)
+    rope_only = q[..., 32:].contiguous()
+    torch.library.opcheck(decode, (rope_only, cache, lens, table, None, None, 0.2, 32, 0, "triton"), test_utils=checks)
+    grouped_cache, grouped_table = random_paged_cache([5, 0, 19], 2 * 24, 8, torch.float32)
+    gen = torch.Generator().manual_seed(6)
+    grouped = torch.ops.m2la.grouped_decode.default
+    q_groups = torch.randn(3, 6, 12, generator=gen)
+    torch.library.opcheck(grouped, (q_groups, grouped_cache, lens, grouped_table, None, None, 0.2, 24, 2, 0, "triton"),
+                          test_utils=checks)  # fmt: skip
+    cu = torch.tensor([0, 2, 2, 9], dtype=torch.int32)
+    q_chunks = torch.randn(9, 6, 12, generator=gen)
+    prefill = torch.ops.m2la.grouped_prefill.default
+    for mode in ("flash", "decode"):
+        args = (q_chunks, grouped_cache, cu, lens, grouped_table, None, None, 0.2, 24, 2, 7, mode, "triton")
+        torch.library.opcheck(prefill, args, test_utils=checks)
+
+
 def test_torch_compile_over_reference_ops():
     q, cache, lens, table = decode_inputs()
 

@@ -1082,6 +1082,20 @@ def packed_tokens_per_block(num_heads: int, max_seqlen_q: int) -> int:
     return max(1, packed_decode_rows(num_heads, max_seqlen_q) // num_heads)
 
 
+# The tiles a decode falls back to when the default (resident-query) tiles do not fit the GPU's shared
+# memory even at 16-token tiles: 16-head tiles, the latent scored in 64-column chunks and summed
+# into 128-column value tiles. Without them a plain decode of wide rows failed to launch on GPUs
+# with less shared memory than an H100: compiled for sm_89 (99 KiB), 20-32 heads over 512 + 512 or
+# 1024 + 1024 (lossless conversions fine-tuned out of their grouped form) needed 104-193 KiB at
+# BLOCK_N 16; these tiles take 48-96 KiB with no spills (benchmarks/RESULTS.md, twenty-first
+# session). BLOCK_N still halves (from 32) until the tile fits.
+NARROW_DECODE_TILES = MappingProxyType(
+    dict(BLOCK_H=16, BLOCK_N=32, BLOCK_D=64, BLOCK_V=128, num_warps=4, num_stages=2, HEADS_ON_N=False,
+         LATENT_PIECES=False, TMA=False, TRANSPOSED_KEYS=False, FP8_AS_FP16=False)
+)  # fmt: skip
+_NEEDS_NARROW_TILES: set[tuple] = set()  # decode shapes (and devices) whose default tiles did not fit
+
+
 def latent_decode_triton(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -1107,10 +1121,48 @@ def latent_decode_triton(
 
     `config` overrides entries of `decode_config` (tile sizes, warps, stages) for tuning sweeps;
     `SPLIT_BY_LENGTH=False` cuts the capacity instead of each sequence's length into the splits (the
-    behaviour before the fourteenth session, kept for side-by-side benchmarks).
+    behaviour before the fourteenth session, kept for side-by-side benchmarks). Without `config`,
+    default tiles that do not fit the GPU's shared memory even at 16-token tiles are replaced by
+    `NARROW_DECODE_TILES` (and that is remembered for the shape and device).
     An fp8 cache (with `kv_scale`) is read as fp8 and widened to q's dtype in registers; otherwise
     q and the cache share a dtype.
     """
+    from triton.runtime.errors import OutOfResources
+
+    narrow = dict(NARROW_DECODE_TILES)
+    if cu_seqlens_q is not None:
+        del narrow["BLOCK_H"]  # packed chunks keep their rows (`packed_decode_rows`): all heads in one tile
+    narrow_key = (q.shape[1:], q.dtype, kv_cache.shape[-1], kv_cache.dtype, kv_rank, cu_seqlens_q is None, q.device)
+    args = (q, kv_cache, cache_seqlens, softmax_scale, kv_rank, block_table, kv_start, num_splits)
+    packing = dict(kv_scale=kv_scale, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q)
+    if config is None and narrow_key in _NEEDS_NARROW_TILES:
+        return _latent_decode_triton(*args, config=narrow, may_shrink=True, **packing)
+    try:
+        return _latent_decode_triton(*args, config=config, **packing)
+    except OutOfResources:
+        if config is not None:  # tiles the caller chose are never replaced
+            raise
+    _NEEDS_NARROW_TILES.add(narrow_key)
+    return _latent_decode_triton(*args, config=narrow, may_shrink=True, **packing)
+
+
+def _latent_decode_triton(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    softmax_scale: float,
+    kv_rank: int,
+    block_table: torch.Tensor | None = None,
+    kv_start: torch.Tensor | None = None,
+    num_splits: int = 0,
+    config: dict | None = None,
+    kv_scale: torch.Tensor | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    max_seqlen_q: int = 0,
+    may_shrink: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`latent_decode_triton` with the given tiles (`config`), no fallback to other tiles. BLOCK_N
+    halves where the tile does not fit if `may_shrink` (None: unless `config` sets BLOCK_N)."""
     num_tokens, num_heads, width = q.shape
     rope_dim = kv_cache.shape[-1] - kv_rank
     rope_only = width != kv_cache.shape[-1]
@@ -1169,13 +1221,14 @@ def latent_decode_triton(
     )  # fmt: skip
     grid = (batch * blocks_per_seq, head_tiles, num_splits * value_tiles)
     key = (num_heads, kv_rank, rope_dim, q.dtype, kv_cache.dtype, paged, kv_start is not None, cfg["BLOCK_D1"],
-           cfg["BLOCK_H"], rope_only)  # fmt: skip
+           cfg["BLOCK_H"], cfg["BLOCK_D"], cfg["BLOCK_V"], rope_only)  # fmt: skip
     block_size = kv_cache.shape[1] if paged else 1
 
     def page_tile_for(block_n: int) -> bool:
         return paged and cfg["PAGE_TILE"] and block_size % block_n == 0
 
-    may_shrink = config is None or "BLOCK_N" not in config
+    if may_shrink is None:
+        may_shrink = config is None or "BLOCK_N" not in config
     launch_args = (
         kernel,
         grid,

@@ -818,7 +818,9 @@ def latent_prefill_triton(
             latent, k_rope = kv_cache[..., :kv_rank], kv_cache[..., kv_rank:]
             _launch(q_latent, q_rope, latent, k_rope, latent, block_table, cu_seqlens_q, cache_seqlens, kv_start,
                     out_latent, lse, softmax_scale, block_size, (0, 0, 0), max_seqlen_q, config, kv_scale)  # fmt: skip
-        return _absorption_product("thr,hrv->thv", out_latent, w_uv, q_nope.dtype), lse  # [tq, h, v]
+        # einsum batches over heads and returns an [h, tq, v] buffer viewed as [tq, h, v]; the op's
+        # fake (and every other route) gives a contiguous [tq, h, v], which compiled code relies on
+        return _absorption_product("thr,hrv->thv", out_latent, w_uv, q_nope.dtype).contiguous(), lse
     if mode != "expanded":
         raise ValueError(f"mode must be 'auto', 'decode', 'absorbed' or 'expanded', got {mode!r}")
     if max_seqlen_k <= 0:  # host sync; pass it to stay sync-free
