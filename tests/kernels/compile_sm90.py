@@ -322,13 +322,13 @@ def main() -> None:
     # wide plain decodes on sm_89 (99 KiB): the default tiles do not fit even at 16 tokens, so the
     # launcher falls back to `NARROW_DECODE_TILES`
     sm89 = dict(arch=89, shared_limit=SM89_MAX_SHARED_BYTES)
-    narrow = dict(decode.NARROW_DECODE_TILES)
     for name, (heads, width, rope_only) in {
         "h32_r1024_rope1024": (32, 1024, False),
         "h32_r1024_rope1024_rope_only": (32, 1024, True),
         "h28_r512_rope512": (28, 512, False),
     }.items():
         results[f"sm89_decode_{name}_default"] = decode_case(heads, width, width, "bf16", rope_only=rope_only, **sm89)
+        narrow = decode.narrow_decode_tiles(width, packed=False)
         results[f"sm89_decode_{name}_narrow"] = decode_case(
             heads, width, width, "bf16", rope_only=rope_only, **sm89, **narrow
         )

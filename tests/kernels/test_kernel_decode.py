@@ -291,14 +291,14 @@ def test_launcher_falls_back_to_narrow_tiles_when_nothing_else_fits(packed, monk
 
     from m2la.kernels.latent_decode import triton as decode
 
-    tried = []
+    tried, kv_rank = [], 200  # one narrow value tile of 256 columns
     real_kernel = decode._decode_split_kernel
 
     class OnlyNarrowFits:  # any tile but the narrow value tiles "needs more shared memory than there is"
         def __getitem__(self, grid):
             def launch(*args, BLOCK_N, BLOCK_V, **kwargs):
                 tried.append((BLOCK_N, BLOCK_V))
-                if BLOCK_V != decode.NARROW_DECODE_TILES["BLOCK_V"]:
+                if BLOCK_V != decode.narrow_decode_tiles(kv_rank, packed)["BLOCK_V"]:
                     raise OutOfResources(237568, 101376, "shared memory")
                 return real_kernel[grid](*args, BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, **kwargs)
 
@@ -307,7 +307,7 @@ def test_launcher_falls_back_to_narrow_tiles_when_nothing_else_fits(packed, monk
     monkeypatch.setattr(decode, "_decode_split_kernel", OnlyNarrowFits())
     monkeypatch.setattr(decode, "_BLOCK_N_THAT_FITS", {})
     monkeypatch.setattr(decode, "_NEEDS_NARROW_TILES", set())
-    seqlens, kv_rank = [3, 70, 41], 200  # values 200 wide: two narrow value tiles
+    seqlens = [3, 70, 41]
     q, cache, table, lens = make_case(9, kv_rank, 16, seqlens, 16, torch.float32, seed=4)
     chunks = {}
     if packed:  # chunks of 1, 2 and 3 new tokens (3 tokens x 9 heads on 32 rows)
@@ -321,10 +321,10 @@ def test_launcher_falls_back_to_narrow_tiles_when_nothing_else_fits(packed, monk
         ref_out, ref_lse = decode_fp64(q, cache, table, seqlens, 0.3, kv_rank)
     out, lse = decode.latent_decode_triton(q, cache, lens, 0.3, kv_rank, table, **chunks)
     assert_close_with_lse(out, lse, ref_out, ref_lse, atol=2e-5)
-    assert tried == [(16, 64), (32, 128)]  # the interpreter's default tile (already 16 tokens), then narrow
+    assert tried == [(16, 64), (32, 256)]  # the interpreter's default tile (already 16 tokens), then narrow
     tried.clear()
     decode.latent_decode_triton(q, cache, lens, 0.3, kv_rank, table, **chunks)
-    assert tried == [(32, 128)]  # remembered: straight to the narrow tiles
+    assert tried == [(32, 256)]  # remembered: straight to the narrow tiles
     with pytest.raises(OutOfResources):
         decode.latent_decode_triton(q, cache, lens, 0.3, kv_rank, table, config=dict(BLOCK_V=64), **chunks)
 

@@ -1083,17 +1083,26 @@ def packed_tokens_per_block(num_heads: int, max_seqlen_q: int) -> int:
 
 
 # The tiles a decode falls back to when the default (resident-query) tiles do not fit the GPU's shared
-# memory even at 16-token tiles: 16-head tiles, the latent scored in 64-column chunks and summed
-# into 128-column value tiles. Without them a plain decode of wide rows failed to launch on GPUs
-# with less shared memory than an H100: compiled for sm_89 (99 KiB), 20-32 heads over 512 + 512 or
-# 1024 + 1024 (lossless conversions fine-tuned out of their grouped form) needed 104-193 KiB at
-# BLOCK_N 16; these tiles take 48-96 KiB with no spills (benchmarks/RESULTS.md, twenty-first
-# session). BLOCK_N still halves (from 32) until the tile fits.
+# memory even at 16-token tiles: 16-head tiles of 8 warps, the latent scored in 64-column chunks and
+# summed into value tiles of up to 512 columns. Without them a plain decode of wide rows failed to
+# launch on GPUs with less shared memory than an H100: compiled for sm_89 (99 KiB), 20-32 heads over
+# 512 + 512 or 1024 + 1024 (lossless conversions fine-tuned out of their grouped form) needed
+# 104-193 KiB at BLOCK_N 16; these take 49-96 KiB with no spills (benchmarks/RESULTS.md, twenty-first
+# session). Chosen by compile facts only, not timed. BLOCK_N still halves (from 32) until it fits.
 NARROW_DECODE_TILES = MappingProxyType(
-    dict(BLOCK_H=16, BLOCK_N=32, BLOCK_D=64, BLOCK_V=128, num_warps=4, num_stages=2, HEADS_ON_N=False,
+    dict(BLOCK_H=16, BLOCK_N=32, BLOCK_D=64, BLOCK_V=512, num_warps=8, num_stages=2, HEADS_ON_N=False,
          LATENT_PIECES=False, TMA=False, TRANSPOSED_KEYS=False, FP8_AS_FP16=False)
 )  # fmt: skip
 _NEEDS_NARROW_TILES: set[tuple] = set()  # decode shapes (and devices) whose default tiles did not fit
+
+
+def narrow_decode_tiles(kv_rank: int, packed: bool) -> dict:
+    """`NARROW_DECODE_TILES` for a latent of `kv_rank` (value tiles no wider than it needs); `packed`
+    chunks keep their own rows (`packed_decode_rows`: all heads in one tile)."""
+    tiles = {**NARROW_DECODE_TILES, "BLOCK_V": min(NARROW_DECODE_TILES["BLOCK_V"], max(16, next_power_of_2(kv_rank)))}
+    if packed:
+        del tiles["BLOCK_H"]
+    return tiles
 
 
 def latent_decode_triton(
@@ -1129,9 +1138,7 @@ def latent_decode_triton(
     """
     from triton.runtime.errors import OutOfResources
 
-    narrow = dict(NARROW_DECODE_TILES)
-    if cu_seqlens_q is not None:
-        del narrow["BLOCK_H"]  # packed chunks keep their rows (`packed_decode_rows`): all heads in one tile
+    narrow = narrow_decode_tiles(kv_rank, packed=cu_seqlens_q is not None)
     narrow_key = (q.shape[1:], q.dtype, kv_cache.shape[-1], kv_cache.dtype, kv_rank, cu_seqlens_q is None, q.device)
     args = (q, kv_cache, cache_seqlens, softmax_scale, kv_rank, block_table, kv_start, num_splits)
     packing = dict(kv_scale=kv_scale, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q)
