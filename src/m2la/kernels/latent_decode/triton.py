@@ -1138,11 +1138,11 @@ def latent_decode_triton(
     """
     from triton.runtime.errors import OutOfResources
 
-    narrow = narrow_decode_tiles(kv_rank, packed=cu_seqlens_q is not None)
-    narrow_key = (q.shape[1:], q.dtype, kv_cache.shape[-1], kv_cache.dtype, kv_rank, cu_seqlens_q is None, q.device)
     args = (q, kv_cache, cache_seqlens, softmax_scale, kv_rank, block_table, kv_start, num_splits)
     packing = dict(kv_scale=kv_scale, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q)
+    narrow_key = (q.shape[1:], q.dtype, kv_cache.shape[-1], kv_cache.dtype, kv_rank, cu_seqlens_q is None, q.device)
     if config is None and narrow_key in _NEEDS_NARROW_TILES:
+        narrow = narrow_decode_tiles(kv_rank, packed=cu_seqlens_q is not None)
         return _latent_decode_triton(*args, config=narrow, may_shrink=True, **packing)
     try:
         return _latent_decode_triton(*args, config=config, **packing)
@@ -1150,6 +1150,7 @@ def latent_decode_triton(
         if config is not None:  # tiles the caller chose are never replaced
             raise
     _NEEDS_NARROW_TILES.add(narrow_key)
+    narrow = narrow_decode_tiles(kv_rank, packed=cu_seqlens_q is not None)
     return _latent_decode_triton(*args, config=narrow, may_shrink=True, **packing)
 
 
