@@ -1155,22 +1155,12 @@ def latent_decode_triton(
 
 
 def _latent_decode_triton(
-    q: torch.Tensor,
-    kv_cache: torch.Tensor,
-    cache_seqlens: torch.Tensor,
-    softmax_scale: float,
-    kv_rank: int,
-    block_table: torch.Tensor | None = None,
-    kv_start: torch.Tensor | None = None,
-    num_splits: int = 0,
-    config: dict | None = None,
-    kv_scale: torch.Tensor | None = None,
-    cu_seqlens_q: torch.Tensor | None = None,
-    max_seqlen_q: int = 0,
-    may_shrink: bool | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`latent_decode_triton` with the given tiles (`config`), no fallback to other tiles. BLOCK_N
-    halves where the tile does not fit if `may_shrink` (None: unless `config` sets BLOCK_N)."""
+    q, kv_cache, cache_seqlens, softmax_scale, kv_rank, block_table, kv_start, num_splits, config, kv_scale,
+    cu_seqlens_q, max_seqlen_q, may_shrink: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """`latent_decode_triton` (its arguments and types) with the given tiles (`config`), no fallback to
+    other tiles. BLOCK_N halves where the tile does not fit if `may_shrink` (None: unless `config`
+    sets BLOCK_N)."""
     num_tokens, num_heads, width = q.shape
     rope_dim = kv_cache.shape[-1] - kv_rank
     rope_only = width != kv_cache.shape[-1]
