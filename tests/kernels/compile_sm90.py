@@ -184,7 +184,7 @@ def grouped_decode_case(heads, groups, head_dim, dtype="bf16", cache_dtype=None,
     return compile_sm90(decode._decode_split_kernel_grouped, ptrs, consts, cfg["num_warps"], cfg["num_stages"])
 
 
-def prefill_case(value_dim, rope_dim, nope_dim, dtype="fp16", cache_dtype=None, paged=True, **overrides):
+def prefill_case(value_dim, rope_dim, nope_dim, dtype="fp16", cache_dtype=None, paged=True, arch=90, **overrides):
     """Expanded mode: `nope_dim` 128 (per-head keys, resident queries); absorbed: `nope_dim` = r.
     `cache_dtype` "fp8e4nv": absorbed mode over an fp8 cache (keys and values), queries in `dtype`.
     `overrides`: entries of `prefill_config`, as `config=` gives them."""
@@ -202,7 +202,7 @@ def prefill_case(value_dim, rope_dim, nope_dim, dtype="fp16", cache_dtype=None, 
             "kv_scale_ptr": "*fp32", "out_ptr": "*fp32", "lse_ptr": "*fp32"}  # fmt: skip
     ptrs.update({n: f"*{dtype}" for n in ("q_nope_ptr", "q_rope_ptr")})
     ptrs.update({n: f"*{cache_dtype or dtype}" for n in ("k_nope_ptr", "k_rope_ptr", "v_ptr")})
-    return compile_sm90(prefill._prefill_kernel, ptrs, consts, cfg["num_warps"], cfg["num_stages"])
+    return compile_sm90(prefill._prefill_kernel, ptrs, consts, cfg["num_warps"], cfg["num_stages"], arch)
 
 
 def grouped_prefill_case(head_dim, dtype="bf16", cache_dtype=None):
@@ -332,6 +332,14 @@ def main() -> None:
         results[f"sm89_decode_{name}_narrow"] = decode_case(
             heads, width, width, "bf16", rope_only=rope_only, **sm89, **narrow
         )
+    # Blackwell: the defaults compile for sm_100 (B200, sm_90's shared memory) and, after BLOCK_N
+    # halving, for sm_120 (RTX 50xx, 99 KiB)
+    results["blackwell"] = {
+        "sm100_decode_h32_r896_rope128_bf16": decode_case(32, 896, 128, "bf16", arch=100),
+        "sm100_decode_h32_r448_rope64_bf16": decode_case(32, 448, 64, "bf16", arch=100),
+        "sm100_prefill_v128_rope128": prefill_case(128, 128, 128, "bf16", paged=False, arch=100),
+        "sm120_decode_h32_r896_rope128_bf16": decode_case(32, 896, 128, "bf16", **{**sm89, "arch": 120}),
+    }
     # arguments that change with lengths, which the launcher must not value-specialise (new variants)
     kernels = {"decode": decode._decode_split_kernel, "decode_heads_on_n": decode._decode_split_kernel_heads_on_n,
                "decode_grouped": decode._decode_split_kernel_grouped, "prefill": prefill._prefill_kernel}  # fmt: skip

@@ -327,3 +327,18 @@ def test_narrow_decode_tiles_fit_where_the_defaults_do_not(compiled, layer):
     assert default["BLOCK_N"] == 16 and default["shared"] > SM89_MAX_SHARED_BYTES, default
     assert narrow["shared"] <= SM89_MAX_SHARED_BYTES and narrow["spill_stores"] == 0, narrow
     assert narrow["mma_sync"] > 0, narrow
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["sm100_decode_h32_r896_rope128_bf16", "sm100_decode_h32_r448_rope64_bf16", "sm100_prefill_v128_rope128",
+     "sm120_decode_h32_r896_rope128_bf16"],
+)  # fmt: skip
+def test_blackwell_defaults_compile_and_fit(compiled, case):
+    """The default tiles compile for Blackwell too: sm_100 (B200) within sm_90's shared memory,
+    sm_120 (RTX 50xx) within 99 KiB once the launcher has halved BLOCK_N."""
+    from compile_sm90 import SM89_MAX_SHARED_BYTES
+
+    facts = compiled["blackwell"][case]
+    limit = H100_MAX_SHARED_BYTES if case.startswith("sm100") else SM89_MAX_SHARED_BYTES
+    assert facts["shared"] <= limit, facts
