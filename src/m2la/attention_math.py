@@ -27,6 +27,7 @@ __all__ = [
     "latent_mqa",
     "absorbed_from_rows",
     "absorb_query",
+    "absorbed_query",
     "grouped_attention_from_rows",
     "masked_softmax_attention",
     "causal_window_starts",
@@ -245,6 +246,15 @@ def grouped_attention_from_rows(
 def absorb_query(q_nope: torch.Tensor, w_uk: torch.Tensor) -> torch.Tensor:
     """Fold the key up-projection into the query: ``[b, t, h, n] x [h, n, r] -> [b, t, h, r]``."""
     return torch.einsum("bthn,hnr->bthr", q_nope, w_uk)
+
+
+def absorbed_query(q_nope: torch.Tensor, q_rope: torch.Tensor, w_uk: torch.Tensor) -> torch.Tensor:
+    """The absorbed decode's query ``[q_nope W_uk | q_rope]`` ``[b, t, h, r + 2p]``, in q_nope's dtype;
+    for a layer with ``n = 0`` (no latent query) ``q_rope [b, t, h, 2p]`` alone, which `latent_mqa`
+    and the decode kernels take as the same query with a zero latent part."""
+    if q_nope.shape[-1] == 0:
+        return q_rope
+    return torch.cat((absorb_query(q_nope, w_uk.to(q_nope.dtype)), q_rope), dim=-1)
 
 
 def latent_mqa(

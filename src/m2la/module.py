@@ -303,12 +303,14 @@ class M2LAttention(nn.Module):
             if v_bias is not None:
                 out = out + v_bias.to(out.dtype)
         elif absorbed if absorbed is not None else self.use_absorbed(hidden.shape[1]):
-            if c.qk_nope_dim == 0:  # no latent query: score the RoPE key alone
-                query = q_rope
-            else:
-                query = torch.cat((attention_math.absorb_query(q_nope, w_uk.to(q_nope.dtype)), q_rope), dim=-1)
             out, _ = attention_math.absorbed_from_rows(
-                query, rows, w_uv, c.softmax_scale, attention_mask, v_bias, return_lse=False
+                attention_math.absorbed_query(q_nope, q_rope, w_uk),
+                rows,
+                w_uv,
+                c.softmax_scale,
+                attention_mask,
+                v_bias,
+                return_lse=False,
             )
         else:
             out = attention_math.latent_attention_expanded_sdpa(
@@ -389,10 +391,7 @@ class M2LAttention(nn.Module):
             w_group = grouped_value_maps(w_uv, groups).to(out_group.dtype)
             return torch.einsum("bthr,hvr->bthv", out_group.view(b, t, h, -1), w_group)
         if t == 1:
-            if c.qk_nope_dim == 0:  # no latent query: the kernel scores the RoPE key alone
-                q = q_rope[:, 0]  # [b, h, 2p]
-            else:
-                q = torch.cat((attention_math.absorb_query(q_nope, w_uk), q_rope), dim=-1)[:, 0]  # [b, h, r + 2p]
+            q = attention_math.absorbed_query(q_nope, q_rope, w_uk)[:, 0]  # [b, h, r + 2p], or [b, h, 2p] for n = 0
             out_latent, _ = kernels.decode_attention(
                 q, rows, seqlens, c.softmax_scale, c.kv_rank, kv_start=starts, kv_scale=kv_scale
             )
