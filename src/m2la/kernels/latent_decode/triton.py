@@ -406,25 +406,23 @@ def _decode_split_kernel(
         token_scale = _token_scales(kv_scale_ptr, block, slot, visible, stride_sc_blk, stride_sc_tok, HAS_SCALE)
 
         rows_t = tl.trans(rows)  # [1, BLOCK_N]; read only under TRANSPOSED_KEYS
-        if SINGLE_D and (SCORE_LATENT or VALUES_FROM_KEYS):
-            k_latent = _load_latent_piece(rows, 0, BLOCK_D, visible, kv_rank, compute_dtype)  # [BLOCK_N, BLOCK_D]
-        if SINGLE_D and SCORE_LATENT:
-            scores = _piece_scores(q_latent, k_latent, rows_t, 0, BLOCK_D, visible, kv_rank, compute_dtype,
-                                   DOT_PRECISION, TRANSPOSED_KEYS)  # fmt: skip
-            if BLOCK_D1 > 0:
-                k1 = _load_latent_piece(rows, D1_START, BLOCK_D1, visible, kv_rank, compute_dtype)
-                scores += _piece_scores(q1, k1, rows_t, D1_START, BLOCK_D1, visible, kv_rank, compute_dtype,
-                                        DOT_PRECISION, TRANSPOSED_KEYS)  # fmt: skip
-            if BLOCK_D2 > 0:
-                k2 = _load_latent_piece(rows, D2_START, BLOCK_D2, visible, kv_rank, compute_dtype)
-                scores += _piece_scores(q2, k2, rows_t, D2_START, BLOCK_D2, visible, kv_rank, compute_dtype,
-                                        DOT_PRECISION, TRANSPOSED_KEYS)  # fmt: skip
-        elif SINGLE_D:  # ROPE_ONLY: pieces 1 and 2 are value tiles only
+        if SINGLE_D:  # ROPE_ONLY: the latent tiles are values only (piece 0 not even that without VALUES_FROM_KEYS)
             scores = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
+            if SCORE_LATENT or VALUES_FROM_KEYS:
+                k_latent = _load_latent_piece(rows, 0, BLOCK_D, visible, kv_rank, compute_dtype)  # [BLOCK_N, BLOCK_D]
+            if SCORE_LATENT:
+                scores += _piece_scores(q_latent, k_latent, rows_t, 0, BLOCK_D, visible, kv_rank, compute_dtype,
+                                        DOT_PRECISION, TRANSPOSED_KEYS)  # fmt: skip
             if BLOCK_D1 > 0:
                 k1 = _load_latent_piece(rows, D1_START, BLOCK_D1, visible, kv_rank, compute_dtype)
+                if SCORE_LATENT:
+                    scores += _piece_scores(q1, k1, rows_t, D1_START, BLOCK_D1, visible, kv_rank, compute_dtype,
+                                            DOT_PRECISION, TRANSPOSED_KEYS)  # fmt: skip
             if BLOCK_D2 > 0:
                 k2 = _load_latent_piece(rows, D2_START, BLOCK_D2, visible, kv_rank, compute_dtype)
+                if SCORE_LATENT:
+                    scores += _piece_scores(q2, k2, rows_t, D2_START, BLOCK_D2, visible, kv_rank, compute_dtype,
+                                            DOT_PRECISION, TRANSPOSED_KEYS)  # fmt: skip
         else:
             scores = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
             if SCORE_LATENT:  # not under ROPE_ONLY
